@@ -1,0 +1,39 @@
+"""lplr-dask: low-rank, low-precision factorization (LPLR) of matrices larger than memory.
+
+``A ≈ L·R`` with L (n×k) at B1 bits and R (k×d) at B2 bits, computed in two reads (or one) of a
+chunked Zarr matrix on Dask (Saha, Srivastava, Pilanci, NeurIPS 2023).
+"""
+
+from lplr_dask.api import compress, evaluate
+from lplr_dask.budget import fair_rank
+from lplr_dask.datasets import generate
+from lplr_dask.errors import (
+    LplrError,
+    LplrTypeError,
+    LplrValueError,
+    NonFiniteError,
+    OutputExistsError,
+    SourceNotFoundError,
+    StoreFormatError,
+)
+from lplr_dask.factors import Factors, open_factors
+from lplr_dask.quantize import QuantizerSpec, dequantize, quantize
+
+__all__ = [
+    "compress",
+    "evaluate",
+    "open_factors",
+    "Factors",
+    "quantize",
+    "dequantize",
+    "QuantizerSpec",
+    "fair_rank",
+    "generate",
+    "LplrError",
+    "LplrValueError",
+    "LplrTypeError",
+    "SourceNotFoundError",
+    "OutputExistsError",
+    "StoreFormatError",
+    "NonFiniteError",
+]

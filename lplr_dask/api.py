@@ -1,0 +1,239 @@
+"""The public entry points: :func:`compress` and :func:`evaluate`."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+import sys
+import time
+from typing import Any, Callable, Iterator
+
+import numpy as np
+
+from lplr_dask import budget, factorize, store
+from lplr_dask.errors import LplrTypeError, LplrValueError, StoreFormatError
+from lplr_dask.factors import Factors, open_factors, relative_error
+from lplr_dask.quantize import check_bits, parse_quantizer
+from lplr_dask.sources import describe, open_source
+
+__all__ = ["compress", "evaluate", "resolve_rank"]
+
+
+def _stderr(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def resolve_rank(
+    shape: tuple[int, int],
+    bits: tuple[int, int],
+    *,
+    rank: int | None,
+    bits_per_entry: float | None,
+    match_nq: float | None,
+) -> int:
+    """The rank from exactly one of ``rank``, ``bits_per_entry``, ``match_nq``.
+
+    Raises
+    ------
+    LplrValueError
+        If none or more than one is given, or the rank is outside ``1..min(n, d)``.
+    """
+    given = [name for name, v in (("rank", rank), ("bits_per_entry", bits_per_entry), ("match_nq", match_nq)) if v is not None]
+    if len(given) != 1:
+        raise LplrValueError(
+            "Expected exactly one of rank (--rank), bits_per_entry (--bits-per-entry) or match_nq "
+            f"(--match-nq). Got {', '.join(given) if given else 'none'}."
+        )
+    n, d = shape
+    if rank is not None:
+        k = rank
+    elif bits_per_entry is not None:
+        k = budget.rank_for_bits_per_entry(n, d, bits, float(bits_per_entry))
+    else:
+        k = budget.fair_rank(n, d, bits, float(match_nq))  # type: ignore[arg-type]
+        if k < 1:
+            raise LplrValueError(
+                f"The fair rank against {match_nq}-bit quantization of a {n}x{d} matrix at bits "
+                f"{bits} is 0: the matrix is too small to gain from a factorization. Keep it "
+                "uncompressed or quantize it directly."
+            )
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= min(n, d):
+        raise LplrValueError(f"Expected rank from 1 to min(n, d) = {min(n, d)} for a {n}x{d} matrix. Got {k!r}.")
+    return int(k)
+
+
+def _seed(seed: Any) -> int:
+    if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise LplrTypeError(f"Expected seed to be a non-negative integer (stored in the attrs). Got {seed!r}.")
+    return int(seed)
+
+
+@contextlib.contextmanager
+def _client(log: Callable[[str], None]) -> Iterator[Any]:
+    from lplr_dask.progress import current_client
+
+    if current_client() is not None:
+        yield current_client()
+        return
+    from lplr_dask.cluster import get_client
+
+    with get_client(log=log) as client:
+        yield client
+
+
+def compress(
+    source: Any,
+    out: str | os.PathLike[str],
+    *,
+    rank: int | None = None,
+    bits: tuple[int, int] = (8, 8),
+    bits_per_entry: float | None = None,
+    passes: int = 2,
+    match_nq: float | None = None,
+    power_iters: int = 0,
+    quantizer: str = "default",
+    seed: int = 0,
+    overwrite: bool = False,
+    resume: bool = False,
+    device: str = "cpu",
+    test_columns: int = 10,
+    log: Callable[[str], None] = _stderr,
+) -> Factors:
+    """Compress a matrix into a low-rank, low-precision factorization ``A ≈ L·R`` [1]_.
+
+    Parameters
+    ----------
+    source : str, os.PathLike, zarr.Array or dask.array.Array
+        The matrix (n × d): a path or URL of a Zarr array, an open Zarr array, or a dask array.
+    out : str or os.PathLike
+        Where to write the ``*.lplr.zarr`` store.
+    rank, bits_per_entry, match_nq : exactly one
+        The rank k; or the largest k whose codes fit ``bits_per_entry`` bits per entry of A; or
+        the paper's fair rank against ``match_nq``-bit naive quantization.
+    bits : (int, int), default=(8, 8)
+        Bits B1 for L and B2 for R, each from 1 to 16.
+    passes : {1, 2}, default=2
+        Reads of A: two (the paper's least squares) or one (Tropp et al. 2017).
+    power_iters : int, default=0
+        Power iterations for slowly decaying spectra (two more reads each; two-pass only).
+    quantizer : str, default="default"
+        ``"paper"`` for the reference semantics, ``"default"`` or a name that
+        :func:`lplr_dask.quantize.parse_quantizer` reads.
+    seed : int, default=0
+        Seeds every random matrix; stored in the attrs.
+    overwrite, resume : bool
+        Replace an existing output, or finish an interrupted job with the same arguments.
+    device : {"cpu", "cuda"}, default="cpu"
+    test_columns : int, default=10
+        Gaussian test columns sketched in pass 1 for the free error estimate.
+    log : callable, default=print to stderr
+
+    Returns
+    -------
+    Factors
+
+    Raises
+    ------
+    LplrValueError, LplrTypeError, SourceNotFoundError, OutputExistsError
+        For bad arguments or input, before anything is written.
+
+    References
+    ----------
+    .. [1] R. Saha, V. Srivastava, M. Pilanci. NeurIPS 2023.
+    """
+    bits = (check_bits(bits[0], "B1"), check_bits(bits[1], "B2"))
+    if passes not in (1, 2):
+        raise LplrValueError(f"Expected passes 1 or 2. Got {passes!r}.")
+    if not isinstance(power_iters, (int, np.integer)) or power_iters < 0:
+        raise LplrValueError(f"Expected power_iters >= 0. Got {power_iters!r}.")
+    if passes == 1 and power_iters:
+        raise LplrValueError("One-pass mode (passes=1) cannot use power iterations, which need 2 more reads each. Use passes=2.")
+    if overwrite and resume:
+        raise LplrValueError("Give at most one of overwrite (--overwrite) and resume (--resume).")
+    seed = _seed(seed)
+    spec = parse_quantizer(quantizer)
+    A = open_source(source)
+    from lplr_dask.backend import to_device
+
+    A = to_device(A, device)
+    k = resolve_rank(A.shape, bits, rank=rank, bits_per_entry=bits_per_entry, match_nq=match_nq)
+    params = factorize.Params(
+        rank=k, bits=bits, quantizer=quantizer if isinstance(quantizer, str) else spec.name,
+        spec_l=spec, spec_r=spec, seed=seed, passes=passes, power_iters=int(power_iters),
+        test_columns=test_columns,
+    )
+    path = os.fspath(out)
+    meta = _start(path, source, A, params, overwrite=overwrite, resume=resume, device=device)
+    if meta.get("complete"):
+        log(f"{path}: already complete; nothing to do")
+        return open_factors(path)
+    n, d = A.shape
+    log(f"compress {n}x{d} {A.dtype} -> {path}: rank {k}, bits {bits}, quantizer {params.quantizer}, passes {passes}")
+    t0 = time.perf_counter()
+    with _client(log):
+        meta = factorize.run(A, path, params, meta, log=log)
+    meta["timings"]["total"] = round(time.perf_counter() - t0 + meta["timings"].get("total", 0.0), 3)
+    store.write_meta(store.open_group(path, mode="r+"), meta)
+    return open_factors(path)
+
+
+def _start(
+    path: str, source: Any, A: Any, params: factorize.Params, *, overwrite: bool, resume: bool, device: str
+) -> dict[str, Any]:
+    """Create the output (or reopen it for ``resume``) and return its attrs."""
+    if resume and store.exists(path):
+        group = store.open_group(path, mode="r+")
+        meta = store.read_meta(group, require_complete=False, path=path)
+        expected = params.as_attrs()
+        changed = [key for key, v in expected.items() if meta.get(key) != store._jsonable(v)]
+        if meta.get("source", {}).get("shape") != list(A.shape):
+            changed.append("source shape")
+        if changed:
+            raise StoreFormatError(
+                f"Cannot resume {path!r}: it was started with different {', '.join(changed)}. "
+                "Rerun with the same arguments, or with --overwrite to start over."
+            )
+        return meta
+    group = store.create_group(path, overwrite=overwrite)
+    meta = {
+        "format": store.FORMAT_NAME,
+        "version": store.FORMAT_VERSION,
+        "source": describe(source, A),
+        **params.as_attrs(),
+        "device": device,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "lplr_dask_version": _version(),
+        "stage": "started",
+        "timings": {},
+        "complete": False,
+    }
+    store.write_meta(group, meta)
+    return meta
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("lplr-dask")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def evaluate(source: Any, factors: Factors | str | os.PathLike[str]) -> float:
+    """Exact relative Frobenius error ``‖A − L·R‖ / ‖A‖``, streamed in one read of A.
+
+    The result is also stored in the factors' attrs as ``error_exact``.
+    """
+    if not isinstance(factors, Factors):
+        factors = open_factors(factors)
+    A = open_source(source)
+    with _client(_stderr):
+        err = relative_error(A, factors)
+    group = store.open_group(factors.path, mode="r+")
+    meta = store.read_meta(group, path=factors.path)
+    meta["error_exact"] = err
+    store.write_meta(group, meta)
+    factors.attrs = meta
+    return err

@@ -1,0 +1,188 @@
+"""Block-wise products of a chunked matrix with thin operands, accumulated in float64.
+
+Every product here is a sum of per-block products followed by dask's tree reduction, so a task
+holds one chunk of A plus thin operands, never a whole row or column of blocks. Per-block products
+are computed in float64 so that re-chunking A or changing the number of workers changes results
+only at the 1e-16 level: codes do not flip at rounding boundaries.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import dask.array as da
+import numpy as np
+
+from lplr_dask.backend import array_namespace
+from lplr_dask.errors import NonFiniteError
+from lplr_dask.sketch import sketch_rows
+
+__all__ = ["starts", "sketch_right", "sketch_left", "left_multiply", "right_multiply", "tall_chunks"]
+
+#: (stream, width, scale) of one generated operand.
+Stream = tuple[int, int, float]
+
+
+def starts(chunks: Sequence[int]) -> da.Array:
+    """A dask array holding each block's start offset, one block per chunk."""
+    s = np.cumsum((0, *chunks[:-1])).astype(np.int64)
+    return da.from_array(s, chunks=1)
+
+
+def _f64(a: Any) -> Any:
+    return a.astype(np.float64, copy=False)
+
+
+def _check_finite(part: Any, a: Any, r0: int, c0: int) -> None:
+    """Raise NonFiniteError naming the block if the product shows a NaN or Inf in ``a``."""
+    xp = array_namespace(part)
+    if not bool(xp.isfinite(part).all()):
+        raise NonFiniteError(
+            f"The input holds NaN or Inf in the chunk at rows {r0}:{r0 + a.shape[0]}, columns "
+            f"{c0}:{c0 + a.shape[1]}. Replace or drop non-finite values (for example with "
+            "numpy.nan_to_num) and run again."
+        )
+
+
+def sketch_right(A: da.Array, seed: int, streams: Sequence[Stream], *, check: bool = True) -> da.Array:
+    """``A @ [S_1 | S_2 | …]`` with each ``S_i`` generated block-wise from ``(seed, stream)``.
+
+    Parameters
+    ----------
+    A : dask array of shape (n, d)
+    seed : int
+    streams : sequence of (stream, width, scale)
+    check : bool, default=True
+        Raise :class:`NonFiniteError` naming the chunk if A holds NaN or Inf.
+
+    Returns
+    -------
+    dask array of shape (n, sum of widths), float64, chunked like A's rows.
+    """
+    width = sum(w for _, w, _ in streams)
+
+    def block(a: Any, r0: Any, c0: Any) -> Any:
+        r0, c0 = int(r0[0]), int(c0[0])
+        xp = array_namespace(a)
+        c1 = c0 + a.shape[1]
+        s = xp.concatenate(
+            [sketch_rows(seed, st, c0, c1, w, scale=sc, xp=xp) for st, w, sc in streams], axis=1
+        )
+        part = _f64(a) @ s
+        if check:
+            _check_finite(part, a, r0, c0)
+        return part[None]
+
+    parts = da.blockwise(
+        block, "jik",
+        A, "ij",
+        starts(A.chunks[0]), "i",
+        starts(A.chunks[1]), "j",
+        new_axes={"k": width},
+        adjust_chunks={"j": 1},
+        align_arrays=False,
+        dtype=np.float64,
+        meta=_meta3(A),
+    )
+    return parts.sum(axis=0)
+
+
+def sketch_left(A: da.Array, seed: int, stream: int, width: int, *, check: bool = True) -> da.Array:
+    """``Ψ @ A`` with Ψ (width × n) generated block-wise from ``(seed, stream)`` by A's rows.
+
+    Returns
+    -------
+    dask array of shape (width, d), float64, chunked like A's columns.
+    """
+
+    def block(a: Any, r0: Any, c0: Any) -> Any:
+        r0, c0 = int(r0[0]), int(c0[0])
+        xp = array_namespace(a)
+        psi_t = sketch_rows(seed, stream, r0, r0 + a.shape[0], width, xp=xp)
+        part = psi_t.T @ _f64(a)
+        if check:
+            _check_finite(part, a, r0, c0)
+        return part[None]
+
+    parts = da.blockwise(
+        block, "ikj",
+        A, "ij",
+        starts(A.chunks[0]), "i",
+        starts(A.chunks[1]), "j",
+        new_axes={"k": width},
+        adjust_chunks={"i": 1},
+        align_arrays=False,
+        dtype=np.float64,
+        meta=_meta3(A),
+    )
+    return parts.sum(axis=0)
+
+
+def left_multiply(PT: da.Array, A: da.Array) -> da.Array:
+    """``PTᵀ @ A`` for a thin ``PT`` (n × k) whose row chunks match A's row chunks.
+
+    Returns
+    -------
+    dask array of shape (k, d), float64, chunked like A's columns.
+    """
+    PT = PT.rechunk({0: A.chunks[0], 1: -1})
+
+    def block(pt: Any, a: Any) -> Any:
+        return (pt.T @ _f64(a))[None]
+
+    parts = da.blockwise(
+        block, "ikj", PT, "ik", A, "ij", adjust_chunks={"i": 1}, dtype=np.float64, meta=_meta3(A)
+    )
+    return parts.sum(axis=0)
+
+
+def right_multiply(A: da.Array, M: da.Array) -> da.Array:
+    """``A @ M`` for a thin ``M`` (d × k) whose row chunks match A's column chunks.
+
+    Returns
+    -------
+    dask array of shape (n, k), float64, chunked like A's rows.
+    """
+    M = M.rechunk({0: A.chunks[1], 1: -1})
+
+    def block(a: Any, m: Any) -> Any:
+        return (_f64(a) @ m)[None]
+
+    parts = da.blockwise(
+        block, "jik", A, "ij", M, "jk", adjust_chunks={"j": 1}, dtype=np.float64, meta=_meta3(A)
+    )
+    return parts.sum(axis=0)
+
+
+def map_column_blocks(W: da.Array, fn: Callable[[Any, int, int], Any]) -> da.Array:
+    """Apply ``fn(block, j, c0)`` to each column block of a thin W (one row chunk).
+
+    Returns a tiny (1, nblocks) array of whatever ``fn`` returns as a (1, 1) array, so that
+    computing it runs the side effects (writes) without gathering W.
+    """
+
+    def block(w: Any, block_info: Any = None) -> Any:
+        j = block_info[0]["chunk-location"][1]
+        c0 = block_info[0]["array-location"][1][0]
+        return np.asarray(fn(w, j, c0), dtype=np.float64).reshape(1, 1)
+
+    return da.map_blocks(
+        block,
+        W,
+        chunks=((1,), (1,) * W.numblocks[1]),
+        dtype=np.float64,
+        meta=np.empty((0, 0)),
+    )
+
+
+def tall_chunks(n: int, k: int, target: int) -> tuple[int, ...]:
+    """Row chunks near ``target`` rows, every one at least ``k`` rows (for TSQR)."""
+    size = max(target, k)
+    nblocks = max(1, n // size)
+    base, extra = divmod(n, nblocks)
+    return tuple(base + (1 if i < extra else 0) for i in range(nblocks))
+
+
+def _meta3(A: da.Array) -> Any:
+    xp = array_namespace(A._meta) if hasattr(A, "_meta") else np
+    return xp.empty((0, 0, 0), dtype=np.float64)

@@ -1,0 +1,635 @@
+"""Where the computation runs: a Dask client from command-line options or keywords.
+
+Four ways to get workers, one per option (see ``cluster/README.md``):
+
+- the embedded default, a :class:`distributed.LocalCluster` of worker processes on
+  127.0.0.1 (``--workers N --threads-per-worker T --memory-limit 2GiB`` size it);
+- an existing scheduler, by address (``--scheduler tcp://HOST:PORT``) or by the JSON file that
+  ``dask scheduler --scheduler-file F`` writes (``--scheduler-file F``), as in a batch job;
+- a dask-jobqueue cluster whose workers are SLURM or PBS jobs (``--cluster slurm --jobs N``),
+  with defaults from ``cluster/jobqueue.yaml`` under the user's own Dask configuration;
+- a :class:`distributed.Client` that is already current, when no option is given.
+
+Timeouts come from the Dask configuration (``DASK_LPLR__CLUSTER__CONNECT_TIMEOUT=1min`` in the
+environment, or ``dask.config.set``):
+
+``lplr.cluster.connect-timeout`` (default ``"30s"``)
+    how long to try to reach a scheduler;
+``lplr.cluster.worker-timeout`` (default ``"10min"``)
+    how long to wait for the first worker of a SLURM/PBS cluster (the jobs may queue).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.resources
+import json
+import os
+import shutil
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import dask.config
+import distributed
+import yaml
+from dask.utils import format_bytes, parse_bytes, parse_timedelta
+
+from lplr_dask.errors import LplrValueError
+
+__all__ = [
+    "ClusterError",
+    "add_cluster_arguments",
+    "client_from_args",
+    "get_client",
+    "print_to_stderr",
+    "security_from_args",
+]
+
+#: Batch systems that ``--cluster`` accepts, with their dask-jobqueue class and submit command.
+_CLUSTER_KINDS: dict[str, tuple[str, str]] = {
+    "slurm": ("SLURMCluster", "sbatch"),
+    "pbs": ("PBSCluster", "qsub"),
+}
+
+#: jobqueue keys that together size a job; the user setting one of them replaces all of ours.
+_JOB_SIZE_KEYS = ("cores", "processes", "memory")
+
+#: Environment variable naming a jobqueue YAML file to use instead of ``cluster/jobqueue.yaml``.
+_JOBQUEUE_CONFIG_ENV = "LPLR_JOBQUEUE_CONFIG"
+
+_DEFAULT_CONNECT_TIMEOUT = "30s"
+_DEFAULT_WORKER_TIMEOUT = "10min"
+
+
+class ClusterError(LplrValueError):
+    """A Dask cluster could not be started or reached; the message says why and what to do.
+
+    A :class:`ValueError` (through :class:`~lplr_dask.errors.LplrValueError`), so the CLI
+    reports it as one line on stderr with exit status 2.
+    """
+
+
+def print_to_stderr(message: str) -> None:
+    """Print one line on standard error (standard output is kept for results)."""
+    print(message, file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Command line
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _memory_limit(text: str) -> str:
+    try:
+        _check_memory_limit(text)
+    except ClusterError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
+def add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the options that choose where the computation runs to `parser`.
+
+    Adds ``--scheduler``, ``--scheduler-file``, ``--cluster`` and ``--workers`` (mutually
+    exclusive), ``--jobs`` (with ``--cluster``), ``--threads-per-worker`` and ``--memory-limit``
+    (for the embedded local cluster) and ``--tls-ca-file``, ``--tls-cert``, ``--tls-key``.
+    :func:`client_from_args` turns the parsed options into a client.
+
+    Parameters
+    ----------
+    parser : argparse.ArgumentParser
+        The parser (or subcommand parser) to extend; two argument groups are added to it.
+    """
+    group = parser.add_argument_group(
+        "Dask cluster",
+        "Where to compute. Default: a local cluster of worker processes on this machine "
+        "(or the current Dask client, when called from Python).",
+    )
+    mode = group.add_mutually_exclusive_group()
+    mode.add_argument(
+        "--scheduler",
+        metavar="ADDRESS",
+        help="address of a running Dask scheduler, e.g. tcp://10.0.0.5:8786",
+    )
+    mode.add_argument(
+        "--scheduler-file",
+        metavar="FILE",
+        help="scheduler file written by `dask scheduler --scheduler-file FILE`",
+    )
+    mode.add_argument(
+        "--cluster",
+        choices=sorted(_CLUSTER_KINDS),
+        help="submit the workers as batch jobs (dask-jobqueue; defaults in cluster/jobqueue.yaml)",
+    )
+    mode.add_argument(
+        "--workers",
+        type=_positive_int,
+        metavar="N",
+        help="local cluster: number of worker processes (default: from the CPU count)",
+    )
+    group.add_argument(
+        "--jobs",
+        type=_positive_int,
+        metavar="N",
+        help="with --cluster: number of batch jobs to submit (default 1)",
+    )
+    group.add_argument(
+        "--threads-per-worker",
+        type=_positive_int,
+        metavar="T",
+        help="local cluster: threads per worker process",
+    )
+    group.add_argument(
+        "--memory-limit",
+        type=_memory_limit,
+        metavar="SIZE",
+        help="local cluster: memory limit per worker, e.g. 2GiB (default: RAM / workers)",
+    )
+    tls = parser.add_argument_group(
+        "TLS", "Certificates for tls:// schedulers (default: Dask's distributed.comm.tls config)."
+    )
+    tls.add_argument("--tls-ca-file", metavar="FILE", help="CA certificate (PEM)")
+    tls.add_argument("--tls-cert", metavar="FILE", help="this client's certificate (PEM)")
+    tls.add_argument("--tls-key", metavar="FILE", help="this client's private key (PEM)")
+
+
+def security_from_args(args: argparse.Namespace) -> distributed.Security | None:
+    """Build the TLS security from ``--tls-ca-file``, ``--tls-cert`` and ``--tls-key``.
+
+    Parameters
+    ----------
+    args : argparse.Namespace
+        Options parsed by a parser extended with :func:`add_cluster_arguments`.
+
+    Returns
+    -------
+    distributed.Security or None
+        Encryption required, the one certificate used for every role (client, scheduler and
+        workers, so that it also secures a cluster started here); None when no TLS option is
+        given, which means Dask's ``distributed.comm.tls`` configuration applies.
+
+    Raises
+    ------
+    ClusterError
+        Only some of the three options are given, or a file does not exist.
+    """
+    files = {
+        "--tls-ca-file": getattr(args, "tls_ca_file", None),
+        "--tls-cert": getattr(args, "tls_cert", None),
+        "--tls-key": getattr(args, "tls_key", None),
+    }
+    given = {flag: path for flag, path in files.items() if path}
+    if not given:
+        return None
+    missing = [flag for flag in files if flag not in given]
+    if missing:
+        raise ClusterError(
+            f"TLS needs all of --tls-ca-file, --tls-cert and --tls-key; {', '.join(missing)} "
+            "missing. Give the CA certificate, this client's certificate and its private key."
+        )
+    for flag, path in given.items():
+        if not Path(path).is_file():
+            raise ClusterError(f"{flag} {path}: no such file. Expected a PEM file.")
+    ca, cert, key = files.values()
+    return distributed.Security(
+        require_encryption=True,
+        tls_ca_file=ca,
+        tls_client_cert=cert,
+        tls_client_key=key,
+        tls_scheduler_cert=cert,
+        tls_scheduler_key=key,
+        tls_worker_cert=cert,
+        tls_worker_key=key,
+    )
+
+
+@contextlib.contextmanager
+def client_from_args(
+    args: argparse.Namespace, *, log: Callable[[str], None] = print_to_stderr
+) -> Iterator[distributed.Client]:
+    """Yield a client for the options added by :func:`add_cluster_arguments`.
+
+    Parameters
+    ----------
+    args : argparse.Namespace
+        Parsed options (missing attributes count as not given).
+    log : callable, default=print_to_stderr
+        Receives progress lines such as the dashboard address.
+
+    Yields
+    ------
+    distributed.Client
+
+    Raises
+    ------
+    ClusterError
+        Inconsistent options, or the cluster cannot be started or reached; see :func:`get_client`.
+    """
+    jobs = getattr(args, "jobs", None)
+    cluster = getattr(args, "cluster", None)
+    if jobs is not None and cluster is None:
+        raise ClusterError(
+            "--jobs applies to --cluster slurm|pbs only. Add --cluster, or size a local "
+            "cluster with --workers."
+        )
+    with get_client(
+        scheduler=getattr(args, "scheduler", None),
+        scheduler_file=getattr(args, "scheduler_file", None),
+        cluster=cluster,
+        jobs=1 if jobs is None else jobs,
+        workers=getattr(args, "workers", None),
+        threads_per_worker=getattr(args, "threads_per_worker", None),
+        memory_limit=getattr(args, "memory_limit", None),
+        security=security_from_args(args),
+        log=log,
+    ) as client:
+        yield client
+
+
+# --------------------------------------------------------------------------------------------
+# Python API
+
+
+@contextlib.contextmanager
+def get_client(
+    *,
+    scheduler: str | None = None,
+    scheduler_file: str | os.PathLike[str] | None = None,
+    cluster: str | None = None,
+    jobs: int = 1,
+    workers: int | None = None,
+    threads_per_worker: int | None = None,
+    memory_limit: str | int | None = None,
+    security: distributed.Security | None = None,
+    log: Callable[[str], None] = print_to_stderr,
+) -> Iterator[distributed.Client]:
+    """Yield a Dask client, starting or connecting to a cluster, and clean up afterwards.
+
+    At most one of `scheduler`, `scheduler_file` and `cluster` may be given; without any, a
+    local cluster is started (sized by `workers`, `threads_per_worker`, `memory_limit`),
+    unless a client is already current and no option at all is given, in which case that
+    client is yielded and left open. Whatever this function starts, it closes on exit; it
+    never shuts down a scheduler it only connected to.
+
+    Parameters
+    ----------
+    scheduler : str, optional
+        Address of a running scheduler, ``tcp://HOST:PORT`` or ``tls://HOST:PORT``.
+    scheduler_file : path, optional
+        JSON file written by ``dask scheduler --scheduler-file``; it must exist already.
+    cluster : {"slurm", "pbs"}, optional
+        Submit `jobs` batch jobs of workers through dask-jobqueue. Job sizes come from the
+        ``jobqueue.<cluster>`` Dask configuration, whose defaults are taken from
+        ``cluster/jobqueue.yaml`` (or the file named by ``$LPLR_JOBQUEUE_CONFIG``) for every key
+        that the user's own configuration leaves at dask-jobqueue's default.
+    jobs : int, default=1
+        Number of batch jobs with `cluster`. Waits until at least one worker has joined.
+    workers : int, optional
+        Local cluster: worker processes (default: chosen by Dask from the CPU count).
+    threads_per_worker : int, optional
+        Local cluster: threads per worker (default: CPU count / workers).
+    memory_limit : str or int, optional
+        Local cluster: memory limit per worker, bytes or a string like ``"2GiB"``
+        (default ``"auto"``: the machine's memory / workers).
+    security : distributed.Security, optional
+        TLS settings (see :func:`security_from_args`); default: Dask's configuration.
+    log : callable, default=print_to_stderr
+        Receives progress lines, among them ``"Dask dashboard: <link>"``.
+
+    Yields
+    ------
+    distributed.Client
+        Set as the default client while the context is open.
+
+    Raises
+    ------
+    ClusterError
+        Conflicting options; a missing or unreadable scheduler file; no scheduler reachable
+        within ``lplr.cluster.connect-timeout``; ``sbatch``/``qsub`` not found; no SLURM/PBS
+        worker within ``lplr.cluster.worker-timeout``; or a local cluster that fails to start.
+    """
+    _check_options(
+        scheduler=scheduler,
+        scheduler_file=scheduler_file,
+        cluster=cluster,
+        jobs=jobs,
+        workers=workers,
+        threads_per_worker=threads_per_worker,
+        memory_limit=memory_limit,
+    )
+    local_options = (workers, threads_per_worker, memory_limit, security)
+    if scheduler is None and scheduler_file is None and cluster is None:
+        if all(option is None for option in local_options):
+            current = _current_client()
+            if current is not None:
+                yield current
+                return
+    with contextlib.ExitStack() as stack:
+        if scheduler is not None:
+            client = _connect(scheduler, security=security, source="from --scheduler")
+            stack.callback(client.close)
+        elif scheduler_file is not None:
+            address = _read_scheduler_file(scheduler_file)
+            client = _connect(
+                address, security=security, source=f"from scheduler file {scheduler_file}"
+            )
+            stack.callback(client.close)
+        elif cluster is not None:
+            client = _start_jobqueue(stack, cluster, jobs=jobs, security=security, log=log)
+        else:
+            client = _start_local(
+                stack,
+                workers=workers,
+                threads_per_worker=threads_per_worker,
+                memory_limit=memory_limit,
+                security=security,
+            )
+        log(f"Dask dashboard: {client.dashboard_link}")
+        yield client
+
+
+def _check_options(
+    *,
+    scheduler: str | None,
+    scheduler_file: str | os.PathLike[str] | None,
+    cluster: str | None,
+    jobs: int,
+    workers: int | None,
+    threads_per_worker: int | None,
+    memory_limit: str | int | None,
+) -> None:
+    modes = {
+        "--scheduler": scheduler,
+        "--scheduler-file": scheduler_file,
+        "--cluster": cluster,
+    }
+    chosen = [flag for flag, value in modes.items() if value is not None]
+    if len(chosen) > 1:
+        raise ClusterError(
+            f"Expected at most one of --scheduler, --scheduler-file and --cluster. "
+            f"Got {' and '.join(chosen)} instead."
+        )
+    local = {
+        "--workers": workers,
+        "--threads-per-worker": threads_per_worker,
+        "--memory-limit": memory_limit,
+    }
+    local_given = [flag for flag, value in local.items() if value is not None]
+    if chosen and local_given:
+        how = (
+            "set cores/processes/memory in cluster/jobqueue.yaml or the jobqueue Dask config"
+            if cluster is not None
+            else "size the workers where the scheduler's workers are started"
+        )
+        raise ClusterError(
+            f"{', '.join(local_given)} size the local cluster only and cannot be combined with "
+            f"{chosen[0]}; {how}."
+        )
+    if cluster is not None and cluster not in _CLUSTER_KINDS:
+        raise ClusterError(
+            f"Expected --cluster to be one of {sorted(_CLUSTER_KINDS)}. Got {cluster!r} instead."
+        )
+    for flag, value in {
+        "--jobs": jobs,
+        "--workers": workers,
+        "--threads-per-worker": threads_per_worker,
+    }.items():
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, int) or value < 1
+        ):
+            raise ClusterError(f"Expected {flag} to be a positive integer. Got {value!r} instead.")
+    if memory_limit is not None:
+        _check_memory_limit(memory_limit)
+
+
+def _check_memory_limit(value: str | int) -> None:
+    if value == "auto":
+        return
+    try:
+        nbytes = parse_bytes(value) if isinstance(value, str) else int(value)
+    except (ValueError, TypeError) as e:
+        raise ClusterError(
+            f"Expected --memory-limit to be a size like 2GiB or 500MB, or 'auto'. "
+            f"Got {value!r} instead."
+        ) from e
+    if nbytes <= 0:
+        raise ClusterError(f"Expected --memory-limit to be positive. Got {value!r} instead.")
+
+
+def _current_client() -> distributed.Client | None:
+    try:
+        client = distributed.default_client()
+    except ValueError:  # no client is current
+        return None
+    return client if client.status == "running" else None
+
+
+def _timeout(key: str, default: str) -> float:
+    return parse_timedelta(dask.config.get(key, default))
+
+
+def _read_scheduler_file(path: str | os.PathLike[str]) -> str:
+    file = Path(path)
+    if not file.is_file():
+        raise ClusterError(
+            f"Scheduler file {str(path)!r} does not exist. Start a scheduler with "
+            f"`dask scheduler --scheduler-file {path}` (or wait until it has written the file), "
+            "or connect by address with --scheduler tcp://HOST:PORT."
+        )
+    try:
+        address = json.loads(file.read_text())["address"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ClusterError(
+            f"Scheduler file {str(path)!r} is not a Dask scheduler file (expected JSON with an "
+            f"'address' key): {e}. Point --scheduler-file at the file that `dask scheduler "
+            "--scheduler-file` writes."
+        ) from e
+    if not isinstance(address, str):
+        raise ClusterError(
+            f"Scheduler file {str(path)!r} has address {address!r}; expected a string like "
+            "tcp://HOST:PORT."
+        )
+    return address
+
+
+def _connect(
+    address: str, *, security: distributed.Security | None, source: str
+) -> distributed.Client:
+    timeout = _timeout("lplr.cluster.connect-timeout", _DEFAULT_CONNECT_TIMEOUT)
+    if address.startswith("tls://") and security is None:
+        security = distributed.Security()  # from Dask's config
+        if not security.tls_ca_file:
+            raise ClusterError(
+                f"The scheduler at {address} ({source}) uses TLS and needs certificates. Give "
+                "--tls-ca-file, --tls-cert and --tls-key (or set distributed.comm.tls.* in the "
+                "Dask config)."
+            )
+    try:
+        return distributed.Client(address, security=security, timeout=timeout)
+    except (OSError, TimeoutError, ValueError, TypeError) as e:
+        hint = (
+            "Check that the scheduler is running and that the address and port are right"
+            + (
+                "; for a tls:// scheduler, that the certificates are signed by its CA"
+                if address.startswith("tls://")
+                else "; a TLS scheduler has a tls:// address and needs --tls-* options"
+            )
+            + ". Wait longer with DASK_LPLR__CLUSTER__CONNECT_TIMEOUT=2min."
+        )
+        raise ClusterError(
+            f"Could not connect to the Dask scheduler at {address} ({source}) within "
+            f"{timeout:g} s: {e}. {hint}"
+        ) from e
+
+
+def _start_local(
+    stack: contextlib.ExitStack,
+    *,
+    workers: int | None,
+    threads_per_worker: int | None,
+    memory_limit: str | int | None,
+    security: distributed.Security | None,
+) -> distributed.Client:
+    try:
+        local = distributed.LocalCluster(
+            n_workers=workers,
+            threads_per_worker=threads_per_worker,
+            memory_limit="auto" if memory_limit is None else memory_limit,
+            processes=True,
+            host="127.0.0.1",
+            dashboard_address="127.0.0.1:8787",
+            security=security,
+        )
+    except (OSError, TimeoutError, ValueError) as e:
+        raise ClusterError(
+            f"Could not start a local Dask cluster (workers={workers}, threads_per_worker="
+            f"{threads_per_worker}, memory_limit={memory_limit}): {e}. Try fewer workers or "
+            "a smaller --memory-limit."
+        ) from e
+    stack.callback(local.close)
+    client = distributed.Client(local, security=security)
+    stack.callback(client.close)
+    return client
+
+
+def _jobqueue_config_path() -> Path:
+    """The YAML file of lplr's dask-jobqueue defaults: ``$LPLR_JOBQUEUE_CONFIG`` or the repo's."""
+    env = os.environ.get(_JOBQUEUE_CONFIG_ENV)
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parent.parent / "cluster" / "jobqueue.yaml"
+
+
+def _jobqueue_options(kind: str) -> dict[str, Any]:
+    """Keyword arguments for the dask-jobqueue cluster of `kind` from ``cluster/jobqueue.yaml``.
+
+    Only keys that differ from dask-jobqueue's own default, and that the current Dask
+    configuration leaves at that default, are returned, so that a user's
+    ``~/.config/dask/jobqueue.yaml``, ``DASK_JOBQUEUE__...`` environment variables or
+    ``dask.config.set`` win over lplr's defaults. ``cores``, ``processes`` and ``memory`` go
+    together: if the user sets any of them, lplr's values for all three are dropped.
+
+    Parameters
+    ----------
+    kind : {"slurm", "pbs"}
+
+    Returns
+    -------
+    dict
+        Keyword arguments for ``SLURMCluster`` / ``PBSCluster`` (empty when the file is absent).
+
+    Raises
+    ------
+    ClusterError
+        The file exists but is not valid YAML of the form ``jobqueue: {kind: {...}}``.
+    """
+    path = _jobqueue_config_path()
+    if not path.is_file():
+        return {}
+    try:
+        ours = (yaml.safe_load(path.read_text()) or {}).get("jobqueue", {}).get(kind, {})
+    except (yaml.YAMLError, AttributeError) as e:
+        raise ClusterError(
+            f"{path} is not a dask-jobqueue config (expected YAML 'jobqueue: {{{kind}: ...}}'): {e}"
+        ) from e
+    package_file = importlib.resources.files("dask_jobqueue") / "jobqueue.yaml"
+    package = yaml.safe_load(package_file.read_text())["jobqueue"][kind]
+    current = dask.config.get(f"jobqueue.{kind}", {})
+    user_set = {key for key in package if current.get(key) != package[key]}
+    if user_set & set(_JOB_SIZE_KEYS):
+        # cores, processes and memory only make sense together: the user's choice of any of
+        # them replaces lplr's job size (else cores=1 with our processes=2 gives 0 threads).
+        user_set |= set(_JOB_SIZE_KEYS)
+    options = {}
+    for key, value in ours.items():
+        if value != package.get(key) and key not in user_set:
+            name = "job_name" if key == "name" else key.replace("-", "_")
+            options[name] = value
+    cores = options.get("cores", current.get("cores"))
+    processes = options.get("processes", current.get("processes"))
+    if cores is not None and processes is not None and processes > cores:
+        raise ClusterError(
+            f"jobqueue.{kind}: processes={processes} is more than cores={cores}, which leaves "
+            f"workers without threads. Set jobqueue.{kind}.processes to at most cores "
+            "(in ~/.config/dask/jobqueue.yaml or DASK_JOBQUEUE__...)."
+        )
+    return options
+
+
+def _start_jobqueue(
+    stack: contextlib.ExitStack,
+    kind: str,
+    *,
+    jobs: int,
+    security: distributed.Security | None,
+    log: Callable[[str], None],
+) -> distributed.Client:
+    import dask_jobqueue
+
+    class_name, submit = _CLUSTER_KINDS[kind]
+    if shutil.which(submit) is None:
+        raise ClusterError(
+            f"--cluster {kind} needs the `{submit}` command, which is not on PATH. Run on a "
+            f"{kind.upper()} login node (load its module first), or use --scheduler-file "
+            f"inside a batch job (see cluster/{kind}/)."
+        )
+    options = _jobqueue_options(kind)
+    try:
+        jobqueue = getattr(dask_jobqueue, class_name)(security=security, **options)
+    except (OSError, TimeoutError, ValueError, TypeError) as e:
+        raise ClusterError(
+            f"Could not start the dask-jobqueue {class_name}: {e}. Check the jobqueue.{kind} "
+            f"settings in {_jobqueue_config_path()} and your Dask config."
+        ) from e
+    stack.callback(jobqueue.close)
+    client = distributed.Client(jobqueue, security=security)
+    stack.callback(client.close)
+    jobqueue.scale(jobs=jobs)
+    log(f"Submitted {jobs} {kind.upper()} job(s) of Dask workers; waiting for the first one")
+    timeout = _timeout("lplr.cluster.worker-timeout", _DEFAULT_WORKER_TIMEOUT)
+    try:
+        client.wait_for_workers(1, timeout=timeout)
+    except TimeoutError as e:
+        raise ClusterError(
+            f"No Dask worker joined within {timeout:g} s after submitting {jobs} {kind.upper()} "
+            f"job(s). The jobs may still be queued or may have failed: check the queue "
+            f"(`{'squeue --me' if kind == 'slurm' else 'qstat -u $USER'}`) and the job logs "
+            f"(jobqueue.{kind}.log-directory). Wait longer with "
+            "DASK_LPLR__CLUSTER__WORKER_TIMEOUT=30min."
+        ) from e
+    workers = client.scheduler_info(n_workers=-1)["workers"]
+    memory = sum(w.get("memory_limit", 0) for w in workers.values())
+    log(f"{len(workers)} worker(s) up, {format_bytes(memory)} of memory in all")
+    return client

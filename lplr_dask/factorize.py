@@ -1,0 +1,320 @@
+"""The LPLR passes over a chunked matrix: sketch, quantize the basis, project, quantize.
+
+For A (n×d), rank k and bits (B1, B2) [1]_:
+
+1. pass 1: ``Y = A·S`` (S d×k, i.i.d. N(0, 1/k), generated block-wise); in the same read the test
+   columns ``A·G`` for the error estimate and, in one-pass mode, ``Z = Ψ·A`` [2]_;
+   optional power iterations ``Y ← A·orth(Aᵀ·orth(Y))``, two reads each;
+2. central: ``L = Q_B1(Y)``, codes written to ``L/``; ``pinv(L)`` from a TSQR of the decoded L
+   and an SVD of its k×k factor, in float64;
+3. pass 2: ``W[:, j] = pinv(L)·A[:, j]`` per column chunk j (one-pass: ``W = (Ψ·L)^† Z``),
+   written whole-chunk to scratch with a per-chunk completion mark (the resume points);
+4. ``R = Q_B2(W)`` from the scratch (k×d: k/n of A), codes to ``R/``;
+5. the error estimate ``‖AG − L·(R·G)‖ / ‖AG‖`` from the stored test columns, no extra read.
+
+The functions here take and return dask arrays; :func:`run` drives them against a store.
+
+References
+----------
+.. [1] R. Saha, V. Srivastava, M. Pilanci. "Matrix Compression via Randomized Low Rank and Low
+   Precision Factorization." NeurIPS 2023.
+.. [2] J. A. Tropp, A. Yurtsever, M. Udell, V. Cevher. "Practical sketching algorithms for
+   low-rank matrix approximation." SIAM J. Matrix Anal. Appl. 38(4), 2017.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from typing import Any, Callable
+
+import dask
+import dask.array as da
+import numpy as np
+import zarr
+
+from lplr_dask import blocks, store
+from lplr_dask.factors import decode_factor
+from lplr_dask.progress import compute
+from lplr_dask.quantize import (
+    Quantized,
+    QuantizerSpec,
+    encode_blocks,
+    ranges,
+    scale_from_range,
+)
+from lplr_dask.sketch import SKETCH_BLOCK, STREAM_G, STREAM_PSI, STREAM_S
+
+__all__ = ["Params", "pass1", "pinv_factor", "project", "run"]
+
+Log = Callable[[str], None]
+
+
+@dataclasses.dataclass(frozen=True)
+class Params:
+    """Everything that determines the codes (stored in the attrs; ``--resume`` checks it)."""
+
+    rank: int
+    bits: tuple[int, int]
+    quantizer: str
+    spec_l: QuantizerSpec
+    spec_r: QuantizerSpec
+    seed: int = 0
+    passes: int = 2
+    power_iters: int = 0
+    test_columns: int = 10
+
+    @property
+    def oversample(self) -> int:
+        """Rows ℓ of the co-range sketch Ψ in one-pass mode (Tropp et al. 2017: ℓ = 2s + 1, s = 2k)."""
+        return 4 * self.rank + 1
+
+    def as_attrs(self) -> dict[str, Any]:
+        return {
+            "rank": self.rank,
+            "bits": list(self.bits),
+            "quantizer": {
+                "name": self.quantizer,
+                "L": dataclasses.asdict(self.spec_l),
+                "R": dataclasses.asdict(self.spec_r),
+            },
+            "seed": self.seed,
+            "passes": self.passes,
+            "power_iters": self.power_iters,
+            "sketch": {
+                "kind": "gaussian",
+                "block_rows": SKETCH_BLOCK,
+                "test_columns": self.test_columns,
+                "oversample": self.oversample if self.passes == 1 else None,
+            },
+        }
+
+
+def pass1(A: da.Array, p: Params) -> dict[str, da.Array]:
+    """The lazy products of the first read of A.
+
+    Returns
+    -------
+    dict with ``Y`` (n×k), ``AG`` (n×p) and, for one-pass mode, ``Z`` (ℓ×d); all float64.
+    """
+    k, t = p.rank, p.test_columns
+    yg = blocks.sketch_right(A, p.seed, [(STREAM_S, k, 1.0 / math.sqrt(k)), (STREAM_G, t, 1.0)])
+    out = {"Y": yg[:, :k], "AG": yg[:, k:]}
+    if p.passes == 1:
+        out["Z"] = blocks.sketch_left(A, p.seed, STREAM_PSI, p.oversample, check=False)
+    return out
+
+
+def orth(X: da.Array) -> da.Array:
+    """An orthonormal basis of the columns of a tall X (TSQR), float64."""
+    n, k = X.shape
+    X = X.rechunk({0: blocks.tall_chunks(n, k, X.chunks[0][0]), 1: -1})
+    q, _ = da.linalg.tsqr(X)
+    return q
+
+
+def power_iterate(A: da.Array, Y: da.Array, q: int, run: Callable[..., Any]) -> da.Array:
+    """``Y ← A·orth(Aᵀ·orth(Y))`` q times (two reads of A each), persisting between steps."""
+    for _ in range(q):
+        (Q,) = run("power iteration (Aᵀ·Q)", orth(Y))
+        (Zt,) = run("power iteration (Aᵀ·Q)", orth(blocks.left_multiply(Q, A).T))
+        (Y,) = run("power iteration (A·Z)", blocks.right_multiply(A, Zt))
+    return Y
+
+
+def ranges_to_scales(X: da.Array, bits: int, spec: QuantizerSpec, channel_axis: int) -> tuple[da.Array, da.Array]:
+    """Lazy (scale, offset) of X for ``spec``: a dask reduction."""
+    lo, hi = ranges(X, spec, channel_axis=channel_axis)
+    return scale_from_range(lo, hi, bits)
+
+
+def quantize_basis(Y: da.Array, p: Params) -> Quantized:
+    """``L = Q_B1(Y)``: scales computed (a small reduction over the persisted Y), codes lazily."""
+    scale, offset = dask.compute(*ranges_to_scales(Y, p.bits[0], p.spec_l, 1))
+    codes = encode_blocks(Y, p.bits[0], p.spec_l, scale, offset, channel_axis=1, seed=_derived(p.seed, 1))
+    return Quantized(codes, scale, offset, p.bits[0])
+
+
+def pinv_factor(L_hat: da.Array, run: Callable[..., Any] = dask.persist) -> da.Array:
+    """``pinv(L)ᵀ`` (n×k) as a dask array: TSQR ``L = Q·R``, SVD of R on the client.
+
+    Singular values below ``max(n, k)·eps·σ_max`` are treated as zero, as ``numpy.linalg.lstsq``
+    does, so a rank-deficient quantized basis (for example at B1 = 1) still gives the
+    least-squares solution of minimum norm.
+    """
+    n, k = L_hat.shape
+    L_hat = L_hat.rechunk({0: blocks.tall_chunks(n, k, L_hat.chunks[0][0]), 1: -1})
+    Q, R = run(*da.linalg.tsqr(L_hat))
+    R = R.compute()
+    U, s, Vt = np.linalg.svd(R)
+    tol = s.max(initial=0.0) * max(n, k) * np.finfo(np.float64).eps
+    inv = np.divide(1.0, s, out=np.zeros_like(s), where=s > tol)
+    return Q @ ((U * inv) @ Vt)
+
+
+def project(A: da.Array, PT: da.Array) -> da.Array:
+    """``W = pinv(L)·A`` = ``PTᵀ·A`` (k×d), column-chunked like A."""
+    return blocks.left_multiply(PT, A)
+
+
+def one_pass_projector(L_hat: da.Array, p: Params) -> np.ndarray:
+    """``(Ψ·L)^†`` (k×ℓ) for one-pass mode, Ψ regenerated block-wise by rows."""
+    psi_l = blocks.sketch_left(L_hat, p.seed, STREAM_PSI, p.oversample, check=False).compute()
+    return np.linalg.pinv(psi_l)
+
+
+def _derived(seed: int, purpose: int) -> int:
+    """An integer seed for a secondary purpose (stochastic rounding of L or R)."""
+    return int(np.random.SeedSequence(seed, spawn_key=(100 + purpose,)).generate_state(1)[0])
+
+
+# ---------------------------------------------------------------------------------------------
+# Driving the passes against a store
+# ---------------------------------------------------------------------------------------------
+
+STAGES = ("started", "basis", "projected", "coded", "complete")
+
+
+class _Runner:
+    """Computes with progress, records timings."""
+
+    def __init__(self, log: Log, timings: dict[str, float]):
+        self.log = log
+        self.timings = timings
+
+    def __call__(self, label: str, *arrays: Any, persist: bool = True) -> tuple[Any, ...]:
+        t0 = time.perf_counter()
+        out = compute(label, *arrays, persist=persist)
+        key = label.split(" (")[0]
+        self.timings[key] = round(self.timings.get(key, 0.0) + time.perf_counter() - t0, 3)
+        return out
+
+
+def run(
+    A: da.Array,
+    root: str,
+    p: Params,
+    meta: dict[str, Any],
+    *,
+    log: Log,
+) -> dict[str, Any]:
+    """Run (or resume) the passes, writing the store at ``root``; return the final attrs.
+
+    ``meta`` holds the attrs written so far (``stage`` says how far a previous run got).
+    """
+    group = store.open_group(root, mode="r+")
+    timings: dict[str, float] = dict(meta.get("timings", {}))
+    runner = _Runner(log, timings)
+    n, d = A.shape
+    k, t = p.rank, p.test_columns
+    row_chunk, col_chunk = A.chunks[0][0], A.chunks[1][0]
+    work = "_work"
+
+    def save(stage: str, **extra: Any) -> None:
+        meta.update(extra)
+        meta["stage"] = stage
+        meta["timings"] = timings
+        store.write_meta(group, meta)
+
+    # -- pass 1 and the basis ------------------------------------------------------------------
+    if STAGES.index(meta.get("stage", "started")) < STAGES.index("basis"):
+        products = pass1(A, p)
+        names = list(products)
+        outs = runner("pass 1: sketch", *products.values())
+        products = dict(zip(names, outs))
+        Y = products["Y"]
+        if p.power_iters:
+            Y = power_iterate(A, Y, p.power_iters, runner)
+        qL = quantize_basis(Y, p)
+        lcodes = store.create_codes(group, "L/codes", (n, k), (row_chunk, k), p.bits[0])
+        store.write_small(group, "L/scale", qL.scale)
+        store.write_small(group, "L/offset", qL.offset)
+        ag = store.create_float(group, f"{work}/AG", (n, t), (row_chunk, t))
+        writes = [da.store(qL.codes.rechunk((row_chunk, k)), lcodes, lock=False, compute=False),
+                  da.store(products["AG"].rechunk((row_chunk, t)), ag, lock=False, compute=False)]
+        if p.passes == 1:
+            z = store.create_float(group, f"{work}/Z", (p.oversample, d), (p.oversample, col_chunk))
+            writes.append(da.store(products["Z"].rechunk((p.oversample, col_chunk)), z, lock=False, compute=False))
+        runner("basis: quantize L", *writes, persist=False)
+        save("basis")
+
+    # -- pass 2: W, one whole chunk per task, resumable ------------------------------------------
+    L_hat = decode_factor(
+        da.from_zarr(group["L/codes"]), store.read_small(group, "L/scale"),
+        store.read_small(group, "L/offset"), p.spec_l, channel_axis=1,
+    )
+    if STAGES.index(meta["stage"]) < STAGES.index("projected"):
+        ncb = len(A.chunks[1])
+        if f"{work}/W_done" not in group:
+            store.create_float(group, f"{work}/W", (k, d), (k, col_chunk))
+            done_arr = group.create_array(f"{work}/W_done", shape=(ncb,), chunks=(1,), dtype=np.uint8, fill_value=0)
+        else:
+            done_arr = group[f"{work}/W_done"]
+        done = np.asarray(done_arr[...]).astype(bool)
+        todo = [j for j in range(ncb) if not done[j]]
+        if done.any():
+            log(f"resume: {int(done.sum())} of {ncb} column chunks of W already written; computing {len(todo)}")
+        if todo:
+            if p.passes == 1:
+                M = one_pass_projector(L_hat, p)
+                Z = da.from_zarr(group[f"{work}/Z"])
+                W = da.concatenate([Z.blocks[:, j] for j in todo], axis=1)
+                W = da.map_blocks(_left_apply, W, dask.delayed(M), chunks=((k,), W.chunks[1]), dtype=np.float64, meta=np.empty((0, 0)))
+                label = "pass 2: project (one-pass, no read of A)"
+            else:
+                (PT,) = runner("basis: pinv(L)", pinv_factor(L_hat, lambda *x: runner("basis: pinv(L)", *x)).rechunk({0: A.chunks[0], 1: -1}))
+                Asub = da.concatenate([A.blocks[:, j] for j in todo], axis=1)
+                W = project(Asub, PT)
+                label = "pass 2: project"
+            writer = _WWriter(root, work, todo)
+            runner(label, blocks.map_column_blocks(W, writer), persist=False)
+        save("projected")
+
+    # -- R = Q_B2(W), from the scratch -----------------------------------------------------------
+    if STAGES.index(meta["stage"]) < STAGES.index("coded"):
+        W = da.from_zarr(group[f"{work}/W"])
+        rs, ro = runner("code R", *ranges_to_scales(W, p.bits[1], p.spec_r, 0), persist=False)
+        rcodes = store.create_codes(group, "R/codes", (k, d), (k, col_chunk), p.bits[1])
+        codes = encode_blocks(W, p.bits[1], p.spec_r, rs, ro, channel_axis=0, seed=_derived(p.seed, 2))
+        runner("code R", da.store(codes, rcodes, lock=False, compute=False), persist=False)
+        store.write_small(group, "R/scale", rs)
+        store.write_small(group, "R/offset", ro)
+        save("coded")
+
+    # -- the free error estimate -----------------------------------------------------------------
+    R_hat = decode_factor(
+        da.from_zarr(group["R/codes"]), store.read_small(group, "R/scale"),
+        store.read_small(group, "R/offset"), p.spec_r, channel_axis=0,
+    )
+    rg = blocks.sketch_right(R_hat, p.seed, [(STREAM_G, t, 1.0)], check=False)
+    ag = da.from_zarr(group[f"{work}/AG"])
+    resid = ag - L_hat @ rg
+    num, den = runner("error estimate", (resid**2).sum(), (ag**2).sum(), persist=False)
+    estimate = float(np.sqrt(num / den)) if den > 0 else 0.0
+    meta["error_estimate"] = estimate
+    del group[work]
+    save("complete", complete=True)
+    return meta
+
+
+def _left_apply(z: Any, m: Any) -> Any:
+    return m @ z
+
+
+class _WWriter:
+    """Writes one column chunk of W to the scratch and marks it done (a picklable callable)."""
+
+    def __init__(self, root: str, work: str, todo: list[int]):
+        self.root, self.work, self.todo = root, work, todo
+
+    def __call__(self, w: Any, j_local: int, c0_local: int) -> float:
+        from lplr_dask.backend import to_host
+
+        j = self.todo[j_local]
+        group = zarr.open_group(self.root, mode="r+")
+        arr = group[f"{self.work}/W"]
+        c0 = j * arr.chunks[1]
+        arr[:, c0 : c0 + w.shape[1]] = to_host(w)
+        group[f"{self.work}/W_done"][j] = 1
+        return 1.0

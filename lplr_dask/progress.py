@@ -1,0 +1,71 @@
+"""Computing with a progress bar on stderr (stdout is kept for results and ``--json``)."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import dask
+
+__all__ = ["compute", "current_client", "set_quiet"]
+
+_QUIET = False
+
+
+def set_quiet(quiet: bool) -> None:
+    """Turn progress bars off (``--quiet``) or on."""
+    global _QUIET
+    _QUIET = quiet
+
+
+def current_client() -> Any:
+    """The current dask.distributed Client, or None."""
+    try:
+        from distributed import get_client
+
+        return get_client()
+    except (ImportError, ValueError):
+        return None
+
+
+def compute(label: str, *collections: Any, persist: bool = False) -> tuple[Any, ...]:
+    """Compute (or persist) dask collections, showing a progress bar labelled ``label``.
+
+    With ``persist`` the results stay on the workers as dask collections backed by futures
+    (for what a later pass reuses); otherwise they are gathered to the client.
+    """
+    client = current_client()
+    if client is None:
+        return dask.persist(*collections) if persist else dask.compute(*collections)
+    from distributed import futures_of
+
+    if persist:
+        outs = client.persist(list(collections))
+        futures = futures_of(outs)
+    else:
+        futures = client.compute(list(collections))
+    _watch(label, futures)
+    if persist:
+        client.gather(futures)  # raises the first task error, if any
+        return tuple(outs)
+    return tuple(client.gather(futures))
+
+
+def _watch(label: str, futures: list[Any]) -> None:
+    from distributed import as_completed
+
+    if _QUIET or not futures:
+        for _ in as_completed(futures):
+            pass
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    console = Console(file=sys.stderr)
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
+    with Progress(*columns, console=console, transient=not console.is_terminal) as bar:
+        task = bar.add_task(label, total=len(futures))
+        for _ in as_completed(futures):
+            bar.advance(task)
+    if not console.is_terminal:
+        print(f"{label}: done", file=sys.stderr)

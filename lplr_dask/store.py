@@ -1,0 +1,226 @@
+"""The ``*.lplr.zarr`` format: a Zarr v3 group holding the codes, scales and JSON attrs.
+
+Layout::
+
+    OUT.lplr.zarr/
+        L/codes   (n, k)  uint8|uint16, row-chunked like the source
+        L/scale   L/offset    float64, shaped per the quantizer granularity
+        R/codes   (k, d)  uint8|uint16, column-chunked like the source
+        R/scale   R/offset
+        _work/    scratch arrays while a job runs (deleted at completion)
+
+Group attrs hold ``lplr``: a JSON dict with the format name and version, the source, the
+parameters, timings and errors, and ``complete``, written last. A reader refuses an incomplete
+store or a newer version.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from typing import Any
+
+import numpy as np
+import zarr
+from zarr.codecs import BloscCodec, BloscShuffle, ZstdCodec
+
+from lplr_dask.errors import OutputExistsError, StoreFormatError
+
+__all__ = [
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "create_group",
+    "open_group",
+    "read_meta",
+    "write_meta",
+    "codes_compressor",
+    "create_codes",
+    "write_small",
+    "read_small",
+    "bytes_on_disk",
+    "remove",
+]
+
+FORMAT_NAME = "lplr-zarr"
+FORMAT_VERSION = 1
+
+
+def codes_compressor(bits: int) -> Any:
+    """The Zarr codec for ``bits``-bit codes.
+
+    Blosc with bit-shuffle stores each of the 8 (or 16) bit planes of the codes separately, so the
+    ``8 - bits`` planes that are always zero cost almost nothing: the codes take about ``bits/8``
+    of their uint8 size before entropy coding. Zstd inside Blosc then compresses the remaining
+    planes where they are skewed.
+    """
+    return BloscCodec(cname="zstd", clevel=5, shuffle=BloscShuffle.bitshuffle)
+
+
+def _float_compressor() -> Any:
+    return ZstdCodec(level=3)
+
+
+def _store_path(path: str | os.PathLike[str]) -> str:
+    return os.fspath(path)
+
+
+def exists(path: str | os.PathLike[str]) -> bool:
+    """Whether anything (a Zarr node or a plain file) exists at ``path``."""
+    p = _store_path(path)
+    if "://" in p:
+        try:
+            zarr.open_group(p, mode="r")
+            return True
+        except Exception:
+            return False
+    return os.path.exists(p)
+
+
+def remove(path: str | os.PathLike[str]) -> None:
+    """Delete a store (a local directory or an fsspec URL)."""
+    p = _store_path(path)
+    if "://" in p:
+        import fsspec
+
+        fs, root = fsspec.core.url_to_fs(p)
+        if fs.exists(root):
+            fs.rm(root, recursive=True)
+    elif os.path.isdir(p):
+        shutil.rmtree(p)
+    elif os.path.exists(p):
+        os.remove(p)
+
+
+def create_group(path: str | os.PathLike[str], *, overwrite: bool = False) -> zarr.Group:
+    """Create an empty output group; refuse an existing path unless ``overwrite``.
+
+    Raises
+    ------
+    OutputExistsError
+        If ``path`` exists and ``overwrite`` is false.
+    """
+    if exists(path):
+        if not overwrite:
+            raise OutputExistsError(
+                f"Output {os.fspath(path)!r} already exists. Pass --overwrite (overwrite=True) to "
+                "replace it, or --resume (resume=True) to finish an interrupted job."
+            )
+        remove(path)
+    return zarr.open_group(_store_path(path), mode="w", zarr_format=3)
+
+
+def open_group(path: str | os.PathLike[str], mode: str = "r") -> zarr.Group:
+    """Open an existing output group."""
+    try:
+        return zarr.open_group(_store_path(path), mode=mode, zarr_format=3)
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError) as e:  # type: ignore[attr-defined]
+        raise StoreFormatError(
+            f"Expected an lplr store (a Zarr v3 group) at {os.fspath(path)!r}. Found none."
+        ) from e
+
+
+def write_meta(group: zarr.Group, meta: dict[str, Any]) -> None:
+    """Write the ``lplr`` attrs dict (JSON only)."""
+    group.attrs["lplr"] = _jsonable(meta)
+
+
+def read_meta(group: zarr.Group, *, require_complete: bool = True, path: str = "") -> dict[str, Any]:
+    """Read and validate the ``lplr`` attrs.
+
+    Raises
+    ------
+    StoreFormatError
+        If the group is not an lplr store, is of a newer format version, or (with
+        ``require_complete``) was not completed.
+    """
+    meta = dict(group.attrs.get("lplr") or {})
+    where = path or str(group.store_path)
+    if meta.get("format") != FORMAT_NAME:
+        raise StoreFormatError(f"{where!r} is not an lplr store: its attrs have no 'lplr' format entry.")
+    version = meta.get("version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise StoreFormatError(
+            f"{where!r} has lplr format version {version!r}; this lplr-dask reads versions up to "
+            f"{FORMAT_VERSION}. Upgrade lplr-dask (pip install -U lplr-dask)."
+        )
+    if require_complete and not meta.get("complete"):
+        raise StoreFormatError(
+            f"{where!r} is incomplete (the job that wrote it did not finish). Finish it with "
+            "`lplr compress ... --resume` using the same arguments, or rerun with --overwrite."
+        )
+    return meta
+
+
+def create_codes(
+    group: zarr.Group, name: str, shape: tuple[int, int], chunks: tuple[int, int], bits: int
+) -> zarr.Array:
+    """Create an empty codes array ``name`` (uint8 for ≤ 8 bits, else uint16)."""
+    from lplr_dask.quantize import code_dtype
+
+    return group.create_array(
+        name,
+        shape=shape,
+        chunks=chunks,
+        dtype=code_dtype(bits),
+        compressors=codes_compressor(bits),
+        fill_value=0,
+        overwrite=True,
+    )
+
+
+def create_float(
+    group: zarr.Group, name: str, shape: tuple[int, int], chunks: tuple[int, int]
+) -> zarr.Array:
+    """Create an empty float64 array ``name`` (scratch and scales)."""
+    return group.create_array(
+        name,
+        shape=shape,
+        chunks=chunks,
+        dtype=np.float64,
+        compressors=_float_compressor(),
+        fill_value=0.0,
+        overwrite=True,
+    )
+
+
+def write_small(group: zarr.Group, name: str, value: np.ndarray) -> None:
+    """Write a small array whole (scales, offsets) as one chunk."""
+    value = np.asarray(value, dtype=np.float64)
+    arr = create_float(group, name, value.shape, value.shape or (1,))
+    arr[...] = value
+
+
+def read_small(group: zarr.Group, name: str) -> np.ndarray:
+    """Read a small array whole."""
+    return np.asarray(group[name][...])
+
+
+def bytes_on_disk(path: str | os.PathLike[str], prefix: str = "") -> int:
+    """Sum of the file sizes under the store (metadata included), or under ``prefix`` in it."""
+    p = _store_path(path)
+    if "://" in p:
+        import fsspec
+
+        fs, root = fsspec.core.url_to_fs(p)
+        root = root.rstrip("/") + ("/" + prefix if prefix else "")
+        return int(sum(fs.du(root, total=False).values())) if fs.exists(root) else 0
+    root = os.path.join(p, prefix) if prefix else p
+    total = 0
+    for dirpath, _, files in os.walk(root):
+        for f in files:
+            total += os.path.getsize(os.path.join(dirpath, f))
+    return total
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, np.integer):
+        return int(x)
+    if isinstance(x, np.floating):
+        return float(x)
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    return x
