@@ -123,8 +123,12 @@ def generate(
         os.fspath(out), shape=A.shape, chunks=A.chunksize, dtype=A.dtype,
         compressors=zarr.codecs.ZstdCodec(level=1), zarr_format=3,
     )
-    arr.attrs["lplr_generate"] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in kwargs.items()}
+    arr.attrs["lplr_generate"] = store._jsonable({k: str(v) if k == "dtype" else v for k, v in kwargs.items()})
     from lplr_dask.progress import compute
 
-    compute(f"generate {shape[0]}x{shape[1]}", da.store(A, arr, lock=False, compute=False))
+    try:
+        compute(f"generate {shape[0]}x{shape[1]}", da.store(A, arr, lock=False, compute=False))
+    except BaseException:
+        store.remove(out)  # no half-written matrix left behind
+        raise
     return arr

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import time
 from typing import Any
 
 import dask
@@ -54,18 +55,20 @@ def compute(label: str, *collections: Any, persist: bool = False) -> tuple[Any, 
 def _watch(label: str, futures: list[Any]) -> None:
     from distributed import as_completed
 
-    if _QUIET or not futures:
-        for _ in as_completed(futures):
-            pass
-        return
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     console = Console(file=sys.stderr)
+    if _QUIET or not futures or not console.is_terminal:
+        t0 = time.perf_counter()
+        for _ in as_completed(futures):
+            pass
+        if not _QUIET:
+            print(f"{label}: done in {time.perf_counter() - t0:.1f}s", file=sys.stderr, flush=True)
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
-    with Progress(*columns, console=console, transient=not console.is_terminal) as bar:
+    with Progress(*columns, console=console) as bar:
         task = bar.add_task(label, total=len(futures))
         for _ in as_completed(futures):
             bar.advance(task)
-    if not console.is_terminal:
-        print(f"{label}: done", file=sys.stderr)

@@ -1,0 +1,276 @@
+"""The ``lplr`` command: generate, compress, info, evaluate, decompress.
+
+Exit status: 0 success; 2 bad input or usage (one line on stderr, no traceback); 1 anything else.
+Results go to stdout as a short table, or as one JSON object with ``--json``; progress and the
+dashboard address go to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from lplr_dask.errors import LplrError
+
+__all__ = ["main", "build_parser"]
+
+
+class UsageError(LplrError, ValueError):
+    """Bad command-line usage."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2
+        raise UsageError(f"{self.prog}: {message} (see '{self.prog} --help')")
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (exposed for tests and docs)."""
+    from lplr_dask.cluster import add_cluster_arguments
+
+    p = _Parser(prog="lplr", description="Low-rank, low-precision compression of large matrices on Dask.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    def common(sp: argparse.ArgumentParser, *, cluster: bool = True) -> None:
+        sp.add_argument("--json", action="store_true", help="print one JSON object on stdout and nothing else")
+        sp.add_argument("--quiet", action="store_true", help="no progress bars")
+        if cluster:
+            add_cluster_arguments(sp)
+
+    g = sub.add_parser("generate", help="write a synthetic low-rank-plus-noise matrix to Zarr")
+    g.add_argument("out", help="output Zarr array path")
+    g.add_argument("--shape", required=True, help="NxD, e.g. 200000x20000")
+    g.add_argument("--rank", type=int, default=64, help="rank of the low-rank part (default 64)")
+    g.add_argument("--decay", type=float, default=0.9, help="spectral decay (default 0.9)")
+    g.add_argument("--noise", type=float, default=0.01, help="relative Frobenius noise level (default 0.01)")
+    g.add_argument("--kind", default="lowrank", choices=["lowrank", "poly", "student-t"])
+    g.add_argument("--chunks", default="4096x4096", help="chunk shape RxC (default 4096x4096)")
+    g.add_argument("--dtype", default="float32", choices=["float32", "float64", "float16"])
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--overwrite", action="store_true")
+    common(g)
+
+    c = sub.add_parser("compress", help="compress a Zarr matrix into an *.lplr.zarr store")
+    c.add_argument("input", help="input Zarr array (path or URL)")
+    c.add_argument("out", help="output *.lplr.zarr path")
+    size = c.add_argument_group("size (exactly one)")
+    size.add_argument("--rank", type=int, help="target rank k")
+    size.add_argument("--bits-per-entry", type=float, help="storage budget in bits per entry of A")
+    size.add_argument("--match-nq", type=float, metavar="B", help="the paper's fair rank against B-bit naive quantization")
+    c.add_argument("--bits", type=int, nargs=2, default=(8, 8), metavar=("B1", "B2"), help="bits for L and R (default 8 8)")
+    c.add_argument("--passes", type=int, default=2, choices=[1, 2], help="reads of A (default 2)")
+    c.add_argument("--power-iters", type=int, default=0, help="power iterations (2 more reads each)")
+    c.add_argument("--quantizer", default="default", help="paper | default | tensor|channel|groupN[-sym][-stochastic]")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    c.add_argument("--evaluate", action="store_true", help="also measure the exact error (one more read of A)")
+    mode = c.add_mutually_exclusive_group()
+    mode.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    mode.add_argument("--resume", action="store_true", help="finish an interrupted job (same arguments)")
+    common(c)
+
+    i = sub.add_parser("info", help="describe an *.lplr.zarr store")
+    i.add_argument("store")
+    common(i, cluster=False)
+
+    e = sub.add_parser("evaluate", help="exact relative Frobenius error, one read of A")
+    e.add_argument("input")
+    e.add_argument("store")
+    common(e)
+
+    d = sub.add_parser("decompress", help="write the reconstruction L·R to a Zarr array")
+    d.add_argument("store")
+    d.add_argument("out")
+    d.add_argument("--overwrite", action="store_true")
+    common(d)
+    return p
+
+
+def _chunks(text: str) -> tuple[int, int]:
+    from lplr_dask.datasets import parse_shape
+
+    return parse_shape(text)
+
+
+def _summary(factors: Any) -> dict[str, Any]:
+    """The fields every result carries (table and JSON alike)."""
+    a = factors.attrs
+    n, d = factors.shape
+    nbytes = factors.nbytes
+    src = a["source"]
+    src_bytes = n * d * np.dtype(src["dtype"]).itemsize
+    return {
+        "store": factors.path,
+        "shape": [n, d],
+        "source_dtype": src["dtype"],
+        "rank": factors.rank,
+        "bits": list(factors.bits),
+        "quantizer": a["quantizer"]["name"],
+        "passes": a["passes"],
+        "power_iters": a["power_iters"],
+        "seed": a["seed"],
+        "bytes_on_disk": nbytes,
+        "bits_per_entry": nbytes * 8 / (n * d),
+        "bits_per_entry_theoretical": factors.theoretical_bits_per_entry,
+        "compression_ratio": src_bytes / nbytes,
+        "compression_ratio_vs_float32": n * d * 4 / nbytes,
+        "compression_ratio_vs_float16": n * d * 2 / nbytes,
+        "timings": a.get("timings", {}),
+        "error_estimate": a.get("error_estimate"),
+        "error_exact": a.get("error_exact"),
+    }
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if isinstance(v, dict):
+        return ", ".join(f"{k} {_fmt(x)}s" for k, x in v.items())
+    if isinstance(v, list):
+        return "x".join(str(x) for x in v) if all(isinstance(x, int) for x in v) else str(v)
+    return str(v)
+
+
+def _emit(result: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(result))
+        return
+    width = max(len(k) for k in result)
+    for key, value in result.items():
+        if value is None:
+            continue
+        print(f"{key.replace('_', ' '):<{width}}  {_fmt(value)}")
+
+
+def _cmd_generate(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
+    from lplr_dask.cluster import client_from_args
+    from lplr_dask.datasets import generate, parse_shape
+
+    shape = parse_shape(args.shape)
+    t0 = time.perf_counter()
+    with client_from_args(args, log=log):
+        arr = generate(
+            args.out, shape, rank=args.rank, decay=args.decay, noise=args.noise, kind=args.kind,
+            chunks=_chunks(args.chunks), seed=args.seed, dtype=np.dtype(args.dtype), overwrite=args.overwrite,
+        )
+    return {
+        "out": args.out, "shape": list(arr.shape), "dtype": str(arr.dtype), "chunks": list(arr.chunks),
+        "bytes": int(np.prod(arr.shape)) * arr.dtype.itemsize, "seconds": round(time.perf_counter() - t0, 3),
+    }
+
+
+def _cmd_compress(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
+    from lplr_dask.api import compress, evaluate
+    from lplr_dask.cluster import client_from_args
+
+    given = [n for n in ("rank", "bits_per_entry", "match_nq") if getattr(args, n) is not None]
+    if len(given) != 1:
+        raise UsageError(
+            "lplr compress: give exactly one of --rank, --bits-per-entry, --match-nq "
+            f"(got {', '.join('--' + g.replace('_', '-') for g in given) or 'none'})"
+        )
+    if args.passes == 1 and args.power_iters:
+        raise UsageError("lplr compress: --passes 1 cannot be combined with --power-iters (each power iteration reads A twice more)")
+    from lplr_dask.sources import open_source
+
+    open_source(args.input)  # bad input fails before a cluster starts
+    with client_from_args(args, log=log):
+        factors = compress(
+            args.input, args.out, rank=args.rank, bits=tuple(args.bits), bits_per_entry=args.bits_per_entry,
+            match_nq=args.match_nq, passes=args.passes, power_iters=args.power_iters, quantizer=args.quantizer,
+            seed=args.seed, overwrite=args.overwrite, resume=args.resume, device=args.device, log=log,
+        )
+        if args.evaluate:
+            evaluate(args.input, factors)
+    return _summary(factors)
+
+
+def _cmd_info(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
+    from lplr_dask.factors import open_factors
+
+    return _summary(open_factors(args.store))
+
+
+def _cmd_evaluate(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
+    from lplr_dask.api import evaluate
+    from lplr_dask.cluster import client_from_args
+    from lplr_dask.factors import open_factors
+
+    factors = open_factors(args.store)
+    with client_from_args(args, log=log):
+        err = evaluate(args.input, factors)
+    return {"store": args.store, "input": args.input, "error_exact": err, "error_estimate": factors.attrs.get("error_estimate")}
+
+
+def _cmd_decompress(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
+    import dask.array as da
+    import zarr
+
+    from lplr_dask import store
+    from lplr_dask.cluster import client_from_args
+    from lplr_dask.errors import OutputExistsError
+    from lplr_dask.factors import open_factors
+    from lplr_dask.progress import compute
+
+    factors = open_factors(args.store)
+    if store.exists(args.out):
+        if not args.overwrite:
+            raise OutputExistsError(f"{args.out!r} already exists. Pass --overwrite to replace it.")
+        store.remove(args.out)
+    dtype = np.dtype(factors.attrs["source"]["dtype"])
+    chunks = tuple(factors.attrs["source"]["chunks"])
+    t0 = time.perf_counter()
+    with client_from_args(args, log=log):
+        recon = factors.to_dask(dtype=dtype).rechunk(chunks)
+        arr = zarr.create_array(args.out, shape=recon.shape, chunks=chunks, dtype=dtype, zarr_format=3)
+        compute("decompress", da.store(recon, arr, lock=False, compute=False))
+    return {"store": args.store, "out": args.out, "shape": list(recon.shape), "dtype": str(dtype),
+            "seconds": round(time.perf_counter() - t0, 3)}
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace, Callable[[str], None]], dict[str, Any]]] = {
+    "generate": _cmd_generate,
+    "compress": _cmd_compress,
+    "info": _cmd_info,
+    "evaluate": _cmd_evaluate,
+    "decompress": _cmd_decompress,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``lplr``; return the exit status."""
+    from lplr_dask.progress import set_quiet
+
+    try:
+        args = build_parser().parse_args(argv)
+        set_quiet(args.quiet)
+        result = COMMANDS[args.command](args, _log)
+    except LplrError as e:
+        print(f"error: {e}".replace("\n", " "), file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: rerun `lplr compress` with --resume to finish", file=sys.stderr)
+        return 1
+    except SystemExit as e:  # --help
+        return int(e.code or 0)
+    except Exception as e:  # noqa: BLE001 - the CLI's last resort: one line, exit 1
+        if os.environ.get("LPLR_DEBUG"):
+            raise
+        print(f"error: {type(e).__name__}: {e} (set LPLR_DEBUG=1 for a traceback)".replace("\n", " "), file=sys.stderr)
+        return 1
+    _emit(result, args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
