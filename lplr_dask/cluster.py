@@ -202,7 +202,7 @@ def security_from_args(args: argparse.Namespace) -> distributed.Security | None:
     for flag, path in given.items():
         if not Path(path).is_file():
             raise ClusterError(f"{flag} {path}: no such file. Expected a PEM file.")
-    ca, cert, key = files.values()
+    ca, cert, key = (os.fspath(path) for path in files.values())
     return distributed.Security(
         require_encryption=True,
         tls_ca_file=ca,
