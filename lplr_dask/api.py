@@ -171,8 +171,16 @@ def compress(
     n, d = A.shape
     log(f"compress {n}x{d} {A.dtype} -> {path}: rank {k}, bits {bits}, quantizer {params.quantizer}, passes {passes}")
     t0 = time.perf_counter()
-    with _client(log):
-        meta = factorize.run(A, path, params, meta, log=log)
+    fresh = meta["stage"] == "started" and not resume
+    try:
+        with _client(log):
+            meta = factorize.run(A, path, params, meta, log=log)
+    except BaseException:
+        if fresh and store.read_meta(store.open_group(path), require_complete=False)["stage"] == "started":
+            store.remove(path)  # failed before anything worth resuming: leave nothing behind
+        else:
+            log(f"{path}: incomplete; finish it with --resume (same arguments)")
+        raise
     meta["timings"]["total"] = round(time.perf_counter() - t0 + meta["timings"].get("total", 0.0), 3)
     store.write_meta(store.open_group(path, mode="r+"), meta)
     return open_factors(path)
