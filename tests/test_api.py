@@ -1,0 +1,178 @@
+"""compress / evaluate through the public API: correctness, determinism, bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import zarr
+
+import lplr_dask
+from lplr_dask.datasets import synthetic
+from lplr_dask.errors import (
+    LplrTypeError,
+    LplrValueError,
+    NonFiniteError,
+    OutputExistsError,
+    SourceNotFoundError,
+    StoreFormatError,
+)
+
+
+def _codes(path: str) -> tuple[np.ndarray, np.ndarray]:
+    g = zarr.open_group(path, mode="r")
+    return np.asarray(g["L/codes"][...]), np.asarray(g["R/codes"][...])
+
+
+def test_compress_reconstructs_low_rank_matrix(client, small_matrix, tmp_store):
+    A = small_matrix.compute()
+    f = lplr_dask.compress(small_matrix, tmp_store, rank=24, bits=(8, 8))
+    assert f.shape == A.shape and f.rank == 24 and f.bits == (8, 8)
+    recon = f.to_dask().compute()
+    err = np.linalg.norm(A - recon) / np.linalg.norm(A)
+    # rank 24 > true rank 12: the error is the 1% noise plus 8-bit quantization noise
+    assert err < 0.03
+    assert lplr_dask.evaluate(small_matrix, f) == pytest.approx(err, rel=1e-4)
+    assert f.attrs["complete"] is True
+    assert set(f.attrs["timings"]) >= {"pass 1: sketch", "pass 2: project", "total"}
+
+
+@pytest.mark.parametrize("quantizer", ["paper", "default"])
+def test_same_seed_same_codes_for_other_chunking(client, small_matrix, tmp_path, quantizer):
+    a = lplr_dask.compress(small_matrix, tmp_path / "a.lplr.zarr", rank=10, bits=(4, 4), quantizer=quantizer, seed=7)
+    b = lplr_dask.compress(
+        small_matrix.rechunk((200, 100)), tmp_path / "b.lplr.zarr", rank=10, bits=(4, 4), quantizer=quantizer, seed=7
+    )
+    for ca, cb in zip(_codes(a.path), _codes(b.path)):
+        np.testing.assert_array_equal(ca, cb)
+
+
+def test_same_codes_for_one_and_two_workers(small_matrix, tmp_path):
+    from distributed import Client, LocalCluster
+
+    paths = []
+    for workers in (1, 2):
+        with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
+                          host="127.0.0.1") as c, Client(c):
+            f = lplr_dask.compress(small_matrix, tmp_path / f"w{workers}.lplr.zarr", rank=10, bits=(3, 5), seed=11)
+            paths.append(f.path)
+    for c1, c2 in zip(_codes(paths[0]), _codes(paths[1])):
+        np.testing.assert_array_equal(c1, c2)
+
+
+def test_different_seed_different_codes(client, small_matrix, tmp_path):
+    a = lplr_dask.compress(small_matrix, tmp_path / "a.lplr.zarr", rank=8, seed=1)
+    b = lplr_dask.compress(small_matrix, tmp_path / "b.lplr.zarr", rank=8, seed=2)
+    assert not np.array_equal(_codes(a.path)[0], _codes(b.path)[0])
+
+
+def test_zarr_path_source_and_attrs(client, tmp_path):
+    src = tmp_path / "a.zarr"
+    lplr_dask.generate(src, (500, 300), rank=5, chunks=(128, 128), seed=1)
+    f = lplr_dask.compress(src, tmp_path / "o.lplr.zarr", match_nq=2, bits=(8, 8))
+    assert f.rank == lplr_dask.fair_rank(500, 300, (8, 8), 2)
+    src_attrs = f.attrs["source"]
+    assert src_attrs == {"path": str(src), "shape": [500, 300], "dtype": "float32", "chunks": [128, 128]}
+    assert f.attrs["format"] == "lplr-zarr" and f.attrs["version"] == 1 and f.attrs["seed"] == 0
+    assert 0 < f.attrs["error_estimate"] < 1
+
+
+def test_float64_input_computed_in_float64(client, tmp_store):
+    A = synthetic((300, 200), rank=5, chunks=(100, 100), seed=0, dtype=np.float64)
+    f = lplr_dask.compress(A, tmp_store, rank=10, bits=(16, 16))  # oversampled: sketch of rank k = r is noise-sensitive
+    err = np.linalg.norm(A.compute() - f.to_dask(np.float64).compute()) / np.linalg.norm(A.compute())
+    assert err < 0.02  # noise 1%, 16-bit codes add ~1e-5
+
+
+def test_resume_of_complete_store_is_a_no_op(client, small_matrix, tmp_store):
+    f1 = lplr_dask.compress(small_matrix, tmp_store, rank=6)
+    f2 = lplr_dask.compress(small_matrix, tmp_store, rank=6, resume=True)
+    assert f2.attrs["timings"] == f1.attrs["timings"]
+
+
+def test_resume_with_other_arguments_is_refused(client, small_matrix, tmp_store):
+    lplr_dask.compress(small_matrix, tmp_store, rank=6)
+    with pytest.raises(StoreFormatError, match="rank"):
+        lplr_dask.compress(small_matrix, tmp_store, rank=7, resume=True)
+
+
+# ---- bad input: one exception of our own, nothing complete left behind -----------------------
+
+def test_missing_input(tmp_path, tmp_store):
+    with pytest.raises(SourceNotFoundError, match="does not exist"):
+        lplr_dask.compress(tmp_path / "nope.zarr", tmp_store, rank=2)
+
+
+def test_not_2d(tmp_store):
+    import dask.array as da
+
+    with pytest.raises(LplrValueError, match="2-D"):
+        lplr_dask.compress(da.ones((4, 4, 4)), tmp_store, rank=2)
+
+
+def test_non_numeric(tmp_store):
+    import dask.array as da
+
+    with pytest.raises(LplrTypeError, match="complex"):
+        lplr_dask.compress(da.ones((8, 8), dtype=np.complex64), tmp_store, rank=2)
+
+
+@pytest.mark.parametrize("rank", [0, -1, 401, 2.5])
+def test_rank_out_of_range(small_matrix, tmp_store, rank):
+    with pytest.raises(LplrValueError, match="rank"):
+        lplr_dask.compress(small_matrix, tmp_store, rank=rank)
+
+
+@pytest.mark.parametrize("bits", [(0, 8), (8, 17), (8, 2.5)])
+def test_bits_out_of_range(small_matrix, tmp_store, bits):
+    with pytest.raises(LplrValueError, match="1 to 16"):
+        lplr_dask.compress(small_matrix, tmp_store, rank=4, bits=bits)
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{}, {"rank": 4, "match_nq": 2}, {"rank": 4, "bits_per_entry": 1.0}]
+)
+def test_exactly_one_size_argument(small_matrix, tmp_store, kwargs):
+    with pytest.raises(LplrValueError, match="exactly one of rank"):
+        lplr_dask.compress(small_matrix, tmp_store, **kwargs)
+
+
+def test_one_pass_with_power_iterations_is_refused(small_matrix, tmp_store):
+    with pytest.raises(LplrValueError, match="power"):
+        lplr_dask.compress(small_matrix, tmp_store, rank=4, passes=1, power_iters=1)
+
+
+def test_existing_output_needs_overwrite(client, small_matrix, tmp_store):
+    lplr_dask.compress(small_matrix, tmp_store, rank=4)
+    with pytest.raises(OutputExistsError, match="--overwrite"):
+        lplr_dask.compress(small_matrix, tmp_store, rank=4)
+    f = lplr_dask.compress(small_matrix, tmp_store, rank=5, overwrite=True)
+    assert f.rank == 5
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_non_finite_input_names_the_chunk(client, tmp_store, bad):
+    A = synthetic((300, 200), rank=4, chunks=(100, 100), seed=0).compute()
+    A[150, 120] = bad
+    import dask.array as da
+
+    with pytest.raises(NonFiniteError, match=r"rows 100:200, columns 100:200"):
+        lplr_dask.compress(da.from_array(A, chunks=(100, 100)), tmp_store, rank=4)
+    # nothing that open_factors would accept (here: nothing at all) is left behind
+    with pytest.raises(StoreFormatError):
+        lplr_dask.open_factors(tmp_store)
+
+
+def test_open_factors_refuses_incomplete(client, small_matrix, tmp_store):
+    from lplr_dask import store
+
+    lplr_dask.compress(small_matrix, tmp_store, rank=4)
+    g = store.open_group(tmp_store, mode="r+")
+    meta = store.read_meta(g)
+    meta["complete"] = False
+    store.write_meta(g, meta)
+    with pytest.raises(StoreFormatError, match="incomplete"):
+        lplr_dask.open_factors(tmp_store)
+    meta["complete"], meta["version"] = True, 99
+    store.write_meta(g, meta)
+    with pytest.raises(StoreFormatError, match="version 99"):
+        lplr_dask.open_factors(tmp_store)
