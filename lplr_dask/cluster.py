@@ -25,14 +25,18 @@ import argparse
 import contextlib
 import importlib.resources
 import json
+import logging
 import os
 import shutil
+import subprocess
 import sys
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import dask.config
+import dask_jobqueue  # also loads its defaults into dask.config, which we compare with
 import distributed
 import yaml
 from dask.utils import format_bytes, parse_bytes, parse_timedelta
@@ -48,10 +52,18 @@ __all__ = [
     "security_from_args",
 ]
 
-#: Batch systems that ``--cluster`` accepts, with their dask-jobqueue class and submit command.
-_CLUSTER_KINDS: dict[str, tuple[str, str]] = {
-    "slurm": ("SLURMCluster", "sbatch"),
-    "pbs": ("PBSCluster", "qsub"),
+
+class _BatchSystem(NamedTuple):
+    cluster_class: str  # in dask_jobqueue
+    submit: str  # command that submits a job script
+    queue: str  # command that shows the user's jobs, for messages
+    test_only: tuple[str, ...]  # submit options that check a job without submitting it
+
+
+#: Batch systems that ``--cluster`` accepts.
+_CLUSTER_KINDS: dict[str, _BatchSystem] = {
+    "slurm": _BatchSystem("SLURMCluster", "sbatch", "squeue --me", ("--test-only",)),
+    "pbs": _BatchSystem("PBSCluster", "qsub", "qstat -u $USER", ()),
 }
 
 #: jobqueue keys that together size a job; the user setting one of them replaces all of ours.
@@ -511,6 +523,9 @@ def _start_local(
             host="127.0.0.1",
             dashboard_address="127.0.0.1:8787",
             security=security,
+            # task errors reach the user once, as one line from the client; the workers'
+            # "Compute Failed" tracebacks would only repeat them on stderr
+            silence_logs=logging.CRITICAL,
         )
     except (OSError, TimeoutError, ValueError) as e:
         raise ClusterError(
@@ -596,24 +611,24 @@ def _start_jobqueue(
     security: distributed.Security | None,
     log: Callable[[str], None],
 ) -> distributed.Client:
-    import dask_jobqueue
-
-    class_name, submit = _CLUSTER_KINDS[kind]
-    if shutil.which(submit) is None:
+    system = _CLUSTER_KINDS[kind]
+    if shutil.which(system.submit) is None:
         raise ClusterError(
-            f"--cluster {kind} needs the `{submit}` command, which is not on PATH. Run on a "
-            f"{kind.upper()} login node (load its module first), or use --scheduler-file "
+            f"--cluster {kind} needs the `{system.submit}` command, which is not on PATH. Run on "
+            f"a {kind.upper()} login node (load its module first), or use --scheduler-file "
             f"inside a batch job (see cluster/{kind}/)."
         )
     options = _jobqueue_options(kind)
     try:
-        jobqueue = getattr(dask_jobqueue, class_name)(security=security, **options)
+        jobqueue = getattr(dask_jobqueue, system.cluster_class)(security=security, **options)
     except (OSError, TimeoutError, ValueError, TypeError) as e:
         raise ClusterError(
-            f"Could not start the dask-jobqueue {class_name}: {e}. Check the jobqueue.{kind} "
-            f"settings in {_jobqueue_config_path()} and your Dask config."
+            f"Could not start the dask-jobqueue {system.cluster_class}: {e}. Check the "
+            f"jobqueue.{kind} settings in {_jobqueue_config_path()} and your Dask config."
         ) from e
-    stack.callback(jobqueue.close)
+    leftovers = f"check `{system.queue}` for leftover jobs"
+    stack.callback(_close_quietly, jobqueue.close, f"the {kind.upper()} cluster", leftovers, log)
+    _check_job_accepted(jobqueue.job_script(), kind, system)
     client = distributed.Client(jobqueue, security=security)
     stack.callback(client.close)
     jobqueue.scale(jobs=jobs)
@@ -622,14 +637,56 @@ def _start_jobqueue(
     try:
         client.wait_for_workers(1, timeout=timeout)
     except TimeoutError as e:
+        job_ids = [job.job_id for job in jobqueue.workers.values() if job.job_id]
+        submitted = (
+            f"jobs {', '.join(job_ids)} may still be queued or may have failed"
+            if job_ids
+            else f"{system.submit} accepted none of them (its error is logged above)"
+        )
         raise ClusterError(
-            f"No Dask worker joined within {timeout:g} s after submitting {jobs} {kind.upper()} "
-            f"job(s). The jobs may still be queued or may have failed: check the queue "
-            f"(`{'squeue --me' if kind == 'slurm' else 'qstat -u $USER'}`) and the job logs "
-            f"(jobqueue.{kind}.log-directory). Wait longer with "
+            f"No Dask worker joined within {timeout:g} s after submitting {jobs} "
+            f"{kind.upper()} job(s): {submitted}. Check the queue (`{system.queue}`) and the job "
+            f"logs (jobqueue.{kind}.log-directory); wait longer with "
             "DASK_LPLR__CLUSTER__WORKER_TIMEOUT=30min."
         ) from e
     workers = client.scheduler_info(n_workers=-1)["workers"]
     memory = sum(w.get("memory_limit", 0) for w in workers.values())
     log(f"{len(workers)} worker(s) up, {format_bytes(memory)} of memory in all")
     return client
+
+
+def _check_job_accepted(script: str, kind: str, system: _BatchSystem) -> None:
+    """Ask the batch system whether it would run `script` (SLURM: ``sbatch --test-only``).
+
+    A job that can never run (more memory or cores than any node has, a wrong partition) then
+    fails here with the batch system's reason, instead of as a worker timeout minutes later.
+    """
+    if not system.test_only:
+        return
+    with tempfile.TemporaryDirectory() as directory:
+        path = Path(directory) / "lplr-worker-job.sh"
+        path.write_text(script)
+        result = subprocess.run(
+            [system.submit, *system.test_only, str(path)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+    if result.returncode != 0:
+        reason = " ".join((result.stderr or result.stdout).split())
+        raise ClusterError(
+            f"{system.submit} refuses the Dask worker job: {reason}. Make jobqueue.{kind} (cores, "
+            f"memory, walltime, queue, account) fit the {kind.upper()} partitions (see `sinfo`), "
+            f"in ~/.config/dask/jobqueue.yaml or {_jobqueue_config_path()}."
+        )
+
+
+def _close_quietly(
+    close: Callable[[], object], what: str, hint: str, log: Callable[[str], None]
+) -> None:
+    """Close `what`, reporting rather than raising a failure (cleanup must not mask an error)."""
+    try:
+        close()
+    except Exception as e:  # noqa: BLE001 - dask-jobqueue can assert on jobs that never started
+        log(f"Warning: could not close {what} cleanly ({type(e).__name__}: {e}); {hint}")
