@@ -51,7 +51,7 @@ def test_same_codes_for_one_and_two_workers(small_matrix, tmp_path):
 
     paths = []
     for workers in (1, 2):
-        with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
+        with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0",
                           host="127.0.0.1") as c, Client(c):
             f = lplr_dask.compress(small_matrix, tmp_path / f"w{workers}.lplr.zarr", rank=10, bits=(3, 5), seed=11)
             paths.append(f.path)

@@ -27,7 +27,7 @@ import lplr_dask
 
 src, out, delay, resume = sys.argv[1], sys.argv[2], float(sys.argv[3]), sys.argv[4] == "1"
 if __name__ == "__main__":
-    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as c, Client(c):
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=":0") as c, Client(c):
         A = da.from_zarr(src).map_blocks(lambda b: (time.sleep(delay), b)[1], dtype="f4")
         lplr_dask.compress(A, out, rank=8, bits=(4, 4), seed=5, resume=resume)
 """
@@ -46,7 +46,7 @@ def reference(source, tmp_path_factory):
     out = tmp_path_factory.mktemp("ref") / "ref.lplr.zarr"
     from distributed import Client, LocalCluster
 
-    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as c, Client(c):
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=":0") as c, Client(c):
         lplr_dask.compress(source, out, **ARGS)
     return _codes(out)
 
@@ -109,7 +109,7 @@ def test_worker_killed_in_pass2(source, reference, tmp_path):
 
     out = tmp_path / "o.lplr.zarr"
     total = 2400 // CHUNK
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0",
                       host="127.0.0.1") as cluster, Client(cluster) as client:
         pids = list(client.run(os.getpid).values())
         A = da.from_zarr(str(source)).map_blocks(lambda b: (time.sleep(0.1), b)[1], dtype="f4")
