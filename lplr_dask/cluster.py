@@ -31,6 +31,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -514,25 +515,28 @@ def _start_local(
     memory_limit: str | int | None,
     security: distributed.Security | None,
 ) -> distributed.Client:
-    try:
-        local = distributed.LocalCluster(
-            n_workers=workers,
-            threads_per_worker=threads_per_worker,
-            memory_limit="auto" if memory_limit is None else memory_limit,
-            processes=True,
-            host="127.0.0.1",
-            dashboard_address="127.0.0.1:8787",
-            security=security,
-            # task errors reach the user once, as one line from the client; the workers'
-            # "Compute Failed" tracebacks would only repeat them on stderr
-            silence_logs=logging.CRITICAL,
-        )
-    except (OSError, TimeoutError, ValueError) as e:
-        raise ClusterError(
-            f"Could not start a local Dask cluster (workers={workers}, threads_per_worker="
-            f"{threads_per_worker}, memory_limit={memory_limit}): {e}. Try fewer workers or "
-            "a smaller --memory-limit."
-        ) from e
+    with warnings.catch_warnings():
+        # A busy 8787 falls back to a free port; the link logged afterwards shows which.
+        warnings.filterwarnings("ignore", "Port 8787 is already in use", UserWarning)
+        try:
+            local = distributed.LocalCluster(
+                n_workers=workers,
+                threads_per_worker=threads_per_worker,
+                memory_limit="auto" if memory_limit is None else memory_limit,
+                processes=True,
+                host="127.0.0.1",
+                dashboard_address="127.0.0.1:8787",
+                security=security,
+                # task errors reach the user once, as one line from the client; the workers'
+                # "Compute Failed" tracebacks would only repeat them on stderr
+                silence_logs=logging.CRITICAL,
+            )
+        except (OSError, TimeoutError, ValueError) as e:
+            raise ClusterError(
+                f"Could not start a local Dask cluster (workers={workers}, threads_per_worker="
+                f"{threads_per_worker}, memory_limit={memory_limit}): {e}. Try fewer workers or "
+                "a smaller --memory-limit."
+            ) from e
     stack.callback(local.close)
     client = distributed.Client(local, security=security)
     stack.callback(client.close)

@@ -25,6 +25,7 @@ from typing import NamedTuple
 
 import dask
 import dask.array as da
+import dask_jobqueue
 import distributed
 import numpy as np
 import pytest
@@ -554,8 +555,6 @@ def test_jobqueue_config_file_from_environment(
 
 
 def _job_script(kind: str) -> str:
-    import dask_jobqueue
-
     cls = {"slurm": dask_jobqueue.SLURMCluster, "pbs": dask_jobqueue.PBSCluster}[kind]
     options = _jobqueue_options(kind)
     scheduler = {"host": "127.0.0.1", "dashboard_address": "127.0.0.1:0"}
