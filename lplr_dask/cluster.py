@@ -10,12 +10,12 @@ Four ways to get workers, one per option (see ``cluster/README.md``):
   with defaults from ``cluster/jobqueue.yaml`` under the user's own Dask configuration;
 - a :class:`distributed.Client` that is already current, when no option is given.
 
-Timeouts come from the Dask configuration (``DASK_LPLR__CLUSTER__CONNECT_TIMEOUT=1min`` in the
+Timeouts come from the Dask configuration (``DASK_LPLR__CLUSTER__CONNECT_TIMEOUT=60s`` in the
 environment, or ``dask.config.set``):
 
 ``lplr.cluster.connect-timeout`` (default ``"30s"``)
     how long to try to reach a scheduler;
-``lplr.cluster.worker-timeout`` (default ``"10min"``)
+``lplr.cluster.worker-timeout`` (default ``"600s"``)
     how long to wait for the first worker of a SLURM/PBS cluster (the jobs may queue).
 """
 
@@ -74,7 +74,7 @@ _JOB_SIZE_KEYS = ("cores", "processes", "memory")
 _JOBQUEUE_CONFIG_ENV = "LPLR_JOBQUEUE_CONFIG"
 
 _DEFAULT_CONNECT_TIMEOUT = "30s"
-_DEFAULT_WORKER_TIMEOUT = "10min"
+_DEFAULT_WORKER_TIMEOUT = "600s"
 
 
 class ClusterError(LplrValueError):
@@ -499,12 +499,20 @@ def _connect(
                 if address.startswith("tls://")
                 else "; a TLS scheduler has a tls:// address and needs --tls-* options"
             )
-            + ". Wait longer with DASK_LPLR__CLUSTER__CONNECT_TIMEOUT=2min."
+            + ". Wait longer with DASK_LPLR__CLUSTER__CONNECT_TIMEOUT=120s."
         )
         raise ClusterError(
             f"Could not connect to the Dask scheduler at {address} ({source}) within "
             f"{timeout:g} s: {e}. {hint}"
         ) from e
+
+
+@contextlib.contextmanager
+def _dashboard_port_fallback_quietly() -> Iterator[None]:
+    """Hide the warning that port 8787 is busy: a free port is used, and the logged link shows it."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Port 8787 is already in use", UserWarning)
+        yield
 
 
 def _start_local(
@@ -515,9 +523,7 @@ def _start_local(
     memory_limit: str | int | None,
     security: distributed.Security | None,
 ) -> distributed.Client:
-    with warnings.catch_warnings():
-        # A busy 8787 falls back to a free port; the link logged afterwards shows which.
-        warnings.filterwarnings("ignore", "Port 8787 is already in use", UserWarning)
+    with _dashboard_port_fallback_quietly():
         try:
             local = distributed.LocalCluster(
                 n_workers=workers,
@@ -624,7 +630,8 @@ def _start_jobqueue(
         )
     options = _jobqueue_options(kind)
     try:
-        jobqueue = getattr(dask_jobqueue, system.cluster_class)(security=security, **options)
+        with _dashboard_port_fallback_quietly():
+            jobqueue = getattr(dask_jobqueue, system.cluster_class)(security=security, **options)
     except (OSError, TimeoutError, ValueError, TypeError) as e:
         raise ClusterError(
             f"Could not start the dask-jobqueue {system.cluster_class}: {e}. Check the "
@@ -651,7 +658,7 @@ def _start_jobqueue(
             f"No Dask worker joined within {timeout:g} s after submitting {jobs} "
             f"{kind.upper()} job(s): {submitted}. Check the queue (`{system.queue}`) and the job "
             f"logs (jobqueue.{kind}.log-directory); wait longer with "
-            "DASK_LPLR__CLUSTER__WORKER_TIMEOUT=30min."
+            "DASK_LPLR__CLUSTER__WORKER_TIMEOUT=1800s."
         ) from e
     workers = client.scheduler_info(n_workers=-1)["workers"]
     memory = sum(w.get("memory_limit", 0) for w in workers.values())

@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import dask
 import dask.array as da
 import numpy as np
 
 from lplr_dask import store
-from lplr_dask.errors import LplrValueError
+from lplr_dask.backend import like
+from lplr_dask.errors import LplrTypeError, LplrValueError
 from lplr_dask.quantize import QuantizerSpec, block_scales, decode_block
 
-__all__ = ["Factors", "open_factors", "relative_error"]
+if TYPE_CHECKING:
+    from scipy.sparse.linalg import LinearOperator
+
+__all__ = ["Factors", "open_factors", "relative_error", "product_error", "decode_factor"]
 
 
 def decode_factor(
@@ -31,6 +36,20 @@ def decode_factor(
     return codes.map_blocks(block, dtype=dtype, meta=np.empty((0, 0), dtype))
 
 
+def _check_index(index: Any, what: str) -> None:
+    """Raise LplrTypeError unless ``index`` is an int, a slice, or a 1-D int/bool sequence."""
+    if isinstance(index, (slice, int, np.integer)) and not isinstance(index, bool):
+        return
+    if isinstance(index, (list, tuple, np.ndarray)):
+        arr = np.asarray(index)
+        if arr.ndim == 1 and (arr.dtype.kind in "iub" or arr.size == 0):
+            return
+    raise LplrTypeError(
+        f"Expected {what} to be an int, a slice, or a 1-D sequence of ints or booleans. Got "
+        f"{type(index).__name__} {index!r} instead."
+    )
+
+
 class Factors:
     """A compressed matrix ``A ≈ L·R`` in an ``*.lplr.zarr`` store.
 
@@ -40,6 +59,8 @@ class Factors:
     Attributes
     ----------
     path : str
+    storage_options : dict or None
+        fsspec options for a remote store.
     attrs : dict
         The store's ``lplr`` attrs (parameters, timings, errors).
     shape : (int, int)
@@ -47,9 +68,10 @@ class Factors:
     bits : (int, int)
     """
 
-    def __init__(self, path: str | os.PathLike[str]):
+    def __init__(self, path: str | os.PathLike[str], *, storage_options: dict[str, Any] | None = None):
         self.path = os.fspath(path)
-        self._group = store.open_group(self.path)
+        self.storage_options = storage_options
+        self._group = store.open_group(self.path, storage_options=storage_options)
         self.attrs: dict[str, Any] = store.read_meta(self._group, path=self.path)
         self.shape: tuple[int, int] = tuple(self.attrs["source"]["shape"])  # type: ignore[assignment]
         self.rank: int = int(self.attrs["rank"])
@@ -84,8 +106,38 @@ class Factors:
         """The reconstruction ``L·R`` (n × d) as a lazy dask array, chunked like the source."""
         return (self.L() @ self.R()).astype(dtype)
 
+    def __getitem__(self, key: Any) -> da.Array:
+        """A block of the reconstruction, ``factors[rows, cols]``, as a lazy dask array.
+
+        Equals ``self.to_dask()[rows, cols]`` (float32) but decodes only the row chunks of L and
+        the column chunks of R that the block touches. Each index is an int, a slice, or a 1-D
+        sequence of ints or booleans; an int drops its axis. The axes are indexed independently
+        (orthogonal indexing, like zarr's ``oindex`` or numpy's ``np.ix_``): two lists select a
+        block, not points. ``.compute()`` gives the numpy block.
+
+        Raises
+        ------
+        LplrTypeError
+            For any other index (more than two axes, ``None``, ``...``).
+        """
+        if isinstance(key, tuple) and len(key) != 2:
+            raise LplrTypeError(f"Expected factors[rows] or factors[rows, cols]. Got {len(key)} indices.")
+        rows, cols = key if isinstance(key, tuple) else (key, slice(None))
+        _check_index(rows, "rows")
+        _check_index(cols, "cols")
+        return (self.L()[rows, :] @ self.R()[:, cols]).astype(np.float32)
+
     def matmat(self, X: Any) -> np.ndarray:
-        """``L·(R·X)`` without reconstructing; X of shape (d, m) or (d,)."""
+        """``L·(R·X)`` without reconstructing, in float64.
+
+        Parameters
+        ----------
+        X : array_like of shape (d, m) or (d,)
+
+        Returns
+        -------
+        ndarray of shape (n, m) or (n,)
+        """
         X = np.asarray(X, dtype=np.float64)
         if X.shape[0] != self.shape[1]:
             raise LplrValueError(f"Expected x with {self.shape[1]} rows. Got shape {X.shape} instead.")
@@ -96,18 +148,104 @@ class Factors:
         """``L·(R·x)`` for a vector x of length d."""
         return self.matmat(np.ravel(x))
 
+    def rmatmat(self, Y: Any) -> np.ndarray:
+        """``Rᵀ·(Lᵀ·Y)`` without reconstructing, in float64.
+
+        Parameters
+        ----------
+        Y : array_like of shape (n, m) or (n,)
+
+        Returns
+        -------
+        ndarray of shape (d, m) or (d,)
+        """
+        Y = np.asarray(Y, dtype=np.float64)
+        if Y.shape[0] != self.shape[0]:
+            raise LplrValueError(f"Expected y with {self.shape[0]} rows. Got shape {Y.shape} instead.")
+        v = (self.L().T @ Y).compute()
+        return (self.R().T @ v).compute()
+
     def rmatvec(self, y: Any) -> np.ndarray:
         """``Rᵀ·(Lᵀ·y)`` for a vector y of length n."""
-        y = np.asarray(y, dtype=np.float64).ravel()
-        if y.shape[0] != self.shape[0]:
-            raise LplrValueError(f"Expected y of length {self.shape[0]}. Got shape {y.shape} instead.")
-        v = (self.L().T @ y).compute()
-        return (self.R().T @ v).compute()
+        return self.rmatmat(np.ravel(y))
+
+    def as_linear_operator(self) -> LinearOperator:
+        """The compressed matrix as a :class:`scipy.sparse.linalg.LinearOperator` (float64).
+
+        Products go through :meth:`matmat` and :meth:`rmatmat`: each reads the codes once and
+        never forms ``L·R``, so iterative solvers (``svds``, ``lsqr``) work on matrices of any
+        size.
+        """
+        from scipy.sparse.linalg import LinearOperator
+
+        return LinearOperator(
+            self.shape, matvec=self.matvec, rmatvec=self.rmatvec, matmat=self.matmat,
+            rmatmat=self.rmatmat, dtype=np.float64,
+        )
+
+    def nearest_rows(
+        self, queries: Any, k: int = 10, *, metric: str = "cosine", batch_size: int = 1024
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The ``k`` rows of ``L·R`` nearest to each query, for embeddings.
+
+        Scores come block by block as ``L_b·(R·qᵀ)`` and row norms as ``‖(L·R)_i‖² =
+        L_i·(R·Rᵀ)·L_iᵀ``, so a task holds one row chunk of L and a (rows × queries) block of
+        scores; ``L·R`` is never formed. The top k are selected per block and merged
+        (:func:`dask.array.argtopk`).
+
+        Parameters
+        ----------
+        queries : array_like of shape (m, d) or (d,)
+        k : int, default=10
+            Neighbours per query, from 1 to n.
+        metric : {"cosine", "euclidean"}, default="cosine"
+            Cosine similarity (largest first; a zero row or query scores 0) or Euclidean
+            distance (smallest first).
+        batch_size : int, default=1024
+            Queries per read of L: a score block holds (row chunk × batch_size) float64.
+
+        Returns
+        -------
+        indices : ndarray of shape (m, k), int64
+            Row indices, nearest first.
+        scores : ndarray of shape (m, k), float64
+            Their cosine similarities or Euclidean distances.
+
+        Raises
+        ------
+        LplrValueError
+            For queries of the wrong width, k outside 1..n, or an unknown metric.
+        """
+        Q = np.atleast_2d(np.asarray(queries, dtype=np.float64))
+        n, d = self.shape
+        if Q.ndim != 2 or Q.shape[1] != d:
+            raise LplrValueError(f"Expected queries of shape (m, {d}) or ({d},). Got {np.shape(queries)} instead.")
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= n:
+            raise LplrValueError(f"Expected k from 1 to the number of rows ({n}). Got {k!r} instead.")
+        if metric not in ("cosine", "euclidean"):
+            raise LplrValueError(f"Expected metric 'cosine' or 'euclidean'. Got {metric!r} instead.")
+        L, R = self.L(), self.R()
+        RQ, G = dask.compute(R @ Q.T, R @ R.T)  # one read of R
+        norms2 = da.maximum(((L @ G) * L).sum(axis=1), 0.0)[:, None]
+        indices, scores = [], []
+        for start in range(0, Q.shape[0], batch_size):
+            q, rq = Q[start : start + batch_size], RQ[:, start : start + batch_size]
+            dots = L @ rq
+            qn2 = (q * q).sum(axis=1)[None, :]
+            if metric == "cosine":
+                denom = da.sqrt(norms2) * np.sqrt(qn2)
+                score = da.where(denom > 0, dots / da.where(denom > 0, denom, 1.0), 0.0)
+            else:
+                score = -(norms2 - 2 * dots + qn2)  # larger is nearer
+            idx, top = dask.compute(da.argtopk(score, k, axis=0), da.topk(score, k, axis=0))
+            indices.append(idx.T.astype(np.int64))
+            scores.append(top.T if metric == "cosine" else np.sqrt(np.maximum(-top.T, 0.0)))
+        return np.concatenate(indices), np.concatenate(scores)
 
     @property
     def nbytes(self) -> int:
         """Bytes on disk: the sum of the file sizes under the store, metadata included."""
-        return store.bytes_on_disk(self.path)
+        return store.bytes_on_disk(self.path, storage_options=self.storage_options)
 
     @property
     def bits_per_entry(self) -> float:
@@ -122,15 +260,17 @@ class Factors:
         return self.rank * (n * self.bits[0] + d * self.bits[1]) / (n * d)
 
 
-def open_factors(path: str | os.PathLike[str]) -> Factors:
-    """Open a completed ``*.lplr.zarr`` store.
+def open_factors(path: str | os.PathLike[str], *, storage_options: dict[str, Any] | None = None) -> Factors:
+    """Open a completed ``*.lplr.zarr`` store (a local path or an fsspec URL).
+
+    ``storage_options`` are fsspec options for a remote store (default: the environment's).
 
     Raises
     ------
     StoreFormatError
         If the store is missing, incomplete, or of a newer format version.
     """
-    return Factors(path)
+    return Factors(path, storage_options=storage_options)
 
 
 def relative_error(A: da.Array, factors: Factors) -> float:
@@ -140,8 +280,17 @@ def relative_error(A: da.Array, factors: Factors) -> float:
     """
     if tuple(A.shape) != factors.shape:
         raise LplrValueError(f"Expected a matrix of shape {factors.shape}. Got {A.shape} instead.")
-    Lh = factors.L().rechunk({0: A.chunks[0], 1: -1})
-    Rh = factors.R().rechunk({0: -1, 1: A.chunks[1]})
+    return product_error(A, factors.L(), factors.R())
+
+
+def product_error(A: da.Array, L: da.Array, R: da.Array, *, label: str = "evaluate (one read of A)") -> float:
+    """``‖A − L·R‖_F / ‖A‖_F`` for lazy factors L (n×k) and R (k×d), streamed in one read of A.
+
+    Each task holds one chunk of A and the rows of L and columns of R that cover it; sums of
+    squares are accumulated in float64. A zero A gives ``‖L·R‖_F``.
+    """
+    Lh = like(L, A).rechunk({0: A.chunks[0], 1: -1})
+    Rh = like(R, A).rechunk({0: -1, 1: A.chunks[1]})
 
     def block(a: Any, lb: Any, rb: Any) -> Any:
         a64 = a.astype(np.float64)
@@ -154,6 +303,6 @@ def relative_error(A: da.Array, factors: Factors) -> float:
     )
     from lplr_dask.progress import compute
 
-    (sums,) = compute("evaluate (one read of A)", parts.sum(axis=(0, 1)))
+    (sums,) = compute(label, parts.sum(axis=(0, 1)))
     num, den = sums
     return float(np.sqrt(num / den)) if den > 0 else float(np.sqrt(num))

@@ -1,0 +1,311 @@
+"""The paper's comparisons at the same storage: NQ, DSVD, LSVD, and an in-memory LPLR reference.
+
+For A (n×d), rank k and bits (B1, B2) [1]_:
+
+- **NQ**: quantize A directly at ``B_nq`` bits;
+- **DSVD**: truncated SVD ``A ≈ U_k Σ_k V_kᵀ``; ``U_k`` at B1 bits, ``Σ_k V_kᵀ`` at B2 bits;
+- **LSVD** (the paper's LPLR-SVD): ``Z = U_k Σ_k`` rotated by a k×k Gaussian S,
+  ``L = Q_B1(Z·S)``, then ``R = Q_B2(pinv(L)·A)`` as in LPLR;
+- **LPLR reference**: :func:`lplr_reference` computes in memory exactly what
+  :func:`lplr_dask.compress` computes (the same S, quantizer and least squares), for tests.
+
+At the fair rank (:func:`lplr_dask.budget.fair_rank`) the factors take as many bits as NQ.
+Every function takes a numpy array; NQ, DSVD and LSVD also take a dask array and then return
+lazy dask arrays (DSVD's SVD is :func:`dask.array.linalg.svd_compressed`, persisted). Decoded
+values are float64.
+
+References
+----------
+.. [1] R. Saha, V. Srivastava, M. Pilanci. "Matrix Compression via Randomized Low Rank and Low
+   Precision Factorization." NeurIPS 2023. arXiv:2310.11028.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import dask
+import dask.array as da
+import numpy as np
+
+from lplr_dask.errors import LplrTypeError, LplrValueError
+from lplr_dask.api import resolve_rank
+from lplr_dask.factorize import _derived, pinv_factor, project, ranges_to_scales
+from lplr_dask.factors import Factors, decode_factor, product_error
+from lplr_dask.factors import relative_error as factors_error
+from lplr_dask.quantize import (
+    Quantized,
+    QuantizerSpec,
+    check_bits,
+    dequantize,
+    encode_blocks,
+    parse_quantizer,
+    quantize,
+)
+from lplr_dask.sketch import STREAM_S, sketch_matrix
+from lplr_dask.sources import compute_dtype
+
+__all__ = [
+    "naive_quantize",
+    "dsvd",
+    "lsvd",
+    "lplr_codes",
+    "lplr_reference",
+    "relative_error",
+    "Reference",
+]
+
+
+class Reference(NamedTuple):
+    """The in-memory LPLR computation: codes of both factors and what was quantized.
+
+    ``L`` quantizes ``Y = A·S`` (n×k, channel axis 1) and ``R`` quantizes ``W = pinv(L̂)·A``
+    (k×d, channel axis 0).
+    """
+
+    L: Quantized
+    R: Quantized
+    Y: np.ndarray
+    W: np.ndarray
+    spec: QuantizerSpec
+
+    def decoded(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(L̂, R̂)`` in float64."""
+        return _decode(self.L, self.spec, 1), _decode(self.R, self.spec, 0)
+
+
+def naive_quantize(A: Any, bits: int, *, quantizer: str | QuantizerSpec = "paper", seed: int = 0) -> Any:
+    """NQ: quantize A directly at ``bits`` bits and decode it.
+
+    Parameters
+    ----------
+    A : ndarray or dask array of shape (n, d)
+    bits : int
+        ``B_nq``, from 1 to 16.
+    quantizer : str or QuantizerSpec, default="paper"
+        Any name :func:`lplr_dask.quantize.parse_quantizer` reads; channels are A's columns.
+    seed : int, default=0
+        For stochastic rounding only.
+
+    Returns
+    -------
+    ndarray or dask array of shape (n, d), float64
+        The reconstruction (lazy for a dask A).
+    """
+    X = _as_matrix(A)
+    spec = parse_quantizer(quantizer)
+    return _quantize_decode(X, check_bits(bits, "B_nq"), spec, 1, seed)
+
+
+def dsvd(
+    A: Any,
+    rank: int,
+    bits: tuple[int, int] = (8, 8),
+    *,
+    quantizer: str | QuantizerSpec = "paper",
+    seed: int = 0,
+    power_iters: int = 2,
+) -> tuple[Any, Any]:
+    """DSVD: truncated SVD with quantized factors, ``Q_B1(U_k) · Q_B2(Σ_k V_kᵀ)``.
+
+    Parameters
+    ----------
+    A : ndarray or dask array of shape (n, d)
+    rank : int
+        k, from 1 to ``min(n, d)``.
+    bits : (int, int), default=(8, 8)
+        B1 for ``U_k``, B2 for ``Σ_k V_kᵀ``.
+    quantizer : str or QuantizerSpec, default="paper"
+    seed : int, default=0
+        For stochastic rounding, and the sketch of the randomized SVD of a dask A.
+    power_iters : int, default=2
+        Power iterations of :func:`dask.array.linalg.svd_compressed` (dask A only; a numpy A
+        gets the exact SVD).
+
+    Returns
+    -------
+    L_hat : ndarray or dask array of shape (n, k), float64
+    R_hat : ndarray or dask array of shape (k, d), float64
+    """
+    X = _as_matrix(A)
+    k = _check_rank(rank, X.shape)
+    b1, b2 = _check_bits(bits)
+    spec = parse_quantizer(quantizer)
+    U, s, Vt = _truncated_svd(X, k, seed=seed, power_iters=power_iters)
+    L_hat = _quantize_decode(U, b1, spec, 1, _derived(seed, 1))
+    R_hat = _quantize_decode(s[:, None] * Vt, b2, spec, 0, _derived(seed, 2))
+    return L_hat, R_hat
+
+
+def lsvd(
+    A: Any,
+    rank: int,
+    bits: tuple[int, int] = (8, 8),
+    *,
+    quantizer: str | QuantizerSpec = "paper",
+    seed: int = 0,
+    power_iters: int = 2,
+) -> tuple[Any, Any]:
+    """LSVD (the paper's LPLR-SVD): LPLR with the sketch ``A·S`` replaced by ``U_k Σ_k · S``.
+
+    ``S`` is k×k with i.i.d. N(0, 1/k) entries (:data:`lplr_dask.sketch.STREAM_S` of ``seed``);
+    then ``L = Q_B1(U_k Σ_k S)``, ``R = Q_B2(pinv(L̂)·A)``.
+
+    Parameters
+    ----------
+    A : ndarray or dask array of shape (n, d)
+    rank, bits, quantizer, seed, power_iters
+        As for :func:`dsvd`.
+
+    Returns
+    -------
+    L_hat : ndarray or dask array of shape (n, k), float64
+    R_hat : ndarray or dask array of shape (k, d), float64
+    """
+    X = _as_matrix(A)
+    k = _check_rank(rank, X.shape)
+    bits = _check_bits(bits)
+    spec = parse_quantizer(quantizer)
+    U, s, _ = _truncated_svd(X, k, seed=seed, power_iters=power_iters)
+    S = sketch_matrix(seed, STREAM_S, k, k, scale=1.0 / math.sqrt(k))
+    Z = (U * s) @ S
+    if isinstance(X, da.Array):
+        (Z,) = dask.persist(Z)
+        L_hat = _quantize_decode(Z, bits[0], spec, 1, _derived(seed, 1))
+        (W,) = dask.persist(project(X, pinv_factor(L_hat)))
+        return L_hat, _quantize_decode(W, bits[1], spec, 0, _derived(seed, 2))
+    return _from_basis(X, Z, bits, spec, seed).decoded()
+
+
+def lplr_codes(
+    A: np.ndarray,
+    rank: int,
+    bits: tuple[int, int] = (8, 8),
+    *,
+    quantizer: str | QuantizerSpec = "paper",
+    seed: int = 0,
+) -> Reference:
+    """LPLR in memory with exactly the semantics of :func:`lplr_dask.compress` (two passes).
+
+    ``S = sketch_matrix(seed, STREAM_S, d, k, scale=1/sqrt(k))``, ``Y = A·S`` and
+    ``W = pinv(L̂)·A`` in float64, the pseudo-inverse cutting singular values below
+    ``max(n, k)·eps·σ_max`` as :func:`lplr_dask.factorize.pinv_factor` does. With nearest
+    rounding the codes equal compress()'s except at exact rounding ties; stochastic rounding
+    draws differ (compress() seeds one stream per block).
+
+    Parameters
+    ----------
+    A : ndarray of shape (n, d)
+    rank, bits, quantizer, seed
+        As for :func:`lplr_dask.compress`.
+
+    Returns
+    -------
+    Reference
+    """
+    if isinstance(A, da.Array):
+        raise LplrTypeError("Expected a numpy array for the in-memory reference. Got a dask array; use lplr_dask.compress.")
+    X = _as_matrix(A)
+    k = _check_rank(rank, X.shape)
+    S = sketch_matrix(seed, STREAM_S, X.shape[1], k, scale=1.0 / math.sqrt(k))
+    return _from_basis(X, X @ S, _check_bits(bits), parse_quantizer(quantizer), seed)
+
+
+def lplr_reference(
+    A: np.ndarray,
+    rank: int,
+    bits: tuple[int, int] = (8, 8),
+    *,
+    quantizer: str | QuantizerSpec = "paper",
+    seed: int = 0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The decoded factors ``(L̂, R̂)`` of :func:`lplr_codes`, float64."""
+    return lplr_codes(A, rank, bits, quantizer=quantizer, seed=seed).decoded()
+
+
+def relative_error(A: Any, approx_or_factors: Any) -> float:
+    """``‖A − Â‖_F / ‖A‖_F`` (``‖Â‖_F`` for a zero A).
+
+    Parameters
+    ----------
+    A : ndarray or dask array of shape (n, d)
+    approx_or_factors : array, (L, R) pair, or Factors
+        The reconstruction Â, or factors with ``Â = L·R`` (never formed whole when A or a factor
+        is a dask array: streamed in one read of A).
+    """
+    if isinstance(approx_or_factors, Factors):
+        return factors_error(_as_dask(A), approx_or_factors)
+    if isinstance(approx_or_factors, tuple):
+        L, R = approx_or_factors
+        if any(isinstance(x, da.Array) for x in (A, L, R)):
+            return product_error(_as_dask(A), da.asarray(L), da.asarray(R), label="relative error")
+        approx = np.asarray(L) @ np.asarray(R)
+    else:
+        approx = approx_or_factors
+    if isinstance(A, da.Array) or isinstance(approx, da.Array):
+        A64 = da.asarray(A).astype(np.float64)
+        num, den = dask.compute(((A64 - approx) ** 2).sum(), (A64**2).sum())
+    else:
+        A64 = np.asarray(A, dtype=np.float64)
+        num, den = ((A64 - approx) ** 2).sum(), (A64**2).sum()
+    return float(np.sqrt(num / den)) if den > 0 else float(np.sqrt(num))
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def _from_basis(A: np.ndarray, Y: np.ndarray, bits: tuple[int, int], spec: QuantizerSpec, seed: int) -> Reference:
+    """``L = Q_B1(Y)``, ``R = Q_B2(pinv(L̂)·A)`` in memory."""
+    n, k = Y.shape
+    qL = quantize(Y, bits[0], spec=spec, channel_axis=1, seed=_derived(seed, 1))
+    L_hat = _decode(qL, spec, 1)
+    W = np.linalg.pinv(L_hat, rtol=max(n, k) * np.finfo(np.float64).eps) @ A
+    qR = quantize(W, bits[1], spec=spec, channel_axis=0, seed=_derived(seed, 2))
+    return Reference(qL, qR, Y, W, spec)
+
+
+def _decode(q: Quantized, spec: QuantizerSpec, channel_axis: int) -> np.ndarray:
+    g = spec.group_size if spec.granularity == "group" else 0
+    return dequantize(q, dtype=np.float64, group_size=g, channel_axis=channel_axis)
+
+
+def _quantize_decode(X: Any, bits: int, spec: QuantizerSpec, channel_axis: int, seed: int) -> Any:
+    """``Q_B(X)`` decoded to float64; for a dask X the scales are computed first, so that A is
+    read once for them and once for the codes rather than held in memory between the two."""
+    if not isinstance(X, da.Array):
+        return _decode(quantize(X, bits, spec=spec, channel_axis=channel_axis, seed=seed), spec, channel_axis)
+    scale, offset = dask.compute(*ranges_to_scales(X, bits, spec, channel_axis))
+    codes = encode_blocks(X, bits, spec, scale, offset, channel_axis=channel_axis, seed=seed)
+    return decode_factor(codes, scale, offset, spec, channel_axis)
+
+
+def _truncated_svd(X: Any, k: int, *, seed: int, power_iters: int) -> tuple[Any, Any, Any]:
+    """``U_k, σ_k, V_kᵀ``: exact for numpy; randomized and persisted for dask."""
+    if isinstance(X, da.Array):
+        usv = da.linalg.svd_compressed(X, k, n_power_iter=power_iters, seed=seed, compute=True)
+        return dask.persist(*usv)
+    U, s, Vt = np.linalg.svd(X, full_matrices=False)
+    return U[:, :k], s[:k], Vt[:k]
+
+
+def _as_matrix(A: Any) -> Any:
+    """A as a float64 numpy or dask matrix, validated."""
+    if not isinstance(A, da.Array):
+        A = np.asarray(A)
+    if A.ndim != 2:
+        raise LplrValueError(f"Expected a 2-D matrix. Got an array of shape {A.shape} instead.")
+    compute_dtype(A.dtype)
+    return A.astype(np.float64)
+
+
+def _as_dask(A: Any) -> da.Array:
+    return A if isinstance(A, da.Array) else da.from_array(np.asarray(A), chunks="auto")
+
+
+def _check_rank(rank: int, shape: tuple[int, int]) -> int:
+    return resolve_rank(shape, (1, 1), rank=rank, bits_per_entry=None, match_nq=None)
+
+
+def _check_bits(bits: tuple[int, int]) -> tuple[int, int]:
+    return check_bits(bits[0], "B1"), check_bits(bits[1], "B2")

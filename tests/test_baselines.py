@@ -1,0 +1,195 @@
+"""Tests of lplr_dask/baselines.py: NQ, DSVD, LSVD, the in-memory LPLR reference, and LPLR
+(through compress) against them."""
+
+from __future__ import annotations
+
+import dask.array as da
+import numpy as np
+import pytest
+import zarr
+
+import lplr_dask
+from lplr_dask.baselines import dsvd, lplr_codes, lplr_reference, lsvd, naive_quantize, relative_error
+from lplr_dask.budget import fair_rank
+from lplr_dask.errors import LplrValueError
+from lplr_dask.quantize import parse_quantizer, ranges, scale_from_range
+
+
+def _quiet(msg: str) -> None:
+    pass
+
+
+def _lowrank(n: int = 300, d: int = 200, r: int = 8, noise: float = 0.01, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((n, r)) @ rng.standard_normal((r, d)) + noise * rng.standard_normal((n, d))
+
+
+def _assert_codes_equal_except_ties(got: np.ndarray, want: np.ndarray, unrounded: np.ndarray) -> None:
+    """Codes equal, except by one level where the reference's value sits on a rounding tie.
+
+    ``unrounded`` is ``(x - offset) / scale`` before rounding. Both computations accumulate in
+    float64, so they differ by ~1e-12 relative at most: only values within 1e-6 of a half-level
+    can round differently.
+    """
+    diff = got.astype(np.int64) - want.astype(np.int64)
+    assert np.abs(diff).max(initial=0) <= 1
+    at = diff != 0
+    dist_to_tie = np.abs(unrounded - np.floor(unrounded) - 0.5)
+    assert (dist_to_tie[at] < 1e-6).all(), f"{int(at.sum())} codes differ away from a tie"
+
+
+def _unrounded(x: np.ndarray, bits: int, quantizer: str, channel_axis: int) -> np.ndarray:
+    spec = parse_quantizer(quantizer)
+    scale, offset = scale_from_range(*ranges(x, spec, channel_axis=channel_axis), bits)
+    return (x - offset) / scale
+
+
+@pytest.mark.parametrize("quantizer", ["paper", "default"])
+def test_compress_equals_in_memory_reference(client, small_matrix, tmp_store, quantizer):
+    bits = (4, 8)
+    lplr_dask.compress(small_matrix, tmp_store, rank=12, bits=bits, quantizer=quantizer, seed=5, log=_quiet)
+    group = zarr.open_group(tmp_store, mode="r")
+    ref = lplr_codes(small_matrix.compute(), 12, bits, quantizer=quantizer, seed=5)
+    _assert_codes_equal_except_ties(group["L/codes"][...], ref.L.codes, _unrounded(ref.Y, bits[0], quantizer, 1))
+    _assert_codes_equal_except_ties(group["R/codes"][...], ref.R.codes, _unrounded(ref.W, bits[1], quantizer, 0))
+    np.testing.assert_allclose(group["L/scale"][...], np.broadcast_to(ref.L.scale, group["L/scale"].shape), rtol=1e-12)
+    np.testing.assert_allclose(group["R/scale"][...], np.broadcast_to(ref.R.scale, group["R/scale"].shape), rtol=1e-9)
+
+
+def test_reference_decodes_to_what_compress_reconstructs(client, small_matrix, tmp_store):
+    f = lplr_dask.compress(small_matrix, tmp_store, rank=8, bits=(6, 6), quantizer="paper", log=_quiet)
+    L, R = lplr_reference(small_matrix.compute(), 8, (6, 6), quantizer="paper")
+    np.testing.assert_allclose(f.L().compute(), L, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(f.R().compute(), R, rtol=0, atol=1e-9 * np.abs(R).max())
+
+
+def test_shepp_logan_lplr_beats_nq_and_dsvd(client, tmp_store):
+    skimage = pytest.importorskip("skimage")
+    import skimage.transform
+
+    A = skimage.transform.resize(skimage.data.shepp_logan_phantom(), (1000, 1000)).astype(np.float64)
+    bits, b_nq = (4, 8), 2
+    k = fair_rank(1000, 1000, bits, b_nq)
+    assert k == 166
+    f = lplr_dask.compress(A, tmp_store, match_nq=b_nq, bits=bits, quantizer="paper", log=_quiet)
+    assert f.rank == k
+    e_lplr = lplr_dask.evaluate(A, f)
+    e_nq = relative_error(A, naive_quantize(A, b_nq))
+    e_dsvd = relative_error(A, dsvd(A, k, bits))
+    e_lsvd = relative_error(A, lsvd(A, k, bits))
+    print(f"\nShepp-Logan 1000x1000, rank {k}, bits {bits}, B_nq {b_nq}: LPLR {e_lplr:.4f}  NQ {e_nq:.4f}  "
+          f"DSVD {e_dsvd:.4f}  LSVD {e_lsvd:.4f}")
+    assert e_lplr < e_nq
+    assert e_lplr < e_dsvd
+
+
+def test_error_falls_as_rank_grows(client, small_matrix, tmp_path):
+    errors = [
+        lplr_dask.evaluate(
+            small_matrix,
+            lplr_dask.compress(small_matrix, tmp_path / f"r{k}.lplr.zarr", rank=k, bits=(8, 8), log=_quiet),
+        )
+        for k in (2, 4, 8, 12)
+    ]
+    assert all(a > b for a, b in zip(errors, errors[1:])), errors
+
+
+def test_error_falls_as_bits_grow(client, small_matrix, tmp_path):
+    errors = [
+        lplr_dask.evaluate(
+            small_matrix,
+            lplr_dask.compress(small_matrix, tmp_path / f"b{b}.lplr.zarr", rank=12, bits=(b, b), log=_quiet),
+        )
+        for b in (2, 4, 8)
+    ]
+    assert all(a > b for a, b in zip(errors, errors[1:])), errors
+
+
+def test_naive_quantize_error_within_half_a_step():
+    A = _lowrank()
+    for bits in (2, 8):
+        step = (A.max() - A.min()) / (2**bits - 1)
+        assert np.abs(naive_quantize(A, bits) - A).max() <= step / 2 * (1 + 1e-12)
+    assert relative_error(A, naive_quantize(A, 16)) < 1e-4
+
+
+def test_naive_quantize_dask_equals_numpy():
+    A = _lowrank()
+    for quantizer in ("paper", "default", "group64"):
+        got = naive_quantize(da.from_array(A, chunks=(100, 64)), 3, quantizer=quantizer)
+        assert isinstance(got, da.Array)
+        np.testing.assert_array_equal(got.compute(), naive_quantize(A, 3, quantizer=quantizer))
+
+
+@pytest.mark.parametrize("method", [dsvd, lsvd])
+def test_svd_baselines_nearly_exact_at_full_rank_and_16_bits(method):
+    A = _lowrank(120, 80)
+    L, R = method(A, 80, (16, 16))
+    assert L.shape == (120, 80) and R.shape == (80, 80) and L.dtype == R.dtype == np.float64
+    # 16-bit codes: each factor entry is off by at most 2^-17 of its range; LSVD's least squares
+    # through a random k×k rotation amplifies that by the rotation's condition number.
+    assert relative_error(A, (L, R)) < 1e-2
+    if method is dsvd:
+        assert relative_error(A, (L, R)) < 1e-3
+
+
+def test_dsvd_approaches_the_truncated_svd_at_high_bits():
+    A = _lowrank(noise=0.3)
+    U, s, Vt = np.linalg.svd(A, full_matrices=False)
+    best = relative_error(A, (U[:, :4] * s[:4], Vt[:4]))  # Eckart–Young optimum at rank 4
+    assert relative_error(A, dsvd(A, 4, (12, 12))) == pytest.approx(best, rel=1e-3)
+    assert relative_error(A, dsvd(A, 4, (2, 2))) > relative_error(A, dsvd(A, 4, (4, 4))) > best
+
+
+@pytest.mark.parametrize("method", [dsvd, lsvd])
+def test_svd_baselines_on_dask_match_numpy(method):
+    A = _lowrank(noise=0.05)
+    Ad = da.from_array(A, chunks=(100, 100))
+    L, R = method(Ad, 8, (8, 8))
+    assert isinstance(L, da.Array) and isinstance(R, da.Array)
+    e_dask, e_np = relative_error(Ad, (L, R)), relative_error(A, method(A, 8, (8, 8)))
+    # a randomized SVD (2 power iterations) of a rank-8-plus-noise matrix: same subspace; the
+    # quantization noise differs by draw, so agree within a factor, not exactly
+    assert 0.5 * e_np < e_dask < 2 * e_np
+
+
+def test_lsvd_matches_its_definition():
+    A = _lowrank()
+    k, bits = 8, (6, 7)
+    U, s, _ = np.linalg.svd(A, full_matrices=False)
+    from lplr_dask.sketch import STREAM_S, sketch_matrix
+
+    Z = (U[:, :k] * s[:k]) @ sketch_matrix(0, STREAM_S, k, k, scale=1 / np.sqrt(k))
+    L = naive_quantize(Z, bits[0])
+    R = naive_quantize(np.linalg.pinv(L) @ A, bits[1])
+    L_got, R_got = lsvd(A, k, bits)
+    np.testing.assert_allclose(L_got, L, atol=1e-12)
+    np.testing.assert_allclose(L_got @ R_got, L @ R, atol=1e-6 * np.abs(A).max())
+
+
+def test_relative_error_forms_agree(client, small_matrix, tmp_store):
+    f = lplr_dask.compress(small_matrix, tmp_store, rank=6, bits=(4, 4), log=_quiet)
+    A = small_matrix.compute().astype(np.float64)
+    L, R = f.L().compute(), f.R().compute()
+    dense = float(np.linalg.norm(A - L @ R) / np.linalg.norm(A))
+    assert relative_error(A, f) == pytest.approx(dense, rel=1e-9)
+    assert relative_error(A, (L, R)) == pytest.approx(dense, rel=1e-9)
+    assert relative_error(small_matrix, (f.L(), f.R())) == pytest.approx(dense, rel=1e-9)
+    assert relative_error(small_matrix, da.from_array(L @ R)) == pytest.approx(dense, rel=1e-9)
+    assert relative_error(np.zeros((3, 3)), np.ones((3, 3))) == pytest.approx(3.0)
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda A: dsvd(A, 0),
+        lambda A: lsvd(A, 201),
+        lambda A: dsvd(A, 4, (4, 17)),
+        lambda A: naive_quantize(A, 0),
+        lambda A: naive_quantize(A[None], 4),
+        lambda A: naive_quantize(A, 4, quantizer="bogus"),
+    ],
+)
+def test_bad_arguments(call):
+    with pytest.raises(LplrValueError):
+        call(_lowrank())

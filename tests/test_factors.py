@@ -1,0 +1,220 @@
+"""Tests of lplr_dask/factors.py: the compressed form as an operator, against the dense
+reconstruction; slicing that reads only the codes it needs; the reader's refusals; evaluate()."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import dask.array as da
+import numpy as np
+import pytest
+import zarr
+
+import lplr_dask
+from lplr_dask import store
+from lplr_dask.datasets import synthetic
+from lplr_dask.errors import LplrTypeError, LplrValueError, StoreFormatError
+
+SHAPE, CHUNKS = (600, 400), (128, 128)
+
+
+@pytest.fixture(scope="module", params=["paper", "group48-sym"])
+def stored(request, cluster, tmp_path_factory):
+    """(factors, A, dense L·R in float64) for a 600×400 matrix compressed at rank 10.
+
+    ``group48`` puts scale groups across chunk boundaries (128 is not a multiple of 48), so
+    slicing must take the scales of the rows it keeps.
+    """
+    from distributed import Client
+
+    A = synthetic(SHAPE, rank=12, decay=0.8, noise=0.01, chunks=CHUNKS, seed=3)
+    path = os.fspath(tmp_path_factory.mktemp("factors") / "f.lplr.zarr")
+    with Client(cluster):
+        f = lplr_dask.compress(A, path, rank=10, bits=(6, 6), quantizer=request.param, log=lambda m: None)
+    dense = f.L().compute() @ f.R().compute()
+    return f, A.compute(), dense
+
+
+def test_to_dask_is_the_product_chunked_like_the_source(stored):
+    f, _, dense = stored
+    recon = f.to_dask()
+    assert recon.dtype == np.float32 and recon.chunksize == CHUNKS
+    np.testing.assert_allclose(recon.compute(), dense, rtol=1e-6, atol=1e-6 * np.abs(dense).max())
+
+
+def test_products_match_dense(stored):
+    f, _, dense = stored
+    rng = np.random.default_rng(0)
+    x, X = rng.standard_normal(SHAPE[1]), rng.standard_normal((SHAPE[1], 3))
+    y, Y = rng.standard_normal(SHAPE[0]), rng.standard_normal((SHAPE[0], 3))
+    tol = {"rtol": 1e-5, "atol": 1e-5 * np.abs(dense).max()}  # float32 tolerance
+    np.testing.assert_allclose(f.matvec(x), dense @ x, **tol)
+    np.testing.assert_allclose(f.matvec(x[:, None]), dense @ x, **tol)
+    np.testing.assert_allclose(f.matmat(X), dense @ X, **tol)
+    np.testing.assert_allclose(f.rmatvec(y), dense.T @ y, **tol)
+    np.testing.assert_allclose(f.rmatmat(Y), dense.T @ Y, **tol)
+
+
+def test_products_refuse_wrong_shapes(stored):
+    f, _, _ = stored
+    with pytest.raises(LplrValueError, match="400 rows"):
+        f.matvec(np.ones(SHAPE[0]))
+    with pytest.raises(LplrValueError, match="600 rows"):
+        f.rmatmat(np.ones((SHAPE[1], 2)))
+
+
+def test_linear_operator_matches_dense(stored):
+    from scipy.sparse.linalg import LinearOperator, svds
+
+    f, _, dense = stored
+    op = f.as_linear_operator()
+    assert isinstance(op, LinearOperator) and op.shape == SHAPE
+    rng = np.random.default_rng(1)
+    x, y = rng.standard_normal(SHAPE[1]), rng.standard_normal(SHAPE[0])
+    tol = {"rtol": 1e-5, "atol": 1e-5 * np.abs(dense).max()}
+    np.testing.assert_allclose(op @ x, dense @ x, **tol)
+    np.testing.assert_allclose(op.T @ y, dense.T @ y, **tol)
+    np.testing.assert_allclose(op.matmat(np.eye(SHAPE[1])[:, :4]), dense[:, :4], **tol)
+    s = svds(op, k=3, return_singular_vectors=False, random_state=0)
+    np.testing.assert_allclose(np.sort(s)[::-1], np.linalg.svd(dense, compute_uv=False)[:3], rtol=1e-6)
+
+
+def _orthogonal(x: np.ndarray, key):
+    """``x[key]`` with each axis indexed independently (two lists select a block)."""
+    rows, cols = key if isinstance(key, tuple) else (key, slice(None))
+    return x[rows][..., cols] if np.ndim(x[rows]) == 2 else x[rows][cols]
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        (slice(130, 250), slice(0, 100)),
+        (slice(None, None, 7), slice(390, None)),
+        (slice(500, 100, -3), slice(None)),
+        ([5, 300, 4, 599], [0, 399, 200]),
+        (np.arange(600) % 5 == 0, slice(10, 20)),
+        (17, slice(None)),
+        (slice(None), 250),
+        (599, 3),
+        slice(64, 70),
+        -1,
+    ],
+)
+def test_slicing_matches_dense(stored, key):
+    f, _, dense = stored
+    got = f[key]
+    assert isinstance(got, da.Array)
+    want = _orthogonal(dense.astype(np.float32), key)
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got.compute(), want, rtol=1e-6, atol=1e-6 * np.abs(dense).max())
+
+
+@pytest.mark.parametrize("key", [(1, 2, 3), (None, 1), (Ellipsis, 1), (1.5, 2), ([[1, 2]], 3)])
+def test_slicing_refuses_other_indices(stored, key):
+    f, _, _ = stored
+    with pytest.raises(LplrTypeError):
+        f[key]
+
+
+def _corrupt_all_chunks_but(root: str, name: str, keep: set[tuple[int, int]]) -> int:
+    """Overwrite every stored chunk file of ``name`` except those at ``keep`` with garbage."""
+    base = os.path.join(root, *name.split("/"), "c")
+    n = 0
+    for i in os.listdir(base):
+        for j in os.listdir(os.path.join(base, i)):
+            if (int(i), int(j)) not in keep:
+                with open(os.path.join(base, i, j), "wb") as fh:
+                    fh.write(b"not a blosc chunk")
+                n += 1
+    return n
+
+
+@pytest.mark.parametrize(
+    "key, l_chunks, r_chunks",
+    [
+        ((slice(130, 250), slice(0, 100)), {(1, 0)}, {(0, 0)}),
+        (([5, 300], [399, 2]), {(0, 0), (2, 0)}, {(0, 0), (0, 3)}),
+        ((550, slice(260, 270)), {(4, 0)}, {(0, 2)}),
+    ],
+)
+def test_slicing_reads_only_the_chunks_it_needs(stored, tmp_path, key, l_chunks, r_chunks):
+    f, _, dense = stored
+    root = os.fspath(tmp_path / "copy.lplr.zarr")
+    shutil.copytree(f.path, root)
+    # 5 row chunks of L and 4 column chunks of R: the rest are corrupted, so reading any of them fails
+    assert _corrupt_all_chunks_but(root, "L/codes", l_chunks) == 5 - len(l_chunks)
+    assert _corrupt_all_chunks_but(root, "R/codes", r_chunks) == 4 - len(r_chunks)
+    g = lplr_dask.open_factors(root)
+    np.testing.assert_allclose(
+        g[key].compute(scheduler="threads"), _orthogonal(dense.astype(np.float32), key), rtol=1e-6, atol=1e-6 * np.abs(dense).max()
+    )
+    with pytest.raises(Exception):  # the corruption bites: the whole reconstruction reads it
+        g.to_dask().compute(scheduler="threads")
+
+
+@pytest.mark.parametrize("metric", ["cosine", "euclidean"])
+def test_nearest_rows_match_brute_force(stored, metric):
+    f, _, dense = stored
+    rng = np.random.default_rng(2)
+    queries = np.vstack([dense[[3, 311]] + 1e-3 * rng.standard_normal((2, SHAPE[1])), rng.standard_normal((5, SHAPE[1]))])
+    idx, scores = f.nearest_rows(queries, k=6, metric=metric, batch_size=3)
+    assert idx.shape == scores.shape == (7, 6) and idx.dtype == np.int64
+    if metric == "cosine":
+        sim = (queries @ dense.T) / np.outer(np.linalg.norm(queries, axis=1), np.linalg.norm(dense, axis=1))
+        want_idx = np.argsort(-sim, axis=1)[:, :6]
+        want = np.take_along_axis(sim, want_idx, axis=1)
+    else:
+        dist = np.linalg.norm(queries[:, None, :] - dense[None, :, :], axis=2)
+        want_idx = np.argsort(dist, axis=1)[:, :6]
+        want = np.take_along_axis(dist, want_idx, axis=1)
+    np.testing.assert_array_equal(idx, want_idx)
+    np.testing.assert_allclose(scores, want, rtol=1e-5, atol=1e-5)
+    assert idx[0, 0] == 3 and idx[1, 0] == 311
+
+
+def test_nearest_rows_single_query_and_bad_arguments(stored):
+    f, _, dense = stored
+    idx, scores = f.nearest_rows(dense[42], k=1)
+    assert idx.tolist() == [[42]] and scores[0, 0] == pytest.approx(1.0)
+    with pytest.raises(LplrValueError, match="queries"):
+        f.nearest_rows(np.ones(SHAPE[0]))
+    with pytest.raises(LplrValueError, match="k from 1"):
+        f.nearest_rows(dense[0], k=0)
+    with pytest.raises(LplrValueError, match="metric"):
+        f.nearest_rows(dense[0], metric="manhattan")
+
+
+def _copy_with_meta(src: str, dst: str, **changes) -> str:
+    shutil.copytree(src, dst)
+    group = zarr.open_group(dst, mode="r+")
+    meta = dict(group.attrs["lplr"])
+    meta.update(changes)
+    group.attrs["lplr"] = meta
+    return dst
+
+
+def test_open_factors_refuses_incomplete_and_newer_stores(stored, tmp_path):
+    f, _, _ = stored
+    incomplete = _copy_with_meta(f.path, os.fspath(tmp_path / "a.lplr.zarr"), complete=False)
+    with pytest.raises(StoreFormatError, match="incomplete.*--resume"):
+        lplr_dask.open_factors(incomplete)
+    newer = _copy_with_meta(f.path, os.fspath(tmp_path / "b.lplr.zarr"), version=store.FORMAT_VERSION + 1)
+    with pytest.raises(StoreFormatError, match="version"):
+        lplr_dask.open_factors(newer)
+    with pytest.raises(StoreFormatError):
+        lplr_dask.open_factors(tmp_path / "missing.lplr.zarr")
+    zarr.open_group(os.fspath(tmp_path / "plain.zarr"), mode="w")
+    with pytest.raises(StoreFormatError, match="not an lplr store"):
+        lplr_dask.open_factors(tmp_path / "plain.zarr")
+    assert lplr_dask.open_factors(f.path).rank == 10  # the original still opens
+
+
+def test_evaluate_matches_dense(client, stored, tmp_path):
+    f, A, dense = stored
+    path = os.fspath(tmp_path / "e.lplr.zarr")
+    shutil.copytree(f.path, path)  # evaluate() writes error_exact into the attrs
+    err = lplr_dask.evaluate(da.from_array(A, chunks=CHUNKS), path)
+    want = np.linalg.norm(A.astype(np.float64) - dense) / np.linalg.norm(A.astype(np.float64))
+    assert err == pytest.approx(want, rel=1e-9)
+    assert lplr_dask.open_factors(path).attrs["error_exact"] == err
