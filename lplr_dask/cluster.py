@@ -509,7 +509,7 @@ def _connect(
 
 @contextlib.contextmanager
 def _dashboard_port_fallback_quietly() -> Iterator[None]:
-    """Hide the warning that port 8787 is busy: a free port is used, and the logged link shows it."""
+    """Hide the warning that port 8787 is busy: a free port is used; the logged link shows it."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "Port 8787 is already in use", UserWarning)
         yield
