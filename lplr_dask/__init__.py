@@ -5,6 +5,7 @@ chunked Zarr matrix on Dask (Saha, Srivastava, Pilanci, NeurIPS 2023).
 """
 
 from lplr_dask.api import compress, evaluate
+from lplr_dask.baselines import dsvd, lplr_reference, lsvd, naive_quantize, relative_error
 from lplr_dask.budget import fair_rank
 from lplr_dask.datasets import generate
 from lplr_dask.errors import (
@@ -28,6 +29,11 @@ __all__ = [
     "dequantize",
     "QuantizerSpec",
     "fair_rank",
+    "naive_quantize",
+    "dsvd",
+    "lsvd",
+    "lplr_reference",
+    "relative_error",
     "generate",
     "LplrError",
     "LplrValueError",

@@ -128,10 +128,7 @@ def dsvd(
     L_hat : ndarray or dask array of shape (n, k), float64
     R_hat : ndarray or dask array of shape (k, d), float64
     """
-    X = _as_matrix(A)
-    k = _check_rank(rank, X.shape)
-    b1, b2 = _check_bits(bits)
-    spec = parse_quantizer(quantizer)
+    X, k, (b1, b2), spec = _validate(A, rank, bits, quantizer)
     U, s, Vt = _truncated_svd(X, k, seed=seed, power_iters=power_iters)
     L_hat = _quantize_decode(U, b1, spec, 1, _derived(seed, 1))
     R_hat = _quantize_decode(s[:, None] * Vt, b2, spec, 0, _derived(seed, 2))
@@ -163,10 +160,7 @@ def lsvd(
     L_hat : ndarray or dask array of shape (n, k), float64
     R_hat : ndarray or dask array of shape (k, d), float64
     """
-    X = _as_matrix(A)
-    k = _check_rank(rank, X.shape)
-    bits = _check_bits(bits)
-    spec = parse_quantizer(quantizer)
+    X, k, bits, spec = _validate(A, rank, bits, quantizer)
     U, s, _ = _truncated_svd(X, k, seed=seed, power_iters=power_iters)
     S = sketch_matrix(seed, STREAM_S, k, k, scale=1.0 / math.sqrt(k))
     Z = (U * s) @ S
@@ -206,10 +200,9 @@ def lplr_codes(
     """
     if isinstance(A, da.Array):
         raise LplrTypeError("Expected a numpy array for the in-memory reference. Got a dask array; use lplr_dask.compress.")
-    X = _as_matrix(A)
-    k = _check_rank(rank, X.shape)
+    X, k, bits, spec = _validate(A, rank, bits, quantizer)
     S = sketch_matrix(seed, STREAM_S, X.shape[1], k, scale=1.0 / math.sqrt(k))
-    return _from_basis(X, X @ S, _check_bits(bits), parse_quantizer(quantizer), seed)
+    return _from_basis(X, X @ S, bits, spec, seed)
 
 
 def lplr_reference(
@@ -303,9 +296,10 @@ def _as_dask(A: Any) -> da.Array:
     return A if isinstance(A, da.Array) else da.from_array(np.asarray(A), chunks="auto")
 
 
-def _check_rank(rank: int, shape: tuple[int, int]) -> int:
-    return resolve_rank(shape, (1, 1), rank=rank, bits_per_entry=None, match_nq=None)
-
-
-def _check_bits(bits: tuple[int, int]) -> tuple[int, int]:
-    return check_bits(bits[0], "B1"), check_bits(bits[1], "B2")
+def _validate(
+    A: Any, rank: int, bits: tuple[int, int], quantizer: str | QuantizerSpec
+) -> tuple[Any, int, tuple[int, int], QuantizerSpec]:
+    """A as float64, the rank, (B1, B2) and the quantizer, each checked."""
+    X = _as_matrix(A)
+    k = resolve_rank(X.shape, (1, 1), rank=rank, bits_per_entry=None, match_nq=None)
+    return X, k, (check_bits(bits[0], "B1"), check_bits(bits[1], "B2")), parse_quantizer(quantizer)

@@ -50,6 +50,14 @@ def _check_index(index: Any, what: str) -> None:
     )
 
 
+def _chain(first: da.Array, second: da.Array, X: Any, name: str) -> np.ndarray:
+    """``second·(first·X)`` in float64, the thin middle product computed first."""
+    X = np.asarray(X, dtype=np.float64)
+    if X.shape[0] != first.shape[1]:
+        raise LplrValueError(f"Expected {name} with {first.shape[1]} rows. Got shape {X.shape} instead.")
+    return (second @ (first @ X).compute()).compute()
+
+
 class Factors:
     """A compressed matrix ``A ≈ L·R`` in an ``*.lplr.zarr`` store.
 
@@ -138,11 +146,7 @@ class Factors:
         -------
         ndarray of shape (n, m) or (n,)
         """
-        X = np.asarray(X, dtype=np.float64)
-        if X.shape[0] != self.shape[1]:
-            raise LplrValueError(f"Expected x with {self.shape[1]} rows. Got shape {X.shape} instead.")
-        v = (self.R() @ X).compute()
-        return (self.L() @ v).compute()
+        return _chain(self.R(), self.L(), X, "x")
 
     def matvec(self, x: Any) -> np.ndarray:
         """``L·(R·x)`` for a vector x of length d."""
@@ -159,11 +163,7 @@ class Factors:
         -------
         ndarray of shape (d, m) or (d,)
         """
-        Y = np.asarray(Y, dtype=np.float64)
-        if Y.shape[0] != self.shape[0]:
-            raise LplrValueError(f"Expected y with {self.shape[0]} rows. Got shape {Y.shape} instead.")
-        v = (self.L().T @ Y).compute()
-        return (self.R().T @ v).compute()
+        return _chain(self.L().T, self.R().T, Y, "y")
 
     def rmatvec(self, y: Any) -> np.ndarray:
         """``Rᵀ·(Lᵀ·y)`` for a vector y of length n."""
