@@ -85,7 +85,7 @@ def test_cluster_slurm_runs_workers_as_jobs(tmp_path: Path) -> None:
             assert _squeue(job_ids) == {i: ("lplr-worker", "RUNNING") for i in job_ids}
             workers = client.scheduler_info()["workers"].values()
             assert all(w["host"] == "127.0.0.1" and w["nthreads"] == 1 for w in workers)
-            x = da.ones((1000, 1000), chunks=100)
+            x = da.ones((1000, 1000), chunks=250)
             assert float((x @ x.T).sum().compute()) == 1000.0**3
     assert any(line.startswith("Dask dashboard: http://127.0.0.1:") for line in lines)
     assert any("Submitted 2 SLURM job(s)" in line for line in lines)
