@@ -15,7 +15,7 @@ from lplr_dask import budget, factorize, store
 from lplr_dask.errors import LplrTypeError, LplrValueError, StoreFormatError
 from lplr_dask.factors import Factors, open_factors, relative_error
 from lplr_dask.quantize import check_bits, parse_quantizer
-from lplr_dask.sources import describe, open_source
+from lplr_dask.sources import Source, as_matrix, describe, open_source, read_source
 
 __all__ = ["compress", "evaluate", "resolve_rank"]
 
@@ -42,8 +42,8 @@ def resolve_rank(
     given = [name for name, v in (("rank", rank), ("bits_per_entry", bits_per_entry), ("match_nq", match_nq)) if v is not None]
     if len(given) != 1:
         raise LplrValueError(
-            "Expected exactly one of rank (--rank), bits_per_entry (--bits-per-entry) or match_nq "
-            f"(--match-nq). Got {', '.join(given) if given else 'none'}."
+            "Expected exactly one of rank (--rank), bits_per_entry (--bits-per-entry), match_nq "
+            f"(--match-nq) or target_error (--target-error). Got {', '.join(given) if given else 'none'}."
         )
     n, d = shape
     if rank is not None:
@@ -70,7 +70,7 @@ def _seed(seed: Any) -> int:
 
 
 @contextlib.contextmanager
-def _client(log: Callable[[str], None]) -> Iterator[Any]:
+def _client(log: Callable[[str], None], device: str = "cpu") -> Iterator[Any]:
     from lplr_dask.progress import current_client
 
     if current_client() is not None:
@@ -78,7 +78,7 @@ def _client(log: Callable[[str], None]) -> Iterator[Any]:
         return
     from lplr_dask.cluster import get_client
 
-    with get_client(log=log) as client:
+    with get_client(log=log, device=device) as client:
         yield client
 
 
@@ -98,6 +98,8 @@ def compress(
     resume: bool = False,
     device: str = "cpu",
     test_columns: int = 10,
+    target_error: float | None = None,
+    storage_options: dict[str, Any] | None = None,
     log: Callable[[str], None] = _stderr,
 ) -> Factors:
     """Compress a matrix into a low-rank, low-precision factorization ``A ≈ L·R`` [1]_.
@@ -105,12 +107,17 @@ def compress(
     Parameters
     ----------
     source : str, os.PathLike, zarr.Array or dask.array.Array
-        The matrix (n × d): a path or URL of a Zarr array, an open Zarr array, or a dask array.
+        The matrix (n × d): a path or URL of a Zarr array (v3 or v2, also inside a group:
+        ``IN.zarr/path/to/array``), a ``.npy`` file, an HDF5 dataset (``FILE.h5:/dataset``), a
+        safetensors tensor (``FILE.safetensors:name``), an open Zarr array, or a dask array.
+        See :mod:`lplr_dask.sources` for the dtype policy.
     out : str or os.PathLike
-        Where to write the ``*.lplr.zarr`` store.
-    rank, bits_per_entry, match_nq : exactly one
+        Where to write the ``*.lplr.zarr`` store: a local path or an fsspec URL.
+    rank, bits_per_entry, match_nq, target_error : exactly one
         The rank k; or the largest k whose codes fit ``bits_per_entry`` bits per entry of A; or
-        the paper's fair rank against ``match_nq``-bit naive quantization.
+        the paper's fair rank against ``match_nq``-bit naive quantization; or the smallest rank
+        whose estimated relative error is at most ``target_error`` (see
+        :func:`lplr_dask.target.compress_to_target`).
     bits : (int, int), default=(8, 8)
         Bits B1 for L and B2 for R, each from 1 to 16.
     passes : {1, 2}, default=2
@@ -127,6 +134,9 @@ def compress(
     device : {"cpu", "cuda"}, default="cpu"
     test_columns : int, default=10
         Gaussian test columns sketched in pass 1 for the free error estimate.
+    storage_options : dict, optional
+        fsspec options (``endpoint_url``, ``key``, ``secret``, …) for remote ``source`` and
+        ``out``; they travel with the store to the workers. Default: the environment's.
     log : callable, default=print to stderr
 
     Returns
@@ -153,7 +163,19 @@ def compress(
         raise LplrValueError("Give at most one of overwrite (--overwrite) and resume (--resume).")
     seed = _seed(seed)
     spec = parse_quantizer(quantizer)
-    A = open_source(source)
+    if target_error is not None:
+        if rank is not None or bits_per_entry is not None or match_nq is not None:
+            raise LplrValueError("Give target_error (--target-error) alone, without rank, bits_per_entry or match_nq.")
+        from lplr_dask.target import compress_to_target
+
+        with _client(log, device):
+            return compress_to_target(
+                source, out, target_error, bits=bits, passes=passes, power_iters=int(power_iters),
+                quantizer=quantizer, seed=seed, overwrite=overwrite, resume=resume, device=device,
+                test_columns=test_columns, storage_options=storage_options, log=log,
+            )
+    src = read_source(source, storage_options=storage_options)
+    A = as_matrix(src, log=log)
     from lplr_dask.backend import to_device
 
     A = to_device(A, device)
@@ -164,34 +186,36 @@ def compress(
         test_columns=test_columns,
     )
     path = os.fspath(out)
-    meta = _start(path, source, A, params, overwrite=overwrite, resume=resume, device=device)
+    meta = _start(path, src, A, params, overwrite=overwrite, resume=resume, device=device, storage_options=storage_options)
     if meta.get("complete"):
         log(f"{path}: already complete; nothing to do")
-        return open_factors(path)
+        return open_factors(path, storage_options=storage_options)
     n, d = A.shape
     log(f"compress {n}x{d} {A.dtype} -> {path}: rank {k}, bits {bits}, quantizer {params.quantizer}, passes {passes}")
     t0 = time.perf_counter()
     fresh = meta["stage"] == "started" and not resume
     try:
-        with _client(log):
-            meta = factorize.run(A, path, params, meta, log=log)
+        with _client(log, device):
+            meta = factorize.run(A, store.locate(path, storage_options), params, meta, log=log)
     except BaseException:
-        if fresh and store.read_meta(store.open_group(path), require_complete=False)["stage"] == "started":
-            store.remove(path)  # failed before anything worth resuming: leave nothing behind
+        group = store.open_group(path, storage_options=storage_options)
+        if fresh and store.read_meta(group, require_complete=False)["stage"] == "started":
+            store.remove(path, storage_options)  # failed before anything worth resuming: leave nothing behind
         else:
             log(f"{path}: incomplete; finish it with --resume (same arguments)")
         raise
     meta["timings"]["total"] = round(time.perf_counter() - t0 + meta["timings"].get("total", 0.0), 3)
-    store.write_meta(store.open_group(path, mode="r+"), meta)
-    return open_factors(path)
+    store.write_meta(store.open_group(path, mode="r+", storage_options=storage_options), meta)
+    return open_factors(path, storage_options=storage_options)
 
 
 def _start(
-    path: str, source: Any, A: Any, params: factorize.Params, *, overwrite: bool, resume: bool, device: str
+    path: str, src: Source, A: Any, params: factorize.Params, *, overwrite: bool, resume: bool, device: str,
+    storage_options: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Create the output (or reopen it for ``resume``) and return its attrs."""
-    if resume and store.exists(path):
-        group = store.open_group(path, mode="r+")
+    if resume and store.exists(path, storage_options):
+        group = store.open_group(path, mode="r+", storage_options=storage_options)
         meta = store.read_meta(group, require_complete=False, path=path)
         expected = params.as_attrs()
         changed = [key for key, v in expected.items() if meta.get(key) != store._jsonable(v)]
@@ -203,11 +227,11 @@ def _start(
                 "Rerun with the same arguments, or with --overwrite to start over."
             )
         return meta
-    group = store.create_group(path, overwrite=overwrite)
+    group = store.create_group(path, overwrite=overwrite, storage_options=storage_options)
     meta = {
         "format": store.FORMAT_NAME,
         "version": store.FORMAT_VERSION,
-        "source": describe(source, A),
+        "source": describe(src, A),
         **params.as_attrs(),
         "device": device,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -229,17 +253,20 @@ def _version() -> str:
         return "unknown"
 
 
-def evaluate(source: Any, factors: Factors | str | os.PathLike[str]) -> float:
+def evaluate(
+    source: Any, factors: Factors | str | os.PathLike[str], *, storage_options: dict[str, Any] | None = None
+) -> float:
     """Exact relative Frobenius error ``‖A − L·R‖ / ‖A‖``, streamed in one read of A.
 
-    The result is also stored in the factors' attrs as ``error_exact``.
+    The result is also stored in the factors' attrs as ``error_exact``. ``storage_options``
+    are fsspec options for a remote source or store.
     """
     if not isinstance(factors, Factors):
-        factors = open_factors(factors)
-    A = open_source(source)
+        factors = open_factors(factors, storage_options=storage_options)
+    A = open_source(source, storage_options=storage_options)
     with _client(_stderr):
         err = relative_error(A, factors)
-    group = store.open_group(factors.path, mode="r+")
+    group = store.open_group(factors.path, mode="r+", storage_options=factors.storage_options)
     meta = store.read_meta(group, path=factors.path)
     meta["error_exact"] = err
     store.write_meta(group, meta)

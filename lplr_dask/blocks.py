@@ -8,14 +8,16 @@ only at the 1e-16 level: codes do not flip at rounding boundaries.
 
 from __future__ import annotations
 
+import importlib
+from types import ModuleType
 from typing import Any, Callable, Sequence
 
 import dask.array as da
 import numpy as np
 
-from lplr_dask.backend import array_namespace
+from lplr_dask.backend import array_namespace, like
 from lplr_dask.errors import NonFiniteError
-from lplr_dask.sketch import sketch_rows
+from lplr_dask.sketch import sketch_rows, sparse_sign_rows
 
 __all__ = ["starts", "sketch_right", "sketch_left", "left_multiply", "right_multiply", "tall_chunks"]
 
@@ -88,7 +90,11 @@ def sketch_right(A: da.Array, seed: int, streams: Sequence[Stream], *, check: bo
 
 
 def sketch_left(A: da.Array, seed: int, stream: int, width: int, *, check: bool = True) -> da.Array:
-    """``Ψ @ A`` with Ψ (width × n) generated block-wise from ``(seed, stream)`` by A's rows.
+    """``Ψ @ A`` with Ψ (width × n) a sparse sign map generated block-wise by A's rows.
+
+    Ψᵀ's rows come from :func:`lplr_dask.sketch.sparse_sign_rows`: each row of A is added, with
+    random signs, into ``SPARSE_NNZ`` of the ``width`` rows of the result, so a chunk costs
+    ``SPARSE_NNZ`` multiply-adds per entry rather than ``width`` for a dense Gaussian Ψ.
 
     Returns
     -------
@@ -98,8 +104,7 @@ def sketch_left(A: da.Array, seed: int, stream: int, width: int, *, check: bool 
     def block(a: Any, r0: Any, c0: Any) -> Any:
         r0, c0 = int(r0[0]), int(c0[0])
         xp = array_namespace(a)
-        psi_t = sketch_rows(seed, stream, r0, r0 + a.shape[0], width, xp=xp)
-        part = psi_t.T @ _f64(a)
+        part = _sparse_sign_map(seed, stream, r0, a.shape[0], width, xp) @ _f64(a)
         if check:
             _check_finite(part, a, r0, c0)
         return part[None]
@@ -118,6 +123,14 @@ def sketch_left(A: da.Array, seed: int, stream: int, width: int, *, check: bool 
     return parts.sum(axis=0)
 
 
+def _sparse_sign_map(seed: int, stream: int, r0: int, rows: int, width: int, xp: ModuleType) -> Any:
+    """The columns ``r0:r0 + rows`` of Ψ (width × n) as a CSC matrix of ``xp``'s sparse module."""
+    pos, signs = sparse_sign_rows(seed, stream, r0, r0 + rows, width)
+    sparse = importlib.import_module("scipy.sparse" if xp is np else "cupyx.scipy.sparse")
+    indptr = np.arange(0, pos.size + 1, pos.shape[1])
+    return sparse.csc_matrix(tuple(xp.asarray(v) for v in (signs.ravel(), pos.ravel(), indptr)), shape=(width, rows))
+
+
 def left_multiply(PT: da.Array, A: da.Array) -> da.Array:
     """``PTᵀ @ A`` for a thin ``PT`` (n × k) whose row chunks match A's row chunks.
 
@@ -125,7 +138,7 @@ def left_multiply(PT: da.Array, A: da.Array) -> da.Array:
     -------
     dask array of shape (k, d), float64, chunked like A's columns.
     """
-    PT = PT.rechunk({0: A.chunks[0], 1: -1})
+    PT = like(PT, A).rechunk({0: A.chunks[0], 1: -1})
 
     def block(pt: Any, a: Any) -> Any:
         return (pt.T @ _f64(a))[None]
@@ -143,7 +156,7 @@ def right_multiply(A: da.Array, M: da.Array) -> da.Array:
     -------
     dask array of shape (n, k), float64, chunked like A's rows.
     """
-    M = M.rechunk({0: A.chunks[1], 1: -1})
+    M = like(M, A).rechunk({0: A.chunks[1], 1: -1})
 
     def block(a: Any, m: Any) -> Any:
         return (_f64(a) @ m)[None]

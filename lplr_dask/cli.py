@@ -181,9 +181,11 @@ def _cmd_compress(args: argparse.Namespace, log: Callable[[str], None]) -> dict[
         )
     if args.passes == 1 and args.power_iters:
         raise UsageError("lplr compress: --passes 1 cannot be combined with --power-iters (each power iteration reads A twice more)")
+    from lplr_dask.backend import check_device
     from lplr_dask.sources import open_source
 
     open_source(args.input)  # bad input fails before a cluster starts
+    check_device(args.device)  # so does --device cuda without CuPy or a GPU
     with client_from_args(args, log=log):
         factors = compress(
             args.input, args.out, rank=args.rank, bits=tuple(args.bits), bits_per_entry=args.bits_per_entry,

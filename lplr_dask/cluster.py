@@ -266,6 +266,7 @@ def client_from_args(
         threads_per_worker=getattr(args, "threads_per_worker", None),
         memory_limit=getattr(args, "memory_limit", None),
         security=security_from_args(args),
+        device=getattr(args, "device", "cpu"),
         log=log,
     ) as client:
         yield client
@@ -286,6 +287,7 @@ def get_client(
     threads_per_worker: int | None = None,
     memory_limit: str | int | None = None,
     security: distributed.Security | None = None,
+    device: str = "cpu",
     log: Callable[[str], None] = print_to_stderr,
 ) -> Iterator[distributed.Client]:
     """Yield a Dask client, starting or connecting to a cluster, and clean up afterwards.
@@ -318,6 +320,9 @@ def get_client(
         (default ``"auto"``: the machine's memory / workers).
     security : distributed.Security, optional
         TLS settings (see :func:`security_from_args`); default: Dask's configuration.
+    device : {"cpu", "cuda"}, default="cpu"
+        With "cuda" the local cluster has one worker process per GPU (`workers` counts GPUs;
+        see :func:`lplr_dask.gpu_cluster.gpu_local_cluster`).
     log : callable, default=print_to_stderr
         Receives progress lines, among them ``"Dask dashboard: <link>"``.
 
@@ -361,6 +366,15 @@ def get_client(
             stack.callback(client.close)
         elif cluster is not None:
             client = _start_jobqueue(stack, cluster, jobs=jobs, security=security, log=log)
+        elif device == "cuda":
+            from lplr_dask.gpu_cluster import gpu_local_cluster
+
+            local = stack.enter_context(gpu_local_cluster(
+                workers, threads_per_worker=threads_per_worker, security=security,
+                memory_limit="auto" if memory_limit is None else memory_limit,
+                dashboard_address="127.0.0.1:8787",
+            ))
+            client = stack.enter_context(distributed.Client(local, security=security))
         else:
             client = _start_local(
                 stack,

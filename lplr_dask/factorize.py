@@ -35,6 +35,7 @@ import numpy as np
 import zarr
 
 from lplr_dask import blocks, store
+from lplr_dask.backend import like, to_host_blocks
 from lplr_dask.factors import decode_factor
 from lplr_dask.progress import compute
 from lplr_dask.quantize import (
@@ -231,11 +232,11 @@ def run(
         store.write_small(group, "L/scale", qL.scale)
         store.write_small(group, "L/offset", qL.offset)
         ag = store.create_float(group, f"{work}/AG", (n, t), (row_chunk, t))
-        writes = [da.store(qL.codes.rechunk((row_chunk, k)), lcodes, lock=False, compute=False),
-                  da.store(products["AG"].rechunk((row_chunk, t)), ag, lock=False, compute=False)]
+        writes = [da.store(to_host_blocks(qL.codes.rechunk((row_chunk, k))), lcodes, lock=False, compute=False),
+                  da.store(to_host_blocks(products["AG"].rechunk((row_chunk, t))), ag, lock=False, compute=False)]
         if p.passes == 1:
             z = store.create_float(group, f"{work}/Z", (p.oversample, d), (p.oversample, col_chunk))
-            writes.append(da.store(products["Z"].rechunk((p.oversample, col_chunk)), z, lock=False, compute=False))
+            writes.append(da.store(to_host_blocks(products["Z"].rechunk((p.oversample, col_chunk))), z, lock=False, compute=False))
         runner("basis: quantize L", *writes, persist=False)
         save("basis")
 
@@ -260,7 +261,7 @@ def run(
                 M = one_pass_projector(L_hat, p)
                 Z = da.from_zarr(group[f"{work}/Z"])
                 W = da.concatenate([Z.blocks[:, j] for j in todo], axis=1)
-                W = da.map_blocks(_left_apply, W, dask.delayed(M), chunks=((k,), W.chunks[1]), dtype=np.float64, meta=np.empty((0, 0)))
+                W = blocks.left_multiply(da.from_array(M.T), like(W, A))
                 label = "pass 2: project (one-pass, no read of A)"
             else:
                 (PT,) = runner("basis: pinv(L)", pinv_factor(L_hat, lambda *x: runner("basis: pinv(L)", *x)).rechunk({0: A.chunks[0], 1: -1}))
@@ -273,11 +274,11 @@ def run(
 
     # -- R = Q_B2(W), from the scratch -----------------------------------------------------------
     if STAGES.index(meta["stage"]) < STAGES.index("coded"):
-        W = da.from_zarr(group[f"{work}/W"])
+        W = like(da.from_zarr(group[f"{work}/W"]), A)
         rs, ro = runner("code R", *ranges_to_scales(W, p.bits[1], p.spec_r, 0), persist=False)
         rcodes = store.create_codes(group, "R/codes", (k, d), (k, col_chunk), p.bits[1])
         codes = encode_blocks(W, p.bits[1], p.spec_r, rs, ro, channel_axis=0, seed=_derived(p.seed, 2))
-        runner("code R", da.store(codes, rcodes, lock=False, compute=False), persist=False)
+        runner("code R", da.store(to_host_blocks(codes), rcodes, lock=False, compute=False), persist=False)
         store.write_small(group, "R/scale", rs)
         store.write_small(group, "R/offset", ro)
         save("coded")
@@ -296,10 +297,6 @@ def run(
     del group[work]
     save("complete", complete=True)
     return meta
-
-
-def _left_apply(z: Any, m: Any) -> Any:
-    return m @ z
 
 
 class _WWriter:

@@ -246,7 +246,7 @@ def encode_block(
     if rng is None:
         t = xp.rint(t)
     else:
-        t = xp.floor(t + rng.random(t.shape))
+        t = xp.floor(t + xp.asarray(rng.random(t.shape)))  # drawn on the host: same codes on a GPU
     t = xp.clip(t, 0, (1 << bits) - 1)
     return t.astype(code_dtype(bits))
 
@@ -341,7 +341,7 @@ def encode_blocks(
 
     dtype = code_dtype(bits)
     return da.map_blocks(
-        block, x, dask.delayed(scale), dask.delayed(offset), dtype=dtype, meta=np.empty((0, 0), dtype)
+        block, x, dask.delayed(scale), dask.delayed(offset), dtype=dtype, meta=x._meta.astype(dtype)
     )
 
 

@@ -18,17 +18,22 @@ from __future__ import annotations
 
 import os
 import shutil
-from typing import Any
+from typing import Any, Optional, Union
 
 import numpy as np
 import zarr
+from zarr.abc.store import Store
 from zarr.codecs import BloscCodec, BloscShuffle, ZstdCodec
 
+from lplr_dask.backend import to_host
 from lplr_dask.errors import OutputExistsError, StoreFormatError
 
 __all__ = [
     "FORMAT_NAME",
     "FORMAT_VERSION",
+    "locate",
+    "filesystem",
+    "exists",
     "create_group",
     "open_group",
     "read_meta",
@@ -38,6 +43,7 @@ __all__ = [
     "write_small",
     "read_small",
     "bytes_on_disk",
+    "write_array",
     "remove",
 ]
 
@@ -60,29 +66,61 @@ def _float_compressor() -> Any:
     return ZstdCodec(level=3)
 
 
+#: Where a store is: a local path or fsspec URL, or a zarr Store (see :func:`locate`).
+Location = Union[str, "os.PathLike[str]", Store]
+#: fsspec options for remote stores (``endpoint_url``, ``key``, ``secret``, …).
+StorageOptions = Optional[dict[str, Any]]
+
+
 def _store_path(path: str | os.PathLike[str]) -> str:
     return os.fspath(path)
 
 
-def exists(path: str | os.PathLike[str]) -> bool:
+def _remote(p: str) -> bool:
+    return "://" in p and not p.startswith("file://")
+
+
+def locate(path: Location, storage_options: StorageOptions = None) -> str | Store:
+    """What ``zarr.open_group`` / ``zarr.open_array`` should open for ``path``.
+
+    A local path stays a path. An fsspec URL becomes a :class:`zarr.storage.FsspecStore` holding
+    its filesystem, which pickles with the storage options: tasks that open the store on a worker
+    (pass 2 writes, ``da.store``) reach the same endpoint with the same credentials without relying
+    on the workers' environment. A Store is returned as it is.
+    """
+    if isinstance(path, Store):
+        return path
+    p = _store_path(path)
+    if _remote(p):
+        from zarr.storage import FsspecStore
+
+        return FsspecStore.from_url(p, storage_options=dict(storage_options or {}), read_only=False)
+    return p
+
+
+def filesystem(path: str | os.PathLike[str], storage_options: StorageOptions = None) -> tuple[Any, str]:
+    """The (synchronous) fsspec filesystem and the root path inside it for a local path or URL."""
+    import fsspec
+
+    p = _store_path(path)
+    options = dict(storage_options or {}) if _remote(p) else {}
+    return fsspec.core.url_to_fs(p, **options)
+
+
+def exists(path: str | os.PathLike[str], storage_options: StorageOptions = None) -> bool:
     """Whether anything (a Zarr node or a plain file) exists at ``path``."""
     p = _store_path(path)
-    if "://" in p:
-        try:
-            zarr.open_group(p, mode="r")
-            return True
-        except Exception:
-            return False
+    if _remote(p):
+        fs, root = filesystem(p, storage_options)
+        return bool(fs.exists(root))
     return os.path.exists(p)
 
 
-def remove(path: str | os.PathLike[str]) -> None:
+def remove(path: str | os.PathLike[str], storage_options: StorageOptions = None) -> None:
     """Delete a store (a local directory or an fsspec URL)."""
     p = _store_path(path)
-    if "://" in p:
-        import fsspec
-
-        fs, root = fsspec.core.url_to_fs(p)
+    if _remote(p):
+        fs, root = filesystem(p, storage_options)
         if fs.exists(root):
             fs.rm(root, recursive=True)
     elif os.path.isdir(p):
@@ -91,7 +129,9 @@ def remove(path: str | os.PathLike[str]) -> None:
         os.remove(p)
 
 
-def create_group(path: str | os.PathLike[str], *, overwrite: bool = False) -> zarr.Group:
+def create_group(
+    path: str | os.PathLike[str], *, overwrite: bool = False, storage_options: StorageOptions = None
+) -> zarr.Group:
     """Create an empty output group; refuse an existing path unless ``overwrite``.
 
     Raises
@@ -99,23 +139,24 @@ def create_group(path: str | os.PathLike[str], *, overwrite: bool = False) -> za
     OutputExistsError
         If ``path`` exists and ``overwrite`` is false.
     """
-    if exists(path):
+    if exists(path, storage_options):
         if not overwrite:
             raise OutputExistsError(
                 f"Output {os.fspath(path)!r} already exists. Pass --overwrite (overwrite=True) to "
                 "replace it, or --resume (resume=True) to finish an interrupted job."
             )
-        remove(path)
-    return zarr.open_group(_store_path(path), mode="w", zarr_format=3)
+        remove(path, storage_options)
+    return zarr.open_group(locate(path, storage_options), mode="w", zarr_format=3)
 
 
-def open_group(path: str | os.PathLike[str], mode: str = "r") -> zarr.Group:
-    """Open an existing output group."""
+def open_group(path: Location, mode: str = "r", *, storage_options: StorageOptions = None) -> zarr.Group:
+    """Open an existing output group (a local path, an fsspec URL or a Store from :func:`locate`)."""
     try:
-        return zarr.open_group(_store_path(path), mode=mode, zarr_format=3)
+        return zarr.open_group(locate(path, storage_options), mode=mode, zarr_format=3)
     except (FileNotFoundError, zarr.errors.GroupNotFoundError) as e:  # type: ignore[attr-defined]
+        where = path if not isinstance(path, Store) else str(path)
         raise StoreFormatError(
-            f"Expected an lplr store (a Zarr v3 group) at {os.fspath(path)!r}. Found none."
+            f"Expected an lplr store (a Zarr v3 group) at {where!r}. Found none."
         ) from e
 
 
@@ -184,8 +225,8 @@ def create_float(
 
 
 def write_small(group: zarr.Group, name: str, value: np.ndarray) -> None:
-    """Write a small array whole (scales, offsets) as one chunk."""
-    value = np.asarray(value, dtype=np.float64)
+    """Write a small array whole (scales, offsets) as one chunk; a cupy array is copied to the host."""
+    value = to_host(value).astype(np.float64, copy=False)
     arr = create_float(group, name, value.shape, value.shape or (1,))
     arr[...] = value
 
@@ -195,13 +236,11 @@ def read_small(group: zarr.Group, name: str) -> np.ndarray:
     return np.asarray(group[name][...])
 
 
-def bytes_on_disk(path: str | os.PathLike[str], prefix: str = "") -> int:
+def bytes_on_disk(path: str | os.PathLike[str], prefix: str = "", storage_options: StorageOptions = None) -> int:
     """Sum of the file sizes under the store (metadata included), or under ``prefix`` in it."""
     p = _store_path(path)
-    if "://" in p:
-        import fsspec
-
-        fs, root = fsspec.core.url_to_fs(p)
+    if _remote(p):
+        fs, root = filesystem(p, storage_options)
         root = root.rstrip("/") + ("/" + prefix if prefix else "")
         return int(sum(fs.du(root, total=False).values())) if fs.exists(root) else 0
     root = os.path.join(p, prefix) if prefix else p
@@ -210,6 +249,47 @@ def bytes_on_disk(path: str | os.PathLike[str], prefix: str = "") -> int:
         for f in files:
             total += os.path.getsize(os.path.join(dirpath, f))
     return total
+
+
+def write_array(
+    A: Any,
+    out: str | os.PathLike[str],
+    *,
+    overwrite: bool = False,
+    attrs: dict[str, Any] | None = None,
+    label: str = "write",
+    storage_options: StorageOptions = None,
+) -> zarr.Array:
+    """Write a dask array to a new Zarr v3 array at ``out``, one whole chunk per task.
+
+    The array is chunked like ``A`` (whose chunks must be regular) and compressed with Zstd.
+    A failed write leaves nothing behind.
+
+    Raises
+    ------
+    OutputExistsError
+        If ``out`` exists and ``overwrite`` is false.
+    """
+    import dask.array as da
+
+    from lplr_dask.progress import compute
+
+    if exists(out, storage_options):
+        if not overwrite:
+            raise OutputExistsError(f"{os.fspath(out)!r} already exists. Pass --overwrite (overwrite=True) to replace it.")
+        remove(out, storage_options)
+    arr = zarr.create_array(
+        locate(out, storage_options), shape=A.shape, chunks=tuple(int(c[0]) for c in A.chunks) or None,
+        dtype=A.dtype, compressors=ZstdCodec(level=1), zarr_format=3,
+    )
+    if attrs:
+        arr.attrs.update(_jsonable(attrs))
+    try:
+        compute(label, da.store(A, arr, lock=False, compute=False))
+    except BaseException:
+        remove(out, storage_options)
+        raise
+    return arr
 
 
 def _jsonable(x: Any) -> Any:
