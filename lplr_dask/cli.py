@@ -1,4 +1,4 @@
-"""The ``lplr`` command: generate, compress, info, evaluate, decompress.
+"""The ``lplr`` command: generate, convert, compress, compress-group, info, evaluate, decompress.
 
 Exit status: 0 success; 2 bad input or usage (one line on stderr, no traceback); 1 anything else.
 Results go to stdout as a short table, or as one JSON object with ``--json``; progress and the
@@ -8,11 +8,12 @@ dashboard address go to stderr.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -34,6 +35,16 @@ def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+def _storage_options(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r} ({e})") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object such as '{{\"endpoint_url\": \"http://...\"}}', got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for tests and docs)."""
     from lplr_dask.cluster import add_cluster_arguments
@@ -44,6 +55,12 @@ def build_parser() -> argparse.ArgumentParser:
     def common(sp: argparse.ArgumentParser, *, cluster: bool = True) -> None:
         sp.add_argument("--json", action="store_true", help="print one JSON object on stdout and nothing else")
         sp.add_argument("--quiet", action="store_true", help="no progress bars")
+        sp.add_argument(
+            "--storage-options", type=_storage_options, metavar="JSON",
+            default=os.environ.get("LPLR_STORAGE_OPTIONS"),  # argparse parses a string default with `type`
+            help="fsspec options for s3://… and other URLs, e.g. '{\"endpoint_url\": \"http://host:9000\"}' "
+            "(default: $LPLR_STORAGE_OPTIONS, else the usual AWS_* environment)",
+        )
         if cluster:
             add_cluster_arguments(sp)
 
@@ -60,13 +77,23 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--overwrite", action="store_true")
     common(g)
 
-    c = sub.add_parser("compress", help="compress a Zarr matrix into an *.lplr.zarr store")
-    c.add_argument("input", help="input Zarr array (path or URL)")
+    v = sub.add_parser("convert", help="stream a .npy, HDF5 dataset or safetensors tensor into chunked Zarr")
+    v.add_argument("input", help="W.npy, FILE.h5:/dataset, FILE.safetensors:name, or a Zarr array")
+    v.add_argument("out", help="output Zarr array (path or URL)")
+    v.add_argument("--chunks", type=_chunks, help="chunk shape RxC (default: about 128 MiB blocks, or the Zarr input's)")
+    v.add_argument("--overwrite", action="store_true")
+    common(v)
+
+    c = sub.add_parser("compress", help="compress a matrix into an *.lplr.zarr store")
+    c.add_argument("input", help="input matrix: a Zarr array (path or URL, IN.zarr/path/in/group), W.npy, "
+                   "FILE.h5:/dataset or FILE.safetensors:name")
     c.add_argument("out", help="output *.lplr.zarr path")
     size = c.add_argument_group("size (exactly one)")
     size.add_argument("--rank", type=int, help="target rank k")
     size.add_argument("--bits-per-entry", type=float, help="storage budget in bits per entry of A")
     size.add_argument("--match-nq", type=float, metavar="B", help="the paper's fair rank against B-bit naive quantization")
+    size.add_argument("--target-error", type=float, metavar="E",
+                      help="the smallest rank whose estimated relative error is at most E (one more read of A)")
     c.add_argument("--bits", type=int, nargs=2, default=(8, 8), metavar=("B1", "B2"), help="bits for L and R (default 8 8)")
     c.add_argument("--passes", type=int, default=2, choices=[1, 2], help="reads of A (default 2)")
     c.add_argument("--power-iters", type=int, default=0, help="power iterations (2 more reads each)")
@@ -78,6 +105,25 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--overwrite", action="store_true", help="replace an existing output")
     mode.add_argument("--resume", action="store_true", help="finish an interrupted job (same arguments)")
     common(c)
+
+    cg = sub.add_parser("compress-group", help="compress every matrix of a Zarr group, HDF5 or safetensors file")
+    cg.add_argument("input", help="a Zarr group (path or URL), FILE.h5 or FILE.safetensors")
+    cg.add_argument("out", help="output group: one *.lplr.zarr subgroup per compressed matrix")
+    rule = cg.add_argument_group("rule for each matrix (exactly one)")
+    rule.add_argument("--rank", type=int, help="rank k (capped at min(n, d))")
+    rule.add_argument("--bits-per-entry", type=float, help="storage budget in bits per entry")
+    rule.add_argument("--match-nq", type=float, metavar="B", help="the fair rank against B-bit naive quantization")
+    cg.add_argument("--bits", type=int, nargs=2, default=(8, 8), metavar=("B1", "B2"), help="bits for L and R (default 8 8)")
+    cg.add_argument("--passes", type=int, default=2, choices=[1, 2], help="reads of each matrix (default 2)")
+    cg.add_argument("--power-iters", type=int, default=0, help="power iterations (2 more reads each)")
+    cg.add_argument("--quantizer", default="default", help="as for compress")
+    cg.add_argument("--seed", type=int, default=0)
+    cg.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    cg.add_argument("--evaluate", action="store_true", help="also measure each exact error (one more read)")
+    gmode = cg.add_mutually_exclusive_group()
+    gmode.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    gmode.add_argument("--resume", action="store_true", help="finish an interrupted job (same arguments)")
+    common(cg)
 
     i = sub.add_parser("info", help="describe an *.lplr.zarr store")
     i.add_argument("store")
@@ -91,6 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("decompress", help="write the reconstruction L·R to a Zarr array")
     d.add_argument("store")
     d.add_argument("out")
+    d.add_argument("--dtype", default="source", choices=["source", "float16", "float32", "float64"],
+                   help="dtype written (default: the source's; bfloat16 sources are written as float32)")
     d.add_argument("--overwrite", action="store_true")
     common(d)
     return p
@@ -107,8 +155,11 @@ def _summary(factors: Any) -> dict[str, Any]:
     a = factors.attrs
     n, d = factors.shape
     nbytes = factors.nbytes
+    from lplr_dask.sources import itemsize
+
     src = a["source"]
-    src_bytes = n * d * np.dtype(src["dtype"]).itemsize
+    src_bytes = n * d * itemsize(src["dtype"])
+    target = a.get("target_error") or {}
     return {
         "store": factors.path,
         "shape": [n, d],
@@ -128,6 +179,8 @@ def _summary(factors: Any) -> dict[str, Any]:
         "timings": a.get("timings", {}),
         "error_estimate": a.get("error_estimate"),
         "error_exact": a.get("error_exact"),
+        "target_error": target.get("target"),
+        "target_attempts": len(target["attempts"]) if target else None,
     }
 
 
@@ -144,6 +197,11 @@ def _fmt(v: Any) -> str:
 def _emit(result: dict[str, Any], as_json: bool) -> None:
     if as_json:
         print(json.dumps(result))
+        return
+    if "arrays" in result:  # compress-group: a table, one row per array
+        from lplr_dask.group import format_table
+
+        print(format_table(result))
         return
     width = max(len(k) for k in result)
     for key, value in result.items():
@@ -173,10 +231,10 @@ def _cmd_compress(args: argparse.Namespace, log: Callable[[str], None]) -> dict[
     from lplr_dask.api import compress, evaluate
     from lplr_dask.cluster import client_from_args
 
-    given = [n for n in ("rank", "bits_per_entry", "match_nq") if getattr(args, n) is not None]
+    given = [n for n in ("rank", "bits_per_entry", "match_nq", "target_error") if getattr(args, n) is not None]
     if len(given) != 1:
         raise UsageError(
-            "lplr compress: give exactly one of --rank, --bits-per-entry, --match-nq "
+            "lplr compress: give exactly one of --rank, --bits-per-entry, --match-nq, --target-error "
             f"(got {', '.join('--' + g.replace('_', '-') for g in given) or 'none'})"
         )
     if args.passes == 1 and args.power_iters:
@@ -184,23 +242,63 @@ def _cmd_compress(args: argparse.Namespace, log: Callable[[str], None]) -> dict[
     from lplr_dask.backend import check_device
     from lplr_dask.sources import open_source
 
-    open_source(args.input)  # bad input fails before a cluster starts
+    opts = args.storage_options
+    open_source(args.input, storage_options=opts)  # bad input fails before a cluster starts
     check_device(args.device)  # so does --device cuda without CuPy or a GPU
     with client_from_args(args, log=log):
         factors = compress(
             args.input, args.out, rank=args.rank, bits=tuple(args.bits), bits_per_entry=args.bits_per_entry,
-            match_nq=args.match_nq, passes=args.passes, power_iters=args.power_iters, quantizer=args.quantizer,
-            seed=args.seed, overwrite=args.overwrite, resume=args.resume, device=args.device, log=log,
+            match_nq=args.match_nq, target_error=args.target_error, passes=args.passes,
+            power_iters=args.power_iters, quantizer=args.quantizer, seed=args.seed, overwrite=args.overwrite,
+            resume=args.resume, device=args.device, storage_options=opts, log=log,
         )
         if args.evaluate:
-            evaluate(args.input, factors)
+            evaluate(args.input, factors, storage_options=opts)
     return _summary(factors)
+
+
+def _cmd_convert(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
+    from lplr_dask.cluster import client_from_args
+    from lplr_dask.convert import convert
+    from lplr_dask.sources import read_source
+
+    read_source(args.input, storage_options=args.storage_options)  # bad input fails before a cluster starts
+    t0 = time.perf_counter()
+    with client_from_args(args, log=log):
+        arr = convert(args.input, args.out, chunks=args.chunks or "auto", overwrite=args.overwrite,
+                      storage_options=args.storage_options, log=log)
+    return {
+        "input": args.input, "out": args.out, "shape": list(arr.shape), "dtype": str(arr.dtype),
+        "source_dtype": arr.attrs["lplr_convert"]["source_dtype"], "chunks": list(arr.chunks),
+        "seconds": round(time.perf_counter() - t0, 3),
+    }
+
+
+def _cmd_compress_group(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
+    from lplr_dask.cluster import client_from_args
+    from lplr_dask.group import compress_group
+    from lplr_dask.sources import list_arrays
+
+    given = [n for n in ("rank", "bits_per_entry", "match_nq") if getattr(args, n) is not None]
+    if len(given) != 1:
+        raise UsageError(
+            "lplr compress-group: give exactly one of --rank, --bits-per-entry, --match-nq "
+            f"(got {', '.join('--' + g.replace('_', '-') for g in given) or 'none'})"
+        )
+    list_arrays(args.input, storage_options=args.storage_options)  # bad input fails before a cluster starts
+    with client_from_args(args, log=log):
+        return compress_group(
+            args.input, args.out, rank=args.rank, bits=tuple(args.bits), bits_per_entry=args.bits_per_entry,
+            match_nq=args.match_nq, passes=args.passes, power_iters=args.power_iters, quantizer=args.quantizer,
+            seed=args.seed, overwrite=args.overwrite, resume=args.resume, device=args.device,
+            evaluate=args.evaluate, storage_options=args.storage_options, log=log,
+        )
 
 
 def _cmd_info(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
     from lplr_dask.factors import open_factors
 
-    return _summary(open_factors(args.store))
+    return _summary(open_factors(args.store, storage_options=args.storage_options))
 
 
 def _cmd_evaluate(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
@@ -208,45 +306,68 @@ def _cmd_evaluate(args: argparse.Namespace, log: Callable[[str], None]) -> dict[
     from lplr_dask.cluster import client_from_args
     from lplr_dask.factors import open_factors
 
-    factors = open_factors(args.store)
+    factors = open_factors(args.store, storage_options=args.storage_options)
     with client_from_args(args, log=log):
-        err = evaluate(args.input, factors)
+        err = evaluate(args.input, factors, storage_options=args.storage_options)
     return {"store": args.store, "input": args.input, "error_exact": err, "error_estimate": factors.attrs.get("error_estimate")}
 
 
 def _cmd_decompress(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
-    import dask.array as da
-    import zarr
-
     from lplr_dask import store
     from lplr_dask.cluster import client_from_args
     from lplr_dask.errors import OutputExistsError
     from lplr_dask.factors import open_factors
-    from lplr_dask.progress import compute
+    from lplr_dask.sources import cast_to, output_dtype
 
-    factors = open_factors(args.store)
-    if store.exists(args.out):
-        if not args.overwrite:
-            raise OutputExistsError(f"{args.out!r} already exists. Pass --overwrite to replace it.")
-        store.remove(args.out)
-    dtype = np.dtype(factors.attrs["source"]["dtype"])
+    opts = args.storage_options
+    factors = open_factors(args.store, storage_options=opts)
+    if store.exists(args.out, opts) and not args.overwrite:
+        raise OutputExistsError(f"{args.out!r} already exists. Pass --overwrite to replace it.")
+    source_dtype = factors.attrs["source"]["dtype"]
+    dtype = output_dtype(source_dtype if args.dtype == "source" else args.dtype)
+    if args.dtype == "source" and str(dtype) != source_dtype:
+        log(f"note: the source is {source_dtype}, which Zarr cannot store; writing {dtype}")
     chunks = tuple(factors.attrs["source"]["chunks"])
     t0 = time.perf_counter()
     with client_from_args(args, log=log):
-        recon = factors.to_dask(dtype=dtype).rechunk(chunks)
-        arr = zarr.create_array(args.out, shape=recon.shape, chunks=chunks, dtype=dtype, zarr_format=3)
-        compute("decompress", da.store(recon, arr, lock=False, compute=False))
+        recon = cast_to(factors.to_dask(dtype=np.float64), dtype).rechunk(chunks)
+        store.write_array(recon, args.out, overwrite=args.overwrite, label="decompress", storage_options=opts)
     return {"store": args.store, "out": args.out, "shape": list(recon.shape), "dtype": str(dtype),
             "seconds": round(time.perf_counter() - t0, 3)}
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace, Callable[[str], None]], dict[str, Any]]] = {
     "generate": _cmd_generate,
+    "convert": _cmd_convert,
     "compress": _cmd_compress,
+    "compress-group": _cmd_compress_group,
     "info": _cmd_info,
     "evaluate": _cmd_evaluate,
     "decompress": _cmd_decompress,
 }
+
+
+@contextlib.contextmanager
+def _stdout_to_stderr(active: bool) -> Iterator[None]:
+    """With ``--json``, send whatever the command prints to stdout to stderr instead.
+
+    Both Python's ``sys.stdout`` and file descriptor 1 are redirected, so worker processes
+    started meanwhile (they inherit descriptor 1) and C libraries cannot write to stdout either:
+    stdout carries the JSON object only.
+    """
+    if not active:
+        yield
+        return
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -256,7 +377,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         set_quiet(args.quiet)
-        result = COMMANDS[args.command](args, _log)
+        with _stdout_to_stderr(args.json):
+            result = COMMANDS[args.command](args, _log)
     except LplrError as e:
         print(f"error: {e}".replace("\n", " "), file=sys.stderr)
         return 2

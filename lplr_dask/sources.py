@@ -1,9 +1,31 @@
-"""Opening the input matrix: a Zarr array (path or URL), a zarr.Array, or a dask array."""
+"""Opening the input matrix wherever it is, lazily, and the dtype it is computed in.
+
+Locations
+---------
+- a Zarr array, v3 or v2, local or remote (fsspec URLs such as ``s3://bucket/IN.zarr``), also
+  inside a group: ``IN.zarr/path/to/array``;
+- a NumPy ``.npy`` file: ``W.npy`` (memory-mapped for each block read, so only that block is
+  resident);
+- an HDF5 dataset: ``FILE.h5:/path/to/dataset`` (h5py);
+- a safetensors tensor: ``FILE.safetensors:tensor_name`` (bfloat16 is widened to float32 as it
+  is read: NumPy has no bfloat16);
+- a ``zarr.Array``, a dask array or a NumPy array.
+
+Files are read block by block by whichever worker runs the task: the dask graph holds a small
+picklable reader (:class:`FileArray`), never the data.
+
+dtype policy
+------------
+float16, bfloat16 and float32 inputs are computed in float32, float64 in float64; integers are
+converted to float32 with a note; complex, boolean and non-numeric inputs are refused. The attrs
+record the source's own dtype, which ``decompress`` writes back.
+"""
 
 from __future__ import annotations
 
+import json
 import os
-from typing import Any
+from typing import Any, Callable, NamedTuple
 
 import dask.array as da
 import numpy as np
@@ -11,72 +33,407 @@ import zarr
 
 from lplr_dask.errors import LplrTypeError, LplrValueError, SourceNotFoundError
 
-__all__ = ["open_source", "compute_dtype", "describe"]
+__all__ = [
+    "Source",
+    "FileArray",
+    "read_source",
+    "open_source",
+    "as_matrix",
+    "list_arrays",
+    "member",
+    "compute_dtype",
+    "output_dtype",
+    "cast_to",
+    "is_remote",
+    "regular",
+    "describe",
+    "itemsize",
+]
+
+#: File name endings read by a :class:`FileArray`, and their format.
+FILE_FORMATS = {
+    ".npy": "npy",
+    ".h5": "hdf5",
+    ".hdf5": "hdf5",
+    ".hdf": "hdf5",
+    ".he5": "hdf5",
+    ".safetensors": "safetensors",
+}
+
+#: safetensors dtype codes and the NumPy dtype their bytes are read as.
+_SAFETENSORS_DTYPES = {
+    "F64": "<f8", "F32": "<f4", "F16": "<f2", "BF16": "<u2",
+    "I64": "<i8", "I32": "<i4", "I16": "<i2", "I8": "i1",
+    "U64": "<u8", "U32": "<u4", "U16": "<u2", "U8": "u1", "BOOL": "?",
+}
 
 
-def open_source(source: Any) -> da.Array:
-    """The input as a 2-D dask array with regular chunks, validated.
+class Source(NamedTuple):
+    """An input as found, before validation.
+
+    Attributes
+    ----------
+    array : dask.array.Array
+        The data, lazily, in a dtype NumPy can hold (bfloat16 already widened to float32).
+    dtype : str
+        The source's own dtype name (``"bfloat16"`` for bfloat16 tensors).
+    path : str or None
+        The location it was opened from, if any.
+    format : str
+        ``"zarr"``, ``"npy"``, ``"hdf5"``, ``"safetensors"``, ``"dask"`` or ``"numpy"``.
+    """
+
+    array: da.Array
+    dtype: str
+    path: str | None
+    format: str
+
+
+def is_remote(path: str) -> bool:
+    """Whether ``path`` is an fsspec URL (``s3://…``, ``gs://…``) rather than a local path."""
+    return "://" in path and not path.startswith("file://")
+
+
+def read_source(
+    source: Any,
+    *,
+    storage_options: dict[str, Any] | None = None,
+    chunks: Any = "auto",
+) -> Source:
+    """Find the input and wrap it as a lazy dask array, without reading it.
 
     Parameters
     ----------
     source : str, os.PathLike, zarr.Array, dask.array.Array or numpy.ndarray
-        A path or URL of a Zarr array; an open Zarr array; or an array.
+        A location (see the module docstring) or an array.
+    storage_options : dict, optional
+        fsspec options for remote Zarr stores (``endpoint_url``, ``key``, …); default: the
+        usual environment (``AWS_*`` variables, ``~/.aws``, ``FSSPEC_*`` configuration).
+    chunks : str or tuple, default="auto"
+        Block shape for files (``.npy``, HDF5, safetensors); Zarr keeps its own chunks.
 
     Raises
     ------
     SourceNotFoundError
-        If a path names nothing.
+        If nothing is at the location, or a file has no such dataset or tensor.
+    LplrValueError
+        If the location names a group or a file without saying which array in it.
+    """
+    if isinstance(source, (str, os.PathLike)):
+        text = os.fspath(source)
+        fmt, path, key = parse_location(text)
+        if fmt == "zarr":
+            arr = _open_zarr(path, storage_options)
+            return Source(da.from_zarr(arr), str(arr.dtype), text, "zarr")
+        reader = FileArray.open(fmt, path, key)
+        return Source(reader.to_dask(chunks), reader.source_dtype, text, fmt)
+    if isinstance(source, zarr.Array):
+        return Source(da.from_zarr(source), str(source.dtype), None, "zarr")
+    if isinstance(source, da.Array):
+        return Source(source, str(source.dtype), None, "dask")
+    if isinstance(source, np.ndarray):
+        return Source(da.from_array(source, chunks=chunks), str(source.dtype), None, "numpy")
+    raise LplrTypeError(
+        "Expected a path or URL of a Zarr array, a .npy, HDF5 or safetensors location, a "
+        f"zarr.Array, a dask array or a numpy array. Got {type(source).__name__} instead."
+    )
+
+
+def open_source(
+    source: Any,
+    *,
+    storage_options: dict[str, Any] | None = None,
+    log: Callable[[str], None] | None = None,
+) -> da.Array:
+    """The input as a validated 2-D dask array with regular chunks, in its compute dtype.
+
+    Parameters
+    ----------
+    source : str, os.PathLike, zarr.Array, dask.array.Array or numpy.ndarray
+        See :func:`read_source`.
+    storage_options : dict, optional
+        fsspec options for a remote store.
+    log : callable, optional
+        Receives a note when the input is converted (integers to float32).
+
+    Raises
+    ------
+    SourceNotFoundError
+        If a location names nothing.
     LplrValueError
         If the array is not 2-D or is empty.
     LplrTypeError
         If its dtype is not real numeric.
     """
-    if isinstance(source, (str, os.PathLike)):
-        arr = _open_zarr(os.fspath(source))
-        A = da.from_zarr(arr)
-    elif isinstance(source, zarr.Array):
-        A = da.from_zarr(source)
-    elif isinstance(source, da.Array):
-        A = source
-    elif isinstance(source, np.ndarray):
-        A = da.from_array(source, chunks="auto")
-    else:
-        raise LplrTypeError(
-            "Expected a path or URL of a Zarr array, a zarr.Array, a dask array or a numpy array. "
-            f"Got {type(source).__name__} instead."
-        )
+    return as_matrix(read_source(source, storage_options=storage_options), log=log)
+
+
+def as_matrix(src: Source, *, log: Callable[[str], None] | None = None) -> da.Array:
+    """Validate a :class:`Source` as a matrix and cast it to :func:`compute_dtype`.
+
+    Raises
+    ------
+    LplrValueError
+        If the array is not 2-D or is empty.
+    LplrTypeError
+        If its dtype is not real numeric.
+    """
+    A = src.array
     if A.ndim != 2:
         raise LplrValueError(f"Expected a 2-D matrix. Got an array of shape {A.shape} instead.")
     if 0 in A.shape:
         raise LplrValueError(f"Expected a non-empty matrix. Got shape {A.shape}.")
-    compute_dtype(A.dtype)
+    target = compute_dtype(src.dtype)
+    if np.dtype(A.dtype).kind in "iu" and log is not None:
+        log(
+            f"note: the input is integer ({src.dtype}); it is computed in {target} and "
+            f"`lplr decompress` writes {src.dtype} back, rounded"
+        )
+    if A.dtype != target:
+        A = A.astype(target)
     return regular(A)
 
 
-def _open_zarr(path: str) -> zarr.Array:
-    if "://" not in path and not os.path.exists(path):
-        raise SourceNotFoundError(f"Input {path!r} does not exist. Check the path, or create a test matrix with `lplr generate {path} --shape 20000x10000`.")
+def parse_location(text: str) -> tuple[str, str, str | None]:
+    """Split a location into ``(format, path, key)``.
+
+    ``FILE.h5:/dataset`` gives ``("hdf5", "FILE.h5", "/dataset")``;
+    ``FILE.safetensors:name`` gives ``("safetensors", "FILE.safetensors", "name")``;
+    ``W.npy`` gives ``("npy", "W.npy", None)``; anything else is Zarr: ``("zarr", text, None)``.
+    """
+    head, sep, key = text.rpartition(":")
+    if sep and os.path.splitext(head)[1].lower() in FILE_FORMATS:
+        return FILE_FORMATS[os.path.splitext(head)[1].lower()], head, key
+    ext = os.path.splitext(text)[1].lower()
+    if ext in FILE_FORMATS:
+        return FILE_FORMATS[ext], text, None
+    return "zarr", text, None
+
+
+def _open_zarr(path: str, storage_options: dict[str, Any] | None) -> zarr.Array:
+    remote = is_remote(path)
+    if not remote and not os.path.exists(path):
+        raise SourceNotFoundError(
+            f"Input {path!r} does not exist. Check the path, or create a test matrix with "
+            f"`lplr generate {path} --shape 20000x10000`."
+        )
     try:
-        node = zarr.open(path, mode="r")
-    except Exception as e:  # zarr raises several types for "nothing here"
-        raise SourceNotFoundError(f"Expected a Zarr array at {path!r}. Could not open one: {e}") from e
+        node = zarr.open(path, mode="r", storage_options=storage_options if remote else None)
+    except Exception as e:  # zarr and fsspec raise several types for "nothing here"
+        raise SourceNotFoundError(
+            f"Expected a Zarr array (v3 or v2) at {path!r}. Could not open one: {type(e).__name__}: {e}"
+            + (" Check the URL and the storage options (--storage-options)." if remote else "")
+        ) from e
     if isinstance(node, zarr.Group):
-        names = [name for name, _ in node.arrays()]
+        listing = [f"{path.rstrip('/')}/{name} ({'x'.join(map(str, shape))} {dtype})"
+                   for name, (shape, dtype) in _zarr_arrays(node).items()]
+        shown = ", ".join(repr(x) for x in listing[:20]) + (f" and {len(listing) - 20} more" if len(listing) > 20 else "")
         raise LplrValueError(
             f"{path!r} is a Zarr group, not an array. Name an array inside it, one of: "
-            f"{', '.join(repr(f'{path}/{n}') for n in names) or '(none)'}."
+            f"{shown or '(none: the group holds no arrays)'}. To compress every matrix of the "
+            "group, use `lplr compress-group`."
         )
     return node
 
 
+def _zarr_arrays(group: zarr.Group) -> dict[str, tuple[tuple[int, ...], str]]:
+    return {
+        name: (tuple(node.shape), str(node.dtype))
+        for name, node in sorted(group.members(max_depth=None), key=lambda m: m[0])
+        if isinstance(node, zarr.Array)
+    }
+
+
+def list_arrays(location: str, *, storage_options: dict[str, Any] | None = None) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Every array in a Zarr group, HDF5 file or safetensors file: ``{name: (shape, dtype)}``.
+
+    Names are relative paths (``encoder/layer0/weight``) or tensor names; :func:`member` turns
+    one back into a location. The dtype is the source's own (``"bfloat16"`` included).
+
+    Raises
+    ------
+    SourceNotFoundError
+        If nothing is at the location.
+    LplrValueError
+        If the location is a single array (``.npy``, or a Zarr array).
+    """
+    fmt, path, key = parse_location(os.fspath(location))
+    if fmt == "zarr":
+        remote = is_remote(path)
+        if not remote and not os.path.exists(path):
+            raise SourceNotFoundError(f"Input {path!r} does not exist. Expected a Zarr group.")
+        try:
+            node = zarr.open(path, mode="r", storage_options=storage_options if remote else None)
+        except Exception as e:
+            raise SourceNotFoundError(f"Expected a Zarr group at {path!r}. Could not open one: {type(e).__name__}: {e}") from e
+        if not isinstance(node, zarr.Group):
+            raise LplrValueError(f"Expected a Zarr group at {path!r}. Got an array; use `lplr compress` for one array.")
+        return _zarr_arrays(node)
+    if fmt == "npy" or key:
+        raise LplrValueError(f"Expected a group of arrays (a Zarr group, an HDF5 or safetensors file). Got the single array {location!r}.")
+    _check_file(path)
+    if fmt == "hdf5":
+        import h5py
+
+        found: dict[str, tuple[tuple[int, ...], str]] = {}
+        with h5py.File(path, "r") as f:
+            f.visititems(lambda name, obj: found.__setitem__(name, (tuple(obj.shape), str(obj.dtype)))
+                         if isinstance(obj, h5py.Dataset) else None)
+        return dict(sorted(found.items()))
+    header, _ = _safetensors_header(path)
+    return {
+        name: (tuple(info["shape"]), _safetensors_dtype_name(info["dtype"]))
+        for name, info in sorted(header.items()) if name != "__metadata__"
+    }
+
+
+def member(location: str, name: str) -> str:
+    """The location of array ``name`` (from :func:`list_arrays`) inside a group or file."""
+    fmt, path, _ = parse_location(os.fspath(location))
+    if fmt == "zarr":
+        return f"{path.rstrip('/')}/{name}"
+    return f"{path}:{name}"
+
+
+def _check_file(path: str) -> None:
+    if is_remote(path):
+        raise LplrValueError(
+            f"Expected a local file for {path!r}: .npy, HDF5 and safetensors are read from local "
+            "disk only. Copy it locally, or convert it to Zarr (`lplr convert`) and upload that."
+        )
+    if not os.path.isfile(path):
+        raise SourceNotFoundError(f"Input file {path!r} does not exist. Check the path.")
+
+
+def _safetensors_header(path: str) -> tuple[dict[str, Any], int]:
+    """The JSON header of a safetensors file and the byte offset where its data begins."""
+    with open(path, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        try:
+            header = json.loads(f.read(size))
+        except ValueError as e:
+            raise LplrValueError(f"Expected a safetensors file at {path!r}. Its header is not valid JSON.") from e
+    return header, 8 + size
+
+
+def _safetensors_dtype_name(code: str) -> str:
+    if code == "BF16":
+        return "bfloat16"
+    if code not in _SAFETENSORS_DTYPES:
+        raise LplrTypeError(
+            f"Expected a safetensors tensor of a float, integer or bool dtype. Got {code}, which "
+            "lplr-dask does not read; convert the tensor to float16 or float32 first."
+        )
+    return str(np.dtype(_SAFETENSORS_DTYPES[code]))
+
+
+class FileArray:
+    """A lazily read array in a ``.npy``, HDF5 or safetensors file.
+
+    Each ``reader[index]`` opens the file, reads that block and closes it (a ``.npy`` or
+    safetensors file is memory-mapped only for the read), so a task holds one block and the
+    object pickles as a few strings: dask ships it to workers instead of data.
+
+    Attributes
+    ----------
+    shape : tuple of int
+    dtype : numpy.dtype
+        The dtype blocks are returned in (float32 for bfloat16 tensors).
+    source_dtype : str
+        The file's own dtype name.
+    """
+
+    def __init__(self, fmt: str, path: str, key: str | None, shape: tuple[int, ...], dtype: str,
+                 offset: int = 0, source_dtype: str | None = None, block: tuple[int, ...] | None = None):
+        self.fmt, self.path, self.key = fmt, path, key
+        self.shape = tuple(int(s) for s in shape)
+        self.source_dtype = source_dtype or str(np.dtype(dtype))
+        self._raw = np.dtype(dtype)
+        self.dtype = np.dtype(np.float32) if self.source_dtype == "bfloat16" else self._raw
+        self.offset = offset
+        self.block = block
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @classmethod
+    def open(cls, fmt: str, path: str, key: str | None) -> FileArray:
+        """Read the file's header (shape and dtype) and return a reader.
+
+        Raises
+        ------
+        SourceNotFoundError
+            If the file, dataset or tensor does not exist.
+        LplrValueError
+            If an HDF5 or safetensors location does not name a dataset or tensor.
+        """
+        _check_file(path)
+        if fmt == "npy":
+            try:
+                mm = np.load(path, mmap_mode="r")  # maps the file; reads only the header
+            except ValueError as e:
+                raise LplrTypeError(f"Expected a numeric .npy file. {path!r} cannot be memory-mapped: {e}") from e
+            return cls("npy", path, None, mm.shape, mm.dtype.str)
+        names = list_arrays(path)
+        where = "dataset" if fmt == "hdf5" else "tensor"
+        if not key:
+            raise LplrValueError(
+                f"{path!r} is {'an HDF5' if fmt == 'hdf5' else 'a safetensors'} file; name the {where} to read as '{path}:NAME', one of: "
+                f"{', '.join(repr(member(path, n)) for n in list(names)[:20]) or '(none)'}."
+            )
+        name = key.lstrip("/") if fmt == "hdf5" else key
+        if name not in names:
+            raise SourceNotFoundError(
+                f"{path!r} has no {where} {key!r}. It has: {', '.join(repr(n) for n in list(names)[:20]) or '(none)'}."
+            )
+        if fmt == "hdf5":
+            import h5py
+
+            with h5py.File(path, "r") as f:
+                ds = f[name]
+                return cls("hdf5", path, name, ds.shape, ds.dtype.str, block=ds.chunks)
+        header, start = _safetensors_header(path)
+        info = header[name]
+        return cls("safetensors", path, name, info["shape"], _SAFETENSORS_DTYPES[info["dtype"]],
+                   offset=start + int(info["data_offsets"][0]), source_dtype=names[name][1])
+
+    def __getitem__(self, index: Any) -> np.ndarray:
+        if self.fmt == "hdf5":
+            import h5py
+
+            with h5py.File(self.path, "r") as f:
+                return np.asarray(f[self.key][index])
+        if self.fmt == "npy":
+            mm = np.load(self.path, mmap_mode="r")
+        else:
+            mm = np.memmap(self.path, dtype=self._raw, mode="r", offset=self.offset, shape=self.shape)
+        out = np.array(mm[index])  # a copy: the mapping closes when ``mm`` goes
+        del mm
+        if self.source_dtype == "bfloat16":  # the upper half of a float32
+            out = (out.astype(np.uint32) << 16).view(np.float32)
+        return out
+
+    def to_dask(self, chunks: Any = "auto") -> da.Array:
+        """The file as a dask array whose tasks each read one block."""
+        from dask.base import tokenize
+
+        chunks = da.core.normalize_chunks(chunks, self.shape, dtype=self.dtype, previous_chunks=self.block)
+        mtime = os.path.getmtime(self.path)
+        name = f"read-{self.fmt}-" + tokenize(self.path, self.key, mtime, chunks)
+        return da.from_array(self, chunks=chunks, name=name, lock=False, meta=np.empty((0,) * self.ndim, self.dtype))
+
+
 def compute_dtype(dtype: Any) -> np.dtype:
-    """float64 stays float64; other real numbers are computed in float32.
+    """float64 stays float64; other real numbers (bfloat16 included) are computed in float32.
 
     Raises
     ------
     LplrTypeError
         For complex, boolean, string or object dtypes.
     """
+    if str(dtype) == "bfloat16":
+        return np.dtype(np.float32)
     dtype = np.dtype(dtype)
     if dtype.kind in "iuf":
         return np.dtype(np.float64) if dtype == np.float64 else np.dtype(np.float32)
@@ -84,6 +441,24 @@ def compute_dtype(dtype: Any) -> np.dtype:
         f"Expected a real numeric matrix (float or integer). Got dtype {dtype} instead; convert it "
         "first (complex: compress real and imaginary parts separately)."
     )
+
+
+def output_dtype(name: str) -> np.dtype:
+    """The dtype a reconstruction is written in for a source of dtype ``name``.
+
+    The source's own, except bfloat16, which Zarr cannot store: float32 (exact for every
+    bfloat16 value).
+    """
+    return np.dtype(np.float32) if name == "bfloat16" else np.dtype(name)
+
+
+def cast_to(x: da.Array, dtype: Any) -> da.Array:
+    """``x`` in ``dtype``: rounded to nearest and clipped to the range for integer dtypes."""
+    dtype = np.dtype(dtype)
+    if dtype.kind in "iu":
+        info = np.iinfo(dtype)
+        return da.clip(da.rint(x), info.min, info.max).astype(dtype)
+    return x.astype(dtype)
 
 
 def regular(A: da.Array) -> da.Array:
@@ -95,11 +470,20 @@ def regular(A: da.Array) -> da.Array:
     return A if tuple(chunks) == A.chunks else A.rechunk(tuple(chunks))
 
 
-def describe(source: Any, A: da.Array) -> dict[str, Any]:
-    """What the attrs record about the source."""
+def describe(src: Source, A: da.Array) -> dict[str, Any]:
+    """What the attrs record about the source: location, shape, its own dtype, chunks.
+
+    The dtype is the source's (``"bfloat16"`` included), not the compute dtype, which
+    :func:`compute_dtype` derives from it.
+    """
     return {
-        "path": os.fspath(source) if isinstance(source, (str, os.PathLike)) else None,
+        "path": src.path,
         "shape": list(A.shape),
-        "dtype": str(A.dtype),
+        "dtype": src.dtype,
         "chunks": [int(A.chunks[0][0]), int(A.chunks[1][0])],
     }
+
+
+def itemsize(dtype: str) -> int:
+    """Bytes per entry of a source dtype name (``"bfloat16"`` included)."""
+    return 2 if dtype == "bfloat16" else np.dtype(dtype).itemsize

@@ -1,0 +1,74 @@
+"""``lplr convert``: stream a ``.npy``, HDF5 dataset, safetensors tensor or Zarr array into Zarr v3.
+
+Each task reads one block of the source (see :class:`lplr_dask.sources.FileArray`) and writes it
+as one whole chunk of the output, so memory holds a few blocks whatever the source's size.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any, Callable
+
+import zarr
+
+from lplr_dask import store
+from lplr_dask.cluster import print_to_stderr
+from lplr_dask.sources import read_source, regular
+
+__all__ = ["convert"]
+
+
+def convert(
+    source: Any,
+    out: str | os.PathLike[str],
+    *,
+    chunks: Any = "auto",
+    overwrite: bool = False,
+    storage_options: dict[str, Any] | None = None,
+    log: Callable[[str], None] = print_to_stderr,
+) -> zarr.Array:
+    """Write ``source`` to a chunked Zarr v3 array at ``out``, block by block.
+
+    Parameters
+    ----------
+    source : str, os.PathLike or array
+        ``W.npy``, ``FILE.h5:/dataset``, ``FILE.safetensors:name``, a Zarr array (v2 or v3, local
+        or remote) or an array; see :func:`lplr_dask.sources.read_source`.
+    out : str or os.PathLike
+        The output array: a local path or an fsspec URL.
+    chunks : str or tuple, default="auto"
+        The output's chunk shape; ``"auto"`` keeps a Zarr source's chunks and picks blocks of
+        about dask's ``array.chunk-size`` for files.
+    overwrite : bool, default=False
+    storage_options : dict, optional
+        fsspec options for remote source or output.
+    log : callable, default=print to stderr
+
+    Returns
+    -------
+    zarr.Array
+        The output; its attrs ``lplr_convert`` record the source, its format and its dtype
+        (bfloat16 is stored as float32, which holds every bfloat16 value exactly).
+
+    Raises
+    ------
+    SourceNotFoundError, LplrValueError, LplrTypeError
+        For a missing or ambiguous source.
+    OutputExistsError
+        If ``out`` exists and ``overwrite`` is false.
+    """
+    src = read_source(source, storage_options=storage_options, chunks=chunks)
+    A = src.array
+    if src.format in ("zarr", "dask") and chunks != "auto":
+        A = A.rechunk(chunks)
+    A = regular(A)
+    shape = "x".join(map(str, A.shape))
+    log(f"convert {src.format} {shape} {src.dtype} -> {os.fspath(out)} (chunks {'x'.join(map(str, A.chunksize))})")
+    t0 = time.perf_counter()
+    arr = store.write_array(
+        A, out, overwrite=overwrite, label=f"convert {shape}", storage_options=storage_options,
+        attrs={"lplr_convert": {"source": src.path, "format": src.format, "source_dtype": src.dtype}},
+    )
+    log(f"convert: {time.perf_counter() - t0:.1f}s")
+    return arr

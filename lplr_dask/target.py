@@ -1,0 +1,308 @@
+"""The smallest factorization whose relative error meets a target: ``--target-error E``.
+
+At the given bits (B1, B2) the storage ``k·(n·B1 + d·B2)`` grows with the rank, so the smallest
+storage is the smallest rank k whose error is at most E. It is found from one extra read of A:
+
+1. **The sketch spectrum.** ``Y = A·Ω`` (n × k_max, Gaussian, with the same power iterations as
+   the compression) and the test columns ``A·G`` (the same G as the free error estimate), in one
+   read, kept on the workers. A TSQR ``Y = Q·T`` gives nested bases: ``Q[:, :k]`` spans the first
+   k sketch columns, a Gaussian sketch of rank k as LPLR uses. With ``c = Qᵀ·A·G`` the low-rank
+   residual at *every* rank is ``tail²(k) = 1 − Σ_{i<k} ‖c_i‖² / ‖A·G‖²``: a lower bound on the
+   error at rank k, which rules out the ranks below the first that could meet E.
+2. **The error at one rank** is predicted without reading A: quantize ``Y[:, :k]`` as the
+   compression quantizes its basis (``L̂``), project the test columns on ``L̂`` (the least-squares
+   residual, L's rounding included) and add R's rounding noise: variance ``Δ_c²/12`` (``Δ_c²/6``
+   stochastic) per entry of row c of ``W = pinv(L̂)·A``, with ``Δ_c = range_c / (2^B2 − 1)`` and
+   ``range_c ≈ 2·E[max of m normals]·rms_c`` for m entries sharing a scale; ``rms_c`` comes from
+   ``pinv(L̂)·A·G``, and the noise reaches ``L̂·R`` weighted by ``‖L̂_c‖²``.
+3. **Search.** From the first rank the tail allows, the rank grows by a quarter until the
+   prediction meets E (with a margin), then a bisection finds the smallest such rank. Quantization
+   noise grows with the rank once the basis becomes ill-conditioned, so past the best rank more
+   rank does not help: then E is out of reach at these bits.
+4. **Check.** The chosen rank is compressed and its free error estimate (the same test columns)
+   compared with E. If it is above, the search runs again above that rank against a target lowered
+   by the ratio of measured to predicted error, at most a few times.
+
+The result records the target, the achieved estimate and every attempt in the attrs
+(``target_error``). When E is out of reach at every rank up to ``max_rank`` (at these bits), a
+:class:`LplrValueError` says how close the best rank gets and what to change.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any, Callable
+
+import dask
+import dask.array as da
+import numpy as np
+
+from lplr_dask import blocks, store
+from lplr_dask.errors import LplrValueError
+from lplr_dask.factors import Factors, decode_factor, open_factors
+from lplr_dask.quantize import QuantizerSpec, parse_quantizer
+from lplr_dask.sketch import STREAM_G, STREAM_S
+
+__all__ = ["Plan", "compress_to_target", "DEFAULT_MAX_RANK", "MAX_ATTEMPTS"]
+
+#: The largest rank the sketch spectrum covers by default (Y is n × max_rank float64 on the workers).
+DEFAULT_MAX_RANK = 512
+#: Compressions tried before giving up.
+MAX_ATTEMPTS = 3
+#: The search aims this far below the target, for the noise of the estimates.
+MARGIN = 0.95
+#: One-pass mode's error relative to two passes (Tropp et al. 2017: ×1.1–1.2).
+ONE_PASS_FACTOR = 1.2
+
+
+def _spread(m: int) -> float:
+    """``range / rms`` of m Gaussian samples: twice the expected maximum of m standard normals."""
+    if m < 3:
+        return 2.0 * 0.5642 if m == 2 else 0.0  # E[max of 2] = 1/sqrt(pi)
+    a = math.sqrt(2.0 * math.log(m))
+    return 2.0 * (a - (math.log(math.log(m)) + math.log(4 * math.pi)) / (2 * a))
+
+
+class Plan:
+    """Predicted relative errors of LPLR at any rank up to ``max_rank``, from one read of A.
+
+    Parameters
+    ----------
+    A : dask array of shape (n, d)
+    bits : (int, int)
+    spec : QuantizerSpec
+        The quantizer of both factors.
+    seed, test_columns, power_iters, passes
+        As for :func:`lplr_dask.compress`: the test columns are the same as the compression's.
+    max_rank : int, default=DEFAULT_MAX_RANK
+        The largest rank considered (capped at ``min(n, d)``).
+
+    Attributes
+    ----------
+    tail2 : ndarray of shape (max_rank + 1,)
+        ``tail2[k]``: the squared relative residual of the unquantized rank-k sketch basis.
+    """
+
+    def __init__(
+        self,
+        A: da.Array,
+        *,
+        bits: tuple[int, int],
+        spec: QuantizerSpec,
+        seed: int = 0,
+        test_columns: int = 10,
+        power_iters: int = 0,
+        passes: int = 2,
+        max_rank: int = DEFAULT_MAX_RANK,
+    ):
+        from lplr_dask.factorize import power_iterate
+        from lplr_dask.progress import compute
+
+        n, d = A.shape
+        kmax = int(min(n, d, max_rank))
+        self.bits, self.spec, self.seed, self.passes, self.d = bits, spec, seed, passes, d
+        yg = blocks.sketch_right(A, seed, [(STREAM_S, kmax, 1.0), (STREAM_G, test_columns, 1.0)])
+        Y, AG = compute("target: sketch spectrum", yg[:, :kmax], yg[:, kmax:], persist=True)
+        if power_iters:
+            Y = power_iterate(A, Y, power_iters, lambda label, *x, persist=True: compute(label, *x, persist=persist))
+        tall = blocks.tall_chunks(n, kmax, Y.chunks[0][0])
+        self.Y, self.AG = compute("target: sketch spectrum", Y.rechunk({0: tall, 1: -1}), AG.rechunk({0: tall, 1: -1}), persist=True)
+        Q, _ = da.linalg.tsqr(self.Y)
+        c, ag2 = dask.compute(Q.T @ self.AG, (self.AG**2).sum())
+        self.ag2 = float(ag2)
+        captured = np.concatenate([[0.0], np.cumsum((c**2).sum(axis=1))])
+        self.tail2 = np.clip(1.0 - captured / self.ag2, 0.0, 1.0) if self.ag2 > 0 else np.zeros(kmax + 1)
+        self._cache: dict[int, float] = {}
+
+    @property
+    def max_rank(self) -> int:
+        return len(self.tail2) - 1
+
+    def _low_rank_factor(self) -> float:
+        return ONE_PASS_FACTOR if self.passes == 1 else 1.0
+
+    def estimate(self, k: int) -> float:
+        """The predicted relative error of LPLR at rank k (see the module docstring, step 2)."""
+        if k in self._cache:
+            return self._cache[k]
+        if self.ag2 == 0.0:
+            return 0.0
+        from lplr_dask.factorize import Params, quantize_basis
+
+        p = Params(rank=k, bits=self.bits, quantizer=self.spec.name, spec_l=self.spec, spec_r=self.spec, seed=self.seed)
+        q = quantize_basis(self.Y[:, :k], p)
+        L = decode_factor(q.codes, q.scale, q.offset, self.spec, channel_axis=1)
+        Q, T = da.linalg.tsqr(L)
+        c, T = dask.compute(Q.T @ self.AG, T)
+        resid2 = max(self.ag2 - float((c**2).sum()), 0.0) * self._low_rank_factor() ** 2
+        l2 = (T**2).sum(axis=0)  # ‖L̂_c‖²
+        w2 = (np.linalg.pinv(T) @ c) ** 2  # (pinv(L̂)·A·G)², each row: ‖W_c‖² · (one per test column)
+        w2 = w2.sum(axis=1)
+        spec = self.spec
+        levels = (1 << self.bits[1]) - 1
+        variance = 1 / 6 if spec.rounding == "stochastic" else 1 / 12
+        if spec.granularity == "group":
+            spread = _spread(spec.group_size)
+        else:
+            spread = _spread(self.d)
+        if spec.granularity == "tensor":  # one step for the whole factor, set by its widest row
+            noise = float(l2.sum() * w2.max())
+        else:
+            noise = float(l2 @ w2)
+        noise *= variance * (spread / levels) ** 2
+        self._cache[k] = float(math.sqrt((resid2 + noise) / self.ag2))
+        return self._cache[k]
+
+    def first(self, target: float) -> int | None:
+        """The smallest rank whose unquantized residual is below ``target``, or None."""
+        ok = np.flatnonzero(np.sqrt(self.tail2[1:]) * self._low_rank_factor() <= target)
+        return int(ok[0]) + 1 if ok.size else None
+
+    def search(self, target: float, above: int = 0) -> tuple[int | None, int, float]:
+        """The smallest rank above ``above`` predicted to meet ``target``.
+
+        Returns
+        -------
+        (rank or None, best rank seen, its predicted error)
+        """
+        lo = self.first(target)
+        if lo is None:
+            k = self.max_rank
+            return None, k, self.estimate(k)
+        k = max(lo, above + 1)
+        if k > self.max_rank:
+            return None, self.max_rank, self.estimate(self.max_rank)
+        bad, seen = k - 1, {}
+        while True:
+            seen[k] = self.estimate(k)
+            if seen[k] <= target:
+                break
+            bad = k
+            worse = len(seen) >= 3 and seen[k] > min(seen.values()) * 1.05
+            if k == self.max_rank or worse:  # past the best rank: quantization noise dominates
+                best = min(seen, key=seen.__getitem__)
+                return None, best, seen[best]
+            k = min(self.max_rank, max(k + 1, math.ceil(k * 1.25)))
+        good = k
+        while good - bad > 1:
+            mid = (good + bad) // 2
+            if self.estimate(mid) <= target:
+                good = mid
+            else:
+                bad = mid
+        return good, good, self.estimate(good)
+
+
+def compress_to_target(
+    source: Any,
+    out: str | os.PathLike[str],
+    target: float,
+    *,
+    bits: tuple[int, int] = (8, 8),
+    quantizer: str = "default",
+    seed: int = 0,
+    passes: int = 2,
+    power_iters: int = 0,
+    test_columns: int = 10,
+    overwrite: bool = False,
+    resume: bool = False,
+    device: str = "cpu",
+    max_rank: int = DEFAULT_MAX_RANK,
+    storage_options: dict[str, Any] | None = None,
+    log: Callable[[str], None],
+) -> Factors:
+    """Compress at the smallest rank whose estimated relative error is at most ``target``.
+
+    Parameters
+    ----------
+    source, out
+        As for :func:`lplr_dask.compress`.
+    target : float
+        The relative Frobenius error to meet, in (0, 1).
+    bits, quantizer, seed, passes, power_iters, test_columns, overwrite, device, storage_options
+        As for :func:`lplr_dask.compress`.
+    resume : bool, default=False
+        Keep a completed output made for the same target; anything else is redone.
+    max_rank : int, default=DEFAULT_MAX_RANK
+        The largest rank considered.
+    log : callable
+
+    Returns
+    -------
+    Factors
+        Whose attrs ``target_error`` hold ``target``, the ``achieved`` estimate, the ``predicted``
+        error of the plan and the ``attempts`` (rank, estimate).
+
+    Raises
+    ------
+    LplrValueError
+        If ``target`` is not in (0, 1), or no rank up to ``max_rank`` reaches it at these bits
+        (the message gives the best estimate and what to change). Nothing is left at ``out``.
+    """
+    from lplr_dask.api import compress
+    from lplr_dask.backend import to_device
+    from lplr_dask.sources import open_source
+
+    if isinstance(target, bool) or not isinstance(target, (int, float, np.floating)) or not 0 < target < 1:
+        raise LplrValueError(f"Expected a target relative error between 0 and 1 (e.g. 0.05). Got {target!r} instead.")
+    target = float(target)
+    path = os.fspath(out)
+    if resume and store.exists(path, storage_options):
+        try:
+            done = open_factors(path, storage_options=storage_options)
+            if done.attrs.get("target_error", {}).get("target") == target:
+                log(f"{path}: already complete for target error {target}; nothing to do")
+                return done
+        except LplrValueError:
+            pass
+        log(f"{path}: not a completed result for target error {target}; starting over")
+        overwrite = True
+    spec = parse_quantizer(quantizer)
+    A = to_device(open_source(source, storage_options=storage_options, log=log), device)
+    p = Plan(A, bits=bits, spec=spec, seed=seed, test_columns=test_columns, power_iters=power_iters,
+             passes=passes, max_rank=max_rank)
+    aim, above = target * MARGIN, 0
+    attempts: list[dict[str, Any]] = []
+    for _ in range(MAX_ATTEMPTS):
+        k, kbest, ebest = p.search(aim, above)
+        if k is None:
+            break
+        predicted = p.estimate(k)
+        log(f"target error {target}: trying rank {k} (predicted error {predicted:.4g})")
+        factors = compress(
+            source, path, rank=k, bits=bits, quantizer=quantizer, seed=seed, passes=passes,
+            power_iters=power_iters, test_columns=test_columns, overwrite=overwrite or bool(attempts),
+            device=device, storage_options=storage_options, log=log,
+        )
+        estimate = float(factors.attrs["error_estimate"])
+        attempts.append({"rank": k, "predicted": predicted, "estimate": estimate})
+        if estimate <= target:
+            return _record(factors, target, attempts, storage_options)
+        aim *= predicted / estimate  # the prediction was optimistic by this much
+        above = k
+    if attempts:
+        store.remove(path, storage_options)  # the last attempt missed the target
+        best = min(attempts, key=lambda a: a["estimate"])
+        kbest, ebest, how = best["rank"], best["estimate"], "measured"
+    else:
+        how = "predicted"
+    raise LplrValueError(
+        f"Target error {target} is out of reach at bits {tuple(bits)} for ranks up to {p.max_rank}: "
+        f"the best {how} error estimate is {ebest:.4g} (rank {kbest}). Raise --bits (quantization "
+        "limits the error), allow a larger target, or use --rank directly."
+    )
+
+
+def _record(factors: Factors, target: float, attempts: list[dict[str, Any]], storage_options: dict[str, Any] | None) -> Factors:
+    """Store the target and the attempts in the attrs; return the reopened factors."""
+    group = store.open_group(factors.path, mode="r+", storage_options=storage_options)
+    meta = store.read_meta(group, path=factors.path)
+    meta["target_error"] = {
+        "target": target,
+        "achieved": attempts[-1]["estimate"],
+        "predicted": attempts[-1]["predicted"],
+        "attempts": attempts,
+    }
+    store.write_meta(group, meta)
+    return open_factors(factors.path, storage_options=storage_options)
