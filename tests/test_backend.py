@@ -145,6 +145,11 @@ class _CSCMatrix:
         assert all(isinstance(v, ndarray) for v in arg), "cupyx sparse matrices are built from device arrays"
         self._m = scipy.sparse.csc_matrix(_unwrap(arg), shape=shape)
 
+    def __getitem__(self, key: Any) -> _CSCMatrix:
+        part = object.__new__(_CSCMatrix)
+        part._m = self._m[key]
+        return part
+
     def __matmul__(self, other: Any) -> Any:
         _refuse_host((other,))
         return _wrap(self._m @ _unwrap(other))
@@ -160,13 +165,18 @@ def _fake_cupyx_modules() -> dict[str, types.ModuleType]:
 
 @pytest.fixture
 def fake_cupy(monkeypatch):
-    """``import cupy`` gives the strict stand-in; dask's cupy registrations are undone after."""
+    """``import cupy`` gives the strict stand-in; dask's cupy registrations are undone after.
+
+    Dask and distributed register their cupy functions lazily, on the first cupy-typed object
+    they meet; the stand-in must not use up those registrations for the real CuPy.
+    """
+    import gc
+
     from dask.utils import Dispatch
 
     import dask.array.backends  # noqa: F401 - registers the lazy cupy lookups we save
-    import dask.array.dispatch
 
-    dispatchers = [d for d in vars(dask.array.dispatch).values() if isinstance(d, Dispatch)]
+    dispatchers = [o for o in gc.get_objects() if isinstance(o, Dispatch) and {"cupy", "cupyx"} & set(o._lazy)]
     saved = [(d, dict(d._lookup), dict(d._lazy)) for d in dispatchers]
     mod = _fake_cupy_module()
     monkeypatch.setitem(sys.modules, "cupy", mod)
