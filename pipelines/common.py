@@ -49,10 +49,14 @@ __all__ = [
     "minilm_path",
     "load_minilm",
     "UNCOMPRESSED",
+    "LPLR_QUANTIZERS",
 ]
 
 #: What a table cell says for a matrix left uncompressed because its fair rank is 0.
 UNCOMPRESSED = "uncompressed (fair rank 0)"
+
+#: The LPLR columns of the tables and the quantizer each passes to :func:`lplr_dask.compress`.
+LPLR_QUANTIZERS = {"LPLR (paper)": "paper", "LPLR (default)": "default"}
 
 
 class PipelineUsageError(LplrError, ValueError):
@@ -165,6 +169,7 @@ def run_pipeline(
             try:
                 report = body(ctx)
             finally:
+                set_quiet(False)
                 if not args.keep_work:
                     shutil.rmtree(work, ignore_errors=True)
     except LplrError as e:
@@ -289,10 +294,20 @@ def pyplot() -> Any:
     return plt
 
 
-def save_figure(fig: Any, path: Path, *, dpi: int = 100) -> Path:
-    """Save a figure as PNG and close it."""
+def save_figure(fig: Any, path: Path, *, dpi: int = 100, colors: int | None = None) -> Path:
+    """Save a figure as PNG and close it.
+
+    With ``colors``, the PNG is re-saved with a palette of that many colours (a third of the
+    bytes for grids of grayscale images).
+    """
     fig.savefig(path, dpi=dpi, bbox_inches="tight")
     pyplot().close(fig)
+    if colors:
+        from PIL import Image
+
+        with Image.open(path) as im:
+            paletted = im.convert("RGB").quantize(colors)
+        paletted.save(path, optimize=True)
     return path
 
 

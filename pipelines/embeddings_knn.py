@@ -35,6 +35,7 @@ import numpy as np
 from lplr_dask.baselines import dsvd, naive_quantize, relative_error
 from lplr_dask.budget import fair_rank
 from pipelines.common import (
+    LPLR_QUANTIZERS,
     Context,
     build_parser,
     load_minilm,
@@ -48,7 +49,7 @@ from pipelines.common import (
 
 __all__ = ["main", "Dataset", "digits", "stdlib_docstrings", "METHODS", "K_NEIGHBOURS"]
 
-METHODS = ("NQ", "DSVD", "LPLR (paper)", "LPLR (default)")
+METHODS = ("NQ", "DSVD", *LPLR_QUANTIZERS)
 K_NEIGHBOURS = 3
 BITS = (8, 8)
 SPLIT_SEED = 0
@@ -183,9 +184,8 @@ def _compress(ctx: Context, data: Dataset, method: str, b_nq: int) -> tuple[np.n
             L, R = dsvd(M, k, BITS, quantizer="paper")
             M_hat = L @ R
         else:
-            quantizer = method[method.index("(") + 1 : -1]
             M_hat = lplr_reconstruct(
-                M, ctx.work, f"{data.name.split()[0]}-{g}", bits=BITS, match_nq=b_nq, quantizer=quantizer,
+                M, ctx.work, f"{data.name.split()[0]}-{g}", bits=BITS, match_nq=b_nq, quantizer=LPLR_QUANTIZERS[method],
                 seed=0, verbose=ctx.args.verbose,
             )
         if M_hat is None:  # fair rank 0: too small to gain from a factorization
@@ -253,7 +253,9 @@ def _body(ctx: Context) -> Path:
         "NQ 50/50/73% at B_nq = 1/2/4, uncompressed 75%.\n\n"
         + "\n".join(f"- {d.name}: {d.description}." for d in datasets)
     )
-    return ctx.write_report("Embeddings: k-NN accuracy after compression", [notes, table, f"![accuracy]({figure.name})"],
+    return ctx.write_report(
+        "Embeddings: k-NN accuracy after compression",
+        [notes, table, f"![accuracy]({figure.name})"],
         {"b_nq": list(b_nqs), "accuracy": results, "error": errors},
     )
 

@@ -21,6 +21,7 @@ import numpy as np
 from lplr_dask.baselines import dsvd, lsvd, naive_quantize, relative_error
 from lplr_dask.budget import fair_rank
 from pipelines.common import (
+    LPLR_QUANTIZERS,
     Context,
     build_parser,
     fmt,
@@ -35,8 +36,8 @@ from pipelines.common import (
 __all__ = ["main", "load_images", "METHODS"]
 
 #: The columns of the table, in order: the baselines, then LPLR with each quantizer.
-METHODS = ("NQ", "DSVD", "LSVD", "LPLR (paper)", "LPLR (default)")
-_RANDOMIZED = {"LSVD", "LPLR (paper)", "LPLR (default)"}
+METHODS = ("NQ", "DSVD", "LSVD", *LPLR_QUANTIZERS)
+_RANDOMIZED = {"LSVD", *LPLR_QUANTIZERS}
 _BITS_FULL = ((8, 4), (4, 8), (2, 8))
 _BITS_QUICK = ((8, 4),)
 _B_NQ = (1, 2)
@@ -70,8 +71,8 @@ def _reconstructions(
     L, R = dsvd(A, k, bits, quantizer="paper")
     Ls, Rs = lsvd(A, k, bits, quantizer="paper", seed=seed)
     out = {"NQ": naive_quantize(A, b_nq, quantizer="paper"), "DSVD": L @ R, "LSVD": Ls @ Rs}
-    for q in ("paper", "default"):
-        out[f"LPLR ({q})"] = lplr_reconstruct(
+    for method, q in LPLR_QUANTIZERS.items():
+        out[method] = lplr_reconstruct(
             A, ctx.work, name, bits=bits, match_nq=b_nq, quantizer=q, seed=seed, verbose=ctx.args.verbose
         )
     return out
@@ -98,7 +99,7 @@ def _figure(ctx: Context, name: str, A: np.ndarray, shown: dict[tuple[tuple[int,
             elif col != "original":
                 ax.set_xlabel(f"err {relative_error(A, img):.3f}", fontsize=7)
     fig.suptitle(f"{name} {A.shape[0]}×{A.shape[1]}: reconstructions at the fair rank", fontsize=9)
-    return save_figure(fig, ctx.out / f"{name}.png", dpi=90)
+    return save_figure(fig, ctx.out / f"{name}.png", dpi=90, colors=256)
 
 
 def _body(ctx: Context) -> Path:

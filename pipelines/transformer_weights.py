@@ -26,6 +26,7 @@ import numpy as np
 from lplr_dask.baselines import lsvd, naive_quantize, relative_error
 from lplr_dask.budget import fair_rank
 from pipelines.common import (
+    LPLR_QUANTIZERS,
     UNCOMPRESSED,
     Context,
     build_parser,
@@ -41,7 +42,7 @@ from pipelines.common import (
 
 __all__ = ["main", "weight_matrices", "sentences", "neighbour_overlap", "METHODS"]
 
-METHODS = ("NQ", "LSVD", "LPLR (paper)", "LPLR (default)")
+METHODS = ("NQ", "LSVD", *LPLR_QUANTIZERS)
 BITS = (8, 8)
 B_NQ = 4
 NEIGHBOURS = 10
@@ -103,8 +104,8 @@ def _compress(ctx: Context, name: str, W: np.ndarray) -> tuple[int, dict[str, np
     else:
         L, R = lsvd(M, k, BITS, quantizer="paper", seed=0)
         recon["LSVD"] = L @ R
-        for q in ("paper", "default"):
-            recon[f"LPLR ({q})"] = lplr_reconstruct(
+        for method, q in LPLR_QUANTIZERS.items():
+            recon[method] = lplr_reconstruct(
                 M, ctx.work, name, bits=BITS, match_nq=B_NQ, quantizer=q, seed=0, verbose=ctx.args.verbose
             )
     return k, {m: None if r is None else (r.T if transposed else r).astype(np.float32) for m, r in recon.items()}
