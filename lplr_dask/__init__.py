@@ -7,6 +7,7 @@ chunked Zarr matrix on Dask (Saha, Srivastava, Pilanci, NeurIPS 2023).
 from lplr_dask.api import compress, evaluate
 from lplr_dask.baselines import dsvd, lplr_reference, lsvd, naive_quantize, relative_error
 from lplr_dask.budget import fair_rank
+from lplr_dask.convert import convert
 from lplr_dask.datasets import generate
 from lplr_dask.errors import (
     LplrError,
@@ -18,10 +19,13 @@ from lplr_dask.errors import (
     StoreFormatError,
 )
 from lplr_dask.factors import Factors, open_factors
+from lplr_dask.group import compress_group
 from lplr_dask.quantize import QuantizerSpec, dequantize, quantize
 
 __all__ = [
     "compress",
+    "compress_group",
+    "convert",
     "evaluate",
     "open_factors",
     "Factors",

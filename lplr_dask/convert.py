@@ -13,7 +13,6 @@ from typing import Any, Callable
 import zarr
 
 from lplr_dask import store
-from lplr_dask.cluster import print_to_stderr
 from lplr_dask.sources import read_source, regular
 
 __all__ = ["convert"]
@@ -26,7 +25,7 @@ def convert(
     chunks: Any = "auto",
     overwrite: bool = False,
     storage_options: dict[str, Any] | None = None,
-    log: Callable[[str], None] = print_to_stderr,
+    log: Callable[[str], None] | None = None,
 ) -> zarr.Array:
     """Write ``source`` to a chunked Zarr v3 array at ``out``, block by block.
 
@@ -43,7 +42,8 @@ def convert(
     overwrite : bool, default=False
     storage_options : dict, optional
         fsspec options for remote source or output.
-    log : callable, default=print to stderr
+    log : callable, optional
+        Receives progress lines (default: print them to stderr).
 
     Returns
     -------
@@ -58,6 +58,9 @@ def convert(
     OutputExistsError
         If ``out`` exists and ``overwrite`` is false.
     """
+    from lplr_dask.cluster import print_to_stderr
+
+    log = log or print_to_stderr
     src = read_source(source, storage_options=storage_options, chunks=chunks)
     A = src.array
     if src.format in ("zarr", "dask") and chunks != "auto":

@@ -12,7 +12,7 @@ Output layout (``OUT.lplr.zarr``, a Zarr v3 group)::
 ``<name>`` is the array's path in the input group (``encoder/layer0/weight``) or its tensor name
 in an HDF5 or safetensors file. Arrays that are not real 2-D matrices, and matrices too small to
 gain from a factorization under the rule (fair rank 0, or factors at least as large as the
-array itself), are copied.
+array itself, or full rank), are copied.
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ from typing import Any, Callable
 import numpy as np
 
 from lplr_dask import budget, store
-from lplr_dask.cluster import get_client, print_to_stderr
 from lplr_dask.errors import LplrValueError, OutputExistsError
 from lplr_dask.sources import itemsize, list_arrays, member, read_source, regular
 
@@ -69,6 +68,8 @@ def plan_rank(
         k = budget.fair_rank(n, d, bits, float(bits_per_entry if bits_per_entry is not None else match_nq))  # type: ignore[arg-type]
     if k < 1:
         return 0, "too small to gain (fair rank 0)"
+    if k >= min(n, d):
+        return 0, f"too small to gain (rank {k} is full rank)"
     factor_bits = budget.theoretical_bits_per_entry(n, d, k, bits)
     if factor_bits >= 8 * itemsize(dtype):
         return 0, f"too small to gain (rank {k} needs {factor_bits:.3g} bits per entry, the array {8 * itemsize(dtype)})"
@@ -112,7 +113,7 @@ def compress_group(
     device: str = "cpu",
     evaluate: bool = False,
     storage_options: dict[str, Any] | None = None,
-    log: Callable[[str], None] = print_to_stderr,
+    log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Compress every matrix of a group into one output group (layout in the module docstring).
 
@@ -134,8 +135,8 @@ def compress_group(
         Also measure each matrix's exact error (one more read of it).
     storage_options : dict, optional
         fsspec options for remote source and output.
-    log : callable, default=print to stderr
-        Progress: one line per array with a bar over the arrays.
+    log : callable, optional
+        Receives progress: one line per array with a bar over the arrays (default: stderr).
 
     Returns
     -------
@@ -154,7 +155,9 @@ def compress_group(
     """
     from lplr_dask.api import compress
     from lplr_dask.api import evaluate as evaluate_error
+    from lplr_dask.cluster import get_client, print_to_stderr
 
+    log = log or print_to_stderr
     rule = _check_rule(rank, bits_per_entry, match_nq)
     if overwrite and resume:
         raise LplrValueError("Give at most one of overwrite (--overwrite) and resume (--resume).")

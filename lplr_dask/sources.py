@@ -132,7 +132,8 @@ def read_source(
     if isinstance(source, da.Array):
         return Source(source, str(source.dtype), None, "dask")
     if isinstance(source, np.ndarray):
-        return Source(da.from_array(source, chunks=chunks), str(source.dtype), None, "numpy")
+        blocks = -1 if source.dtype.hasobject else chunks  # dask cannot size object blocks
+        return Source(da.from_array(source, chunks=blocks), str(source.dtype), None, "numpy")
     raise LplrTypeError(
         "Expected a path or URL of a Zarr array, a .npy, HDF5 or safetensors location, a "
         f"zarr.Array, a dask array or a numpy array. Got {type(source).__name__} instead."

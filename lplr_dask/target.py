@@ -5,10 +5,11 @@ storage is the smallest rank k whose error is at most E. It is found from one ex
 
 1. **The sketch spectrum.** ``Y = A·Ω`` (n × k_max, Gaussian, with the same power iterations as
    the compression) and the test columns ``A·G`` (the same G as the free error estimate), in one
-   read, kept on the workers. A TSQR ``Y = Q·T`` gives nested bases: ``Q[:, :k]`` spans the first
+   read (the compression's own pass 1 at rank k_max), kept on the workers. A TSQR ``Y = Q·T`` gives nested bases: ``Q[:, :k]`` spans the first
    k sketch columns, a Gaussian sketch of rank k as LPLR uses. With ``c = Qᵀ·A·G`` the low-rank
-   residual at *every* rank is ``tail²(k) = 1 − Σ_{i<k} ‖c_i‖² / ‖A·G‖²``: a lower bound on the
-   error at rank k, which rules out the ranks below the first that could meet E.
+   residual at *every* rank is ``tail²(k) = (‖A·G‖² − Σ_{i<k} ‖c_i‖²) / (t·‖A‖²_F)`` (t test
+   columns; the free estimate's normalization): a lower bound on the error at rank k, which rules
+   out the ranks below the first that could meet E.
 2. **The error at one rank** is predicted without reading A: quantize ``Y[:, :k]`` as the
    compression quantizes its basis (``L̂``), project the test columns on ``L̂`` (the least-squares
    residual, L's rounding included) and add R's rounding noise: variance ``Δ_c²/12`` (``Δ_c²/6``
@@ -30,6 +31,7 @@ The result records the target, the achieved estimate and every attempt in the at
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from typing import Any, Callable
@@ -42,7 +44,6 @@ from lplr_dask import blocks, store
 from lplr_dask.errors import LplrValueError
 from lplr_dask.factors import Factors, decode_factor, open_factors
 from lplr_dask.quantize import QuantizerSpec, parse_quantizer
-from lplr_dask.sketch import STREAM_G, STREAM_S
 
 __all__ = ["Plan", "compress_to_target", "DEFAULT_MAX_RANK", "MAX_ATTEMPTS"]
 
@@ -52,6 +53,8 @@ DEFAULT_MAX_RANK = 512
 MAX_ATTEMPTS = 3
 #: The search aims this far below the target, for the noise of the estimates.
 MARGIN = 0.95
+#: Test columns at least: the estimate decides, so it gets more columns than a plain compression's.
+MIN_TEST_COLUMNS = 32
 #: One-pass mode's error relative to two passes (Tropp et al. 2017: ×1.1–1.2).
 ONE_PASS_FACTOR = 1.2
 
@@ -96,23 +99,27 @@ class Plan:
         passes: int = 2,
         max_rank: int = DEFAULT_MAX_RANK,
     ):
-        from lplr_dask.factorize import power_iterate
+        from lplr_dask.factorize import Params, pass1, power_iterate
         from lplr_dask.progress import compute
 
         n, d = A.shape
         kmax = int(min(n, d, max_rank))
         self.bits, self.spec, self.seed, self.passes, self.d = bits, spec, seed, passes, d
-        yg = blocks.sketch_right(A, seed, [(STREAM_S, kmax, 1.0), (STREAM_G, test_columns, 1.0)])
-        Y, AG = compute("target: sketch spectrum", yg[:, :kmax], yg[:, kmax:], persist=True)
+        self._params = Params(rank=kmax, bits=bits, quantizer=spec.name, spec_l=spec, spec_r=spec, seed=seed,
+                              test_columns=test_columns)
+        products = pass1(A, self._params)  # the compression's own first read, at rank max_rank
+        Y, AG, sumsq = compute("target: sketch spectrum", products["Y"], products["AG"], products["sumsq"], persist=True)
         if power_iters:
             Y = power_iterate(A, Y, power_iters, lambda label, *x, persist=True: compute(label, *x, persist=persist))
         tall = blocks.tall_chunks(n, kmax, Y.chunks[0][0])
         self.Y, self.AG = compute("target: sketch spectrum", Y.rechunk({0: tall, 1: -1}), AG.rechunk({0: tall, 1: -1}), persist=True)
         Q, _ = da.linalg.tsqr(self.Y)
-        c, ag2 = dask.compute(Q.T @ self.AG, (self.AG**2).sum())
+        c, ag2, sumsq = dask.compute(Q.T @ self.AG, (self.AG**2).sum(), sumsq)
+        # errors relative to ‖A‖_F as the free estimate has them: ‖(A − A_k)·G‖² / (t·‖A‖²_F)
+        self.norm2 = float(sumsq) * test_columns
         self.ag2 = float(ag2)
         captured = np.concatenate([[0.0], np.cumsum((c**2).sum(axis=1))])
-        self.tail2 = np.clip(1.0 - captured / self.ag2, 0.0, 1.0) if self.ag2 > 0 else np.zeros(kmax + 1)
+        self.tail2 = np.clip((self.ag2 - captured) / self.norm2, 0.0, None) if self.norm2 > 0 else np.zeros(kmax + 1)
         self._cache: dict[int, float] = {}
 
     @property
@@ -126,12 +133,11 @@ class Plan:
         """The predicted relative error of LPLR at rank k (see the module docstring, step 2)."""
         if k in self._cache:
             return self._cache[k]
-        if self.ag2 == 0.0:
+        if self.norm2 == 0.0:
             return 0.0
-        from lplr_dask.factorize import Params, quantize_basis
+        from lplr_dask.factorize import quantize_basis
 
-        p = Params(rank=k, bits=self.bits, quantizer=self.spec.name, spec_l=self.spec, spec_r=self.spec, seed=self.seed)
-        q = quantize_basis(self.Y[:, :k], p)
+        q = quantize_basis(self.Y[:, :k], dataclasses.replace(self._params, rank=k))
         L = decode_factor(q.codes, q.scale, q.offset, self.spec, channel_axis=1)
         Q, T = da.linalg.tsqr(L)
         c, T = dask.compute(Q.T @ self.AG, T)
@@ -151,7 +157,7 @@ class Plan:
         else:
             noise = float(l2 @ w2)
         noise *= variance * (spread / levels) ** 2
-        self._cache[k] = float(math.sqrt((resid2 + noise) / self.ag2))
+        self._cache[k] = float(math.sqrt((resid2 + noise) / self.norm2))
         return self._cache[k]
 
     def first(self, target: float) -> int | None:
@@ -220,8 +226,10 @@ def compress_to_target(
         As for :func:`lplr_dask.compress`.
     target : float
         The relative Frobenius error to meet, in (0, 1).
-    bits, quantizer, seed, passes, power_iters, test_columns, overwrite, device, storage_options
+    bits, quantizer, seed, passes, power_iters, overwrite, device, storage_options
         As for :func:`lplr_dask.compress`.
+    test_columns : int, default=10
+        Raised to at least :data:`MIN_TEST_COLUMNS`: the error estimate decides here.
     resume : bool, default=False
         Keep a completed output made for the same target; anything else is redone.
     max_rank : int, default=DEFAULT_MAX_RANK
@@ -259,6 +267,7 @@ def compress_to_target(
         log(f"{path}: not a completed result for target error {target}; starting over")
         overwrite = True
     spec = parse_quantizer(quantizer)
+    test_columns = max(test_columns, MIN_TEST_COLUMNS)
     A = to_device(open_source(source, storage_options=storage_options, log=log), device)
     p = Plan(A, bits=bits, spec=spec, seed=seed, test_columns=test_columns, power_iters=power_iters,
              passes=passes, max_rank=max_rank)

@@ -1,0 +1,185 @@
+"""Where the input is (Zarr groups, v2, files) and the dtype it is computed in."""
+
+from __future__ import annotations
+
+import pickle
+
+import dask.array as da
+import numpy as np
+import pytest
+import zarr
+
+import lplr_dask
+from lplr_dask import cli
+from lplr_dask.errors import LplrTypeError, LplrValueError, SourceNotFoundError
+from lplr_dask.sources import (
+    FileArray,
+    as_matrix,
+    cast_to,
+    compute_dtype,
+    list_arrays,
+    member,
+    open_source,
+    output_dtype,
+    parse_location,
+    read_source,
+)
+
+
+def _codes(path):
+    g = zarr.open_group(path, mode="r")
+    return g["L/codes"][...], g["R/codes"][...], g.attrs["lplr"]["error_estimate"]
+
+
+def assert_same_result(a, b):
+    """Two stores hold identical codes and the same error estimate."""
+    la, ra, ea = _codes(a)
+    lb, rb, eb = _codes(b)
+    np.testing.assert_array_equal(la, lb)
+    np.testing.assert_array_equal(ra, rb)
+    assert ea == pytest.approx(eb, rel=1e-12)
+
+
+@pytest.fixture
+def matrix(small_matrix):
+    return small_matrix.compute()
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("a.zarr", ("zarr", "a.zarr", None)),
+        ("a.zarr/enc/w", ("zarr", "a.zarr/enc/w", None)),
+        ("s3://b/a.zarr/w", ("zarr", "s3://b/a.zarr/w", None)),
+        ("w.npy", ("npy", "w.npy", None)),
+        ("m.h5:/g/w", ("hdf5", "m.h5", "/g/w")),
+        ("m.hdf5:w", ("hdf5", "m.hdf5", "w")),
+        ("m.h5", ("hdf5", "m.h5", None)),
+        ("model.safetensors:enc.0.weight", ("safetensors", "model.safetensors", "enc.0.weight")),
+    ],
+)
+def test_parse_location(text, expected):
+    assert parse_location(text) == expected
+
+
+def test_array_inside_group_and_v2_match_a_lone_v3_array(client, tmp_path, matrix):
+    lone = tmp_path / "lone.zarr"
+    zarr.create_array(lone, data=matrix, chunks=(128, 128), zarr_format=3)
+    for fmt in (3, 2):
+        g = zarr.open_group(tmp_path / f"g{fmt}.zarr", mode="w", zarr_format=fmt)
+        g.create_group("enc").create_array("w", data=matrix, chunks=(128, 128))
+    kw = dict(rank=8, bits=(4, 4), seed=5)
+    lplr_dask.compress(lone, tmp_path / "lone.lplr.zarr", **kw)
+    for fmt in (3, 2):
+        out = tmp_path / f"g{fmt}.lplr.zarr"
+        f = lplr_dask.compress(tmp_path / f"g{fmt}.zarr" / "enc" / "w", out, **kw)
+        assert f.attrs["source"]["path"].endswith("enc/w")
+        assert_same_result(tmp_path / "lone.lplr.zarr", out)
+
+
+def test_group_path_error_lists_its_arrays(tmp_path):
+    g = zarr.open_group(tmp_path / "m.zarr", mode="w")
+    g.create_group("enc").create_array("w", shape=(4, 3), dtype="f4")
+    g.create_array("bias", shape=(3,), dtype="f4")
+    with pytest.raises(LplrValueError, match="is a Zarr group") as e:
+        open_source(tmp_path / "m.zarr")
+    assert "m.zarr/enc/w (4x3 float32)" in str(e.value)
+    assert "m.zarr/bias (3 float32)" in str(e.value)
+    assert "compress-group" in str(e.value)
+
+
+def test_missing_inputs_say_what_to_do(tmp_path):
+    with pytest.raises(SourceNotFoundError, match="does not exist"):
+        open_source(tmp_path / "nope.zarr")
+    with pytest.raises(SourceNotFoundError, match="does not exist"):
+        open_source(tmp_path / "nope.npy")
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(SourceNotFoundError, match="Expected a Zarr array"):
+        open_source(tmp_path / "plain")
+    with pytest.raises(LplrValueError, match="local disk only"):
+        open_source("s3://bucket/w.npy")
+
+
+def test_list_arrays_and_member(tmp_path):
+    g = zarr.open_group(tmp_path / "m.zarr", mode="w")
+    g.create_group("a").create_array("w", shape=(4, 3), dtype="f2")
+    g.create_array("b", shape=(2,), dtype="i4")
+    assert list_arrays(tmp_path / "m.zarr") == {"a/w": ((4, 3), "float16"), "b": ((2,), "int32")}
+    assert member(str(tmp_path / "m.zarr"), "a/w") == f"{tmp_path / 'm.zarr'}/a/w"
+    assert member("x.h5", "g/w") == "x.h5:g/w"
+    with pytest.raises(LplrValueError, match="Got an array"):
+        list_arrays(tmp_path / "m.zarr" / "b")
+
+
+@pytest.mark.parametrize(
+    "dtype, expected",
+    [("float16", "float32"), ("bfloat16", "float32"), ("float32", "float32"), ("float64", "float64"),
+     ("int8", "float32"), ("uint16", "float32"), ("int64", "float32")],
+)
+def test_compute_dtype_policy(dtype, expected):
+    assert compute_dtype(dtype) == np.dtype(expected)
+
+
+@pytest.mark.parametrize("dtype", ["complex64", "bool", "U3", "O"])
+def test_complex_and_non_numeric_are_refused(dtype):
+    with pytest.raises(LplrTypeError, match="Expected a real numeric matrix"):
+        compute_dtype(dtype)
+    with pytest.raises(LplrTypeError):
+        open_source(np.zeros((4, 3), dtype=dtype))
+
+
+def test_the_compute_path_casts_and_integers_get_a_note():
+    notes = []
+    A16 = open_source(da.ones((8, 4), dtype=np.float16, chunks=4), log=notes.append)
+    assert A16.dtype == np.float32 and not notes
+    assert open_source(np.ones((8, 4))).dtype == np.float64
+    Ai = open_source(np.arange(32, dtype=np.int32).reshape(8, 4), log=notes.append)
+    assert Ai.dtype == np.float32
+    assert len(notes) == 1 and "int32" in notes[0] and "float32" in notes[0]
+
+
+def test_matrix_shape_is_checked():
+    with pytest.raises(LplrValueError, match="2-D"):
+        as_matrix(read_source(np.zeros(5)))
+    with pytest.raises(LplrValueError, match="non-empty"):
+        open_source(np.zeros((0, 5)))
+
+
+def test_file_reader_is_lazy_and_pickles_without_data(tmp_path, monkeypatch):
+    a = np.arange(200 * 100, dtype=np.float32).reshape(200, 100)
+    np.save(tmp_path / "a.npy", a)
+    reads = []
+    original = FileArray.__getitem__
+    monkeypatch.setattr(FileArray, "__getitem__", lambda self, i: reads.append(i) or original(self, i))
+    src = read_source(tmp_path / "a.npy", chunks=(64, 100))
+    A = open_source(tmp_path / "a.npy")
+    assert not reads  # opening reads only the header
+    reader = FileArray.open("npy", str(tmp_path / "a.npy"), None)
+    assert len(pickle.dumps(reader)) < 1000  # the graph ships a path, never the 80 kB of data
+    np.testing.assert_array_equal(src.array[60:70].compute(), a[60:70])
+    assert reads and A.shape == (200, 100)
+
+
+def test_cast_to_rounds_and_clips_integers():
+    x = da.from_array(np.array([[-3.6, 0.4], [200.5, 1e6]]), chunks=1)
+    np.testing.assert_array_equal(cast_to(x, np.int8).compute(), [[-4, 0], [127, 127]])
+    np.testing.assert_array_equal(cast_to(x, np.uint8).compute(), [[0, 0], [200, 255]])
+    assert cast_to(x, np.float16).dtype == np.float16
+    assert output_dtype("bfloat16") == np.float32 and output_dtype("int16") == np.int16
+
+
+@pytest.mark.parametrize("dtype", ["float16", "int16"])
+def test_decompress_writes_the_source_dtype_back_unless_told(client, tmp_path, matrix, dtype, capsys):
+    scale = 1.0 if dtype == "float16" else 20000.0 / np.abs(matrix).max()  # int16: use its range
+    src = tmp_path / "m.zarr"
+    zarr.create_array(src, data=(matrix * scale).astype(dtype), chunks=(128, 128))
+    sched = ["--scheduler", client.scheduler.address]
+    assert cli.main(["compress", str(src), str(tmp_path / "o.lplr.zarr"), "--rank", "20", "--quiet", *sched]) == 0
+    assert cli.main(["decompress", str(tmp_path / "o.lplr.zarr"), str(tmp_path / "r.zarr"), "--quiet", *sched]) == 0
+    recon = zarr.open_array(tmp_path / "r.zarr", mode="r")
+    assert recon.dtype == np.dtype(dtype)
+    ref = (matrix * scale).astype(dtype).astype(np.float64)
+    assert np.linalg.norm(recon[...] - ref) / np.linalg.norm(ref) < 0.05
+    assert cli.main(["decompress", str(tmp_path / "o.lplr.zarr"), str(tmp_path / "r64.zarr"), "--dtype", "float64",
+                     "--quiet", *sched]) == 0
+    assert zarr.open_array(tmp_path / "r64.zarr", mode="r").dtype == np.float64
