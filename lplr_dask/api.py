@@ -11,7 +11,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from lplr_dask import budget, factorize, store
+from lplr_dask import budget, chunking, factorize, store
 from lplr_dask.errors import LplrTypeError, LplrValueError, StoreFormatError
 from lplr_dask.factors import Factors, open_factors, relative_error
 from lplr_dask.quantize import check_bits, parse_quantizer
@@ -185,6 +185,7 @@ def compress(
         spec_l=spec, spec_r=spec, seed=seed, passes=passes, power_iters=int(power_iters),
         test_columns=test_columns,
     )
+    A = chunking.plan(A, params, source=src.path, log=log)
     path = os.fspath(out)
     meta = _start(path, src, A, params, overwrite=overwrite, resume=resume, device=device, storage_options=storage_options)
     if meta.get("complete"):

@@ -3,14 +3,16 @@
 Every product here is a sum of per-block products followed by dask's tree reduction, so a task
 holds one chunk of A plus thin operands, never a whole row or column of blocks. Per-block products
 are computed in float64 so that re-chunking A or changing the number of workers changes results
-only at the 1e-16 level: codes do not flip at rounding boundaries.
+only at the 1e-16 level: codes do not flip at rounding boundaries. A chunk is cast to float64
+:data:`PANEL_ROWS` rows at a time, so a task's float64 working copy is a fixed slice of a chunk
+(16 MiB for 4096-wide chunks), not a second, wider copy of the chunk.
 """
 
 from __future__ import annotations
 
 import importlib
 from types import ModuleType
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import dask.array as da
 import numpy as np
@@ -24,6 +26,9 @@ __all__ = ["starts", "sketch_right", "sketch_left", "left_multiply", "right_mult
 #: (stream, width, scale) of one generated operand.
 Stream = tuple[int, int, float]
 
+#: Rows of a chunk of A cast to float64 at a time (see the module docstring).
+PANEL_ROWS = 512
+
 
 def starts(chunks: Sequence[int]) -> da.Array:
     """A dask array holding each block's start offset, one block per chunk."""
@@ -33,6 +38,13 @@ def starts(chunks: Sequence[int]) -> da.Array:
 
 def _f64(a: Any) -> Any:
     return a.astype(np.float64, copy=False)
+
+
+def _panels(a: Any) -> Iterator[tuple[slice, Any]]:
+    """``(rows, a[rows] in float64)`` for consecutive slices of :data:`PANEL_ROWS` rows."""
+    for r in range(0, a.shape[0], PANEL_ROWS):
+        rows = slice(r, r + PANEL_ROWS)
+        yield rows, _f64(a[rows])
 
 
 def _check_finite(part: Any, a: Any, r0: int, c0: int) -> None:
@@ -46,7 +58,9 @@ def _check_finite(part: Any, a: Any, r0: int, c0: int) -> None:
         )
 
 
-def sketch_right(A: da.Array, seed: int, streams: Sequence[Stream], *, check: bool = True) -> da.Array:
+def sketch_right(
+    A: da.Array, seed: int, streams: Sequence[Stream], *, check: bool = True, sumsq: bool = False
+) -> da.Array:
     """``A @ [S_1 | S_2 | …]`` with each ``S_i`` generated block-wise from ``(seed, stream)``.
 
     Parameters
@@ -56,12 +70,15 @@ def sketch_right(A: da.Array, seed: int, streams: Sequence[Stream], *, check: bo
     streams : sequence of (stream, width, scale)
     check : bool, default=True
         Raise :class:`NonFiniteError` naming the chunk if A holds NaN or Inf.
+    sumsq : bool, default=False
+        Append one column holding each row's sum of squares (in the same read of A: the
+        Frobenius norm for the error estimate).
 
     Returns
     -------
-    dask array of shape (n, sum of widths), float64, chunked like A's rows.
+    dask array of shape (n, sum of widths [+ 1]), float64, chunked like A's rows.
     """
-    width = sum(w for _, w, _ in streams)
+    width = sum(w for _, w, _ in streams) + int(sumsq)
 
     def block(a: Any, r0: Any, c0: Any) -> Any:
         r0, c0 = int(r0[0]), int(c0[0])
@@ -70,7 +87,11 @@ def sketch_right(A: da.Array, seed: int, streams: Sequence[Stream], *, check: bo
         s = xp.concatenate(
             [sketch_rows(seed, st, c0, c1, w, scale=sc, xp=xp) for st, w, sc in streams], axis=1
         )
-        part = _f64(a) @ s
+        part = xp.empty((a.shape[0], width))
+        for rows, p in _panels(a):
+            part[rows, : s.shape[1]] = p @ s
+            if sumsq:
+                part[rows, -1] = xp.einsum("ij,ij->i", p, p)
         if check:
             _check_finite(part, a, r0, c0)
         return part[None]
@@ -104,7 +125,8 @@ def sketch_left(A: da.Array, seed: int, stream: int, width: int, *, check: bool 
     def block(a: Any, r0: Any, c0: Any) -> Any:
         r0, c0 = int(r0[0]), int(c0[0])
         xp = array_namespace(a)
-        part = _sparse_sign_map(seed, stream, r0, a.shape[0], width, xp) @ _f64(a)
+        psi = _sparse_sign_map(seed, stream, r0, a.shape[0], width, xp)
+        part = sum(psi[:, rows] @ p for rows, p in _panels(a))
         if check:
             _check_finite(part, a, r0, c0)
         return part[None]
@@ -141,7 +163,7 @@ def left_multiply(PT: da.Array, A: da.Array) -> da.Array:
     PT = like(PT, A).rechunk({0: A.chunks[0], 1: -1})
 
     def block(pt: Any, a: Any) -> Any:
-        return (pt.T @ _f64(a))[None]
+        return sum(pt[rows].T @ p for rows, p in _panels(a))[None]
 
     parts = da.blockwise(
         block, "ikj", PT, "ik", A, "ij", adjust_chunks={"i": 1}, dtype=np.float64, meta=_meta3(A)
@@ -159,7 +181,11 @@ def right_multiply(A: da.Array, M: da.Array) -> da.Array:
     M = like(M, A).rechunk({0: A.chunks[1], 1: -1})
 
     def block(a: Any, m: Any) -> Any:
-        return (_f64(a) @ m)[None]
+        xp = array_namespace(a)
+        part = xp.empty((a.shape[0], m.shape[1]))
+        for rows, p in _panels(a):
+            part[rows] = p @ m
+        return part[None]
 
     parts = da.blockwise(
         block, "jik", A, "ij", M, "jk", adjust_chunks={"j": 1}, dtype=np.float64, meta=_meta3(A)

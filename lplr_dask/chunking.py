@@ -1,0 +1,209 @@
+"""Task sizes from the input's chunking: sensible defaults, warnings with the fix, peak memory.
+
+Every task of the passes holds one chunk of A, float64 panels of it (see
+:data:`lplr_dask.blocks.PANEL_ROWS`) and thin operands whose size is set by the chunk and the
+rank: a pass-1 product of ``rows × (k + p + 1)``, a pass-2 product of ``k × columns``, in
+one-pass mode a co-range product of ``ℓ × columns``, and the cached sketch blocks. So a worker's
+memory is set by the chunk shape, its threads and the rank, not by the size of A (the persisted
+n×k basis is spread over the workers on top of that).
+
+:func:`plan` looks at the chunking before anything runs:
+
+- chunks so small that per-task overhead dominates (many thousands of tasks of under a megabyte
+  each) are read merged, whole source chunks at a time, so reads stay aligned with the stored
+  chunks and output chunks are still written whole;
+- chunks so large (or so long and thin) that one task needs more than :data:`MAX_TASK_BYTES`
+  are reported, with the command that rewrites the input with better chunks.
+
+:func:`worker_memory_peaks` reads each worker process's peak resident memory (for benchmarks and
+the tests that prove the bound).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any, Callable
+
+import dask.array as da
+import numpy as np
+
+from lplr_dask.blocks import PANEL_ROWS
+from lplr_dask.sketch import SKETCH_BLOCK
+
+if TYPE_CHECKING:
+    from lplr_dask.factorize import Params
+
+__all__ = [
+    "TARGET_ENTRIES",
+    "MAX_TASK_BYTES",
+    "task_bytes",
+    "suggested_chunks",
+    "plan",
+    "worker_memory_peaks",
+]
+
+#: Entries of a well-sized chunk: 4096 × 4096, 64 MiB of float32.
+TARGET_ENTRIES = 4096 * 4096
+#: A task estimated above this many bytes gets a warning.
+MAX_TASK_BYTES = 2**30
+#: Chunks of fewer entries than this (1 MiB of float32) are "tiny"...
+TINY_ENTRIES = 512 * 512
+#: ... and merged when they make more tasks than this for one read of A.
+MANY_TASKS = 1000
+
+_MiB = 2**20
+
+
+def task_bytes(
+    chunk: tuple[int, int], itemsize: int, rank: int, test_columns: int, oversample: int | None = None
+) -> int:
+    """Estimated peak bytes of the largest task of a pass over chunks of shape ``chunk``.
+
+    Parameters
+    ----------
+    chunk : (int, int)
+        Rows and columns of one chunk of A.
+    itemsize : int
+        Bytes per entry of A.
+    rank, test_columns : int
+        k and p.
+    oversample : int, optional
+        ℓ, the rows of the co-range sketch in one-pass mode.
+
+    Returns
+    -------
+    int
+        The chunk, one float64 panel, and the larger of the pass-1 working set (its product,
+        the sketch block and its slice, the co-range product) and the pass-2 one (the rows of
+        the basis, the product).
+    """
+    r, c = chunk
+    k, t = rank, test_columns
+    base = r * c * itemsize + min(r, PANEL_ROWS) * c * 8
+    pass1 = r * (k + t + 1) * 8 + (SKETCH_BLOCK + c) * (k + t) * 8 + (oversample or 0) * c * 8
+    pass2 = r * k * 8 + k * c * 8
+    return int(base + max(pass1, pass2))
+
+
+def suggested_chunks(shape: tuple[int, int]) -> tuple[int, int]:
+    """Chunks of about :data:`TARGET_ENTRIES` entries: square, or full width (height) when the
+    matrix is narrower (shorter) than a square chunk."""
+    side = math.isqrt(TARGET_ENTRIES)
+    n, d = shape
+    if n < side or d < side:
+        short = min(n, d)
+        long = min(max(n, d), TARGET_ENTRIES // short)
+        return (short, long) if n < d else (long, short)
+    return side, side
+
+
+def _merge_factors(chunk: tuple[int, int], shape: tuple[int, int]) -> tuple[int, int]:
+    """Whole-chunk multiples ``(fr, fc)`` that bring ``chunk`` near :data:`TARGET_ENTRIES`.
+
+    The shorter side doubles first, so merged chunks tend to square.
+    """
+    (r, c), (n, d) = chunk, shape
+    fr = fc = 1
+    while 2 * r * fr * c * fc <= TARGET_ENTRIES:
+        grow_rows = r * fr < n and (r * fr <= c * fc or c * fc >= d)
+        if grow_rows:
+            fr *= 2
+        elif c * fc < d:
+            fc *= 2
+        else:
+            break
+    return fr, fc
+
+
+def _rechunk_hint(source: str | None, chunks: tuple[int, int]) -> str:
+    """The command that rewrites the input with ``chunks`` (a Zarr copy next to it)."""
+    if source is not None:
+        stem = source.rstrip("/").removesuffix(".zarr")
+        return (
+            f'python -c "import dask.array as da; da.from_zarr({source!r}).rechunk({chunks})'
+            f'.to_zarr({stem + "-rechunked.zarr"!r})"'
+        )
+    return f"A = A.rechunk({chunks}) before compressing A"
+
+
+def plan(A: da.Array, params: Params, *, source: str | None = None, log: Callable[[str], None]) -> da.Array:
+    """A read with sensible task sizes; warn through ``log`` when the chunking forces bad ones.
+
+    Parameters
+    ----------
+    A : dask array of shape (n, d)
+        The input, chunked as stored.
+    params : lplr_dask.factorize.Params
+        The rank, test columns and passes that size the products.
+    source : str, optional
+        Where A was read from, quoted in the rechunk command of a warning.
+    log : callable
+        Receives the warnings.
+
+    Returns
+    -------
+    dask array
+        ``A`` itself, or (for many tiny chunks) ``A`` with whole stored chunks merged.
+    """
+    shape = (int(A.shape[0]), int(A.shape[1]))
+    chunk = (int(A.chunks[0][0]), int(A.chunks[1][0]))
+    ntasks = A.npartitions
+    itemsize = np.dtype(A.dtype).itemsize
+    better = suggested_chunks(shape)
+    found = f"Current shape: {shape}, current chunksize: {chunk}."
+    if chunk[0] * chunk[1] < TINY_ENTRIES and ntasks > MANY_TASKS:
+        fr, fc = _merge_factors(chunk, shape)
+        merged = (min(chunk[0] * fr, shape[0]), min(chunk[1] * fc, shape[1]))
+        A = A.rechunk(merged)
+        log(
+            f"warning: the input's {ntasks} chunks of {chunk[0] * chunk[1] * itemsize / _MiB:.2g} MiB "
+            f"make per-task overhead dominate; reading them {fr}x{fc} at a time as {merged} "
+            f"chunks. For faster reads, rewrite the input with larger chunks: "
+            f"{_rechunk_hint(source, better)}. {found}"
+        )
+    oversample = params.oversample if params.passes == 1 else None
+    need = task_bytes(chunk, itemsize, params.rank, params.test_columns, oversample)
+    if need > MAX_TASK_BYTES:
+        log(
+            f"warning: with chunks of {chunk} at rank {params.rank}, each task needs about "
+            f"{need / _MiB:,.0f} MiB (the chunk, float64 panels of it and its products), per thread. "
+            f"Workers may run out of memory; rewrite the input with smaller chunks: "
+            f"{_rechunk_hint(source, better)}. {found}"
+        )
+    return A
+
+
+def _reset_peak() -> None:
+    with open("/proc/self/clear_refs", "w") as f:  # "5": reset the peak resident set size
+        f.write("5")
+
+
+def _peak() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise OSError("VmHWM not found in /proc/self/status")
+
+
+def worker_memory_peaks(client: Any, *, reset: bool = False) -> dict[str, int]:
+    """Each worker process's peak resident memory (bytes) since start or the last reset.
+
+    Read from the kernel's high-water mark (``VmHWM`` in ``/proc/self/status``), so no short
+    peak is missed between samples. Linux only.
+
+    Parameters
+    ----------
+    client : distributed.Client
+    reset : bool, default=False
+        Reset the marks to the current resident memory after reading them.
+
+    Returns
+    -------
+    dict
+        Worker address to peak bytes.
+    """
+    peaks: dict[str, int] = client.run(_peak)
+    if reset:
+        client.run(_reset_peak)
+    return peaks

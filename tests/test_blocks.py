@@ -1,0 +1,100 @@
+"""Block-wise products: equal to the dense products, for any chunking, panels included."""
+
+from __future__ import annotations
+
+import dask.array as da
+import numpy as np
+import pytest
+
+from lplr_dask import blocks
+from lplr_dask.blocks import PANEL_ROWS
+from lplr_dask.errors import NonFiniteError
+from lplr_dask.sketch import SPARSE_NNZ, STREAM_G, STREAM_PSI, STREAM_S, sketch_matrix, sparse_sign_rows
+
+# chunk rows above PANEL_ROWS and not a multiple of it, so tasks cast several panels
+CHUNKINGS = [(1300, 700), (2000, 1500), (PANEL_ROWS, 256), (333, 1500)]
+
+
+@pytest.fixture(scope="module")
+def A() -> np.ndarray:
+    return np.random.default_rng(5).standard_normal((2000, 1500)).astype(np.float32)
+
+
+def _dense_psi(seed: int, stream: int, n: int, width: int) -> np.ndarray:
+    """Ψ (width × n) built densely from the same generator."""
+    pos, signs = sparse_sign_rows(seed, stream, 0, n, width)
+    psi_t = np.zeros((n, width))
+    np.put_along_axis(psi_t, pos, signs, axis=1)
+    return psi_t.T
+
+
+@pytest.mark.parametrize("chunks", CHUNKINGS)
+def test_sketch_right_is_the_dense_product(A, chunks):
+    S = np.concatenate([sketch_matrix(3, STREAM_S, 1500, 7, scale=0.5), sketch_matrix(3, STREAM_G, 1500, 4)], axis=1)
+    out = blocks.sketch_right(da.from_array(A, chunks=chunks), 3, [(STREAM_S, 7, 0.5), (STREAM_G, 4, 1.0)], sumsq=True)
+    assert out.dtype == np.float64 and out.chunks[0] == da.from_array(A, chunks=chunks).chunks[0]
+    got = out.compute(scheduler="sync")
+    A64 = A.astype(np.float64)
+    np.testing.assert_allclose(got[:, :11], A64 @ S, rtol=1e-12, atol=1e-10)
+    np.testing.assert_allclose(got[:, 11], (A64**2).sum(axis=1), rtol=1e-12)
+
+
+@pytest.mark.parametrize("chunks", CHUNKINGS)
+def test_sketch_left_is_the_sparse_sign_product(A, chunks):
+    got = blocks.sketch_left(da.from_array(A, chunks=chunks), 4, STREAM_PSI, 41).compute(scheduler="sync")
+    np.testing.assert_allclose(got, _dense_psi(4, STREAM_PSI, 2000, 41) @ A.astype(np.float64), rtol=1e-12, atol=1e-10)
+
+
+def test_sparse_sign_map_has_nnz_distinct_signs_per_row():
+    pos, signs = sparse_sign_rows(0, STREAM_PSI, 100, 9000, 41)  # crosses two generated blocks
+    assert pos.shape == signs.shape == (8900, SPARSE_NNZ)
+    assert all(len(set(row)) == SPARSE_NNZ for row in pos)
+    assert pos.min() >= 0 and pos.max() < 41
+    assert set(np.unique(signs)) == {-1.0, 1.0}
+    # every column is hit about equally often: 8900·8/41 ≈ 1737 each, Poisson-like spread ≈ 42
+    counts = np.bincount(pos.ravel(), minlength=41)
+    assert np.all(np.abs(counts - counts.mean()) < 6 * np.sqrt(counts.mean()))
+
+
+def test_sparse_sign_rows_do_not_depend_on_slicing():
+    whole = sparse_sign_rows(2, STREAM_PSI, 0, 10_000, 30)
+    cut = [sparse_sign_rows(2, STREAM_PSI, a, b, 30) for a, b in [(0, 1), (1, 4097), (4097, 10_000)]]
+    for i in range(2):
+        np.testing.assert_array_equal(np.concatenate([c[i] for c in cut]), whole[i])
+
+
+def test_sparse_sign_narrower_than_nnz_fills_every_column():
+    pos, _ = sparse_sign_rows(0, STREAM_PSI, 0, 50, 3)
+    assert pos.shape == (50, 3)
+    assert all(sorted(row) == [0, 1, 2] for row in pos)
+
+
+@pytest.mark.parametrize("chunks", CHUNKINGS)
+def test_left_and_right_multiply(A, chunks):
+    rng = np.random.default_rng(1)
+    PT, M = rng.standard_normal((2000, 6)), rng.standard_normal((1500, 5))
+    dA = da.from_array(A, chunks=chunks)
+    A64 = A.astype(np.float64)
+    np.testing.assert_allclose(blocks.left_multiply(da.from_array(PT, chunks=(700, 6)), dA).compute(), PT.T @ A64, rtol=1e-12, atol=1e-10)
+    np.testing.assert_allclose(blocks.right_multiply(dA, da.from_array(M, chunks=(600, 5))).compute(), A64 @ M, rtol=1e-12, atol=1e-10)
+
+
+def test_products_agree_across_chunkings_to_rounding(A):
+    """What keeps codes from flipping: other chunkings change results only at the 1e-16 level."""
+    outs = [blocks.sketch_right(da.from_array(A, chunks=c), 0, [(STREAM_S, 16, 0.25)]).compute() for c in CHUNKINGS]
+    for other in outs[1:]:
+        np.testing.assert_allclose(other, outs[0], rtol=1e-13, atol=1e-12)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_non_finite_entry_names_its_chunk(A, bad):
+    B = A.copy()
+    B[1400, 800] = bad
+    with pytest.raises(NonFiniteError, match=r"rows 1300:2000, columns 700:1400"):
+        blocks.sketch_right(da.from_array(B, chunks=(1300, 700)), 0, [(STREAM_S, 3, 1.0)]).compute(scheduler="sync")
+
+
+def test_tall_chunks_are_at_least_k_rows():
+    chunks = blocks.tall_chunks(1000, 300, 128)
+    assert sum(chunks) == 1000 and min(chunks) >= 300
+    assert blocks.tall_chunks(10, 3, 4) == (5, 5)  # 10 // 4 = 2 blocks, evened out
