@@ -1,0 +1,66 @@
+"""How often compress reads A: twice (two-pass), once (one-pass), 2 + 2q with power iterations.
+
+A wrapping Zarr store appends each chunk key it serves to a file, so reads are counted across
+the worker processes of the cluster, through the whole public ``compress``.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+from typing import Any
+
+import pytest
+import zarr
+from zarr.storage import LocalStore, WrapperStore
+
+import lplr_dask
+
+
+class CountingStore(WrapperStore[Any]):
+    """Records every chunk read (``get`` of a ``c/…`` key) as a line in ``log_path``."""
+
+    def __init__(self, store: Any, log_path: str):
+        super().__init__(store)
+        self.log_path = log_path
+
+    def _with_store(self, store: Any) -> CountingStore:
+        return type(self)(store, self.log_path)
+
+    async def get(self, key: str, prototype: Any, byte_range: Any = None) -> Any:
+        if key.startswith("c/"):
+            with open(self.log_path, "a") as f:  # O_APPEND: whole short lines from any process
+                f.write(key + "\n")
+        return await self._store.get(key, prototype, byte_range)
+
+
+@pytest.fixture
+def counted(tmp_path):
+    """A 600×400 matrix in 128×128 chunks (20 chunks) opened through a CountingStore."""
+    path = os.fspath(tmp_path / "A.zarr")
+    lplr_dask.generate(path, (600, 400), rank=12, chunks=(128, 128), seed=3)
+    log = os.fspath(tmp_path / "reads.log")
+    array = zarr.open_array(store=CountingStore(LocalStore(path, read_only=True), log), mode="r")
+
+    def reads() -> collections.Counter[str]:
+        if not os.path.exists(log):
+            return collections.Counter()
+        with open(log) as f:
+            return collections.Counter(f.read().split())
+
+    return array, reads
+
+
+def test_counting_store_counts(counted):
+    array, reads = counted
+    array[:130, :10]  # two chunks of the first column
+    assert reads() == {"c/0/0": 1, "c/1/0": 1}
+
+
+@pytest.mark.parametrize("passes, power_iters, expected", [(2, 0, 2), (1, 0, 1), (2, 1, 4)])
+def test_compress_reads_each_chunk_exactly(client, counted, tmp_store, passes, power_iters, expected):
+    array, reads = counted
+    lplr_dask.compress(array, tmp_store, rank=8, passes=passes, power_iters=power_iters, log=lambda _: None)
+    counts = reads()
+    assert len(counts) == 5 * 4  # every chunk read ...
+    assert set(counts.values()) == {expected}, counts  # ... exactly this often
