@@ -64,6 +64,18 @@ def build_parser() -> argparse.ArgumentParser:
         if cluster:
             add_cluster_arguments(sp)
 
+    def compression(sp: argparse.ArgumentParser) -> None:  # compress and compress-group
+        sp.add_argument("--bits", type=int, nargs=2, default=(8, 8), metavar=("B1", "B2"), help="bits for L and R (default 8 8)")
+        sp.add_argument("--passes", type=int, default=2, choices=[1, 2], help="reads of A (default 2)")
+        sp.add_argument("--power-iters", type=int, default=0, help="power iterations (2 more reads each)")
+        sp.add_argument("--quantizer", default="default", help="paper | default | tensor|channel|groupN[-sym][-stochastic]")
+        sp.add_argument("--seed", type=int, default=0)
+        sp.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+        sp.add_argument("--evaluate", action="store_true", help="also measure the exact error (one more read of A)")
+        mode = sp.add_mutually_exclusive_group()
+        mode.add_argument("--overwrite", action="store_true", help="replace an existing output")
+        mode.add_argument("--resume", action="store_true", help="finish an interrupted job (same arguments)")
+
     g = sub.add_parser("generate", help="write a synthetic low-rank-plus-noise matrix to Zarr")
     g.add_argument("out", help="output Zarr array path")
     g.add_argument("--shape", required=True, help="NxD, e.g. 200000x20000")
@@ -94,16 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     size.add_argument("--match-nq", type=float, metavar="B", help="the paper's fair rank against B-bit naive quantization")
     size.add_argument("--target-error", type=float, metavar="E",
                       help="the smallest rank whose estimated relative error is at most E (one more read of A)")
-    c.add_argument("--bits", type=int, nargs=2, default=(8, 8), metavar=("B1", "B2"), help="bits for L and R (default 8 8)")
-    c.add_argument("--passes", type=int, default=2, choices=[1, 2], help="reads of A (default 2)")
-    c.add_argument("--power-iters", type=int, default=0, help="power iterations (2 more reads each)")
-    c.add_argument("--quantizer", default="default", help="paper | default | tensor|channel|groupN[-sym][-stochastic]")
-    c.add_argument("--seed", type=int, default=0)
-    c.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    c.add_argument("--evaluate", action="store_true", help="also measure the exact error (one more read of A)")
-    mode = c.add_mutually_exclusive_group()
-    mode.add_argument("--overwrite", action="store_true", help="replace an existing output")
-    mode.add_argument("--resume", action="store_true", help="finish an interrupted job (same arguments)")
+    compression(c)
     common(c)
 
     cg = sub.add_parser("compress-group", help="compress every matrix of a Zarr group, HDF5 or safetensors file")
@@ -113,16 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     rule.add_argument("--rank", type=int, help="rank k (capped at min(n, d))")
     rule.add_argument("--bits-per-entry", type=float, help="storage budget in bits per entry")
     rule.add_argument("--match-nq", type=float, metavar="B", help="the fair rank against B-bit naive quantization")
-    cg.add_argument("--bits", type=int, nargs=2, default=(8, 8), metavar=("B1", "B2"), help="bits for L and R (default 8 8)")
-    cg.add_argument("--passes", type=int, default=2, choices=[1, 2], help="reads of each matrix (default 2)")
-    cg.add_argument("--power-iters", type=int, default=0, help="power iterations (2 more reads each)")
-    cg.add_argument("--quantizer", default="default", help="as for compress")
-    cg.add_argument("--seed", type=int, default=0)
-    cg.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    cg.add_argument("--evaluate", action="store_true", help="also measure each exact error (one more read)")
-    gmode = cg.add_mutually_exclusive_group()
-    gmode.add_argument("--overwrite", action="store_true", help="replace an existing output")
-    gmode.add_argument("--resume", action="store_true", help="finish an interrupted job (same arguments)")
+    compression(cg)
     common(cg)
 
     i = sub.add_parser("info", help="describe an *.lplr.zarr store")
@@ -227,16 +221,18 @@ def _cmd_generate(args: argparse.Namespace, log: Callable[[str], None]) -> dict[
     }
 
 
+def _exactly_one(args: argparse.Namespace, command: str, names: Sequence[str]) -> None:
+    flags = ["--" + n.replace("_", "-") for n in names]
+    given = [f for n, f in zip(names, flags) if getattr(args, n) is not None]
+    if len(given) != 1:
+        raise UsageError(f"lplr {command}: give exactly one of {', '.join(flags)} (got {', '.join(given) or 'none'})")
+
+
 def _cmd_compress(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
     from lplr_dask.api import compress, evaluate
     from lplr_dask.cluster import client_from_args
 
-    given = [n for n in ("rank", "bits_per_entry", "match_nq", "target_error") if getattr(args, n) is not None]
-    if len(given) != 1:
-        raise UsageError(
-            "lplr compress: give exactly one of --rank, --bits-per-entry, --match-nq, --target-error "
-            f"(got {', '.join('--' + g.replace('_', '-') for g in given) or 'none'})"
-        )
+    _exactly_one(args, "compress", ("rank", "bits_per_entry", "match_nq", "target_error"))
     if args.passes == 1 and args.power_iters:
         raise UsageError("lplr compress: --passes 1 cannot be combined with --power-iters (each power iteration reads A twice more)")
     from lplr_dask.backend import check_device
@@ -279,12 +275,7 @@ def _cmd_compress_group(args: argparse.Namespace, log: Callable[[str], None]) ->
     from lplr_dask.group import compress_group
     from lplr_dask.sources import list_arrays
 
-    given = [n for n in ("rank", "bits_per_entry", "match_nq") if getattr(args, n) is not None]
-    if len(given) != 1:
-        raise UsageError(
-            "lplr compress-group: give exactly one of --rank, --bits-per-entry, --match-nq "
-            f"(got {', '.join('--' + g.replace('_', '-') for g in given) or 'none'})"
-        )
+    _exactly_one(args, "compress-group", ("rank", "bits_per_entry", "match_nq"))
     list_arrays(args.input, storage_options=args.storage_options)  # bad input fails before a cluster starts
     with client_from_args(args, log=log):
         return compress_group(

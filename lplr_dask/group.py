@@ -25,7 +25,7 @@ from typing import Any, Callable
 import numpy as np
 
 from lplr_dask import budget, store
-from lplr_dask.errors import LplrValueError, OutputExistsError
+from lplr_dask.errors import LplrValueError
 from lplr_dask.sources import itemsize, list_arrays, member, read_source, regular
 
 __all__ = ["GROUP_FORMAT_NAME", "GROUP_FORMAT_VERSION", "compress_group", "plan_rank", "format_table"]
@@ -168,11 +168,6 @@ def compress_group(
     root_path = os.fspath(out).rstrip("/")
     if resume and store.exists(root_path, storage_options):
         root = store.open_group(root_path, mode="r+", storage_options=storage_options)
-    elif store.exists(root_path, storage_options) and not overwrite:
-        raise OutputExistsError(
-            f"Output {root_path!r} already exists. Pass --overwrite (overwrite=True) to replace it, "
-            "or --resume (resume=True) to finish an interrupted job."
-        )
     else:
         root = store.create_group(root_path, overwrite=overwrite, storage_options=storage_options)
     meta: dict[str, Any] = {

@@ -34,6 +34,7 @@ __all__ = [
     "locate",
     "filesystem",
     "exists",
+    "clear",
     "create_group",
     "open_group",
     "read_meta",
@@ -129,6 +130,24 @@ def remove(path: str | os.PathLike[str], storage_options: StorageOptions = None)
         os.remove(p)
 
 
+def clear(
+    path: str | os.PathLike[str], *, overwrite: bool, storage_options: StorageOptions = None, hint: str = ""
+) -> None:
+    """Make way for a new output at ``path``: remove what is there if ``overwrite``, else refuse.
+
+    Raises
+    ------
+    OutputExistsError
+        If ``path`` exists and ``overwrite`` is false (the message ends with ``hint``).
+    """
+    if exists(path, storage_options):
+        if not overwrite:
+            raise OutputExistsError(
+                f"Output {os.fspath(path)!r} already exists. Pass --overwrite (overwrite=True) to replace it{hint}."
+            )
+        remove(path, storage_options)
+
+
 def create_group(
     path: str | os.PathLike[str], *, overwrite: bool = False, storage_options: StorageOptions = None
 ) -> zarr.Group:
@@ -139,13 +158,8 @@ def create_group(
     OutputExistsError
         If ``path`` exists and ``overwrite`` is false.
     """
-    if exists(path, storage_options):
-        if not overwrite:
-            raise OutputExistsError(
-                f"Output {os.fspath(path)!r} already exists. Pass --overwrite (overwrite=True) to "
-                "replace it, or --resume (resume=True) to finish an interrupted job."
-            )
-        remove(path, storage_options)
+    clear(path, overwrite=overwrite, storage_options=storage_options,
+          hint=", or --resume (resume=True) to finish an interrupted job")
     return zarr.open_group(locate(path, storage_options), mode="w", zarr_format=3)
 
 
@@ -274,10 +288,7 @@ def write_array(
 
     from lplr_dask.progress import compute
 
-    if exists(out, storage_options):
-        if not overwrite:
-            raise OutputExistsError(f"{os.fspath(out)!r} already exists. Pass --overwrite (overwrite=True) to replace it.")
-        remove(out, storage_options)
+    clear(out, overwrite=overwrite, storage_options=storage_options)
     arr = zarr.create_array(
         locate(out, storage_options), shape=A.shape, chunks=tuple(int(c[0]) for c in A.chunks) or None,
         dtype=A.dtype, compressors=ZstdCodec(level=1), zarr_format=3,
