@@ -1,7 +1,7 @@
 """What every pipeline shares: options, the Zarr round trip through :mod:`lplr_dask`, reports.
 
 A pipeline is a module with ``main(argv) -> int`` built on :func:`run_pipeline`: it parses
-``--quick``, ``--out``, ``--work``, ``--keep-work`` and the cluster options of
+``--quick``, ``--out``, ``--work`` (default: a temporary folder), ``--keep-work`` and the cluster options of
 :func:`lplr_dask.cluster.add_cluster_arguments`, opens the Dask client those options choose, calls
 the pipeline's body, and writes a markdown report (tables) and PNG figures into ``--out``. Every
 LPLR factorization goes through the public API: the matrix is written to a Zarr array in the work
@@ -20,6 +20,7 @@ import platform
 import shlex
 import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -83,7 +84,7 @@ def build_parser(module: str, description: str) -> argparse.ArgumentParser:
     p = _Parser(prog=f"python -m pipelines.{module}", description=description)
     p.add_argument("--quick", action="store_true", help="reduced sizes and settings (runs in the test suite)")
     p.add_argument("--out", type=Path, default=Path("results") / module, help=f"results folder (default results/{module})")
-    p.add_argument("--work", type=Path, default=None, help="folder for the Zarr inputs and outputs (default OUT/work)")
+    p.add_argument("--work", type=Path, default=None, help="folder for the Zarr inputs and outputs (default: a new temporary folder)")
     p.add_argument("--keep-work", action="store_true", help="keep the work folder (default: delete it at the end)")
     p.add_argument("--verbose", action="store_true", help="show lplr_dask's per-pass progress lines")
     add_cluster_arguments(p)
@@ -161,11 +162,15 @@ def run_pipeline(
         set_quiet(not args.verbose)
         out = args.out
         out.mkdir(parents=True, exist_ok=True)
-        work = args.work if args.work is not None else out / "work"
-        work.mkdir(parents=True, exist_ok=True)
+        if args.work is None:  # outside the results, so that nothing large lands beside the report
+            work = Path(tempfile.mkdtemp(prefix=f"pipelines-{module}-"))
+        else:
+            work = args.work
+            work.mkdir(parents=True, exist_ok=True)
         command = shlex.join(["python", "-m", f"pipelines.{module}", *argv])
         with client_from_args(args) as client:
             ctx = Context(args=args, out=out, work=work, client=client, command=command)
+            ctx.log(f"results -> {out}; work folder {work}{' (kept)' if args.keep_work else ''}")
             try:
                 report = body(ctx)
             finally:

@@ -89,7 +89,7 @@ def _body(ctx: Context) -> Path:
     return ctx.write_report(
         f"Huge matrix: {n} × {d} ({gib:.2f} GiB)",
         [notes, markdown_table(["", "value"], result_rows), "## Time per step",
-         markdown_table(["step", "seconds", "read rate"], time_rows), f"![timings]({figure.name})"],
+         markdown_table(["step", "seconds", "GiB of A per second"], time_rows), f"![timings]({figure.name})"],
         {"shape": [n, d], "gib": gib, "rank": factors.rank, "bits": list(factors.bits), "timings": all_times,
          "compress_total": passes.get("total"), "error_estimate": estimate, "error_exact": exact,
          "bytes_on_disk": factors.nbytes, "bits_per_entry": factors.bits_per_entry},
@@ -97,7 +97,7 @@ def _body(ctx: Context) -> Path:
 
 
 def _rate(step: str, seconds: float, gib: float) -> str:
-    """GiB/s for the steps that stream the whole of A once."""
+    """GiB/s for the steps that stream the whole of A once (written, or read)."""
     streams = step.startswith(("generate", "evaluate", "compress: pass 1", "compress: pass 2"))
     return f"{gib / seconds:.2f} GiB/s" if streams and seconds > 0 else ""
 
