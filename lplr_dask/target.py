@@ -41,6 +41,7 @@ import dask.array as da
 import numpy as np
 
 from lplr_dask import blocks, store
+from lplr_dask.backend import to_host, to_host_blocks
 from lplr_dask.errors import LplrValueError
 from lplr_dask.factors import Factors, decode_factor, open_factors
 from lplr_dask.quantize import QuantizerSpec, parse_quantizer
@@ -112,11 +113,13 @@ class Plan:
         if power_iters:
             Y = power_iterate(A, Y, power_iters, lambda label, *x, persist=True: compute(label, *x, persist=persist))
         tall = blocks.tall_chunks(n, kmax, Y.chunks[0][0])
-        self.Y, self.AG = compute("target: sketch spectrum", Y.rechunk({0: tall, 1: -1}), AG.rechunk({0: tall, 1: -1}), persist=True)
+        # the rest works on the thin sketches only: on the host, whatever device A is on
+        Y, AG = (to_host_blocks(X).rechunk({0: tall, 1: -1}) for X in (Y, AG))
+        self.Y, self.AG = compute("target: sketch spectrum", Y, AG, persist=True)
         Q, _ = da.linalg.tsqr(self.Y)
         c, ag2, sumsq = dask.compute(Q.T @ self.AG, (self.AG**2).sum(), sumsq)
         # errors relative to ‖A‖_F as the free estimate has them: ‖(A − A_k)·G‖² / (t·‖A‖²_F)
-        self.norm2 = float(sumsq) * test_columns
+        self.norm2 = float(to_host(sumsq)) * test_columns
         self.ag2 = float(ag2)
         captured = np.concatenate([[0.0], np.cumsum((c**2).sum(axis=1))])
         self.tail2 = np.clip((self.ag2 - captured) / self.norm2, 0.0, None) if self.norm2 > 0 else np.zeros(kmax + 1)

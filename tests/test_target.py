@@ -12,6 +12,7 @@ from lplr_dask.errors import LplrValueError
 from lplr_dask.quantize import parse_quantizer
 from lplr_dask.sources import open_source
 from lplr_dask.target import Plan
+from test_backend import fake_cupy, guarded_zarr_writes  # noqa: F401  (fixtures: the strict CuPy stand-in)
 
 SPECTRA = {
     "geometric": dict(kind="lowrank", decay=0.9, noise=0.01),
@@ -91,3 +92,14 @@ def test_cli_reports_target_and_refuses_with_exit_2(client, tmp_path, small_matr
     assert len(errors) == 1 and errors[0].startswith("error: Target error 0.0001 is out of reach")
     assert cli.main(["compress", str(src), str(tmp_path / "y.lplr.zarr"), "--target-error", "0.1", "--rank", "3"]) == 2
     assert "exactly one of" in capsys.readouterr().err
+
+
+
+def test_device_cuda_plans_on_the_host(fake_cupy, guarded_zarr_writes, monkeypatch, tmp_path, small_matrix):
+    """On test_backend's strict CuPy stand-in: the same attempts and rank as on the CPU."""
+    import contextlib
+
+    monkeypatch.setattr(lplr_dask.api, "_client", lambda *a, **k: contextlib.nullcontext())
+    dev = lplr_dask.compress(small_matrix, tmp_path / "dev.lplr.zarr", target_error=0.1, device="cuda")
+    cpu = lplr_dask.compress(small_matrix, tmp_path / "cpu.lplr.zarr", target_error=0.1, device="cpu")
+    assert dev.rank == cpu.rank and dev.attrs["target_error"]["attempts"] == cpu.attrs["target_error"]["attempts"]
