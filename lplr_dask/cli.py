@@ -208,7 +208,14 @@ def _cmd_generate(args: argparse.Namespace, log: Callable[[str], None]) -> dict[
     from lplr_dask.cluster import client_from_args
     from lplr_dask.datasets import generate, parse_shape
 
+    from lplr_dask.sources import is_remote
+
     shape = parse_shape(args.shape)
+    if args.storage_options and is_remote(args.out):
+        raise UsageError(
+            "lplr generate: --storage-options is not supported for a remote output (the environment's "
+            "configuration is); generate locally and upload with `lplr convert LOCAL.zarr URL --storage-options ...`"
+        )
     t0 = time.perf_counter()
     with client_from_args(args, log=log):
         arr = generate(

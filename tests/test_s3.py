@@ -116,5 +116,7 @@ def test_cli_storage_options_on_every_command(client, tmp_path, s3, small_matrix
     result = run("compress-group", "s3://lplr-test/model.zarr", "s3://lplr-test/model.lplr.zarr", "--match-nq", "4")
     assert [e["action"] for e in result["arrays"]] == ["copy", "lplr"]
     assert lplr_dask.open_factors("s3://lplr-test/model.lplr.zarr/w", storage_options=s3).rank == result["arrays"][1]["rank"]
+    assert cli.main(["generate", "s3://lplr-test/g.zarr", "--shape", "10x10", *opts]) == 2
+    assert "generate locally and upload with `lplr convert" in capsys.readouterr().err
     assert cli.main(["info", out, "--storage-options", "not json"]) == 2
     assert "--storage-options: expected a JSON object" in capsys.readouterr().err
