@@ -21,7 +21,15 @@ from lplr_dask.backend import array_namespace, like
 from lplr_dask.errors import NonFiniteError
 from lplr_dask.sketch import sketch_rows, sparse_sign_rows
 
-__all__ = ["starts", "sketch_right", "sketch_left", "left_multiply", "right_multiply", "tall_chunks"]
+__all__ = [
+    "starts",
+    "sketch_right",
+    "sketch_left",
+    "sketch_both",
+    "left_multiply",
+    "right_multiply",
+    "tall_chunks",
+]
 
 #: (stream, width, scale) of one generated operand.
 Stream = tuple[int, int, float]
@@ -58,6 +66,98 @@ def _check_finite(part: Any, a: Any, r0: int, c0: int) -> None:
         )
 
 
+def _sketch_block(
+    a: Any,
+    r0: int,
+    c0: int,
+    *,
+    seed: int,
+    streams: Sequence[Stream],
+    sumsq: bool,
+    left: tuple[int, int] | None,
+    check: bool,
+) -> tuple[Any, Any]:
+    """One chunk's parts of ``A·[S_1 | …][| row sums of squares]`` and of ``Ψ·A``.
+
+    Both come from the same float64 panels of the chunk, so a chunk is read and cast once.
+
+    Returns
+    -------
+    (right, left) : arrays of shape (1, rows, widths) and (1, ℓ, columns), or None when not asked
+    """
+    xp = array_namespace(a)
+    rows_, cols = a.shape
+    width = sum(w for _, w, _ in streams) + int(sumsq)
+    s = (
+        xp.concatenate([sketch_rows(seed, st, c0, c0 + cols, w, scale=sc, xp=xp) for st, w, sc in streams], axis=1)
+        if streams
+        else None
+    )
+    psi = _sparse_sign_map(seed, left[0], r0, rows_, left[1], xp) if left else None
+    right = xp.empty((rows_, width)) if width else None
+    out = None
+    for rows, p in _panels(a):
+        if s is not None:
+            right[rows, : s.shape[1]] = p @ s
+        if sumsq:
+            right[rows, -1] = xp.einsum("ij,ij->i", p, p)
+        if psi is not None:
+            part = psi[:, rows] @ p
+            out = part if out is None else out + part
+    if check:
+        for product in (right, out):
+            if product is not None:
+                _check_finite(product, a, r0, c0)
+    return (None if right is None else right[None]), (None if out is None else out[None])
+
+
+def _sketches(
+    A: da.Array,
+    seed: int,
+    streams: Sequence[Stream],
+    *,
+    sumsq: bool,
+    left: tuple[int, int] | None,
+    check: bool,
+) -> tuple[da.Array | None, da.Array | None]:
+    """Lazy ``A·[S_1 | …]`` (n × widths) and ``Ψ·A`` (ℓ × d): one task per chunk of A for both."""
+    width = sum(w for _, w, _ in streams) + int(sumsq)
+    options = dict(seed=seed, streams=list(streams), sumsq=sumsq, left=left, check=check)
+
+    def block(a: Any, r0: Any, c0: Any) -> tuple[Any, Any]:
+        return _sketch_block(a, int(r0[0]), int(c0[0]), **options)  # type: ignore[arg-type]
+
+    both = da.blockwise(
+        block, "ij",
+        A, "ij",
+        starts(A.chunks[0]), "i",
+        starts(A.chunks[1]), "j",
+        align_arrays=False,
+        dtype=np.float64,
+        meta=np.empty((0, 0), dtype=object),  # each chunk is a (right, left) pair
+    )
+    right = left_ = None
+    if width:
+        parts = da.blockwise(
+            _first, "jik", both, "ij", new_axes={"k": width}, adjust_chunks={"j": 1}, dtype=np.float64, meta=_meta3(A)
+        )
+        right = parts.sum(axis=0)
+    if left:
+        parts = da.blockwise(
+            _second, "ikj", both, "ij", new_axes={"k": left[1]}, adjust_chunks={"i": 1}, dtype=np.float64, meta=_meta3(A)
+        )
+        left_ = parts.sum(axis=0)
+    return right, left_
+
+
+def _first(pair: tuple[Any, Any]) -> Any:
+    return pair[0]
+
+
+def _second(pair: tuple[Any, Any]) -> Any:
+    return pair[1]
+
+
 def sketch_right(
     A: da.Array, seed: int, streams: Sequence[Stream], *, check: bool = True, sumsq: bool = False
 ) -> da.Array:
@@ -78,36 +178,8 @@ def sketch_right(
     -------
     dask array of shape (n, sum of widths [+ 1]), float64, chunked like A's rows.
     """
-    width = sum(w for _, w, _ in streams) + int(sumsq)
-
-    def block(a: Any, r0: Any, c0: Any) -> Any:
-        r0, c0 = int(r0[0]), int(c0[0])
-        xp = array_namespace(a)
-        c1 = c0 + a.shape[1]
-        s = xp.concatenate(
-            [sketch_rows(seed, st, c0, c1, w, scale=sc, xp=xp) for st, w, sc in streams], axis=1
-        )
-        part = xp.empty((a.shape[0], width))
-        for rows, p in _panels(a):
-            part[rows, : s.shape[1]] = p @ s
-            if sumsq:
-                part[rows, -1] = xp.einsum("ij,ij->i", p, p)
-        if check:
-            _check_finite(part, a, r0, c0)
-        return part[None]
-
-    parts = da.blockwise(
-        block, "jik",
-        A, "ij",
-        starts(A.chunks[0]), "i",
-        starts(A.chunks[1]), "j",
-        new_axes={"k": width},
-        adjust_chunks={"j": 1},
-        align_arrays=False,
-        dtype=np.float64,
-        meta=_meta3(A),
-    )
-    return parts.sum(axis=0)
+    right, _ = _sketches(A, seed, streams, sumsq=sumsq, left=None, check=check)
+    return right
 
 
 def sketch_left(A: da.Array, seed: int, stream: int, width: int, *, check: bool = True) -> da.Array:
@@ -121,28 +193,23 @@ def sketch_left(A: da.Array, seed: int, stream: int, width: int, *, check: bool 
     -------
     dask array of shape (width, d), float64, chunked like A's columns.
     """
+    _, left = _sketches(A, seed, [], sumsq=False, left=(stream, width), check=check)
+    return left
 
-    def block(a: Any, r0: Any, c0: Any) -> Any:
-        r0, c0 = int(r0[0]), int(c0[0])
-        xp = array_namespace(a)
-        psi = _sparse_sign_map(seed, stream, r0, a.shape[0], width, xp)
-        part = sum(psi[:, rows] @ p for rows, p in _panels(a))
-        if check:
-            _check_finite(part, a, r0, c0)
-        return part[None]
 
-    parts = da.blockwise(
-        block, "ikj",
-        A, "ij",
-        starts(A.chunks[0]), "i",
-        starts(A.chunks[1]), "j",
-        new_axes={"k": width},
-        adjust_chunks={"i": 1},
-        align_arrays=False,
-        dtype=np.float64,
-        meta=_meta3(A),
-    )
-    return parts.sum(axis=0)
+def sketch_both(
+    A: da.Array, seed: int, streams: Sequence[Stream], stream: int, width: int, *, sumsq: bool = False
+) -> tuple[da.Array, da.Array]:
+    """:func:`sketch_right` and :func:`sketch_left` of A from one task per chunk.
+
+    Each chunk of A is read and cast to float64 once for both products (as two separate
+    products would read it once only by holding it in memory until both had used it).
+
+    Returns
+    -------
+    (right, left) : dask arrays of shapes (n, sum of widths [+ 1]) and (width, d), float64
+    """
+    return _sketches(A, seed, streams, sumsq=sumsq, left=(stream, width), check=True)  # type: ignore[return-value]
 
 
 def _sparse_sign_map(seed: int, stream: int, r0: int, rows: int, width: int, xp: ModuleType) -> Any:

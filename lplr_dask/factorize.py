@@ -2,8 +2,9 @@
 
 For A (n×d), rank k and bits (B1, B2) [1]_:
 
-1. pass 1: ``Y = A·S`` (S d×k, i.i.d. N(0, 1/k), generated block-wise); in the same read the test
-   columns ``A·G`` for the error estimate and, in one-pass mode, ``Z = Ψ·A`` [2]_;
+1. pass 1: ``Y = A·S`` (S d×k, i.i.d. N(0, 1/k), generated block-wise); in the same read, and
+   the same task per chunk of A, the test columns ``A·G`` and ``‖A‖_F`` for the error estimate
+   and, in one-pass mode, ``Z = Ψ·A`` [2]_ with Ψ (ℓ×n) a sparse sign map [3]_;
    optional power iterations ``Y ← A·orth(Aᵀ·orth(Y))``, two reads each;
 2. central: ``L = Q_B1(Y)``, codes written to ``L/``; ``pinv(L)`` from a TSQR of the decoded L
    and an SVD of its k×k factor, in float64;
@@ -21,6 +22,8 @@ References
    Precision Factorization." NeurIPS 2023.
 .. [2] J. A. Tropp, A. Yurtsever, M. Udell, V. Cevher. "Practical sketching algorithms for
    low-rank matrix approximation." SIAM J. Matrix Anal. Appl. 38(4), 2017.
+.. [3] J. A. Tropp, A. Yurtsever, M. Udell, V. Cevher. "Streaming low-rank matrix approximation
+   with an application to scientific simulation." SIAM J. Sci. Comput. 41(4), 2019.
 """
 
 from __future__ import annotations
@@ -108,10 +111,14 @@ def pass1(A: da.Array, p: Params) -> dict[str, da.Array]:
     ``Z`` (ℓ×d); all float64.
     """
     k, t = p.rank, p.test_columns
-    yg = blocks.sketch_right(A, p.seed, [(STREAM_S, k, 1.0 / math.sqrt(k)), (STREAM_G, t, 1.0)], sumsq=True)
-    out = {"Y": yg[:, :k], "AG": yg[:, k : k + t], "sumsq": yg[:, k + t].sum()}
+    streams = [(STREAM_S, k, 1.0 / math.sqrt(k)), (STREAM_G, t, 1.0)]
     if p.passes == 1:
-        out["Z"] = blocks.sketch_left(A, p.seed, STREAM_PSI, p.oversample, check=False)
+        yg, Z = blocks.sketch_both(A, p.seed, streams, STREAM_PSI, p.oversample, sumsq=True)
+    else:
+        yg, Z = blocks.sketch_right(A, p.seed, streams, sumsq=True), None
+    out = {"Y": yg[:, :k], "AG": yg[:, k : k + t], "sumsq": yg[:, k + t].sum()}
+    if Z is not None:
+        out["Z"] = Z
     return out
 
 
@@ -263,7 +270,7 @@ def run(
         if p.power_iters:
             Y = power_iterate(A, Y, p.power_iters, runner)
         qL = quantize_basis(Y, p)
-        lcodes = store.create_codes(group, "L/codes", (n, k), (row_chunk, k), p.bits[0])
+        lcodes = store.create_codes(group, "L/codes", (n, k), (row_chunk, k), p.bits[0], sample_from=qL.codes)
         store.write_small(group, "L/scale", qL.scale)
         store.write_small(group, "L/offset", qL.offset)
         ag = store.create_float(group, f"{work}/AG", (n, t), (row_chunk, t))
@@ -309,8 +316,8 @@ def run(
     if STAGES.index(meta["stage"]) < STAGES.index("coded"):
         W = like(da.from_zarr(group[f"{work}/W"]), A)
         rs, ro = runner("code R", *ranges_to_scales(W, p.bits[1], p.spec_r, 0), persist=False)
-        rcodes = store.create_codes(group, "R/codes", (k, d), (k, col_chunk), p.bits[1])
         codes = encode_blocks(W, p.bits[1], p.spec_r, rs, ro, channel_axis=0, seed=_derived(p.seed, 2))
+        rcodes = store.create_codes(group, "R/codes", (k, d), (k, col_chunk), p.bits[1], sample_from=codes)
         runner("code R", da.store(to_host_blocks(codes), rcodes, lock=False, compute=False), persist=False)
         store.write_small(group, "R/scale", rs)
         store.write_small(group, "R/offset", ro)

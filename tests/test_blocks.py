@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dask
 import dask.array as da
 import numpy as np
 import pytest
@@ -43,6 +44,19 @@ def test_sketch_right_is_the_dense_product(A, chunks):
 def test_sketch_left_is_the_sparse_sign_product(A, chunks):
     got = blocks.sketch_left(da.from_array(A, chunks=chunks), 4, STREAM_PSI, 41).compute(scheduler="sync")
     np.testing.assert_allclose(got, _dense_psi(4, STREAM_PSI, 2000, 41) @ A.astype(np.float64), rtol=1e-12, atol=1e-10)
+
+
+def test_sketch_both_is_both_products_from_one_task_per_chunk(A, monkeypatch):
+    dA = da.from_array(A, chunks=(1300, 700))  # 2 × 3 chunks
+    right, left = blocks.sketch_both(dA, 3, [(STREAM_S, 7, 0.5)], STREAM_PSI, 41, sumsq=True)
+    calls = []
+    real = blocks._sketch_block
+    monkeypatch.setattr(blocks, "_sketch_block", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    got_right, got_left = dask.compute(right, left, scheduler="sync")
+    assert len(calls) == 6  # one task per chunk made both products
+    monkeypatch.undo()
+    np.testing.assert_array_equal(got_right, blocks.sketch_right(dA, 3, [(STREAM_S, 7, 0.5)], sumsq=True).compute())
+    np.testing.assert_array_equal(got_left, blocks.sketch_left(dA, 3, STREAM_PSI, 41).compute())
 
 
 def test_sparse_sign_map_has_nnz_distinct_signs_per_row():

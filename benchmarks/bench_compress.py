@@ -1,0 +1,259 @@
+"""LPLR compress against the read-pass limit and dask's svd_compressed, on one LocalCluster.
+
+Runs, in one process and on one cluster (by default 2 workers × 1 thread, for a 2-core machine):
+
+``compare`` (default)
+    On a generated 32768×16384 float32 Zarr matrix in 4096² chunks (kept in ``--data`` between
+    runs), at k = 256: a plain read of A (``A.sum()``), ``compress`` two-pass and one-pass, and
+    ``da.linalg.svd_compressed(k=256, n_power_iter=0 and 2, compute=True)``. Prints seconds, the
+    ratio of each to the read pass, the workers' CPU seconds, the peak worker memory and the
+    relative errors (exact, each measured afterwards in one more read that is not timed).
+``memory``
+    ``compress`` two-pass on matrices of n·d and 4·n·d entries at the same chunking: the peak
+    worker memory should stay flat.
+
+The table goes to stdout and, unless ``--no-write``, replaces this benchmark's section of
+``benchmarks/RESULTS.md`` (other sections are kept). Timings on a shared machine move with its
+load: the load average is printed with the machine.
+
+Usage::
+
+    python benchmarks/bench_compress.py                      # compare, then memory
+    python benchmarks/bench_compress.py --mode compare --no-write
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import dask
+import dask.array as da
+import numpy as np
+from distributed import Client, LocalCluster, wait
+
+import lplr_dask
+from lplr_dask import chunking
+from lplr_dask.datasets import generate, parse_shape
+from lplr_dask.progress import set_quiet
+
+SECTION = "## Compress vs read pass and svd_compressed"
+RESULTS = Path(__file__).with_name("RESULTS.md")
+TARGETS = {"two-pass": 2.0, "one-pass": 1.2}  # at most this many read passes
+FASTER_THAN = {"svd_compressed q=0": 1.3, "svd_compressed q=2": 3.5}  # two-pass at least this much faster
+MiB = 2**20
+
+
+def _cpu_seconds() -> float:  # runs on each worker
+    import psutil
+
+    t = psutil.Process().cpu_times()
+    return t.user + t.system
+
+
+class Step:
+    """One timed step: wall seconds, worker CPU seconds, peak worker memory, error."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.seconds = self.cpu = 0.0
+        self.peak = 0
+        self.error: float | None = None
+        self.estimate: float | None = None
+        self.stages: dict[str, float] = {}
+
+
+@contextlib.contextmanager
+def measure(client: Any, step: Step) -> Iterator[None]:
+    chunking.worker_memory_peaks(client, reset=True)
+    cpu0 = sum(client.run(_cpu_seconds).values())
+    t0 = time.perf_counter()
+    yield
+    step.seconds = time.perf_counter() - t0
+    step.cpu = sum(client.run(_cpu_seconds).values()) - cpu0
+    step.peak = max(chunking.worker_memory_peaks(client).values())
+
+
+def svd_error(A: da.Array, u: da.Array, s: da.Array, v: da.Array) -> float:
+    """``‖A − U·diag(s)·V‖_F / ‖A‖_F`` streamed over A's chunks, in float64."""
+    A64 = A.astype(np.float64)
+    us = (u * s).astype(np.float64).rechunk((A.chunks[0], -1))
+    num, den = dask.compute(((A64 - us @ v.astype(np.float64).rechunk((-1, A.chunks[1]))) ** 2).sum(), (A64**2).sum())
+    return float(np.sqrt(num / den))
+
+
+def run_compare(client: Any, path: str, out_dir: str, rank: int) -> list[Step]:
+    A = da.from_zarr(path)
+    A.sum().compute()  # warm the workers and the page cache; not timed
+    steps = []
+    read = Step("read A (A.sum())")
+    with measure(client, read):
+        A.sum().compute()
+    steps.append(read)
+    for passes in (2, 1):
+        step = Step(f"lplr compress {'two' if passes == 2 else 'one'}-pass")
+        with measure(client, step):
+            f = lplr_dask.compress(path, os.path.join(out_dir, f"p{passes}.lplr.zarr"), rank=rank, passes=passes,
+                                   overwrite=True, log=lambda _: None)
+        step.error, step.estimate = lplr_dask.evaluate(path, f), f.attrs["error_estimate"]
+        step.stages = {k: v for k, v in f.attrs["timings"].items() if k != "total"}
+        steps.append(step)
+    for q in (0, 2):
+        step = Step(f"svd_compressed q={q}")
+        with measure(client, step):  # the factors end on the workers, as compress's end on disk
+            u, s, v = client.persist(list(da.linalg.svd_compressed(A, k=rank, n_power_iter=q, compute=True, seed=0)))
+            wait([u, s, v])
+        step.error = svd_error(A, u, s, v)
+        steps.append(step)
+    return steps
+
+
+def run_memory(client: Any, paths: list[tuple[tuple[int, int], str]], out_dir: str, rank: int) -> list[tuple[tuple[int, int], Step]]:
+    rows = []
+    for shape, path in paths:
+        step = Step(f"compress {shape[0]}x{shape[1]}")
+        with measure(client, step):
+            lplr_dask.compress(path, os.path.join(out_dir, "mem.lplr.zarr"), rank=rank, overwrite=True, log=lambda _: None)
+        rows.append((shape, step))
+    return rows
+
+
+def ensure_matrix(data: str, shape: tuple[int, int], chunk: int, log: Callable[[str], None]) -> str:
+    path = os.path.join(data, f"A-{shape[0]}x{shape[1]}-c{chunk}.zarr")
+    if not os.path.exists(os.path.join(path, "zarr.json")):
+        log(f"generating {path} (kept for later runs)")
+        generate(path, shape, rank=512, decay=0.99, noise=0.1, chunks=(chunk, chunk), overwrite=True)
+    return path
+
+
+def machine(args: argparse.Namespace) -> list[str]:
+    import psutil
+
+    cpu = "unknown CPU"
+    with contextlib.suppress(OSError):
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    blas = ""
+    with contextlib.suppress(ImportError, IndexError, KeyError):
+        import threadpoolctl
+
+        info = threadpoolctl.threadpool_info()[0]
+        blas = f"; BLAS {info['internal_api']} {info['version']} ({info.get('architecture', '?')} kernels)"
+    import distributed
+    import zarr
+
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    return [
+        f"- machine: {cpu}, {os.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB; "
+        f"{platform.system()} {platform.release()}; Python {platform.python_version()}",
+        f"- numpy {np.__version__}, dask {dask.__version__}, distributed {distributed.__version__}, "
+        f"zarr {zarr.__version__}{blas}",
+        f"- cluster: LocalCluster, {args.workers} workers × {args.threads} thread(s), memory limit "
+        f"{args.memory_limit} each; load average at the end: {load}",
+    ]
+
+
+def table_compare(steps: list[Step], shape: tuple[int, int], chunk: int, rank: int) -> list[str]:
+    read = steps[0].seconds
+    lines = [
+        f"A: {shape[0]}×{shape[1]} float32 ({shape[0] * shape[1] * 4 / 2**30:.1f} GiB) Zarr, {chunk}² chunks, "
+        f"zstd level 1; k = {rank}, bits (8, 8), default quantizer.",
+        "",
+        "| step | seconds | × read pass | worker CPU s | peak worker MiB | relative error (estimate) |",
+        "|---|---:|---:|---:|---:|---|",
+    ]
+    for s in steps:
+        err = "" if s.error is None else f"{s.error:.4f}" + ("" if s.estimate is None else f" ({s.estimate:.4f})")
+        lines.append(f"| {s.name} | {s.seconds:.1f} | {s.seconds / read:.2f} | {s.cpu:.1f} | {s.peak / MiB:.0f} | {err} |")
+    by = {s.name: s for s in steps}
+    two, one = by["lplr compress two-pass"], by["lplr compress one-pass"]
+    lines += ["", "Stages of compress (seconds):"]
+    for s in (two, one):
+        lines.append(f"- {s.name}: " + ", ".join(f"{k} {v:.1f}" for k, v in s.stages.items()))
+    lines += ["", "Targets:"]
+    for s, limit in ((two, TARGETS["two-pass"]), (one, TARGETS["one-pass"])):
+        ratio = s.seconds / read
+        lines.append(f"- {s.name}: {ratio:.2f}× the read pass (target ≤ {limit}×): {'met' if ratio <= limit else 'MISSED'}")
+    for name, factor in FASTER_THAN.items():
+        speedup = by[name].seconds / two.seconds
+        lines.append(f"- two-pass is {speedup:.2f}× faster than {name} (target ≥ {factor}×): "
+                     f"{'met' if speedup >= factor else 'MISSED'}")
+    return lines
+
+
+def table_memory(rows: list[tuple[tuple[int, int], Step]], chunk: int, rank: int) -> list[str]:
+    lines = [
+        f"Peak worker memory, compress two-pass, k = {rank}, {chunk}² chunks:",
+        "",
+        "| A | entries | seconds | peak worker MiB |",
+        "|---|---:|---:|---:|",
+    ]
+    for shape, s in rows:
+        lines.append(f"| {shape[0]}×{shape[1]} | {shape[0] * shape[1]:,} | {s.seconds:.1f} | {s.peak / MiB:.0f} |")
+    (_, small), (_, large) = rows[0], rows[-1]
+    growth = large.peak / small.peak - 1
+    lines += ["", f"- n·d × {rows[-1][0][0] * rows[-1][0][1] / (rows[0][0][0] * rows[0][0][1]):.0f}: peak "
+              f"{growth:+.1%} (target within ±10%): {'met' if abs(growth) <= 0.10 else 'MISSED'}"]
+    return lines
+
+
+def write_section(lines: list[str]) -> None:
+    """Replace this benchmark's section of RESULTS.md (or append it), keeping the others."""
+    text = RESULTS.read_text() if RESULTS.exists() else ""
+    section = "\n".join([SECTION, "", *lines]).rstrip() + "\n"
+    start = text.find(SECTION)
+    if start < 0:
+        text = (text.rstrip() + "\n\n" if text else "") + section
+    else:
+        end = text.find("\n## ", start + len(SECTION))
+        text = text[:start] + section + ("\n" + text[end + 1 :] if end >= 0 else "")
+    RESULTS.write_text(text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--mode", choices=["compare", "memory", "all"], default="all")
+    parser.add_argument("--shape", type=parse_shape, default=(32768, 16384))
+    parser.add_argument("--chunk", type=int, default=4096)
+    parser.add_argument("--rank", type=int, default=256)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--memory-limit", default="auto")
+    parser.add_argument("--data", default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "lplr-bench"))
+    parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
+    args = parser.parse_args(argv)
+
+    set_quiet(True)
+    os.makedirs(args.data, exist_ok=True)
+    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    n, d = args.shape
+    out: list[str] = [f"Run {datetime.datetime.now().isoformat(timespec='minutes')} with "
+                      f"`python benchmarks/bench_compress.py {' '.join(argv if argv is not None else sys.argv[1:])}`".rstrip() + ":", ""]
+    with LocalCluster(n_workers=args.workers, threads_per_worker=args.threads, memory_limit=args.memory_limit,
+                      processes=True, host="127.0.0.1", dashboard_address=None) as cluster, Client(cluster) as client:
+        main_path = ensure_matrix(args.data, args.shape, args.chunk, log)
+        if args.mode in ("compare", "all"):
+            steps = run_compare(client, main_path, args.data, args.rank)
+            out += table_compare(steps, args.shape, args.chunk, args.rank) + [""]
+        if args.mode in ("memory", "all"):
+            small = (n // 2, d // 2)
+            paths = [(small, ensure_matrix(args.data, small, args.chunk, log)), (args.shape, main_path)]
+            out += table_memory(run_memory(client, paths, args.data, args.rank), args.chunk, args.rank) + [""]
+        out += machine(args)
+    print("\n".join(out))
+    if not args.no_write:
+        write_section(out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
