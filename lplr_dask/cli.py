@@ -154,6 +154,9 @@ def _summary(factors: Any) -> dict[str, Any]:
     src = a["source"]
     src_bytes = n * d * itemsize(src["dtype"])
     target = a.get("target_error") or {}
+    from lplr_dask.store import codes_bytes
+
+    code_bytes = codes_bytes(factors.path, factors.storage_options)
     return {
         "store": factors.path,
         "shape": [n, d],
@@ -165,6 +168,8 @@ def _summary(factors: Any) -> dict[str, Any]:
         "power_iters": a["power_iters"],
         "seed": a["seed"],
         "bytes_on_disk": nbytes,
+        "bytes_codes": code_bytes,
+        "bytes_scales_and_metadata": nbytes - code_bytes,
         "bits_per_entry": nbytes * 8 / (n * d),
         "bits_per_entry_theoretical": factors.theoretical_bits_per_entry,
         "compression_ratio": src_bytes / nbytes,

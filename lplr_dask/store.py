@@ -40,10 +40,12 @@ __all__ = [
     "read_meta",
     "write_meta",
     "codes_compressor",
+    "codes_sample",
     "create_codes",
     "write_small",
     "read_small",
     "bytes_on_disk",
+    "codes_bytes",
     "write_array",
     "remove",
 ]
@@ -52,15 +54,89 @@ FORMAT_NAME = "lplr-zarr"
 FORMAT_VERSION = 1
 
 
-def codes_compressor(bits: int) -> Any:
-    """The Zarr codec for ``bits``-bit codes.
+#: Zstd level of the entropy-coding candidate for codes. Measured on LPLR codes (benchmarks/RESULTS.md,
+#: "Storage"): levels 9 and 15 store 2.5% and 9% fewer bytes than 3, but encode 12× and 70× slower.
+CODES_ZSTD_LEVEL = 3
+#: Contiguous runs a codes sample is cut into (see :func:`codes_sample`).
+SAMPLE_RUNS = 8
 
-    Blosc with bit-shuffle stores each of the 8 (or 16) bit planes of the codes separately, so the
-    ``8 - bits`` planes that are always zero cost almost nothing: the codes take about ``bits/8``
-    of their uint8 size before entropy coding. Zstd inside Blosc then compresses the remaining
-    planes where they are skewed.
+
+def codes_compressor(bits: int, sample: np.ndarray | None = None) -> Any:
+    """The Zarr codec for ``bits``-bit codes: bit-shuffled Blosc, or plain Zstd where it is smaller.
+
+    Two codecs can store the codes, and neither is always the smaller:
+
+    - **Blosc (zstd, bit-shuffle)** stores each of the 8 (or 16) bit planes of the codes apart, so
+      the ``8 - bits`` planes that are always zero cost almost nothing: ``bits/8`` of the uint8 size
+      for any codes, whatever their distribution. This is the bound the bit budget relies on. It
+      holds when a chunk's entry count is a multiple of 8; c-blosc leaves a block of any other size
+      un-shuffled, which costs up to 35% at 1 bit.
+    - **Zstd** entropy-codes the bytes: codes that use few of their levels often (Gaussian-like
+      codes under a min-max range, background rows of an image, small rows of R under one range
+      for the whole matrix) take well under ``bits/8``; codes spread over all levels take more
+      (1.5× at 1 bit, since Huffman codes spend at least a bit a byte).
+
+    Parameters
+    ----------
+    bits : int
+        Bits per code, 1 to 16.
+    sample : ndarray, optional
+        Codes shaped like one chunk of the array, from :func:`codes_sample`. Without it the codec
+        is Blosc bit-shuffle; with it, whichever codec stores the sample in fewer bytes.
+
+    Returns
+    -------
+    BloscCodec or ZstdCodec
     """
-    return BloscCodec(cname="zstd", clevel=5, shuffle=BloscShuffle.bitshuffle)
+    candidates = _codes_candidates()
+    if sample is None:
+        return candidates[0][0]
+    data = np.ascontiguousarray(to_host(sample))
+    sizes = [len(encoder.encode(data)) for _, encoder in candidates]
+    return candidates[int(np.argmin(sizes))][0]
+
+
+def _codes_candidates() -> list[tuple[Any, Any]]:
+    """(Zarr codec, the numcodecs codec it runs) pairs, bit-shuffle first: the fallback."""
+    import numcodecs
+
+    return [
+        (BloscCodec(cname="zstd", clevel=5, shuffle=BloscShuffle.bitshuffle),
+         numcodecs.Blosc(cname="zstd", clevel=5, shuffle=numcodecs.Blosc.BITSHUFFLE)),
+        (ZstdCodec(level=CODES_ZSTD_LEVEL), numcodecs.Zstd(level=CODES_ZSTD_LEVEL)),
+    ]
+
+
+def codes_sample(codes: Any, chunks: tuple[int, int]) -> np.ndarray:
+    """One chunk's worth of a lazy codes array, drawn from the whole of it, to choose a codec.
+
+    Along the chunked (long) axis the sample takes :data:`SAMPLE_RUNS` contiguous runs spread
+    evenly over the array: contiguous so that neighbouring rows (or columns) keep the
+    correlations a compressor exploits, spread out so that one unusual chunk (an image's empty
+    border) does not decide. Computing it evaluates only the chunks the runs touch.
+
+    Parameters
+    ----------
+    codes : dask array of shape (m, c)
+        The codes as they will be written (numpy or cupy chunks).
+    chunks : (int, int)
+        The chunk shape of the array they will be written to.
+
+    Returns
+    -------
+    ndarray of shape ``min(chunks, codes.shape)`` (numpy)
+    """
+    chunked = [axis for axis in (0, 1) if chunks[axis] < codes.shape[axis]]
+    part = codes[: chunks[0], : chunks[1]]
+    if chunked:
+        axis = chunked[0]
+        length, want = codes.shape[axis], chunks[axis]
+        runs = min(SAMPLE_RUNS, want)
+        sizes = [want // runs + (i < want % runs) for i in range(runs)]
+        starts = np.linspace(0, length - max(sizes), runs).astype(np.int64)
+        index = np.concatenate([np.arange(s, s + size) for s, size in zip(starts, sizes)])
+        part = codes[index, : chunks[1]] if axis == 0 else codes[: chunks[0], index]
+    return to_host(part.compute() if hasattr(part, "compute") else part)
 
 
 def _float_compressor() -> Any:
@@ -207,17 +283,28 @@ def read_meta(group: zarr.Group, *, require_complete: bool = True, path: str = "
 
 
 def create_codes(
-    group: zarr.Group, name: str, shape: tuple[int, int], chunks: tuple[int, int], bits: int
+    group: zarr.Group,
+    name: str,
+    shape: tuple[int, int],
+    chunks: tuple[int, int],
+    bits: int,
+    *,
+    sample_from: Any = None,
 ) -> zarr.Array:
-    """Create an empty codes array ``name`` (uint8 for ≤ 8 bits, else uint16)."""
+    """Create an empty codes array ``name`` (uint8 for ≤ 8 bits, else uint16).
+
+    ``sample_from``, the lazy codes to be written, lets :func:`codes_compressor` pick the smaller
+    codec from a :func:`codes_sample` of them; every chunk then uses that one codec.
+    """
     from lplr_dask.quantize import code_dtype
 
+    sample = None if sample_from is None else codes_sample(sample_from, chunks)
     return group.create_array(
         name,
         shape=shape,
         chunks=chunks,
         dtype=code_dtype(bits),
-        compressors=codes_compressor(bits),
+        compressors=codes_compressor(bits, sample),
         fill_value=0,
         overwrite=True,
     )
@@ -263,6 +350,15 @@ def bytes_on_disk(path: str | os.PathLike[str], prefix: str = "", storage_option
         for f in files:
             total += os.path.getsize(os.path.join(dirpath, f))
     return total
+
+
+def codes_bytes(path: str | os.PathLike[str], storage_options: StorageOptions = None) -> int:
+    """Bytes on disk of the chunks of ``L/codes`` and ``R/codes``: the codes alone.
+
+    What is left of :func:`bytes_on_disk` is scales, offsets and metadata (Zarr's ``zarr.json``
+    documents, the attrs).
+    """
+    return sum(bytes_on_disk(path, f"{name}/codes/c", storage_options) for name in ("L", "R"))
 
 
 def write_array(
