@@ -14,7 +14,7 @@ import numpy as np
 from lplr_dask import budget, chunking, factorize, store
 from lplr_dask.errors import LplrTypeError, LplrValueError, StoreFormatError
 from lplr_dask.factors import Factors, open_factors, relative_error
-from lplr_dask.quantize import check_bits, parse_quantizer
+from lplr_dask.quantize import check_bits, quantizer_pair
 from lplr_dask.sources import Source, as_matrix, describe, open_source, read_source
 
 __all__ = ["compress", "evaluate", "resolve_rank"]
@@ -126,7 +126,8 @@ def compress(
         Power iterations for slowly decaying spectra (two more reads each; two-pass only).
     quantizer : str, default="default"
         ``"paper"`` for the reference semantics, ``"default"`` or a name that
-        :func:`lplr_dask.quantize.parse_quantizer` reads.
+        :func:`lplr_dask.quantize.parse_quantizer` reads; ``L_NAME:R_NAME`` for different
+        quantizers of L and R (:func:`lplr_dask.quantize.quantizer_pair`).
     seed : int, default=0
         Seeds every random matrix; stored in the attrs.
     overwrite, resume : bool
@@ -162,7 +163,7 @@ def compress(
     if overwrite and resume:
         raise LplrValueError("Give at most one of overwrite (--overwrite) and resume (--resume).")
     seed = _seed(seed)
-    spec = parse_quantizer(quantizer)
+    spec_l, spec_r = quantizer_pair(quantizer)
     if target_error is not None:
         if rank is not None or bits_per_entry is not None or match_nq is not None:
             raise LplrValueError("Give target_error (--target-error) alone, without rank, bits_per_entry or match_nq.")
@@ -181,8 +182,8 @@ def compress(
     A = to_device(A, device)
     k = resolve_rank(A.shape, bits, rank=rank, bits_per_entry=bits_per_entry, match_nq=match_nq)
     params = factorize.Params(
-        rank=k, bits=bits, quantizer=quantizer if isinstance(quantizer, str) else spec.name,
-        spec_l=spec, spec_r=spec, seed=seed, passes=passes, power_iters=int(power_iters),
+        rank=k, bits=bits, quantizer=quantizer if isinstance(quantizer, str) else spec_l.name,
+        spec_l=spec_l, spec_r=spec_r, seed=seed, passes=passes, power_iters=int(power_iters),
         test_columns=test_columns,
     )
     A = chunking.plan(A, params, source=src.path, log=log)

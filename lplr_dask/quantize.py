@@ -28,6 +28,9 @@ __all__ = [
     "QuantizerSpec",
     "Quantized",
     "parse_quantizer",
+    "quantizer_pair",
+    "rounding_key",
+    "rounding_uniforms",
     "code_dtype",
     "quantize",
     "dequantize",
@@ -128,6 +131,28 @@ def parse_quantizer(name: str | QuantizerSpec) -> QuantizerSpec:
             f"Expected a quantizer: one of {sorted(PRESETS)} or GRAN[-sym][-stochastic] with GRAN "
             f"tensor, channel or groupN (e.g. 'group256-sym'). Got {name!r} instead."
         ) from e
+
+
+def quantizer_pair(name: str | QuantizerSpec) -> tuple[QuantizerSpec, QuantizerSpec]:
+    """The quantizers of L and of R: one name for both, or ``L_NAME:R_NAME``.
+
+    Each name is one that :func:`parse_quantizer` reads, e.g. ``"channel:tensor"`` for per-column
+    scales on L and one range for R.
+
+    Raises
+    ------
+    LplrValueError
+        If either name is not a quantizer, or there are more than two.
+    """
+    if isinstance(name, QuantizerSpec) or ":" not in name:
+        spec = parse_quantizer(name)
+        return spec, spec
+    parts = name.split(":")
+    if len(parts) != 2:
+        raise LplrValueError(
+            f"Expected one quantizer for both factors or two as L_NAME:R_NAME (e.g. 'channel:tensor'). Got {name!r} instead."
+        )
+    return parse_quantizer(parts[0]), parse_quantizer(parts[1])
 
 
 def check_bits(bits: int, what: str = "bits") -> int:
@@ -234,21 +259,63 @@ def encode_block(
     offset: Any,
     bits: int,
     *,
-    rng: np.random.Generator | None = None,
+    dither: Any = None,
 ) -> Any:
     """Codes of one block given broadcastable ``scale`` and ``offset`` (nearest or stochastic).
 
-    With ``rng`` the rounding is stochastic: ``floor(t + u)`` with ``u ~ U[0, 1)``, which is
-    unbiased: ``E[code] = t``.
+    With ``dither`` (uniforms in [0, 1) shaped like ``x``, from :func:`rounding_uniforms`) the
+    rounding is stochastic: ``floor(t + u)``, which is unbiased: ``E[code] = t`` inside the range.
     """
     xp = _namespace(x)
     t = (x - offset) / scale
-    if rng is None:
-        t = xp.rint(t)
-    else:
-        t = xp.floor(t + xp.asarray(rng.random(t.shape)))  # drawn on the host: same codes on a GPU
+    t = xp.rint(t) if dither is None else xp.floor(t + dither)
     t = xp.clip(t, 0, (1 << bits) - 1)
     return t.astype(code_dtype(bits))
+
+
+#: splitmix64 constants (Steele, Lea, Flood 2014): the increment and the two multipliers.
+_GOLDEN, _MIX1, _MIX2 = (np.uint64(v) for v in (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB))
+
+
+def rounding_key(seed: int | np.random.SeedSequence | np.random.Generator | None) -> int:
+    """The 64-bit key of stochastic rounding's uniforms, from a seed (None means 0)."""
+    if isinstance(seed, np.random.Generator):
+        return int(seed.integers(0, 2**63))
+    ss = seed if isinstance(seed, np.random.SeedSequence) else np.random.SeedSequence(int(seed or 0))
+    return int(ss.generate_state(1, dtype=np.uint64)[0])
+
+
+def rounding_uniforms(key: int, loc: list[tuple[int, int]], width: int, xp: Any = np) -> Any:
+    """Uniforms in [0, 1) for the entries at ``loc`` of a matrix with ``width`` columns.
+
+    Entry ``(i, j)`` gets output number ``i·width + j`` of the splitmix64 generator started at
+    ``key``: a counter-based stream, so a block's uniforms depend only on its position, not on how
+    the matrix is chunked, which worker draws them, or the device (integer arithmetic is exact on
+    numpy and cupy alike). Dask and numpy inputs therefore get the same codes.
+
+    Parameters
+    ----------
+    key : int
+        From :func:`rounding_key`.
+    loc : [(row_start, row_stop), (col_start, col_stop)]
+    width : int
+        Columns of the whole matrix.
+    xp : module, default=numpy
+        numpy or cupy.
+
+    References
+    ----------
+    .. [1] G. L. Steele, D. Lea, C. H. Flood. "Fast splittable pseudorandom number generators."
+       OOPSLA 2014.
+    """
+    (r0, r1), (c0, c1) = loc
+    rows = xp.arange(r0, r1, dtype=xp.uint64)[:, None]
+    cols = xp.arange(c0, c1, dtype=xp.uint64)[None, :]
+    z = (rows * xp.uint64(width) + cols + xp.uint64(1)) * xp.uint64(_GOLDEN) + xp.uint64(key)
+    z = (z ^ (z >> xp.uint64(30))) * xp.uint64(_MIX1)
+    z = (z ^ (z >> xp.uint64(27))) * xp.uint64(_MIX2)
+    z = z ^ (z >> xp.uint64(31))
+    return (z >> xp.uint64(11)).astype(xp.float64) * (1.0 / (1 << 53))
 
 
 def decode_block(codes: Any, scale: Any, offset: Any, dtype: Any = np.float64) -> Any:
@@ -262,7 +329,7 @@ def quantize(
     *,
     spec: QuantizerSpec | str = "paper",
     channel_axis: int = 1,
-    seed: int | np.random.Generator | None = None,
+    seed: int | np.random.SeedSequence | np.random.Generator | None = None,
 ) -> Quantized:
     """Quantize a matrix to ``bits``-bit codes.
 
@@ -276,9 +343,10 @@ def quantize(
         The quantizer (see :func:`parse_quantizer`). ``"paper"`` is the reference semantics.
     channel_axis : {0, 1}, default=1
         Which axis indexes channels for ``channel``/``group`` scales.
-    seed : int or Generator, optional
-        Seed for stochastic rounding (ignored for nearest rounding). Dask inputs derive one
-        stream per block from it.
+    seed : int, SeedSequence or Generator, optional
+        Seed for stochastic rounding (ignored for nearest rounding; None means 0). Each entry's
+        uniform depends on the seed and the entry's position only (:func:`rounding_uniforms`),
+        so numpy, cupy and dask inputs get the same codes, however they are chunked.
 
     Returns
     -------
@@ -308,8 +376,9 @@ def quantize(
         codes = encode_blocks(x, bits, spec, scale, offset, channel_axis=channel_axis, seed=seed)
         return Quantized(codes, scale, offset, bits)
     s, o = (expand_groups(v, x.shape, g, channel_axis) for v in (scale, offset))
-    rng = _as_generator(seed) if stochastic else None
-    return Quantized(encode_block(x, s, o, bits, rng=rng), scale, offset, bits)
+    loc = [(0, x.shape[0]), (0, x.shape[1])]
+    dither = rounding_uniforms(rounding_key(seed), loc, x.shape[1], _namespace(x)) if stochastic else None
+    return Quantized(encode_block(x, s, o, bits, dither=dither), scale, offset, bits)
 
 
 def encode_blocks(
@@ -320,24 +389,27 @@ def encode_blocks(
     offset: Any,
     *,
     channel_axis: int,
-    seed: int | None = None,
+    seed: int | np.random.SeedSequence | np.random.Generator | None = None,
 ) -> Any:
     """Codes of a dask array, block by block, given the scales (numpy or lazy dask).
 
-    Each block takes the part of the scales that covers it; stochastic rounding draws from a
-    stream derived from ``seed`` and the block's position, so results do not depend on which
-    worker runs a block.
+    Each block takes the part of the scales that covers it; stochastic rounding takes the
+    uniforms of the block's entries from :func:`rounding_uniforms` with the key
+    :func:`rounding_key` makes of ``seed``, so the codes do not depend on the chunking or on
+    which worker runs a block, and equal those of :func:`quantize` on the whole matrix.
     """
     import dask
     import dask.array as da
 
     g = spec.group_size if spec.granularity == "group" else 0
-    stochastic = spec.rounding == "stochastic"
+    key = rounding_key(seed) if spec.rounding == "stochastic" else None
+    width = x.shape[1]
 
     def block(xb: Any, s: Any, o: Any, block_info: Any = None) -> Any:
         loc = block_info[0]["array-location"]
         s, o = (block_scales(v, loc, g, channel_axis) for v in (s, o))
-        return encode_block(xb, s, o, bits, rng=_block_rng(seed, loc) if stochastic else None)
+        dither = None if key is None else rounding_uniforms(key, loc, width, _namespace(xb))
+        return encode_block(xb, s, o, bits, dither=dither)
 
     dtype = code_dtype(bits)
     return da.map_blocks(
@@ -386,16 +458,6 @@ def block_scales(v: Any, loc: list[tuple[int, int]], group_size: int, channel_ax
     index = [slice(None), slice(None)]
     index[long_axis] = slice(first, first + stop - start)
     return out[tuple(index)]
-
-
-def _as_generator(seed: int | np.random.Generator | None) -> np.random.Generator:
-    return seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
-
-
-def _block_rng(seed: Any, loc: list[tuple[int, int]]) -> np.random.Generator:
-    """A generator for the block at ``loc``, derived from ``seed`` and the block's position."""
-    base = int(seed) if seed is not None and not isinstance(seed, np.random.Generator) else 0
-    return np.random.default_rng(np.random.SeedSequence(base, spawn_key=(loc[0][0], loc[1][0])))
 
 
 def _is_dask(x: Any) -> bool:

@@ -25,7 +25,7 @@ import zarr
 from zarr.abc.store import Store
 from zarr.codecs import BloscCodec, BloscShuffle, ZstdCodec
 
-from lplr_dask.backend import to_host
+from lplr_dask.backend import is_cupy, to_host, to_host_blocks
 from lplr_dask.errors import OutputExistsError, StoreFormatError
 
 __all__ = [
@@ -126,6 +126,8 @@ def codes_sample(codes: Any, chunks: tuple[int, int]) -> np.ndarray:
     -------
     ndarray of shape ``min(chunks, codes.shape)`` (numpy)
     """
+    if is_cupy(codes):
+        codes = to_host_blocks(codes) if hasattr(codes, "dask") else to_host(codes)
     chunked = [axis for axis in (0, 1) if chunks[axis] < codes.shape[axis]]
     part = codes[: chunks[0], : chunks[1]]
     if chunked:
@@ -136,7 +138,7 @@ def codes_sample(codes: Any, chunks: tuple[int, int]) -> np.ndarray:
         starts = np.linspace(0, length - max(sizes), runs).astype(np.int64)
         index = np.concatenate([np.arange(s, s + size) for s, size in zip(starts, sizes)])
         part = codes[index, : chunks[1]] if axis == 0 else codes[: chunks[0], index]
-    return to_host(part.compute() if hasattr(part, "compute") else part)
+    return np.asarray(part.compute() if hasattr(part, "compute") else part)
 
 
 def _float_compressor() -> Any:

@@ -1,0 +1,195 @@
+"""Quantizers at equal bytes on disk: every granularity × symmetry × rounding, and mixed L/R.
+
+For each matrix (1000 × 1000, float32, 200 × 200 chunks), each quantizer and each bit pair
+(B1, B2), ``lplr_dask.compress`` runs on a LocalCluster at a ladder of ranks (nominal
+``k·(n·B1 + d·B2)/(n·d)`` from 0.4 to 3 bits per entry, steps of about 1.5×). Each run records the bytes on
+disk of the whole store (codes, scales, offsets, metadata) and the exact relative error.
+
+The comparison at equal bytes: for a budget of X bits per entry on disk, the error of a
+(quantizer, bit pair) is interpolated, log-linearly in bytes, between the two ladder runs that
+bracket X·n·d/8 bytes (none if they do not); a quantizer's error at X is the best over bit pairs.
+
+Matrices
+--------
+- ``phantom``: the Shepp–Logan phantom (scikit-image) resized to 1000²;
+- ``lowrank``: ``lplr_dask.datasets.synthetic`` rank 64, geometric decay 0.9, 1% Gaussian noise;
+- ``poly``: polynomial spectrum ``s_i = 1/(i+1)`` over all 1000 singular values, 1% noise;
+- ``student-t``: rank 64, decay 0.9, 10% Student-t (3 degrees of freedom) noise: heavy tails.
+
+Run ``python benchmarks/quantizers.py`` (about an hour on 2 cores); ``--datasets``,
+``--quantizers`` and ``--pairs`` restrict it; ``--json FILE`` saves every run. The tables print
+as Markdown.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from typing import Any
+
+import dask.array as da
+import numpy as np
+
+SHAPE = (1000, 1000)
+CHUNKS = (200, 200)
+LADDER = (0.4, 0.6, 0.9, 1.3, 2.0, 3.0)
+BUDGETS = (0.5, 1.0, 2.0)
+PAIRS = ((8, 8), (6, 8), (6, 6), (4, 4))
+SAME_CONFIG = ((4, 4), 2.0)  # the fixed-configuration table: this pair at this nominal rate
+
+
+def quantizer_names() -> list[str]:
+    """Every granularity × symmetric × rounding, then the two mixed L:R pairs."""
+    names = []
+    for gran, sym, stoch in itertools.product(("tensor", "channel", "group256"), (False, True), (False, True)):
+        names.append("-".join([gran] + ["sym"] * sym + ["stochastic"] * stoch))
+    return names + ["channel:tensor", "tensor:channel"]
+
+
+def matrices(names: list[str]) -> dict[str, np.ndarray]:
+    from lplr_dask.datasets import synthetic
+
+    out: dict[str, np.ndarray] = {}
+    for name in names:
+        if name == "phantom":
+            from skimage.data import shepp_logan_phantom
+            from skimage.transform import resize
+
+            out[name] = resize(shepp_logan_phantom(), SHAPE, anti_aliasing=True).astype(np.float32)
+            continue
+        kw = {
+            "lowrank": dict(kind="lowrank", rank=64, decay=0.9, noise=0.01),
+            "poly": dict(kind="poly", rank=min(SHAPE), decay=1.0, noise=0.01),
+            "student-t": dict(kind="student-t", rank=64, decay=0.9, noise=0.1),
+        }[name]
+        out[name] = synthetic(SHAPE, chunks=SHAPE, seed=1, **kw).compute()
+    return out
+
+
+def run_one(A: np.ndarray, quantizer: str, bits: tuple[int, int], rank: int, path: str) -> dict[str, Any]:
+    import lplr_dask
+    from lplr_dask import store
+
+    t0 = time.perf_counter()
+    f = lplr_dask.compress(
+        da.from_array(A, chunks=CHUNKS), path, rank=rank, bits=bits, quantizer=quantizer, overwrite=True,
+        log=lambda m: None,
+    )
+    seconds = time.perf_counter() - t0
+    recon = f.to_dask(np.float64).compute()
+    a64 = A.astype(np.float64)
+    n, d = A.shape
+    total = store.bytes_on_disk(path)
+    return {
+        "quantizer": quantizer, "bits": list(bits), "rank": rank, "bytes": total,
+        "bytes_codes": store.codes_bytes(path), "bits_per_entry": total * 8 / (n * d),
+        "nominal_bits_per_entry": rank * (n * bits[0] + d * bits[1]) / (n * d),
+        "error": float(np.linalg.norm(a64 - recon) / np.linalg.norm(a64)), "seconds": round(seconds, 2),
+    }
+
+
+def at_budget(runs: list[dict[str, Any]], budget: float) -> float | None:
+    """Error at ``budget`` bits per entry on disk, interpolated log-linearly between ladder runs."""
+    pts = sorted((r["bits_per_entry"], r["error"]) for r in runs)
+    for (b0, e0), (b1, e1) in zip(pts, pts[1:]):
+        if b0 <= budget <= b1:
+            if b1 == b0:
+                return min(e0, e1)
+            w = (math.log(budget) - math.log(b0)) / (math.log(b1) - math.log(b0))
+            return math.exp((1 - w) * math.log(e0) + w * math.log(e1))
+    return None
+
+
+def best_at_budget(runs: list[dict[str, Any]], budget: float) -> tuple[float, tuple[int, int]] | None:
+    """The lowest interpolated error over bit pairs, and its pair."""
+    found = []
+    for bits, group in itertools.groupby(sorted(runs, key=lambda r: r["bits"]), key=lambda r: tuple(r["bits"])):
+        e = at_budget(list(group), budget)
+        if e is not None:
+            found.append((e, bits))
+    return min(found) if found else None
+
+
+def tables(runs: list[dict[str, Any]]) -> str:
+    """The Markdown tables: equal bytes on disk, then one fixed configuration."""
+    datasets = list(dict.fromkeys(r["dataset"] for r in runs))
+    names = list(dict.fromkeys(r["quantizer"] for r in runs))
+    lines = []
+    for budget in BUDGETS:
+        lines += [f"\n**{budget:g} bits per entry on disk** (relative error, best bit pair; × paper's error)\n",
+                  "| quantizer | " + " | ".join(datasets) + " |", "|---|" + "---|" * len(datasets)]
+        ref = {ds: best_at_budget([r for r in runs if r["dataset"] == ds and r["quantizer"] == "tensor"], budget)
+               for ds in datasets}
+        for q in names:
+            cells = []
+            for ds in datasets:
+                b = best_at_budget([r for r in runs if r["dataset"] == ds and r["quantizer"] == q], budget)
+                if b is None:
+                    cells.append("–")
+                    continue
+                ratio = f" ×{b[0] / ref[ds][0]:.2f}" if ref[ds] else ""
+                cells.append(f"{b[0]:.4f} ({b[1][0]},{b[1][1]}){ratio}")
+            lines.append(f"| {'paper' if q == 'tensor' else q} | " + " | ".join(cells) + " |")
+    pair, nominal = SAME_CONFIG
+    lines += [f"\n**Same configuration**: bits {pair}, rank for {nominal:g} nominal bits per entry "
+              "(relative error / bits per entry on disk)\n",
+              "| quantizer | " + " | ".join(datasets) + " |", "|---|" + "---|" * len(datasets)]
+    for q in names:
+        cells = []
+        for ds in datasets:
+            r = [r for r in runs if r["dataset"] == ds and r["quantizer"] == q and tuple(r["bits"]) == pair
+                 and math.isclose(r["nominal_bits_per_entry"], nominal, rel_tol=0.05)]
+            cells.append(f"{r[0]['error']:.4f} / {r[0]['bits_per_entry']:.2f}" if r else "–")
+        lines.append(f"| {'paper' if q == 'tensor' else q} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--datasets", default="phantom,lowrank,poly,student-t")
+    parser.add_argument("--quantizers", default=",".join(quantizer_names()), help="comma-separated names")
+    parser.add_argument("--pairs", default=",".join(f"{a}x{b}" for a, b in PAIRS), help="B1xB2,...")
+    parser.add_argument("--json", help="write every run here")
+    parser.add_argument("--from-json", help="only print the tables of a saved run")
+    args = parser.parse_args(argv)
+    if args.from_json:
+        with open(args.from_json) as fh:
+            print(tables(json.load(fh)["runs"]))
+        return 0
+    from distributed import Client, LocalCluster
+
+    pairs = [tuple(int(b) for b in p.split("x")) for p in args.pairs.split(",")]
+    quantizers = args.quantizers.split(",")
+    if "tensor" not in quantizers:
+        quantizers.insert(0, "tensor")  # the paper's quantizer: the reference of every ratio
+    runs: list[dict[str, Any]] = []
+    work = tempfile.mkdtemp(prefix="lplr-quantizers-")
+    n, d = SHAPE
+    try:
+        with LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=None) as cluster, Client(cluster):
+            for ds, A in matrices(args.datasets.split(",")).items():
+                for q, bits in itertools.product(quantizers, pairs):
+                    for nominal in LADDER:
+                        rank = max(2, round(nominal * n * d / (n * bits[0] + d * bits[1])))
+                        r = run_one(A, q, bits, rank, os.path.join(work, "out.lplr.zarr"))
+                        r["dataset"] = ds
+                        runs.append(r)
+                        print(json.dumps(r), file=sys.stderr, flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"shape": SHAPE, "chunks": CHUNKS, "runs": runs}, fh)
+    print(tables(runs))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,195 @@
+"""Tests for lplr_dask/quantize.py: round-trip bounds for every mode, unbiased stochastic rounding."""
+
+from __future__ import annotations
+
+import math
+
+import dask.array as da
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+
+from lplr_dask.errors import LplrValueError
+from lplr_dask.quantize import (
+    QuantizerSpec,
+    code_dtype,
+    dequantize,
+    expand_groups,
+    parse_quantizer,
+    quantize,
+    quantizer_pair,
+    rounding_key,
+    rounding_uniforms,
+)
+
+# ---------------------------------------------------------------------------------------------
+# Strategies
+# ---------------------------------------------------------------------------------------------
+
+specs = st.builds(
+    QuantizerSpec,
+    granularity=st.sampled_from(["tensor", "channel", "group"]),
+    group_size=st.integers(1, 7),
+    symmetric=st.booleans(),
+    rounding=st.sampled_from(["nearest", "stochastic"]),
+).map(lambda s: s if s.granularity == "group" else QuantizerSpec(s.granularity, 0, s.symmetric, s.rounding))
+
+# Magnitudes from 1e-6 to 1e6 and exact zeros: wide enough to catch scale errors, far enough
+# from overflow that max - min is finite.
+matrices = st.tuples(st.integers(1, 12), st.integers(1, 12)).flatmap(
+    lambda shape: arrays(
+        np.float64, shape,
+        elements=st.one_of(st.just(0.0), st.floats(-1e6, 1e6, allow_nan=False, allow_subnormal=False, width=64)),
+    )
+)
+
+
+def _round_trip(x: np.ndarray, bits: int, spec: QuantizerSpec, axis: int, seed: int = 0):
+    q = quantize(x, bits, spec=spec, channel_axis=axis, seed=seed)
+    g = spec.group_size
+    back = dequantize(q, dtype=np.float64, group_size=g, channel_axis=axis)
+    step = expand_groups(q.scale, x.shape, g, axis)
+    lo = expand_groups(q.offset, x.shape, g, axis)
+    return q, back, step, lo
+
+
+def _float_slack(x: np.ndarray, lo: np.ndarray, step: np.ndarray) -> np.ndarray:
+    # encode computes (x - lo) / step and decode code * step + lo in float64: each operation is
+    # off by half an ulp of its result, so the round trip may exceed the exact bound by a few ulps
+    # of the largest magnitude involved (never by a fraction of the step)
+    return 8 * np.spacing(np.abs(x) + np.abs(lo) + np.abs(step) * 2.0**16)
+
+
+# ---------------------------------------------------------------------------------------------
+# Round trips, every mode
+# ---------------------------------------------------------------------------------------------
+
+
+@settings(max_examples=300, deadline=None)
+@given(x=matrices, bits=st.integers(1, 16), spec=specs, axis=st.sampled_from([0, 1]), seed=st.integers(0, 2**32))
+def test_round_trip_bounds(x, bits, spec, axis, seed):
+    q, back, step, lo = _round_trip(x, bits, spec, axis, seed)
+    assert q.codes.dtype == code_dtype(bits)
+    assert q.codes.min() >= 0 and q.codes.max() <= (1 << bits) - 1
+    # nearest rounding lands within half a step; stochastic rounding on one of the two
+    # neighbouring levels, so within a step
+    bound = step / 2 if spec.rounding == "nearest" else step
+    assert np.all(np.abs(back - x) <= bound + _float_slack(x, lo, step))
+
+
+@settings(max_examples=300, deadline=None)
+@given(x=matrices, bits=st.integers(1, 16))
+def test_paper_keeps_min_and_max(x, bits):
+    # The paper's quantizer (one min-max range, nearest) maps min to code 0 and max to the top
+    # code. min decodes exactly (0 * step + min). max decodes as (2^B - 1) * step + min, which is
+    # max only up to the rounding of that product and sum: exactly representable in general is
+    # impossible (min = -1e6, max = 1e-3: max - min is not a float), so a few ulps are allowed.
+    q, back, step, lo = _round_trip(x, bits, parse_quantizer("paper"), 1)
+    assert q.codes.flat[np.argmin(x)] == 0 and back.min() == x.min()
+    if x.max() > x.min():
+        assert q.codes.flat[np.argmax(x)] == (1 << bits) - 1
+        assert abs(back.max() - x.max()) <= 4 * np.spacing(max(abs(x.max()), abs(x.min())))
+
+
+@settings(max_examples=100, deadline=None)
+@given(x=matrices.filter(lambda a: a.max() > a.min()))
+def test_one_bit_gives_two_levels(x):
+    q, back, _, _ = _round_trip(x, 1, parse_quantizer("paper"), 1)
+    assert set(np.unique(q.codes)) == {0, 1}
+    assert np.unique(back).size == 2 and back.min() == x.min()
+    assert abs(back.max() - x.max()) <= 4 * np.spacing(max(abs(x.max()), abs(x.min())))  # as above
+
+
+@pytest.mark.parametrize("bits", [0, 17, -1, 2.5, True, "8"])
+def test_bits_outside_1_to_16_are_refused(bits):
+    with pytest.raises(LplrValueError, match="from 1 to 16"):
+        quantize(np.ones((2, 2)), bits)
+
+
+def test_codes_above_8_bits_are_uint16():
+    x = np.linspace(-1.0, 1.0, 4096).reshape(64, 64)
+    assert code_dtype(8) == np.uint8 and code_dtype(9) == np.uint16
+    q = quantize(x, 12)
+    assert q.codes.dtype == np.uint16 and q.codes.max() == 4095
+
+
+def test_zero_range_decodes_exactly():
+    x = np.full((5, 3), 2.5)
+    for name in ("paper", "channel", "group2-sym"):
+        _, back, _, _ = _round_trip(x, 3, parse_quantizer(name), 1)
+        np.testing.assert_array_equal(back, x)
+
+
+# ---------------------------------------------------------------------------------------------
+# Stochastic rounding
+# ---------------------------------------------------------------------------------------------
+
+SEEDS = 400
+
+
+@pytest.mark.parametrize("name", ["tensor-stochastic", "channel-sym-stochastic", "group8-stochastic"])
+def test_stochastic_rounding_is_unbiased(name):
+    spec = parse_quantizer(name)
+    x = np.random.default_rng(7).standard_normal((20, 6))
+    errors = np.stack([_round_trip(x, 2, spec, 1, seed)[1] - x for seed in range(SEEDS)])
+    step = _round_trip(x, 2, spec, 1)[2]
+    # Each error is (1 - f)·step with probability f and -f·step otherwise (f: the fraction of a
+    # step above the lower level): mean 0, standard deviation at most step/2. The mean of SEEDS
+    # independent errors then has standard deviation at most step / (2·sqrt(SEEDS)); 5 of those
+    # bound all 120 entries' means with a chance of failure below 1e-4 (and the seeds are fixed,
+    # so the test is deterministic).
+    assert np.all(np.abs(errors.mean(axis=0)) <= 5 * step / (2 * math.sqrt(SEEDS)))
+    # the same bound rejects nearest rounding, whose error is a fixed bias per entry
+    nearest = _round_trip(x, 2, QuantizerSpec(spec.granularity, spec.group_size, spec.symmetric), 1)[1] - x
+    assert np.any(np.abs(nearest) > 5 * step / (2 * math.sqrt(SEEDS)))
+
+
+def test_rounding_uniforms_are_uniform_and_independent_of_blocks():
+    key = rounding_key(3)
+    u = rounding_uniforms(key, [(0, 300), (0, 400)], 400)
+    assert u.min() >= 0.0 and u.max() < 1.0
+    # 120000 draws: the mean of U[0,1) has standard deviation 0.29/sqrt(120000) = 8e-4
+    assert abs(u.mean() - 0.5) < 4e-3 and abs(u.var() - 1 / 12) < 4e-3
+    assert abs(np.corrcoef(u[:, :-1].ravel(), u[:, 1:].ravel())[0, 1]) < 0.02  # neighbours
+    block = rounding_uniforms(key, [(100, 250), (30, 77)], 400)
+    np.testing.assert_array_equal(block, u[100:250, 30:77])
+    assert not np.array_equal(rounding_uniforms(rounding_key(4), [(0, 300), (0, 400)], 400), u)
+
+
+# ---------------------------------------------------------------------------------------------
+# numpy and dask paths
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["paper", "channel", "group16-sym", "tensor-stochastic", "channel-stochastic",
+                                  "group24-sym-stochastic"])
+@pytest.mark.parametrize("axis", [0, 1])
+@pytest.mark.parametrize("chunks", [(64, 64), (37, 150), (300, 11)])
+def test_dask_and_numpy_give_the_same_codes(name, axis, chunks):
+    x = np.random.default_rng(2).standard_normal((300, 150)) * np.linspace(0.1, 3.0, 150)
+    ref = quantize(x, 3, spec=name, channel_axis=axis, seed=11)
+    q = quantize(da.from_array(x, chunks=chunks), 3, spec=name, channel_axis=axis, seed=11)
+    np.testing.assert_array_equal(q.codes.compute(), ref.codes)
+    np.testing.assert_array_equal(np.asarray(da.compute(q.scale)[0]), ref.scale)
+
+
+# ---------------------------------------------------------------------------------------------
+# Names
+# ---------------------------------------------------------------------------------------------
+
+
+@given(spec=specs)
+def test_names_read_back(spec):
+    assert parse_quantizer(spec.name) == spec
+
+
+def test_quantizer_pair():
+    channel, tensor = parse_quantizer("channel"), parse_quantizer("tensor")
+    assert quantizer_pair("channel:tensor") == (channel, tensor)
+    assert quantizer_pair("paper") == (tensor, tensor)
+    assert quantizer_pair(channel) == (channel, channel)
+    for bad in ("channel:tensor:tensor", "channel:nope", "group0"):
+        with pytest.raises(LplrValueError, match="Expected"):
+            quantizer_pair(bad)
