@@ -141,13 +141,22 @@ def _sketches(
         parts = da.blockwise(
             _first, "jik", both, "ij", new_axes={"k": width}, adjust_chunks={"j": 1}, dtype=np.float64, meta=_meta3(A)
         )
-        right = parts.sum(axis=0)
+        right = _sum_blocks(parts)
     if left:
         parts = da.blockwise(
             _second, "ikj", both, "ij", new_axes={"k": left[1]}, adjust_chunks={"i": 1}, dtype=np.float64, meta=_meta3(A)
         )
-        left_ = parts.sum(axis=0)
+        left_ = _sum_blocks(parts)
     return right, left_
+
+
+def _sum_blocks(parts: da.Array) -> da.Array:
+    """The sum over axis 0 of per-block products, as a binary tree.
+
+    Pairs are added as soon as both exist, so a worker holds few partial products at once, and
+    how many does not grow with the number of blocks summed (the rows or columns of A).
+    """
+    return parts.sum(axis=0, split_every=2)
 
 
 def _first(pair: tuple[Any, Any]) -> Any:
@@ -235,7 +244,7 @@ def left_multiply(PT: da.Array, A: da.Array) -> da.Array:
     parts = da.blockwise(
         block, "ikj", PT, "ik", A, "ij", adjust_chunks={"i": 1}, dtype=np.float64, meta=_meta3(A)
     )
-    return parts.sum(axis=0)
+    return _sum_blocks(parts)
 
 
 def right_multiply(A: da.Array, M: da.Array) -> da.Array:
@@ -257,7 +266,7 @@ def right_multiply(A: da.Array, M: da.Array) -> da.Array:
     parts = da.blockwise(
         block, "jik", A, "ij", M, "jk", adjust_chunks={"j": 1}, dtype=np.float64, meta=_meta3(A)
     )
-    return parts.sum(axis=0)
+    return _sum_blocks(parts)
 
 
 def map_column_blocks(W: da.Array, fn: Callable[[Any, int, int], Any]) -> da.Array:

@@ -262,9 +262,7 @@ def run(
     # -- pass 1 and the basis ------------------------------------------------------------------
     if STAGES.index(meta.get("stage", "started")) < STAGES.index("basis"):
         products = pass1(A, p)
-        names = list(products)
-        outs = runner("pass 1: sketch", *products.values())
-        products = dict(zip(names, outs))
+        products = dict(zip(list(products), runner("pass 1: sketch", *products.values())))
         meta["norm_fro"] = math.sqrt(float(products["sumsq"].compute()))
         Y = products["Y"]
         if p.power_iters:
@@ -280,6 +278,7 @@ def run(
             z = store.create_float(group, f"{work}/Z", (p.oversample, d), (p.oversample, col_chunk))
             writes.append(da.store(to_host_blocks(products["Z"].rechunk((p.oversample, col_chunk))), z, lock=False, compute=False))
         runner("basis: quantize L", *writes, persist=False)
+        del products, Y, qL, writes  # release the persisted sketches: pass 2 needs none of them
         save("basis")
 
     # -- pass 2: W, one whole chunk per task, resumable ------------------------------------------
@@ -305,11 +304,12 @@ def run(
                 W = blocks.left_multiply(da.from_array(M.T), like(_columns(Z, todo), A))
                 label = "pass 2: project (one-pass, no read of A)"
             else:
-                (PT,) = runner("basis: pinv(L)", pinv_factor(L_hat, lambda *x: runner("basis: pinv(L)", *x)).rechunk({0: A.chunks[0], 1: -1}))
-                W = _columns(project(A, PT), todo)
+                PT = pinv_factor(L_hat, lambda *x: runner("basis: pinv(L)", *x)).rechunk({0: A.chunks[0], 1: -1})
+                W = _columns(project(A, *runner("basis: pinv(L)", PT)), todo)
                 label = "pass 2: project"
             writer = _WWriter(root, work, todo)
             runner(label, blocks.map_column_blocks(W, writer), persist=False)
+            del W  # and with it the persisted pinv(L): R is coded from the scratch
         save("projected")
 
     # -- R = Q_B2(W), from the scratch -----------------------------------------------------------

@@ -52,8 +52,13 @@ STREAM_PSI = 2
 #: Non-zeros per row of a sparse sign map (Tropp et al. 2019 recommend 8).
 SPARSE_NNZ = 8
 
+#: Generated blocks a process keeps for reuse, per kind: a bound on the cache's memory
+#: (``CACHED_BLOCKS × SKETCH_BLOCK × width × 8`` bytes, 35 MiB at k + p = 266) that does not
+#: grow with the number of columns of A.
+CACHED_BLOCKS = 4
 
-@functools.lru_cache(maxsize=16)
+
+@functools.lru_cache(maxsize=CACHED_BLOCKS)
 def _block(seed: int, stream: int, block: int, width: int) -> np.ndarray:
     """Block ``block`` of stream ``stream``: (SKETCH_BLOCK, width) standard normals, float64.
 
@@ -65,7 +70,7 @@ def _block(seed: int, stream: int, block: int, width: int) -> np.ndarray:
     return out
 
 
-@functools.lru_cache(maxsize=16)
+@functools.lru_cache(maxsize=CACHED_BLOCKS)
 def _block_on(xp: ModuleType, seed: int, stream: int, block: int, width: int) -> Any:
     """:func:`_block` on ``xp``'s device: copied once per process (numpy: the host block itself)."""
     host = _block(seed, stream, block, width)
@@ -120,7 +125,7 @@ def sketch_matrix(seed: int, stream: int, rows: int, width: int, *, scale: float
     return sketch_rows(seed, stream, 0, rows, width, scale=scale)
 
 
-@functools.lru_cache(maxsize=16)
+@functools.lru_cache(maxsize=CACHED_BLOCKS)
 def _sparse_block(seed: int, stream: int, block: int, width: int, nnz: int) -> tuple[np.ndarray, np.ndarray]:
     """Block ``block`` of a sparse sign map: (positions, signs), each (SKETCH_BLOCK, nnz).
 
