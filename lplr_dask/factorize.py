@@ -152,8 +152,11 @@ def quantize_basis(Y: da.Array, p: Params) -> Quantized:
     return Quantized(codes, scale, offset, p.bits[0])
 
 
-def pinv_factor(L_hat: da.Array, run: Callable[..., Any] = dask.persist) -> da.Array:
-    """``pinv(L)ᵀ`` (n×k) as a dask array: TSQR ``L = Q·R``, SVD of R on the client.
+def pinv_factor(L_hat: da.Array) -> da.Array:
+    """``pinv(L)ᵀ`` (n×k) as a lazy dask array: TSQR ``L = Q·R``, then ``Q·pinv(R)ᵀ``.
+
+    The k×k factor is inverted in one task (an SVD of R), so persisting the result is one
+    computation that keeps only ``pinv(L)ᵀ``, not Q beside it.
 
     Singular values below ``max(n, k)·eps·σ_max`` are treated as zero, as ``numpy.linalg.lstsq``
     does, so a rank-deficient quantized basis (for example at B1 = 1) still gives the
@@ -161,12 +164,17 @@ def pinv_factor(L_hat: da.Array, run: Callable[..., Any] = dask.persist) -> da.A
     """
     n, k = L_hat.shape
     L_hat = L_hat.rechunk({0: blocks.tall_chunks(n, k, L_hat.chunks[0][0]), 1: -1})
-    Q, R = run(*da.linalg.tsqr(L_hat))
-    R = R.compute()
+    Q, R = da.linalg.tsqr(L_hat)
+    M = da.from_delayed(dask.delayed(_pinv_transposed)(R, max(n, k)), shape=(k, k), dtype=np.float64, meta=R._meta)
+    return Q @ M
+
+
+def _pinv_transposed(R: Any, m: int) -> Any:
+    """``pinv(R)ᵀ`` of a square R by its SVD, cutting singular values below ``m·eps·σ_max``."""
     U, s, Vt = np.linalg.svd(R)
-    tol = s.max(initial=0.0) * max(n, k) * np.finfo(np.float64).eps
+    tol = s.max(initial=0.0) * m * np.finfo(np.float64).eps
     inv = np.divide(1.0, s, out=np.zeros_like(s), where=s > tol)
-    return Q @ ((U * inv) @ Vt)
+    return (U * inv) @ Vt
 
 
 def project(A: da.Array, PT: da.Array) -> da.Array:
@@ -304,7 +312,7 @@ def run(
                 W = blocks.left_multiply(da.from_array(M.T), like(_columns(Z, todo), A))
                 label = "pass 2: project (one-pass, no read of A)"
             else:
-                PT = pinv_factor(L_hat, lambda *x: runner("basis: pinv(L)", *x)).rechunk({0: A.chunks[0], 1: -1})
+                PT = pinv_factor(L_hat).rechunk({0: A.chunks[0], 1: -1})
                 W = _columns(project(A, *runner("basis: pinv(L)", PT)), todo)
                 label = "pass 2: project"
             writer = _WWriter(root, work, todo)
