@@ -14,10 +14,13 @@ import numpy as np
 from lplr_dask import budget, chunking, factorize, store
 from lplr_dask.errors import LplrTypeError, LplrValueError, StoreFormatError
 from lplr_dask.factors import Factors, open_factors, relative_error
-from lplr_dask.quantize import check_bits, quantizer_pair
+from lplr_dask.quantize import QuantizerSpec, check_bits, quantizer_pair
 from lplr_dask.sources import Source, as_matrix, describe, open_source, read_source
 
-__all__ = ["compress", "evaluate", "resolve_rank"]
+__all__ = ["compress", "evaluate", "resolve_rank", "DEFAULT_BITS"]
+
+#: (B1, B2) unless given, or chosen for a bits-per-entry budget.
+DEFAULT_BITS = (8, 8)
 
 
 def _stderr(msg: str) -> None:
@@ -31,8 +34,13 @@ def resolve_rank(
     rank: int | None,
     bits_per_entry: float | None,
     match_nq: float | None,
+    specs: tuple[QuantizerSpec, QuantizerSpec] | None = None,
+    chunks: tuple[int, int] | None = None,
 ) -> int:
     """The rank from exactly one of ``rank``, ``bits_per_entry``, ``match_nq``.
+
+    ``bits_per_entry`` gives the largest rank whose store fits the budget on disk with the
+    quantizers ``specs`` (L, R) and A's ``chunks`` (:func:`lplr_dask.budget.rank_for_bits_per_entry`).
 
     Raises
     ------
@@ -49,7 +57,7 @@ def resolve_rank(
     if rank is not None:
         k = rank
     elif bits_per_entry is not None:
-        k = budget.rank_for_bits_per_entry(n, d, bits, float(bits_per_entry))
+        k = budget.rank_for_bits_per_entry(n, d, bits, float(bits_per_entry), specs=specs or budget.PAPER_SPECS, chunks=chunks)
     else:
         k = budget.fair_rank(n, d, bits, float(match_nq))  # type: ignore[arg-type]
         if k < 1:
@@ -87,7 +95,7 @@ def compress(
     out: str | os.PathLike[str],
     *,
     rank: int | None = None,
-    bits: tuple[int, int] = (8, 8),
+    bits: tuple[int, int] | None = None,
     bits_per_entry: float | None = None,
     passes: int = 2,
     match_nq: float | None = None,
@@ -114,12 +122,16 @@ def compress(
     out : str or os.PathLike
         Where to write the ``*.lplr.zarr`` store: a local path or an fsspec URL.
     rank, bits_per_entry, match_nq, target_error : exactly one
-        The rank k; or the largest k whose codes fit ``bits_per_entry`` bits per entry of A; or
+        The rank k; or a budget of ``bits_per_entry`` bits per entry of A on disk (scales and
+        metadata included), which it never exceeds: with ``bits``, the largest k that fits;
+        without, the rank and bits of the lowest predicted error that fit, from a small grid
+        (:func:`lplr_dask.budget.choose`, one more read of A); or
         the paper's fair rank against ``match_nq``-bit naive quantization; or the smallest rank
         whose estimated relative error is at most ``target_error`` (see
         :func:`lplr_dask.target.compress_to_target`).
-    bits : (int, int), default=(8, 8)
-        Bits B1 for L and B2 for R, each from 1 to 16.
+    bits : (int, int), optional
+        Bits B1 for L and B2 for R, each from 1 to 16. Default (8, 8), or chosen with the rank for
+        ``bits_per_entry``.
     passes : {1, 2}, default=2
         Reads of A: two (the paper's least squares) or one (Tropp et al. 2017).
     power_iters : int, default=0
@@ -153,6 +165,8 @@ def compress(
     ----------
     .. [1] R. Saha, V. Srivastava, M. Pilanci. NeurIPS 2023.
     """
+    choose_bits = bits is None and bits_per_entry is not None and rank is None and match_nq is None
+    bits = DEFAULT_BITS if bits is None else bits
     bits = (check_bits(bits[0], "B1"), check_bits(bits[1], "B2"))
     if passes not in (1, 2):
         raise LplrValueError(f"Expected passes 1 or 2. Got {passes!r}.")
@@ -180,7 +194,19 @@ def compress(
     from lplr_dask.backend import to_device
 
     A = to_device(A, device)
-    k = resolve_rank(A.shape, bits, rank=rank, bits_per_entry=bits_per_entry, match_nq=match_nq)
+    if choose_bits:
+        with _client(log, device):
+            choice = budget.choose(
+                A, float(bits_per_entry), specs=(spec_l, spec_r), seed=seed, passes=passes,  # type: ignore[arg-type]
+                power_iters=int(power_iters), test_columns=test_columns, log=log,
+            )
+            return compress(
+                source, out, rank=choice.rank, bits=choice.bits, passes=passes, power_iters=power_iters,
+                quantizer=quantizer, seed=seed, overwrite=overwrite, resume=resume, device=device,
+                test_columns=test_columns, storage_options=storage_options, log=log,
+            )
+    k = resolve_rank(A.shape, bits, rank=rank, bits_per_entry=bits_per_entry, match_nq=match_nq,
+                     specs=(spec_l, spec_r), chunks=(int(A.chunks[0][0]), int(A.chunks[1][0])))
     params = factorize.Params(
         rank=k, bits=bits, quantizer=quantizer if isinstance(quantizer, str) else spec_l.name,
         spec_l=spec_l, spec_r=spec_r, seed=seed, passes=passes, power_iters=int(power_iters),

@@ -1,18 +1,78 @@
-"""Rank and bits from a storage budget; the paper's fair rank."""
+"""Rank and bits from a storage budget in bits per entry on disk; the paper's fair rank.
+
+A budget of X bits per entry allows ``X·n·d/8`` bytes on disk for the whole store: codes, scales,
+offsets and metadata. :func:`storage_bytes` bounds what a store takes from above, so a rank it
+allows never exceeds the budget:
+
+- **codes**: at most ``SLACK × entries × B/8`` bytes plus :data:`CHUNK_OVERHEAD` per chunk. Bit-shuffled
+  Blosc stores B-bit codes in B/8 of their uint8 size whatever their values (measured 1.00–1.02,
+  plus about 45 bytes of headers per chunk); the store switches to Zstd only where a sample of
+  the codes comes out smaller (:func:`lplr_dask.store.codes_compressor`), so the bound holds and
+  a store usually comes in under it;
+- **scales and offsets**: 8 bytes per value (float64), one value for ``tensor``, k for
+  ``channel``, k per group for ``group``, plus :data:`CHUNK_OVERHEAD` per array;
+- **metadata**: :data:`METADATA_BYTES`, about three times what a store's ``zarr.json`` documents
+  and attrs take (5 KB).
+
+:func:`choose` picks the rank k *and* the bits (B1, B2) for a budget: for each pair of a small grid
+(:data:`BITS_GRID`) the ranks that fit are scored by the error :class:`lplr_dask.target.Plan`
+predicts, and the lowest wins. The prediction needs A's spectrum as the sketch sees it: the plan
+runs the compression's own pass 1 at the largest rank considered (one extra read of A), and
+because a TSQR ``Y = Q·T`` of the sketch gives nested bases, ``Q[:, :k]`` spans the first k sketch
+columns at every k, so the test columns' residual after projecting on them gives the tail energy
+``‖A − P_k·A‖²`` for all k at once; L's rounding is simulated on the sketch itself and R's added as
+noise of variance ``Δ²/12`` per entry (see :mod:`lplr_dask.target`). Choosing costs that one read
+and a TSQR of an n × k basis per candidate, and nothing is written.
+"""
 
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING, Callable, NamedTuple, Sequence
 
 from lplr_dask.errors import LplrValueError
+from lplr_dask.quantize import QuantizerSpec, parse_quantizer
 
-__all__ = ["fair_rank", "rank_for_bits_per_entry", "theoretical_bits_per_entry"]
+if TYPE_CHECKING:
+    import dask.array as da
+
+__all__ = [
+    "BITS_GRID",
+    "PAPER_SPECS",
+    "Choice",
+    "choose",
+    "fair_rank",
+    "rank_for_bits_per_entry",
+    "storage_bytes",
+    "theoretical_bits_per_entry",
+]
+
+#: Codes may take this much more than ``entries × B / 8`` bytes (issue 5's bound).
+SLACK = 1.05
+#: Bytes of headers per stored chunk, an upper bound (Blosc and Zstd headers: about 45 measured).
+CHUNK_OVERHEAD = 64
+#: Bytes of Zarr metadata documents and attrs, an upper bound (about 5 KB measured).
+METADATA_BYTES = 16 * 1024
+#: The (B1, B2) pairs :func:`choose` considers. B1 ≤ B2: least squares onto the quantized basis
+#: absorbs part of L's rounding, nothing absorbs R's. Above 8 bits (uint16 codes) for matrices of
+#: low rank and little noise, where 8-bit rounding is the larger error.
+BITS_GRID: tuple[tuple[int, int], ...] = (
+    (12, 12), (10, 10), (8, 8), (6, 8), (4, 8), (6, 6), (4, 6), (4, 4), (3, 3), (2, 2)
+)
+#: Ranks tried per pair, as fractions of the largest that fits: more rank lowers the tail but can
+#: raise the rounding noise (a worse-conditioned basis), so the best may be below the largest.
+RANK_STEPS = (1.0, 0.5, 0.25, 0.125)
+#: Test columns the plan uses at least (as :mod:`lplr_dask.target` does).
+PLAN_TEST_COLUMNS = 32
+
+#: The quantizers of L and R that bounds assume unless told: the paper's, one range each.
+PAPER_SPECS: tuple[QuantizerSpec, QuantizerSpec] = (parse_quantizer("paper"), parse_quantizer("paper"))
 
 
 def fair_rank(n: int, d: int, bits: tuple[int, int], b_nq: float, *, cr: float = 1.0) -> int:
     """The paper's fair rank: ``floor(cr·n·d·B_nq / (n·B1 + d·B2))``, capped at ``min(n, d)``.
 
-    At ``cr = 1`` the factors take as many bits as naive ``B_nq``-bit quantization of A.
+    At ``cr = 1`` the factors' codes take as many bits as naive ``B_nq``-bit quantization of A.
     A result of 0 means the matrix is too small to gain from a factorization at this budget.
     """
     b1, b2 = bits
@@ -24,21 +84,160 @@ def theoretical_bits_per_entry(n: int, d: int, rank: int, bits: tuple[int, int])
     return rank * (n * bits[0] + d * bits[1]) / (n * d)
 
 
-def rank_for_bits_per_entry(n: int, d: int, bits: tuple[int, int], budget: float) -> int:
-    """The largest rank whose codes fit ``budget`` bits per entry of A.
+def _scale_values(spec: QuantizerSpec, rank: int, length: int) -> int:
+    """Values in one scale (or offset) array of a factor whose long axis has ``length`` entries."""
+    if spec.granularity == "tensor":
+        return 1
+    if spec.granularity == "channel":
+        return rank
+    return rank * -(-length // spec.group_size)
+
+
+def storage_bytes(
+    n: int,
+    d: int,
+    rank: int,
+    bits: tuple[int, int],
+    *,
+    specs: tuple[QuantizerSpec, QuantizerSpec] = PAPER_SPECS,
+    chunks: tuple[int, int] | None = None,
+) -> float:
+    """An upper bound of the bytes on disk of a store (see the module docstring).
+
+    Parameters
+    ----------
+    n, d : int
+        The matrix's shape.
+    rank : int
+    bits : (int, int)
+        (B1, B2).
+    specs : (QuantizerSpec, QuantizerSpec), default=("paper", "paper")
+        The quantizers of L and R (their scales' sizes).
+    chunks : (int, int), optional
+        A's chunk shape: L's codes are chunked by A's row chunks, R's by its column chunks.
+        Default: one chunk each. The compression only ever merges chunks, so a bound from the
+        input's chunks holds.
+
+    Returns
+    -------
+    float
+        Bytes.
+    """
+    row_chunk, col_chunk = chunks or (n, d)
+    codes = SLACK * rank * (n * bits[0] + d * bits[1]) / 8
+    codes += CHUNK_OVERHEAD * (-(-n // row_chunk) + -(-d // col_chunk))
+    scales = sum(2 * (8 * _scale_values(spec, rank, length) + CHUNK_OVERHEAD) for spec, length in zip(specs, (n, d)))
+    return codes + scales + METADATA_BYTES
+
+
+def rank_for_bits_per_entry(
+    n: int,
+    d: int,
+    bits: tuple[int, int],
+    budget: float,
+    *,
+    specs: tuple[QuantizerSpec, QuantizerSpec] = PAPER_SPECS,
+    chunks: tuple[int, int] | None = None,
+) -> int:
+    """The largest rank whose store fits ``budget`` bits per entry on disk (:func:`storage_bytes`).
 
     Raises
     ------
     LplrValueError
-        If not even rank 1 fits.
+        If the budget is not positive, or not even rank 1 fits.
     """
-    if not budget > 0:
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not budget > 0:
         raise LplrValueError(f"Expected a positive bits-per-entry budget. Got {budget!r} instead.")
-    k = fair_rank(n, d, bits, budget)
+    allowed = budget * n * d / 8
+    fixed = storage_bytes(n, d, 0, bits, specs=specs, chunks=chunks)
+    per_rank = storage_bytes(n, d, 1, bits, specs=specs, chunks=chunks) - fixed  # the bound is linear in k
+    k = min(n, d, math.floor((allowed - fixed) / per_rank))
     if k < 1:
-        need = theoretical_bits_per_entry(n, d, 1, bits)
+        need = (fixed + per_rank) * 8 / (n * d)
         raise LplrValueError(
-            f"A budget of {budget} bits per entry is below what rank 1 needs at bits {bits} for a "
-            f"{n}x{d} matrix ({need:.4g}). Raise --bits-per-entry or lower --bits."
+            f"A budget of {budget} bits per entry on disk is below what rank 1 needs at bits {tuple(bits)} "
+            f"for a {n}x{d} matrix ({need:.4g}, scales and {METADATA_BYTES // 1024} KiB of metadata "
+            "included). Raise --bits-per-entry or lower --bits."
         )
     return k
+
+
+class Choice(NamedTuple):
+    """What :func:`choose` picked, and what it weighed."""
+
+    rank: int
+    bits: tuple[int, int]
+    predicted: float
+    #: (rank, bits, predicted error) of every candidate scored.
+    candidates: list[tuple[int, tuple[int, int], float]]
+
+
+def choose(
+    A: da.Array,
+    budget: float,
+    *,
+    specs: tuple[QuantizerSpec, QuantizerSpec] = PAPER_SPECS,
+    grid: Sequence[tuple[int, int]] = BITS_GRID,
+    seed: int = 0,
+    passes: int = 2,
+    power_iters: int = 0,
+    test_columns: int = 10,
+    max_rank: int | None = None,
+    log: Callable[[str], None] = lambda msg: None,
+) -> Choice:
+    """The rank and bits of the lowest predicted error within ``budget`` bits per entry on disk.
+
+    Parameters
+    ----------
+    A : dask array of shape (n, d)
+        The matrix, chunked as the compression will read it.
+    budget : float
+        Bits per entry of A on disk, scales and metadata included.
+    specs : (QuantizerSpec, QuantizerSpec)
+        The quantizers of L and R.
+    grid : sequence of (int, int), default=BITS_GRID
+        The (B1, B2) pairs considered.
+    seed, passes, power_iters : as for :func:`lplr_dask.compress`
+    test_columns : int, default=10
+        Raised to at least :data:`PLAN_TEST_COLUMNS` for the plan.
+    max_rank : int, optional
+        The largest rank considered. Default :data:`lplr_dask.target.DEFAULT_MAX_RANK`.
+    log : callable
+
+    Returns
+    -------
+    Choice
+
+    Raises
+    ------
+    LplrValueError
+        If no pair of the grid fits rank 1 into the budget.
+    """
+    from lplr_dask.target import DEFAULT_MAX_RANK, Plan
+
+    n, d = A.shape
+    chunks = (int(A.chunks[0][0]), int(A.chunks[1][0]))
+    fits: dict[tuple[int, int], int] = {}
+    for bits in grid:
+        try:
+            fits[tuple(bits)] = rank_for_bits_per_entry(n, d, bits, budget, specs=specs, chunks=chunks)  # type: ignore[index]
+        except LplrValueError:
+            continue
+    if not fits:
+        # the smallest pair's message says what rank 1 needs
+        smallest = min(grid, key=lambda b: n * b[0] + d * b[1])
+        rank_for_bits_per_entry(n, d, smallest, budget, specs=specs, chunks=chunks)
+    top = min(max(fits.values()), max_rank or DEFAULT_MAX_RANK)
+    log(f"bits per entry {budget}: sketch spectrum up to rank {top} (one extra read of A)")
+    plan = Plan(A, bits=next(iter(fits)), spec=specs[0], spec_r=specs[1], seed=seed,
+                test_columns=max(test_columns, PLAN_TEST_COLUMNS), power_iters=power_iters, passes=passes,
+                max_rank=top)
+    candidates = []
+    for bits, k_fit in fits.items():
+        scored = plan.with_bits(bits)
+        ranks = sorted({max(1, math.floor(min(k_fit, plan.max_rank) * f)) for f in RANK_STEPS})
+        candidates += [(k, bits, scored.estimate(k)) for k in ranks]
+    k, bits, predicted = min(candidates, key=lambda c: c[2])
+    log(f"bits per entry {budget}: rank {k}, bits {bits} (predicted error {predicted:.4g})")
+    return Choice(k, bits, predicted, candidates)
+

@@ -65,7 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
             add_cluster_arguments(sp)
 
     def compression(sp: argparse.ArgumentParser) -> None:  # compress and compress-group
-        sp.add_argument("--bits", type=int, nargs=2, default=(8, 8), metavar=("B1", "B2"), help="bits for L and R (default 8 8)")
+        sp.add_argument("--bits", type=int, nargs=2, metavar=("B1", "B2"),
+                        help="bits for L and R (default 8 8; for compress with --bits-per-entry, chosen with the rank)")
         sp.add_argument("--passes", type=int, default=2, choices=[1, 2], help="reads of A (default 2)")
         sp.add_argument("--power-iters", type=int, default=0, help="power iterations (2 more reads each)")
         sp.add_argument("--quantizer", default="default", help="paper | default | tensor|channel|groupN[-sym][-stochastic]")
@@ -255,8 +256,8 @@ def _cmd_compress(args: argparse.Namespace, log: Callable[[str], None]) -> dict[
     check_device(args.device)  # so does --device cuda without CuPy or a GPU
     with client_from_args(args, log=log):
         factors = compress(
-            args.input, args.out, rank=args.rank, bits=tuple(args.bits), bits_per_entry=args.bits_per_entry,
-            match_nq=args.match_nq, target_error=args.target_error, passes=args.passes,
+            args.input, args.out, rank=args.rank, bits=tuple(args.bits) if args.bits else None,
+            bits_per_entry=args.bits_per_entry, match_nq=args.match_nq, target_error=args.target_error, passes=args.passes,
             power_iters=args.power_iters, quantizer=args.quantizer, seed=args.seed, overwrite=args.overwrite,
             resume=args.resume, device=args.device, storage_options=opts, log=log,
         )
@@ -283,6 +284,7 @@ def _cmd_convert(args: argparse.Namespace, log: Callable[[str], None]) -> dict[s
 
 
 def _cmd_compress_group(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
+    from lplr_dask.api import DEFAULT_BITS
     from lplr_dask.cluster import client_from_args
     from lplr_dask.group import compress_group
     from lplr_dask.sources import list_arrays
@@ -291,7 +293,7 @@ def _cmd_compress_group(args: argparse.Namespace, log: Callable[[str], None]) ->
     list_arrays(args.input, storage_options=args.storage_options)  # bad input fails before a cluster starts
     with client_from_args(args, log=log):
         return compress_group(
-            args.input, args.out, rank=args.rank, bits=tuple(args.bits), bits_per_entry=args.bits_per_entry,
+            args.input, args.out, rank=args.rank, bits=tuple(args.bits or DEFAULT_BITS), bits_per_entry=args.bits_per_entry,
             match_nq=args.match_nq, passes=args.passes, power_iters=args.power_iters, quantizer=args.quantizer,
             seed=args.seed, overwrite=args.overwrite, resume=args.resume, device=args.device,
             evaluate=args.evaluate, storage_options=args.storage_options, log=log,

@@ -31,6 +31,7 @@ The result records the target, the achieved estimate and every attempt in the at
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import os
@@ -76,7 +77,9 @@ class Plan:
     A : dask array of shape (n, d)
     bits : (int, int)
     spec : QuantizerSpec
-        The quantizer of both factors.
+        The quantizer of L, and of R unless ``spec_r`` is given.
+    spec_r : QuantizerSpec, optional
+        The quantizer of R.
     seed, test_columns, power_iters, passes
         As for :func:`lplr_dask.compress`: the test columns are the same as the compression's.
     max_rank : int, default=DEFAULT_MAX_RANK
@@ -94,6 +97,7 @@ class Plan:
         *,
         bits: tuple[int, int],
         spec: QuantizerSpec,
+        spec_r: QuantizerSpec | None = None,
         seed: int = 0,
         test_columns: int = 10,
         power_iters: int = 0,
@@ -106,7 +110,8 @@ class Plan:
         n, d = A.shape
         kmax = int(min(n, d, max_rank))
         self.bits, self.spec, self.seed, self.passes, self.d = bits, spec, seed, passes, d
-        self._params = Params(rank=kmax, bits=bits, quantizer=spec.name, spec_l=spec, spec_r=spec, seed=seed,
+        self.spec_r = spec_r or spec
+        self._params = Params(rank=kmax, bits=bits, quantizer=spec.name, spec_l=spec, spec_r=self.spec_r, seed=seed,
                               test_columns=test_columns)
         products = pass1(A, self._params)  # the compression's own first read, at rank max_rank
         Y, AG, sumsq = compute("target: sketch spectrum", products["Y"], products["AG"], products["sumsq"], persist=True)
@@ -124,6 +129,12 @@ class Plan:
         captured = np.concatenate([[0.0], np.cumsum((c**2).sum(axis=1))])
         self.tail2 = np.clip((self.ag2 - captured) / self.norm2, 0.0, None) if self.norm2 > 0 else np.zeros(kmax + 1)
         self._cache: dict[int, float] = {}
+
+    def with_bits(self, bits: tuple[int, int]) -> Plan:
+        """The same sketch spectrum predicting for other bits (B1, B2): no read of A."""
+        other = copy.copy(self)
+        other.bits, other._params, other._cache = bits, dataclasses.replace(self._params, bits=bits), {}
+        return other
 
     @property
     def max_rank(self) -> int:
@@ -148,7 +159,7 @@ class Plan:
         l2 = (T**2).sum(axis=0)  # ‖L̂_c‖²
         w2 = (np.linalg.pinv(T) @ c) ** 2  # (pinv(L̂)·A·G)², each row: ‖W_c‖² · (one per test column)
         w2 = w2.sum(axis=1)
-        spec = self.spec
+        spec = self.spec_r
         levels = (1 << self.bits[1]) - 1
         variance = 1 / 6 if spec.rounding == "stochastic" else 1 / 12
         if spec.granularity == "group":
