@@ -9,8 +9,8 @@ Runs, in one process and on one cluster (by default 2 workers × 1 thread, for a
     ratio of each to the read pass, the workers' CPU seconds, the peak worker memory and the
     relative errors (exact, each measured afterwards in one more read that is not timed).
 ``memory``
-    ``compress`` two-pass on matrices of n·d and 4·n·d entries at the same chunking: the peak
-    worker memory should stay flat.
+    ``compress`` two-pass on matrices of n·d/4 and n·d entries at the same chunking, each on a
+    fresh cluster: the peak worker memory should stay flat.
 
 The table goes to stdout and, unless ``--no-write``, replaces this benchmark's section of
 ``benchmarks/RESULTS.md`` (other sections are kept). Timings on a shared machine move with its
@@ -59,7 +59,7 @@ def _cpu_seconds() -> float:  # runs on each worker
 
 
 class Step:
-    """One timed step: wall seconds, worker CPU seconds, peak worker memory, error."""
+    """One timed step: wall seconds, worker CPU seconds, peak worker memory, errors, stage times."""
 
     def __init__(self, name: str):
         self.name = name
@@ -115,14 +115,11 @@ def run_compare(client: Any, path: str, out_dir: str, rank: int) -> list[Step]:
     return steps
 
 
-def run_memory(client: Any, paths: list[tuple[tuple[int, int], str]], out_dir: str, rank: int) -> list[tuple[tuple[int, int], Step]]:
-    rows = []
-    for shape, path in paths:
-        step = Step(f"compress {shape[0]}x{shape[1]}")
-        with measure(client, step):
-            lplr_dask.compress(path, os.path.join(out_dir, "mem.lplr.zarr"), rank=rank, overwrite=True, log=lambda _: None)
-        rows.append((shape, step))
-    return rows
+def run_memory(client: Any, shape: tuple[int, int], path: str, out_dir: str, rank: int) -> tuple[tuple[int, int], Step]:
+    step = Step(f"compress {shape[0]}x{shape[1]}")
+    with measure(client, step):
+        lplr_dask.compress(path, os.path.join(out_dir, "mem.lplr.zarr"), rank=rank, overwrite=True, log=lambda _: None)
+    return shape, step
 
 
 def ensure_matrix(data: str, shape: tuple[int, int], chunk: int, log: Callable[[str], None]) -> str:
@@ -143,11 +140,12 @@ def machine(args: argparse.Namespace) -> list[str]:
                 cpu = line.split(":", 1)[1].strip()
                 break
     blas = ""
-    with contextlib.suppress(ImportError, IndexError, KeyError):
+    with contextlib.suppress(ImportError):
         import threadpoolctl
 
-        info = threadpoolctl.threadpool_info()[0]
-        blas = f"; BLAS {info['internal_api']} {info['version']} ({info.get('architecture', '?')} kernels)"
+        found = {f"{i['internal_api']} {i['version']} ({i.get('architecture', '?')} kernels)"
+                 for i in threadpoolctl.threadpool_info() if i["user_api"] == "blas"}
+        blas = "; BLAS " + ", ".join(sorted(found)) if found else ""
     import distributed
     import zarr
 
@@ -238,17 +236,24 @@ def main(argv: list[str] | None = None) -> int:
     n, d = args.shape
     out: list[str] = [f"Run {datetime.datetime.now().isoformat(timespec='minutes')} with "
                       f"`python benchmarks/bench_compress.py {' '.join(argv if argv is not None else sys.argv[1:])}`".rstrip() + ":", ""]
-    with LocalCluster(n_workers=args.workers, threads_per_worker=args.threads, memory_limit=args.memory_limit,
-                      processes=True, host="127.0.0.1", dashboard_address=None) as cluster, Client(cluster) as client:
-        main_path = ensure_matrix(args.data, args.shape, args.chunk, log)
-        if args.mode in ("compare", "all"):
+    def cluster() -> Any:
+        return LocalCluster(n_workers=args.workers, threads_per_worker=args.threads, memory_limit=args.memory_limit,
+                            processes=True, host="127.0.0.1", dashboard_address=None)
+
+    main_path = ensure_matrix(args.data, args.shape, args.chunk, log)
+    if args.mode in ("compare", "all"):
+        with cluster() as c, Client(c) as client:
             steps = run_compare(client, main_path, args.data, args.rank)
-            out += table_compare(steps, args.shape, args.chunk, args.rank) + [""]
-        if args.mode in ("memory", "all"):
-            small = (n // 2, d // 2)
-            paths = [(small, ensure_matrix(args.data, small, args.chunk, log)), (args.shape, main_path)]
-            out += table_memory(run_memory(client, paths, args.data, args.rank), args.chunk, args.rank) + [""]
-        out += machine(args)
+        out += table_compare(steps, args.shape, args.chunk, args.rank) + [""]
+    if args.mode in ("memory", "all"):
+        small = (n // 2, d // 2)
+        paths = [(small, ensure_matrix(args.data, small, args.chunk, log)), (args.shape, main_path)]
+        rows = []
+        for shape, path in paths:
+            with cluster() as c, Client(c) as client:  # fresh workers for each size
+                rows.append(run_memory(client, shape, path, args.data, args.rank))
+        out += table_memory(rows, args.chunk, args.rank) + [""]
+    out += machine(args)
     print("\n".join(out))
     if not args.no_write:
         write_section(out)

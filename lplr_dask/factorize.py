@@ -270,23 +270,25 @@ def run(
     # -- pass 1 and the basis ------------------------------------------------------------------
     if STAGES.index(meta.get("stage", "started")) < STAGES.index("basis"):
         products = pass1(A, p)
-        products = dict(zip(list(products), runner("pass 1: sketch", *products.values())))
-        meta["norm_fro"] = math.sqrt(float(products["sumsq"].compute()))
-        Y = products["Y"]
+        # the sketches go to scratch arrays, not to worker memory: a worker holds chunks only
+        sketches = {"Y": (n, k), "AG": (n, t), "Z": (p.oversample, d)}
+        writes = []
+        for name, x in products.items():
+            if name in sketches:
+                chunks = (row_chunk, x.shape[1]) if name != "Z" else (x.shape[0], col_chunk)
+                target = store.create_float(group, f"{work}/{name}", sketches[name], chunks)
+                writes.append(da.store(to_host_blocks(x.rechunk(chunks)), target, lock=False, compute=False))
+        *_, sumsq = runner("pass 1: sketch", *writes, products["sumsq"], persist=False)
+        meta["norm_fro"] = math.sqrt(float(sumsq))
+        Y = like(da.from_zarr(group[f"{work}/Y"]), A)
         if p.power_iters:
             Y = power_iterate(A, Y, p.power_iters, runner)
         qL = quantize_basis(Y, p)
         lcodes = store.create_codes(group, "L/codes", (n, k), (row_chunk, k), p.bits[0], sample_from=qL.codes)
         store.write_small(group, "L/scale", qL.scale)
         store.write_small(group, "L/offset", qL.offset)
-        ag = store.create_float(group, f"{work}/AG", (n, t), (row_chunk, t))
-        writes = [da.store(to_host_blocks(qL.codes.rechunk((row_chunk, k))), lcodes, lock=False, compute=False),
-                  da.store(to_host_blocks(products["AG"].rechunk((row_chunk, t))), ag, lock=False, compute=False)]
-        if p.passes == 1:
-            z = store.create_float(group, f"{work}/Z", (p.oversample, d), (p.oversample, col_chunk))
-            writes.append(da.store(to_host_blocks(products["Z"].rechunk((p.oversample, col_chunk))), z, lock=False, compute=False))
-        runner("basis: quantize L", *writes, persist=False)
-        del products, Y, qL, writes  # release the persisted sketches: pass 2 needs none of them
+        runner("basis: quantize L", da.store(to_host_blocks(qL.codes.rechunk((row_chunk, k))), lcodes, lock=False, compute=False), persist=False)
+        del Y, qL  # release any persisted power iterate: pass 2 needs none of it
         save("basis")
 
     # -- pass 2: W, one whole chunk per task, resumable ------------------------------------------
@@ -312,12 +314,13 @@ def run(
                 W = blocks.left_multiply(da.from_array(M.T), like(_columns(Z, todo), A))
                 label = "pass 2: project (one-pass, no read of A)"
             else:
-                PT = pinv_factor(L_hat).rechunk({0: A.chunks[0], 1: -1})
-                W = _columns(project(A, *runner("basis: pinv(L)", PT)), todo)
+                pt = store.create_float(group, f"{work}/PT", (n, k), (row_chunk, k))
+                PT = to_host_blocks(pinv_factor(L_hat).rechunk({0: A.chunks[0], 1: -1}))
+                runner("basis: pinv(L)", da.store(PT, pt, lock=False, compute=False), persist=False)
+                W = _columns(project(A, like(da.from_zarr(pt), A)), todo)
                 label = "pass 2: project"
             writer = _WWriter(root, work, todo)
             runner(label, blocks.map_column_blocks(W, writer), persist=False)
-            del W  # and with it the persisted pinv(L): R is coded from the scratch
         save("projected")
 
     # -- R = Q_B2(W), from the scratch -----------------------------------------------------------
