@@ -14,7 +14,11 @@ For A (n×d), rank k and bits (B1, B2) [1]_:
 5. the error estimate ``‖AG − L·(R·G)‖ / (√p·‖A‖_F)`` from the stored test columns and the
    Frobenius norm summed in pass 1: no extra read.
 
-The functions here take and return dask arrays; :func:`run` drives them against a store.
+The functions here take and return dask arrays; :func:`run` drives them against a store. What a
+later step reuses (Y, AG, Z, ``pinv(L)ᵀ``, W) goes to scratch arrays in the output store, not to
+worker memory, so a worker holds chunks and their products only: its memory is set by the chunk
+shape, its threads and the rank, not by n or d (``tests/test_memory.py``). Power iterations are
+the exception: they persist their n×k and d×k iterates on the workers.
 
 References
 ----------
