@@ -21,6 +21,12 @@ Matrices
 Run ``python benchmarks/quantizers.py`` (about an hour on 2 idle cores); ``--datasets``,
 ``--quantizers`` and ``--pairs`` restrict it; ``--json FILE`` saves every run. The tables print
 as Markdown.
+
+``--codecs`` measures the storage of the codes instead: for the paper's and per-channel quantizers
+at B = 1, 2, 3, 4, 8 (rank for 1.8 nominal bits per entry), every chunk of L's and R's codes is
+encoded with bit-shuffled Blosc and with Zstd at several levels; the table gives bytes ÷ the
+budget ``entries × B / 8``, the codec the store chose and what it took on disk, and Zstd's
+encoding speed per level.
 """
 
 from __future__ import annotations
@@ -126,7 +132,7 @@ def tables(runs: list[dict[str, Any]]) -> str:
     names = list(dict.fromkeys(r["quantizer"] for r in runs))
     lines = []
     for budget in BUDGETS:
-        lines += [f"\n**{budget:g} bits per entry on disk** (relative error, best bit pair; × paper's error)\n",
+        lines += [f"\n**{budget:g} bit{'s' * (budget != 1)} per entry on disk** (relative error, best bit pair; × paper's error)\n",
                   "| quantizer | " + " | ".join(datasets) + " |", "|---|" + "---|" * len(datasets)]
         ref = {ds: best_at_budget([r for r in runs if r["dataset"] == ds and r["quantizer"] == "tensor"], budget)
                for ds in datasets}
@@ -140,6 +146,18 @@ def tables(runs: list[dict[str, Any]]) -> str:
                 ratio = f" ×{b[0] / ref[ds][0]:.2f}" if ref[ds] else ""
                 cells.append(f"{b[0]:.4f} ({b[1][0]},{b[1][1]}){ratio}")
             lines.append(f"| {'paper' if q == 'tensor' else q} | " + " | ".join(cells) + " |")
+    lines += ["\n**Summary at equal bytes**: geometric mean of × paper over every (matrix, budget) cell, "
+              "the best and the worst cell\n", "| quantizer | geometric mean | best | worst | cells |", "|---|---|---|---|---|"]
+    for q in (q for q in names if "stochastic" not in q):
+        ratios = []
+        for ds, budget in itertools.product(datasets, BUDGETS):
+            ref = best_at_budget([r for r in runs if r["dataset"] == ds and r["quantizer"] == "tensor"], budget)
+            b = best_at_budget([r for r in runs if r["dataset"] == ds and r["quantizer"] == q], budget)
+            if ref and b:
+                ratios.append(b[0] / ref[0])
+        if ratios:
+            geo = math.exp(float(np.mean(np.log(ratios))))
+            lines.append(f"| {'paper' if q == 'tensor' else q} | ×{geo:.3f} | ×{min(ratios):.2f} | ×{max(ratios):.2f} | {len(ratios)} |")
     for pair, nominal in SAME_CONFIGS:
         lines += [f"\n**Same configuration**: bits {pair}, rank for {nominal:g} nominal bits per entry "
                   "(relative error / bits per entry on disk)\n",
@@ -154,6 +172,78 @@ def tables(runs: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+CODEC_BITS = (1, 2, 3, 4, 8)
+ZSTD_LEVELS = (1, 3, 9, 15, 19)
+
+
+def measure_codecs(path: str, bits: int) -> list[dict[str, Any]]:
+    """Each codes array of the store at ``path``: bytes per candidate codec ÷ B/8, encode seconds."""
+    import numcodecs
+    import zarr
+
+    from lplr_dask import store
+
+    group = zarr.open_group(path, mode="r")
+    out = []
+    for name in ("L", "R"):
+        arr = group[f"{name}/codes"]
+        rows, cols = arr.chunks
+        chunks = [np.ascontiguousarray(arr[i : i + rows, j : j + cols])
+                  for i in range(0, arr.shape[0], rows) for j in range(0, arr.shape[1], cols)]
+        budget = arr.size * bits / 8
+        codecs = {"bitshuffle": numcodecs.Blosc(cname="zstd", clevel=5, shuffle=numcodecs.Blosc.BITSHUFFLE)}
+        codecs.update({f"zstd{lv}": numcodecs.Zstd(level=lv) for lv in ZSTD_LEVELS})
+        row: dict[str, Any] = {"factor": name, "chosen": type(arr.metadata.codecs[-1]).__name__.replace("Codec", ""),
+                               "on_disk": store.bytes_on_disk(path, f"{name}/codes/c") / budget}
+        for cname, codec in codecs.items():
+            t0 = time.perf_counter()
+            size = sum(len(codec.encode(c)) for c in chunks)
+            row[cname] = size / budget
+            row[f"{cname}_mb_s"] = arr.size / 1e6 / max(time.perf_counter() - t0, 1e-9)
+        out.append(row)
+    return out
+
+
+def codec_table(rows: list[dict[str, Any]]) -> str:
+    """Means over matrices and factors, per quantizer and B."""
+    head = ["quantizer", "B", "bit-shuffle", "zstd 3", "chosen", "on disk"] + [f"zstd {lv}" for lv in ZSTD_LEVELS if lv != 3]
+    lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    keys = list(dict.fromkeys((r["quantizer"], r["bits"]) for r in rows))
+    for q, b in keys:
+        sel = [r for r in rows if (r["quantizer"], r["bits"]) == (q, b)]
+        mean = {k: float(np.mean([r[k] for r in sel])) for k in sel[0] if isinstance(sel[0][k], float)}
+        chosen = "/".join(sorted({r["chosen"] for r in sel}))
+        cells = [q if q != "tensor" else "paper", str(b), f"{mean['bitshuffle']:.3f}", f"{mean['zstd3']:.3f}", chosen,
+                 f"{mean['on_disk']:.3f}"] + [f"{mean[f'zstd{lv}']:.3f}" for lv in ZSTD_LEVELS if lv != 3]
+        lines.append("| " + " | ".join(cells) + " |")
+    speed = {lv: float(np.median([r[f"zstd{lv}_mb_s"] for r in rows])) for lv in ZSTD_LEVELS}
+    speed_bs = float(np.median([r["bitshuffle_mb_s"] for r in rows]))
+    lines.append("\nEncoding speed, median over arrays (MB of codes per second, one thread): bit-shuffle "
+                 f"{speed_bs:.0f}; " + ", ".join(f"zstd {lv} {v:.0f}" for lv, v in speed.items()) + ".")
+    return "\n".join(lines)
+
+
+def run_codecs(datasets: list[str]) -> str:
+    from distributed import Client, LocalCluster
+
+    rows = []
+    work = tempfile.mkdtemp(prefix="lplr-codecs-")
+    n, d = SHAPE
+    try:
+        with LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=None) as cluster, Client(cluster):
+            for ds, A in matrices(datasets).items():
+                for q, b in itertools.product(("tensor", "channel"), CODEC_BITS):
+                    path = os.path.join(work, "out.lplr.zarr")
+                    rank = max(2, round(1.8 * n * d / (n * b + d * b)))
+                    run_one(A, q, (b, b), rank, path)
+                    for r in measure_codecs(path, b):
+                        rows.append({"dataset": ds, "quantizer": q, "bits": b, **r})
+                        print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return codec_table(rows)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--datasets", default="phantom,lowrank,poly,student-t")
@@ -161,7 +251,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pairs", default=",".join(f"{a}x{b}" for a, b in PAIRS), help="B1xB2,...")
     parser.add_argument("--json", help="write every run here")
     parser.add_argument("--from-json", help="only print the tables of a saved run")
+    parser.add_argument("--codecs", action="store_true", help="measure the codecs of the codes instead")
     args = parser.parse_args(argv)
+    if args.codecs:
+        print(run_codecs(args.datasets.split(",")))
+        return 0
     if args.from_json:
         with open(args.from_json) as fh:
             print(tables(json.load(fh)["runs"]))

@@ -55,7 +55,8 @@ FORMAT_VERSION = 1
 
 
 #: Zstd level of the entropy-coding candidate for codes. Measured on LPLR codes (benchmarks/RESULTS.md,
-#: "Storage"): levels 9 and 15 store 2.5% and 9% fewer bytes than 3, but encode 12× and 70× slower.
+#: "Storage of the codes"): levels 9 and 15 store about 5% and 16% fewer bytes than 3, but encode 15×
+#: and 80× slower.
 CODES_ZSTD_LEVEL = 3
 #: Contiguous runs a codes sample is cut into (see :func:`codes_sample`).
 SAMPLE_RUNS = 8
