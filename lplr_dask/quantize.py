@@ -90,7 +90,9 @@ class QuantizerSpec:
         return "-".join(parts)
 
 
-#: Named presets. ``paper`` reproduces the reference semantics exactly.
+#: Named presets. ``paper`` reproduces the reference semantics exactly; ``default`` (per-channel
+#: min-max ranges, nearest rounding) had the lowest error at equal bytes on disk of every
+#: granularity × symmetry × rounding measured (benchmarks/RESULTS.md, "Quantizers").
 PRESETS: dict[str, QuantizerSpec] = {
     "paper": QuantizerSpec("tensor"),
     "default": QuantizerSpec("channel"),
