@@ -122,6 +122,44 @@ def run_memory(client: Any, shape: tuple[int, int], path: str, out_dir: str, ran
     return shape, step
 
 
+def chunk_costs(path: str, rank: int, test_columns: int = 10) -> dict[str, float]:
+    """Seconds per chunk, in this process on one thread (best of 7): the floor of each pass.
+
+    ``read``: fetch and decode one stored chunk; ``pass 1``: its products with S and G (and its
+    row norms); ``pass 2``: ``pinv(L)ᵀ`` rows times it; ``Ψ·A``: the sparse co-range product.
+    """
+    import zarr
+
+    from lplr_dask import blocks
+    from lplr_dask.sketch import STREAM_G, STREAM_PSI, STREAM_S
+
+    def best(fn: Callable[[], Any]) -> float:
+        times = []
+        for _ in range(7):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    z = zarr.open_array(path, mode="r")
+    r, c = z.chunks
+    limit: Any = contextlib.nullcontext()
+    with contextlib.suppress(ImportError):
+        from threadpoolctl import threadpool_limits
+
+        limit = threadpool_limits(1)  # as on a worker with one thread
+    with limit:
+        a = da.from_array(z[:r, :c], chunks=(r, c))
+        pt = da.from_array(np.ones((r, rank)), chunks=(r, rank))
+        return {
+            "read": best(lambda: z[r : 2 * r, :c]),
+            "pass 1": best(lambda: blocks.sketch_right(a, 0, [(STREAM_S, rank, 1.0), (STREAM_G, test_columns, 1.0)],
+                                                       sumsq=True).compute(scheduler="sync")),
+            "pass 2": best(lambda: blocks.left_multiply(pt, a).compute(scheduler="sync")),
+            "Ψ·A": best(lambda: blocks.sketch_left(a, 0, STREAM_PSI, 4 * rank + 1).compute(scheduler="sync")),
+        }
+
+
 def ensure_matrix(data: str, shape: tuple[int, int], chunk: int, log: Callable[[str], None]) -> str:
     path = os.path.join(data, f"A-{shape[0]}x{shape[1]}-c{chunk}.zarr")
     if not os.path.exists(os.path.join(path, "zarr.json")):
@@ -160,21 +198,36 @@ def machine(args: argparse.Namespace) -> list[str]:
     ]
 
 
+def table_costs(costs: dict[str, float]) -> list[str]:
+    read = costs["read"]
+    two = 2 * (read + max(costs["pass 1"], costs["pass 2"]))
+    one = read + costs["pass 1"] + costs["Ψ·A"]
+    return [
+        "Per chunk, one thread, best of 7: " + ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in costs.items())
+        + ". The products are float64 GEMMs (results must not depend on the chunking), so a pass costs "
+        f"about read + product: two-pass ≈ {two / read:.1f}×, one-pass ≈ {one / read:.1f}× the read pass "
+        "in CPU before any scheduling or central step.",
+    ]
+
+
 def table_compare(steps: list[Step], shape: tuple[int, int], chunk: int, rank: int) -> list[str]:
-    read = steps[0].seconds
+    read, read_cpu = steps[0].seconds, steps[0].cpu
     lines = [
         f"A: {shape[0]}×{shape[1]} float32 ({shape[0] * shape[1] * 4 / 2**30:.1f} GiB) Zarr, {chunk}² chunks, "
         f"zstd level 1; k = {rank}, bits (8, 8), default quantizer.",
         "",
-        "| step | seconds | × read pass | worker CPU s | peak worker MiB | relative error (estimate) |",
-        "|---|---:|---:|---:|---:|---|",
+        "| step | seconds | × read pass | worker CPU s | × read pass (CPU) | peak worker MiB | relative error (estimate) |",
+        "|---|---:|---:|---:|---:|---:|---|",
     ]
     for s in steps:
         err = "" if s.error is None else f"{s.error:.4f}" + ("" if s.estimate is None else f" ({s.estimate:.4f})")
-        lines.append(f"| {s.name} | {s.seconds:.1f} | {s.seconds / read:.2f} | {s.cpu:.1f} | {s.peak / MiB:.0f} | {err} |")
+        lines.append(f"| {s.name} | {s.seconds:.1f} | {s.seconds / read:.2f} | {s.cpu:.1f} | {s.cpu / read_cpu:.2f} "
+                     f"| {s.peak / MiB:.0f} | {err} |")
     by = {s.name: s for s in steps}
     two, one = by["lplr compress two-pass"], by["lplr compress one-pass"]
-    lines += ["", "Stages of compress (seconds):"]
+    lines += ["", "Worker CPU seconds move less with the machine's load than wall seconds do: where other "
+              "processes share the cores, the CPU ratios are the steadier comparison.", "",
+              "Stages of compress (seconds):"]
     for s in (two, one):
         lines.append(f"- {s.name}: " + ", ".join(f"{k} {v:.1f}" for k, v in s.stages.items()))
     lines += ["", "Targets:"]
@@ -245,6 +298,7 @@ def main(argv: list[str] | None = None) -> int:
         with cluster() as c, Client(c) as client:
             steps = run_compare(client, main_path, args.data, args.rank)
         out += table_compare(steps, args.shape, args.chunk, args.rank) + [""]
+        out += table_costs(chunk_costs(main_path, args.rank)) + [""]
     if args.mode in ("memory", "all"):
         small = (n // 2, d // 2)
         paths = [(small, ensure_matrix(args.data, small, args.chunk, log)), (args.shape, main_path)]
