@@ -225,8 +225,9 @@ def _sparse_sign_map(seed: int, stream: int, r0: int, rows: int, width: int, xp:
     """The columns ``r0:r0 + rows`` of Ψ (width × n) as a CSC matrix of ``xp``'s sparse module."""
     pos, signs = sparse_sign_rows(seed, stream, r0, r0 + rows, width)
     sparse = importlib.import_module("scipy.sparse" if xp is np else "cupyx.scipy.sparse")
-    indptr = np.arange(0, pos.size + 1, pos.shape[1])
-    return sparse.csc_matrix(tuple(xp.asarray(v) for v in (signs.ravel(), pos.ravel(), indptr)), shape=(width, rows))
+    indptr = np.arange(0, pos.size + 1, pos.shape[1], dtype=np.int32)
+    parts = (signs.ravel(), pos.ravel().astype(np.int32), indptr)  # int32 indices, as cupyx wants
+    return sparse.csc_matrix(tuple(xp.asarray(v) for v in parts), shape=(width, rows))
 
 
 def left_multiply(PT: da.Array, A: da.Array) -> da.Array:
