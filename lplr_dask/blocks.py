@@ -44,15 +44,24 @@ def starts(chunks: Sequence[int]) -> da.Array:
     return da.from_array(s, chunks=1)
 
 
-def _f64(a: Any) -> Any:
-    return a.astype(np.float64, copy=False)
-
-
 def _panels(a: Any) -> Iterator[tuple[slice, Any]]:
-    """``(rows, a[rows] in float64)`` for consecutive slices of :data:`PANEL_ROWS` rows."""
+    """``(rows, a[rows] in float64)`` for consecutive slices of :data:`PANEL_ROWS` rows.
+
+    The panels are cast into one buffer (fresh memory costs page faults every time): use each
+    panel before asking for the next.
+    """
+    buffer = None
     for r in range(0, a.shape[0], PANEL_ROWS):
         rows = slice(r, r + PANEL_ROWS)
-        yield rows, _f64(a[rows])
+        part = a[rows]
+        if part.dtype == np.float64:
+            yield rows, part
+            continue
+        if buffer is None:
+            buffer = array_namespace(a).empty((min(PANEL_ROWS, a.shape[0]), a.shape[1]))
+        panel = buffer[: part.shape[0]]
+        panel[...] = part
+        yield rows, panel
 
 
 def _check_finite(part: Any, a: Any, r0: int, c0: int) -> None:

@@ -169,8 +169,8 @@ def pinv_factor(L_hat: da.Array) -> da.Array:
     n, k = L_hat.shape
     L_hat = L_hat.rechunk({0: blocks.tall_chunks(n, k, L_hat.chunks[0][0]), 1: -1})
     Q, R = da.linalg.tsqr(L_hat)
-    M = da.from_delayed(dask.delayed(_pinv_transposed)(R, max(n, k)), shape=(k, k), dtype=np.float64, meta=R._meta)
-    return Q @ M
+    # R is one k×k block: invert it as a block of the same graph, so the QRs are shared, not redone
+    return Q @ R.map_blocks(_pinv_transposed, max(n, k), dtype=np.float64)
 
 
 def _pinv_transposed(R: Any, m: int) -> Any:
