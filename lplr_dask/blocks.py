@@ -5,7 +5,7 @@ holds one chunk of A plus thin operands, never a whole row or column of blocks. 
 are computed in float64 so that re-chunking A or changing the number of workers changes results
 only at the 1e-16 level: codes do not flip at rounding boundaries. A chunk is cast to float64
 :data:`PANEL_ROWS` rows at a time, so a task's float64 working copy is a fixed slice of a chunk
-(16 MiB for 4096-wide chunks), not a second, wider copy of the chunk.
+(32 MiB for 4096-wide chunks), not a second, wider copy of the chunk.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ __all__ = [
 Stream = tuple[int, int, float]
 
 #: Rows of a chunk of A cast to float64 at a time (see the module docstring).
-PANEL_ROWS = 512
+PANEL_ROWS = 1024
 
 
 def starts(chunks: Sequence[int]) -> da.Array:

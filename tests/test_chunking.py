@@ -8,8 +8,9 @@ import pytest
 
 import lplr_dask
 from lplr_dask import chunking
-from lplr_dask.quantize import parse_quantizer
+from lplr_dask.blocks import PANEL_ROWS
 from lplr_dask.factorize import Params
+from lplr_dask.quantize import parse_quantizer
 
 
 def _params(rank: int = 64, passes: int = 2) -> Params:
@@ -63,7 +64,7 @@ def test_task_bytes_grow_with_chunk_and_rank_not_with_matrix():
     assert chunking.task_bytes((8192, 4096), 4, 256, 10) > small
     assert chunking.task_bytes((4096, 4096), 4, 256, 10, oversample=1025) > small
     # the chunk itself and one float64 panel are always counted
-    assert small > 4096 * 4096 * 4 + 512 * 4096 * 8
+    assert small > 4096 * 4096 * 4 + PANEL_ROWS * 4096 * 8
 
 
 @pytest.mark.parametrize(
