@@ -5,14 +5,20 @@ authors' ``src/lplr/compressors.py``: one min-max range for the whole matrix, ``
 including both endpoints (step ``(max - min) / (2**B - 1)``) and round-to-nearest.
 
 This module adds the choices that :class:`QuantizerSpec` names: the scale granularity (whole
-matrix, per channel, per group of entries along the long axis), symmetric (abs-max) ranges and
-stochastic rounding. Everything here works on numpy, cupy and dask arrays alike: reductions are
-the array's own, so on a dask array the scales come from a dask reduction.
+matrix, per channel, per group of entries along the long axis), symmetric (abs-max) ranges,
+stochastic rounding, and error-feedback rounding of R against its basis (``gptq``: GPTQ [2]_,
+the LDLQ of QuIP [3]_), which minimizes ``‖L̂·(W − R̂)‖_F`` rather than ``‖W − R̂‖_F``.
+Everything here works on numpy, cupy and dask arrays alike: reductions are the array's own, so
+on a dask array the scales come from a dask reduction.
 
 References
 ----------
 .. [1] R. Saha, V. Srivastava, M. Pilanci. "Matrix Compression via Randomized Low Rank and Low
    Precision Factorization." NeurIPS 2023. arXiv:2310.11028.
+.. [2] E. Frantar, S. Ashkboos, T. Hoefler, D. Alistarh. "GPTQ: Accurate Post-Training
+   Quantization for Generative Pre-trained Transformers." ICLR 2023. arXiv:2210.17323.
+.. [3] J. Chee, Y. Cai, V. Kuleshov, C. De Sa. "QuIP: 2-Bit Quantization of Large Language
+   Models With Guarantees." NeurIPS 2023. arXiv:2307.13304.
 """
 
 from __future__ import annotations
@@ -32,6 +38,8 @@ __all__ = [
     "rounding_key",
     "rounding_uniforms",
     "code_dtype",
+    "gptq_factor",
+    "encode_gptq_block",
     "quantize",
     "dequantize",
     "encode",
@@ -39,7 +47,10 @@ __all__ = [
 ]
 
 Granularity = Literal["tensor", "channel", "group"]
-Rounding = Literal["nearest", "stochastic"]
+Rounding = Literal["nearest", "stochastic", "gptq"]
+
+#: The rounding modes, in the order names list them.
+ROUNDINGS = ("nearest", "stochastic", "gptq")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,8 +67,10 @@ class QuantizerSpec:
         Entries per group when ``granularity="group"``.
     symmetric : bool, default=False
         Use ``[-absmax, absmax]`` as the range instead of ``[min, max]``.
-    rounding : {"nearest", "stochastic"}, default="nearest"
-        Round-to-nearest, or unbiased stochastic rounding (seeded).
+    rounding : {"nearest", "stochastic", "gptq"}, default="nearest"
+        Round-to-nearest; unbiased stochastic rounding (seeded); or, for R only, error-feedback
+        rounding against the basis L̂ (:func:`encode_gptq_block`): the scales are the same as
+        nearest rounding's, the codes minimize ``‖L̂·(W − R̂)‖_F`` greedily.
     """
 
     granularity: Granularity = "tensor"
@@ -74,9 +87,9 @@ class QuantizerSpec:
             raise LplrValueError(
                 f"Expected a positive group_size with granularity 'group'. Got {self.group_size} instead."
             )
-        if self.rounding not in ("nearest", "stochastic"):
+        if self.rounding not in ROUNDINGS:
             raise LplrValueError(
-                f"Expected rounding 'nearest' or 'stochastic'. Got {self.rounding!r} instead."
+                f"Expected rounding 'nearest', 'stochastic' or 'gptq'. Got {self.rounding!r} instead."
             )
 
     @property
@@ -85,38 +98,51 @@ class QuantizerSpec:
         parts = [self.granularity if self.granularity != "group" else f"group{self.group_size}"]
         if self.symmetric:
             parts.append("sym")
-        if self.rounding == "stochastic":
-            parts.append("stochastic")
+        if self.rounding != "nearest":
+            parts.append(self.rounding)
         return "-".join(parts)
 
 
-#: Named presets. ``paper`` reproduces the reference semantics exactly; ``default`` (per-channel
-#: min-max ranges, nearest rounding) had the lowest error at equal bytes on disk of every
-#: granularity × symmetry × rounding measured (benchmarks/RESULTS.md, "Quantizers").
-PRESETS: dict[str, QuantizerSpec] = {
-    "paper": QuantizerSpec("tensor"),
-    "default": QuantizerSpec("channel"),
+#: Named presets: a name :func:`quantizer_pair` reads. ``paper`` reproduces the reference
+#: semantics exactly; ``default`` (per-channel min-max ranges, nearest rounding) had the lowest
+#: error at equal bytes on disk of every granularity × symmetry × rounding measured
+#: (benchmarks/RESULTS.md, "Quantizers").
+PRESETS: dict[str, str] = {
+    "paper": "tensor",
+    "default": "channel",
 }
+
+_NAME_FORM = (
+    "GRAN[-sym][-stochastic|-gptq] with GRAN tensor, channel or groupN (e.g. 'group256-sym', "
+    "'channel-gptq')"
+)
 
 
 def parse_quantizer(name: str | QuantizerSpec) -> QuantizerSpec:
-    """Read a quantizer name: a preset (``paper``, ``default``) or ``GRAN[-sym][-stochastic]``.
+    """Read the quantizer of one factor: a preset or ``GRAN[-sym][-stochastic|-gptq]``.
 
-    ``GRAN`` is ``tensor``, ``channel`` or ``groupN`` (for example ``group256``).
+    ``GRAN`` is ``tensor``, ``channel`` or ``groupN`` (for example ``group256``). A preset that
+    names two quantizers (``L_NAME:R_NAME``) is read by :func:`quantizer_pair` only.
 
     Raises
     ------
     LplrValueError
-        If the name is not of that form.
+        If the name is not of that form, or is a preset of two quantizers.
     """
     if isinstance(name, QuantizerSpec):
         return name
     if name in PRESETS:
-        return PRESETS[name]
+        if ":" in PRESETS[name]:
+            raise LplrValueError(
+                f"Expected the quantizer of one factor. Got the preset {name!r}, which names one for L "
+                f"and one for R ({PRESETS[name]!r}); read it with quantizer_pair({name!r})."
+            )
+        name = PRESETS[name]
     head, *flags = name.split("-")
-    unknown = set(flags) - {"sym", "stochastic"}
+    unknown = set(flags) - {"sym", *ROUNDINGS[1:]}
     try:
-        if unknown:
+        roundings = [f for f in flags if f in ROUNDINGS]
+        if unknown or len(roundings) > 1:
             raise ValueError
         if head.startswith("group"):
             gran, group = "group", int(head[len("group") :])
@@ -126,12 +152,11 @@ def parse_quantizer(name: str | QuantizerSpec) -> QuantizerSpec:
             gran,  # type: ignore[arg-type]
             group,
             symmetric="sym" in flags,
-            rounding="stochastic" if "stochastic" in flags else "nearest",
+            rounding=roundings[0] if roundings else "nearest",  # type: ignore[arg-type]
         )
     except (ValueError, LplrValueError) as e:
         raise LplrValueError(
-            f"Expected a quantizer: one of {sorted(PRESETS)} or GRAN[-sym][-stochastic] with GRAN "
-            f"tensor, channel or groupN (e.g. 'group256-sym'). Got {name!r} instead."
+            f"Expected a quantizer: one of {sorted(PRESETS)} or {_NAME_FORM}. Got {name!r} instead."
         ) from e
 
 
@@ -139,22 +164,36 @@ def quantizer_pair(name: str | QuantizerSpec) -> tuple[QuantizerSpec, QuantizerS
     """The quantizers of L and of R: one name for both, or ``L_NAME:R_NAME``.
 
     Each name is one that :func:`parse_quantizer` reads, e.g. ``"channel:tensor"`` for per-column
-    scales on L and one range for R.
+    scales on L and one range for R. ``gptq`` rounding is for R only: one name such as
+    ``"channel-gptq"`` gives L the same quantizer with nearest rounding (``channel:channel-gptq``).
 
     Raises
     ------
     LplrValueError
-        If either name is not a quantizer, or there are more than two.
+        If either name is not a quantizer, there are more than two, or L's rounding is ``gptq``.
     """
+    if isinstance(name, str) and name in PRESETS:
+        name = PRESETS[name]
     if isinstance(name, QuantizerSpec) or ":" not in name:
         spec = parse_quantizer(name)
+        if spec.rounding == "gptq":
+            return dataclasses.replace(spec, rounding="nearest"), spec
         return spec, spec
     parts = name.split(":")
     if len(parts) != 2:
         raise LplrValueError(
             f"Expected one quantizer for both factors or two as L_NAME:R_NAME (e.g. 'channel:tensor'). Got {name!r} instead."
         )
-    return parse_quantizer(parts[0]), parse_quantizer(parts[1])
+    spec_l, spec_r = parse_quantizer(parts[0]), parse_quantizer(parts[1])
+    if spec_l.rounding == "gptq":
+        raise LplrValueError(
+            f"Expected nearest or stochastic rounding for L: gptq rounding feeds R's rounding errors "
+            f"through the basis L̂, and L has no such basis (its own rounding error is absorbed by the "
+            f"least squares W = pinv(L̂)·A). Got {name!r}; put -gptq on R's quantizer, e.g. '"
+            f"{dataclasses.replace(spec_l, rounding='nearest').name}:"
+            f"{dataclasses.replace(spec_r, rounding='gptq').name}'."
+        )
+    return spec_l, spec_r
 
 
 def check_bits(bits: int, what: str = "bits") -> int:
@@ -275,6 +314,116 @@ def encode_block(
     return t.astype(code_dtype(bits))
 
 
+#: Damping of the Hessian before :func:`gptq_factor` inverts it, relative to its mean diagonal.
+GPTQ_DAMP = 1e-6
+
+
+def gptq_factor(hessian: Any, *, damp: float = GPTQ_DAMP) -> np.ndarray:
+    """The upper Cholesky factor U of ``(H + λ·I)⁻¹`` that :func:`encode_gptq_block` feeds errors with.
+
+    Parameters
+    ----------
+    hessian : array of shape (k, k)
+        ``H = L̂ᵀ·L̂`` for the basis L̂ (n×k) that multiplies the quantized matrix (numpy or cupy;
+        computed on the host in float64).
+    damp : float, default=GPTQ_DAMP
+        ``λ = damp · mean(diag(H))`` (1 for a zero H). A basis that is rank deficient (a column of
+        L̂ repeated, or B1 = 1) needs the damping; where even it leaves ``H + λ·I`` numerically
+        indefinite, λ grows tenfold until the factorization succeeds.
+
+    Returns
+    -------
+    ndarray of shape (k, k), float64
+        Upper triangular with a positive diagonal, ``Uᵀ·U = (H + λ·I)⁻¹``.
+
+    Raises
+    ------
+    LplrValueError
+        If ``hessian`` is not square, not finite, or far from positive semi-definite.
+
+    References
+    ----------
+    .. [1] E. Frantar et al. "GPTQ." ICLR 2023, Algorithm 1 (the Cholesky form of the inverse).
+    """
+    from lplr_dask.backend import to_host
+
+    H = np.asarray(to_host(hessian), dtype=np.float64)
+    if H.ndim != 2 or H.shape[0] != H.shape[1] or not np.isfinite(H).all():
+        raise LplrValueError(
+            f"Expected a finite square Hessian L̂ᵀ·L̂ (k×k). Got shape {H.shape}"
+            f"{'' if np.isfinite(H).all() else ' with non-finite entries'} instead."
+        )
+    k = H.shape[0]
+    mean = float(np.trace(H)) / k if k else 0.0
+    lam = damp * mean if mean > 0 else 1.0
+    eye = np.eye(k)
+    for _ in range(32):
+        try:
+            chol = np.linalg.cholesky(H + lam * eye)
+            inv = np.linalg.inv(chol)  # lower triangular: (H + λI)⁻¹ = invᵀ·inv
+            return np.linalg.cholesky(inv.T @ inv).T
+        except np.linalg.LinAlgError:
+            lam *= 10.0
+    raise LplrValueError(
+        f"Expected a positive semi-definite Hessian L̂ᵀ·L̂; damping up to {lam:.3g} did not make it "
+        "definite. Check the basis for huge or non-finite values, or use nearest rounding."
+    )
+
+
+def encode_gptq_block(x: Any, scale: Any, offset: Any, bits: int, factor: Any) -> Any:
+    """Codes of the k×m block ``x`` of R by error-feedback rounding against the basis (GPTQ, LDLQ).
+
+    What counts is ``‖L̂·(W − R̂)‖_F``, not ``‖W − R̂‖_F``: with ``H = L̂ᵀ·L̂`` far from a multiple
+    of the identity (the columns of a sketch are correlated), rounding each entry to nearest is a
+    poor choice. Rows are coded in order 0..k−1; each row is rounded to nearest (clipped to the
+    ``2**bits`` levels of its scale), and its rounding error, divided by ``U[i, i]``, is subtracted
+    from the rows not yet coded through ``U[i, i+1:]`` (``U`` from :func:`gptq_factor`). This is
+    GPTQ's update, which equals QuIP's LDLQ: each row's code is the nearest level to its target
+    corrected for the errors of the rows before it.
+
+    Every column is coded independently and by elementwise operations only, so a column's codes
+    do not depend on which other columns share the block: any column chunking of R gives the
+    same codes.
+
+    Parameters
+    ----------
+    x : array of shape (k, m)
+        Columns of W (numpy or cupy); computed in float64.
+    scale, offset : arrays
+        Broadcast against ``x`` (as for :func:`encode_block`); from the ranges of W, as nearest
+        rounding's.
+    bits : int
+    factor : array of shape (k, k)
+        From :func:`gptq_factor`; copied to ``x``'s device.
+
+    Returns
+    -------
+    array of shape (k, m), ``code_dtype(bits)``
+
+    References
+    ----------
+    .. [1] E. Frantar, S. Ashkboos, T. Hoefler, D. Alistarh. "GPTQ: Accurate Post-Training
+       Quantization for Generative Pre-trained Transformers." ICLR 2023.
+    .. [2] J. Chee, Y. Cai, V. Kuleshov, C. De Sa. "QuIP: 2-Bit Quantization of Large Language
+       Models With Guarantees." NeurIPS 2023 (LDLQ, Theorem 1: LDLQ is GPTQ).
+    """
+    xp = _namespace(x)
+    w = x.astype(np.float64, copy=True)
+    s = xp.broadcast_to(scale, w.shape)
+    o = xp.broadcast_to(offset, w.shape)
+    U = xp.asarray(factor, dtype=np.float64)
+    top = (1 << bits) - 1
+    codes = xp.empty(w.shape, dtype=code_dtype(bits))
+    k = w.shape[0]
+    for i in range(k):
+        c = xp.clip(xp.rint((w[i] - o[i]) / s[i]), 0, top)
+        codes[i] = c
+        if i + 1 < k:
+            err = (w[i] - (c * s[i] + o[i])) / U[i, i]
+            w[i + 1 :] -= U[i, i + 1 :, None] * err[None, :]
+    return codes
+
+
 #: splitmix64 constants (Steele, Lea, Flood 2014): the increment and the two multipliers.
 _GOLDEN, _MIX1, _MIX2 = (np.uint64(v) for v in (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB))
 
@@ -332,6 +481,7 @@ def quantize(
     spec: QuantizerSpec | str = "paper",
     channel_axis: int = 1,
     seed: int | np.random.SeedSequence | np.random.Generator | None = None,
+    hessian: Any = None,
 ) -> Quantized:
     """Quantize a matrix to ``bits``-bit codes.
 
@@ -349,6 +499,9 @@ def quantize(
         Seed for stochastic rounding (ignored for nearest rounding; None means 0). Each entry's
         uniform depends on the seed and the entry's position only (:func:`rounding_uniforms`),
         so numpy, cupy and dask inputs get the same codes, however they are chunked.
+    hessian : array of shape (m, m), optional
+        ``L̂ᵀ·L̂`` for the basis L̂ (·×m) that multiplies ``x`` (m×c): needed by, and only used by,
+        ``gptq`` rounding (:func:`encode_gptq_block`), which needs ``channel_axis=0``.
 
     Returns
     -------
@@ -358,7 +511,8 @@ def quantize(
     Raises
     ------
     LplrValueError
-        If ``bits`` is outside 1..16 or ``x`` is not 2-D.
+        If ``bits`` is outside 1..16 or ``x`` is not 2-D; for ``gptq`` rounding, if ``hessian``
+        is missing or not m×m, or ``channel_axis`` is not 0.
 
     Examples
     --------
@@ -370,17 +524,43 @@ def quantize(
     spec = parse_quantizer(spec)
     if getattr(x, "ndim", None) != 2:
         raise LplrValueError(f"Expected a 2-D array. Got shape {getattr(x, 'shape', None)} instead.")
+    factor = None
+    if spec.rounding == "gptq":
+        if hessian is None:
+            raise LplrValueError(
+                "Expected hessian=L̂ᵀ·L̂ for gptq rounding, which feeds rounding errors through the "
+                "basis L̂ that multiplies x. Pass the Hessian, or use nearest rounding."
+            )
+        factor = gptq_factor(hessian)
     lo, hi = ranges(x, spec, channel_axis=channel_axis)
     scale, offset = scale_from_range(lo, hi, bits)
-    g = spec.group_size if spec.granularity == "group" else 0
-    stochastic = spec.rounding == "stochastic"
     if _is_dask(x):
-        codes = encode_blocks(x, bits, spec, scale, offset, channel_axis=channel_axis, seed=seed)
+        codes = encode_blocks(x, bits, spec, scale, offset, channel_axis=channel_axis, seed=seed, factor=factor)
         return Quantized(codes, scale, offset, bits)
+    g = spec.group_size if spec.granularity == "group" else 0
     s, o = (expand_groups(v, x.shape, g, channel_axis) for v in (scale, offset))
+    if factor is not None:
+        _check_gptq(x.shape, factor, channel_axis)
+        return Quantized(encode_gptq_block(x, s, o, bits, factor), scale, offset, bits)
     loc = [(0, x.shape[0]), (0, x.shape[1])]
+    stochastic = spec.rounding == "stochastic"
     dither = rounding_uniforms(rounding_key(seed), loc, x.shape[1], _namespace(x)) if stochastic else None
     return Quantized(encode_block(x, s, o, bits, dither=dither), scale, offset, bits)
+
+
+def _check_gptq(shape: tuple[int, ...], factor: Any, channel_axis: int) -> None:
+    """Raise unless gptq rounding can code a matrix of ``shape`` (k×m) with a k×k ``factor``."""
+    if channel_axis != 0:
+        raise LplrValueError(
+            "Expected channel_axis=0 for gptq rounding: it codes R (k×d), whose rows are its "
+            f"channels, in the order of its rows. Got channel_axis={channel_axis}."
+        )
+    if factor is None or tuple(factor.shape) != (shape[0], shape[0]):
+        got = "none" if factor is None else f"shape {tuple(factor.shape)}"
+        raise LplrValueError(
+            f"Expected the {shape[0]}×{shape[0]} factor of the Hessian (gptq_factor(L̂ᵀ·L̂)) for gptq "
+            f"rounding of a matrix with {shape[0]} rows. Got {got} instead."
+        )
 
 
 def encode_blocks(
@@ -392,6 +572,7 @@ def encode_blocks(
     *,
     channel_axis: int,
     seed: int | np.random.SeedSequence | np.random.Generator | None = None,
+    factor: Any = None,
 ) -> Any:
     """Codes of a dask array, block by block, given the scales (numpy or lazy dask).
 
@@ -399,6 +580,10 @@ def encode_blocks(
     uniforms of the block's entries from :func:`rounding_uniforms` with the key
     :func:`rounding_key` makes of ``seed``, so the codes do not depend on the chunking or on
     which worker runs a block, and equal those of :func:`quantize` on the whole matrix.
+
+    ``gptq`` rounding needs ``factor`` (k×k, :func:`gptq_factor`) and ``channel_axis=0``; its
+    blocks hold all k rows (x is rechunked to one block of rows) and any number of columns,
+    which it codes independently (:func:`encode_gptq_block`).
     """
     import dask
     import dask.array as da
@@ -406,16 +591,22 @@ def encode_blocks(
     g = spec.group_size if spec.granularity == "group" else 0
     key = rounding_key(seed) if spec.rounding == "stochastic" else None
     width = x.shape[1]
+    if spec.rounding == "gptq":
+        _check_gptq(x.shape, factor, channel_axis)
+        x = x.rechunk({0: -1})
 
-    def block(xb: Any, s: Any, o: Any, block_info: Any = None) -> Any:
+    def block(xb: Any, s: Any, o: Any, f: Any, block_info: Any = None) -> Any:
         loc = block_info[0]["array-location"]
         s, o = (block_scales(v, loc, g, channel_axis) for v in (s, o))
+        if f is not None:
+            return encode_gptq_block(xb, s, o, bits, f)
         dither = None if key is None else rounding_uniforms(key, loc, width, _namespace(xb))
         return encode_block(xb, s, o, bits, dither=dither)
 
     dtype = code_dtype(bits)
+    f = None if spec.rounding != "gptq" else dask.delayed(factor)
     return da.map_blocks(
-        block, x, dask.delayed(scale), dask.delayed(offset), dtype=dtype, meta=x._meta.astype(dtype)
+        block, x, dask.delayed(scale), dask.delayed(offset), f, dtype=dtype, meta=x._meta.astype(dtype)
     )
 
 
