@@ -1,11 +1,23 @@
-"""Block-wise products of a chunked matrix with thin operands, accumulated in float64.
+"""Block-wise products of a chunked matrix with thin operands, summed across blocks in float64.
 
 Every product here is a sum of per-block products followed by dask's tree reduction, so a task
-holds one chunk of A plus thin operands, never a whole row or column of blocks. Per-block products
-are computed in float64 so that re-chunking A or changing the number of workers changes results
-only at the 1e-16 level: codes do not flip at rounding boundaries. A chunk is cast to float64
-:data:`PANEL_ROWS` rows at a time, so a task's float64 working copy is a fixed slice of a chunk
-(32 MiB for 4096-wide chunks), not a second, wider copy of the chunk.
+holds one chunk of A plus thin operands, never a whole row or column of blocks. The sums across
+blocks are always float64. Each block's own product runs in the *precision* asked for:
+
+- ``"float64"``: re-chunking A or changing the number of workers changes results only at the
+  1e-16 level, so codes do not flip at rounding boundaries (identical codes for any chunking).
+  A chunk of a narrower dtype is cast :data:`PANEL_ROWS` rows at a time, so a task's float64
+  working copy is a fixed slice of a chunk (32 MiB for 4096-wide chunks).
+- ``"float32"``: the chunk is used as it is read (no cast, no copy) and the thin operand is cast
+  to float32: the GEMM costs half as much, which on a CPU is most of a pass (one float64 GEMM of
+  a 4096² chunk with k = 256 takes twice as long as reading and decoding the chunk). Results
+  move at the 1e-7 level with the chunking: a code of L can move by one level where a value
+  lies that close to a rounding boundary (about 1 in 10⁵), and R, solved against that L, then
+  moves by one level in about 1% of its codes; the error changes by about 1e-5 of itself
+  (``tests/test_api.py``).
+
+:func:`compute_dtype` turns ``"auto"`` into float32 for float32 (and narrower) input and float64
+otherwise: a float32 matrix carries no more than float32's precision into the products anyway.
 """
 
 from __future__ import annotations
@@ -18,7 +30,7 @@ import dask.array as da
 import numpy as np
 
 from lplr_dask.backend import array_namespace, like
-from lplr_dask.errors import NonFiniteError
+from lplr_dask.errors import LplrValueError, NonFiniteError
 from lplr_dask.sketch import sketch_rows, sparse_sign_rows
 
 __all__ = [
@@ -37,6 +49,24 @@ Stream = tuple[int, int, float]
 #: Rows of a chunk of A cast to float64 at a time (see the module docstring).
 PANEL_ROWS = 1024
 
+#: The precisions a block product can run in (see the module docstring).
+PRECISIONS = ("auto", "float32", "float64")
+
+
+def compute_dtype(dtype: Any, precision: str = "float64") -> np.dtype:
+    """The dtype of each block's product for input ``dtype`` and ``precision``.
+
+    ``"auto"`` gives float32 for floating input of at most 4 bytes, float64 otherwise.
+    """
+    if precision not in PRECISIONS:
+        raise LplrValueError(
+            f"Expected precision 'auto', 'float32' or 'float64'. Got {precision!r} instead."
+        )
+    if precision == "auto":
+        dt = np.dtype(dtype)
+        return np.dtype(np.float32 if dt.kind == "f" and dt.itemsize <= 4 else np.float64)
+    return np.dtype(precision)
+
 
 def starts(chunks: Sequence[int]) -> da.Array:
     """A dask array holding each block's start offset, one block per chunk."""
@@ -44,21 +74,22 @@ def starts(chunks: Sequence[int]) -> da.Array:
     return da.from_array(s, chunks=1)
 
 
-def _panels(a: Any) -> Iterator[tuple[slice, Any]]:
-    """``(rows, a[rows] in float64)`` for consecutive slices of :data:`PANEL_ROWS` rows.
+def _panels(a: Any, dtype: Any = np.float64) -> Iterator[tuple[slice, Any]]:
+    """``(rows, a[rows] as dtype)`` for consecutive slices of :data:`PANEL_ROWS` rows.
 
-    The panels are cast into one buffer (fresh memory costs page faults every time): use each
-    panel before asking for the next.
+    A chunk already of ``dtype`` comes whole, in one panel, without a copy. Otherwise the panels
+    are cast into one buffer (fresh memory costs page faults every time): use each panel before
+    asking for the next.
     """
+    if a.dtype == dtype:
+        yield slice(0, a.shape[0]), a
+        return
     buffer = None
     for r in range(0, a.shape[0], PANEL_ROWS):
         rows = slice(r, r + PANEL_ROWS)
         part = a[rows]
-        if part.dtype == np.float64:
-            yield rows, part
-            continue
         if buffer is None:
-            buffer = array_namespace(a).empty((min(PANEL_ROWS, a.shape[0]), a.shape[1]))
+            buffer = array_namespace(a).empty((min(PANEL_ROWS, a.shape[0]), a.shape[1]), dtype=dtype)
         panel = buffer[: part.shape[0]]
         panel[...] = part
         yield rows, panel
@@ -85,16 +116,19 @@ def _sketch_block(
     sumsq: bool,
     left: tuple[int, int] | None,
     check: bool,
+    precision: str = "float64",
 ) -> tuple[Any, Any]:
     """One chunk's parts of ``A·[S_1 | …][| row sums of squares]`` and of ``Ψ·A``.
 
-    Both come from the same float64 panels of the chunk, so a chunk is read and cast once.
+    Both come from the same panels of the chunk, so a chunk is read and cast (if at all) once;
+    the parts are returned in float64 whatever the precision of the products.
 
     Returns
     -------
     (right, left) : arrays of shape (1, rows, widths) and (1, ℓ, columns), or None when not asked
     """
     xp = array_namespace(a)
+    dtype = compute_dtype(a.dtype, precision)
     rows_, cols = a.shape
     width = sum(w for _, w, _ in streams) + int(sumsq)
     s = (
@@ -102,16 +136,18 @@ def _sketch_block(
         if streams
         else None
     )
-    psi = _sparse_sign_map(seed, left[0], r0, rows_, left[1], xp) if left else None
+    if s is not None and s.dtype != dtype:
+        s = s.astype(dtype)
+    psi = _sparse_sign_map(seed, left[0], r0, rows_, left[1], xp, dtype) if left else None
     right = xp.empty((rows_, width)) if width else None
     out = None
-    for rows, p in _panels(a):
+    for rows, p in _panels(a, dtype):
         if s is not None:
             right[rows, : s.shape[1]] = p @ s
         if sumsq:
             right[rows, -1] = xp.einsum("ij,ij->i", p, p)
         if psi is not None:
-            part = psi[:, rows] @ p
+            part = (psi[:, rows] @ p).astype(np.float64, copy=False)
             out = part if out is None else out + part
     if check:
         for product in (right, out):
@@ -128,10 +164,11 @@ def _sketches(
     sumsq: bool,
     left: tuple[int, int] | None,
     check: bool,
+    precision: str = "float64",
 ) -> tuple[da.Array | None, da.Array | None]:
     """Lazy ``A·[S_1 | …]`` (n × widths) and ``Ψ·A`` (ℓ × d): one task per chunk of A for both."""
     width = sum(w for _, w, _ in streams) + int(sumsq)
-    options = dict(seed=seed, streams=list(streams), sumsq=sumsq, left=left, check=check)
+    options = dict(seed=seed, streams=list(streams), sumsq=sumsq, left=left, check=check, precision=precision)
 
     def block(a: Any, r0: Any, c0: Any) -> tuple[Any, Any]:
         return _sketch_block(a, int(r0[0]), int(c0[0]), **options)  # type: ignore[arg-type]
@@ -177,7 +214,13 @@ def _second(pair: tuple[Any, Any]) -> Any:
 
 
 def sketch_right(
-    A: da.Array, seed: int, streams: Sequence[Stream], *, check: bool = True, sumsq: bool = False
+    A: da.Array,
+    seed: int,
+    streams: Sequence[Stream],
+    *,
+    check: bool = True,
+    sumsq: bool = False,
+    precision: str = "float64",
 ) -> da.Array:
     """``A @ [S_1 | S_2 | …]`` with each ``S_i`` generated block-wise from ``(seed, stream)``.
 
@@ -191,16 +234,20 @@ def sketch_right(
     sumsq : bool, default=False
         Append one column holding each row's sum of squares (in the same read of A: the
         Frobenius norm for the error estimate).
+    precision : {"float64", "float32", "auto"}, default="float64"
+        The dtype of each block's product (see the module docstring); the sums are float64.
 
     Returns
     -------
     dask array of shape (n, sum of widths [+ 1]), float64, chunked like A's rows.
     """
-    right, _ = _sketches(A, seed, streams, sumsq=sumsq, left=None, check=check)
+    right, _ = _sketches(A, seed, streams, sumsq=sumsq, left=None, check=check, precision=precision)
     return right
 
 
-def sketch_left(A: da.Array, seed: int, stream: int, width: int, *, check: bool = True) -> da.Array:
+def sketch_left(
+    A: da.Array, seed: int, stream: int, width: int, *, check: bool = True, precision: str = "float64"
+) -> da.Array:
     """``Ψ @ A`` with Ψ (width × n) a sparse sign map generated block-wise by A's rows.
 
     Ψᵀ's rows come from :func:`lplr_dask.sketch.sparse_sign_rows`: each row of A is added, with
@@ -211,12 +258,19 @@ def sketch_left(A: da.Array, seed: int, stream: int, width: int, *, check: bool 
     -------
     dask array of shape (width, d), float64, chunked like A's columns.
     """
-    _, left = _sketches(A, seed, [], sumsq=False, left=(stream, width), check=check)
+    _, left = _sketches(A, seed, [], sumsq=False, left=(stream, width), check=check, precision=precision)
     return left
 
 
 def sketch_both(
-    A: da.Array, seed: int, streams: Sequence[Stream], stream: int, width: int, *, sumsq: bool = False
+    A: da.Array,
+    seed: int,
+    streams: Sequence[Stream],
+    stream: int,
+    width: int,
+    *,
+    sumsq: bool = False,
+    precision: str = "float64",
 ) -> tuple[da.Array, da.Array]:
     """:func:`sketch_right` and :func:`sketch_left` of A from one task per chunk.
 
@@ -227,20 +281,27 @@ def sketch_both(
     -------
     (right, left) : dask arrays of shapes (n, sum of widths [+ 1]) and (width, d), float64
     """
-    return _sketches(A, seed, streams, sumsq=sumsq, left=(stream, width), check=True)  # type: ignore[return-value]
+    return _sketches(  # type: ignore[return-value]
+        A, seed, streams, sumsq=sumsq, left=(stream, width), check=True, precision=precision
+    )
 
 
-def _sparse_sign_map(seed: int, stream: int, r0: int, rows: int, width: int, xp: ModuleType) -> Any:
+def _sparse_sign_map(
+    seed: int, stream: int, r0: int, rows: int, width: int, xp: ModuleType, dtype: Any = np.float64
+) -> Any:
     """The columns ``r0:r0 + rows`` of Ψ (width × n) as a CSC matrix of ``xp``'s sparse module."""
     pos, signs = sparse_sign_rows(seed, stream, r0, r0 + rows, width)
+    signs = signs.astype(dtype)
     sparse = importlib.import_module("scipy.sparse" if xp is np else "cupyx.scipy.sparse")
     indptr = np.arange(0, pos.size + 1, pos.shape[1], dtype=np.int32)
     parts = (signs.ravel(), pos.ravel().astype(np.int32), indptr)  # int32 indices, as cupyx wants
     return sparse.csc_matrix(tuple(xp.asarray(v) for v in parts), shape=(width, rows))
 
 
-def left_multiply(PT: da.Array, A: da.Array) -> da.Array:
+def left_multiply(PT: da.Array, A: da.Array, *, precision: str = "float64") -> da.Array:
     """``PTᵀ @ A`` for a thin ``PT`` (n × k) whose row chunks match A's row chunks.
+
+    ``precision`` is the dtype of each block's product (see the module docstring).
 
     Returns
     -------
@@ -249,7 +310,10 @@ def left_multiply(PT: da.Array, A: da.Array) -> da.Array:
     PT = like(PT, A).rechunk({0: A.chunks[0], 1: -1})
 
     def block(pt: Any, a: Any) -> Any:
-        return sum(pt[rows].T @ p for rows, p in _panels(a))[None]
+        dtype = compute_dtype(a.dtype, precision)
+        ptt = pt.T.astype(dtype, copy=False)
+        part = sum(ptt[:, rows] @ p for rows, p in _panels(a, dtype))
+        return part.astype(np.float64, copy=False)[None]
 
     parts = da.blockwise(
         block, "ikj", PT, "ik", A, "ij", adjust_chunks={"i": 1}, dtype=np.float64, meta=_meta3(A)
@@ -257,8 +321,10 @@ def left_multiply(PT: da.Array, A: da.Array) -> da.Array:
     return _sum_blocks(parts)
 
 
-def right_multiply(A: da.Array, M: da.Array) -> da.Array:
+def right_multiply(A: da.Array, M: da.Array, *, precision: str = "float64") -> da.Array:
     """``A @ M`` for a thin ``M`` (d × k) whose row chunks match A's column chunks.
+
+    ``precision`` is the dtype of each block's product (see the module docstring).
 
     Returns
     -------
@@ -268,8 +334,10 @@ def right_multiply(A: da.Array, M: da.Array) -> da.Array:
 
     def block(a: Any, m: Any) -> Any:
         xp = array_namespace(a)
+        dtype = compute_dtype(a.dtype, precision)
+        m = m.astype(dtype, copy=False)
         part = xp.empty((a.shape[0], m.shape[1]))
-        for rows, p in _panels(a):
+        for rows, p in _panels(a, dtype):
             part[rows] = p @ m
         return part[None]
 

@@ -73,6 +73,8 @@ class Params:
     passes: int = 2
     power_iters: int = 0
     test_columns: int = 10
+    precision: str = "float64"
+    """The dtype of each block product of A ("float32" or "float64"; :func:`blocks.compute_dtype`)."""
 
     @property
     def oversample(self) -> int:
@@ -96,6 +98,7 @@ class Params:
             "seed": self.seed,
             "passes": self.passes,
             "power_iters": self.power_iters,
+            "precision": self.precision,
             "sketch": {
                 "kind": "gaussian",
                 "block_rows": SKETCH_BLOCK,
@@ -117,9 +120,9 @@ def pass1(A: da.Array, p: Params) -> dict[str, da.Array]:
     k, t = p.rank, p.test_columns
     streams = [(STREAM_S, k, 1.0 / math.sqrt(k)), (STREAM_G, t, 1.0)]
     if p.passes == 1:
-        yg, Z = blocks.sketch_both(A, p.seed, streams, STREAM_PSI, p.oversample, sumsq=True)
+        yg, Z = blocks.sketch_both(A, p.seed, streams, STREAM_PSI, p.oversample, sumsq=True, precision=p.precision)
     else:
-        yg, Z = blocks.sketch_right(A, p.seed, streams, sumsq=True), None
+        yg, Z = blocks.sketch_right(A, p.seed, streams, sumsq=True, precision=p.precision), None
     out = {"Y": yg[:, :k], "AG": yg[:, k : k + t], "sumsq": yg[:, k + t].sum()}
     if Z is not None:
         out["Z"] = Z
@@ -134,12 +137,14 @@ def orth(X: da.Array) -> da.Array:
     return q
 
 
-def power_iterate(A: da.Array, Y: da.Array, q: int, run: Callable[..., Any]) -> da.Array:
+def power_iterate(
+    A: da.Array, Y: da.Array, q: int, run: Callable[..., Any], *, precision: str = "float64"
+) -> da.Array:
     """``Y ← A·orth(Aᵀ·orth(Y))`` q times (two reads of A each), persisting between steps."""
     for _ in range(q):
         (Q,) = run("power iteration (Aᵀ·Q)", orth(Y))
-        (Zt,) = run("power iteration (Aᵀ·Q)", orth(blocks.left_multiply(Q, A).T))
-        (Y,) = run("power iteration (A·Z)", blocks.right_multiply(A, Zt))
+        (Zt,) = run("power iteration (Aᵀ·Q)", orth(blocks.left_multiply(Q, A, precision=precision).T))
+        (Y,) = run("power iteration (A·Z)", blocks.right_multiply(A, Zt, precision=precision))
     return Y
 
 
@@ -181,9 +186,9 @@ def _pinv_transposed(R: Any, m: int) -> Any:
     return (U * inv) @ Vt
 
 
-def project(A: da.Array, PT: da.Array) -> da.Array:
+def project(A: da.Array, PT: da.Array, *, precision: str = "float64") -> da.Array:
     """``W = pinv(L)·A`` = ``PTᵀ·A`` (k×d), column-chunked like A."""
-    return blocks.left_multiply(PT, A)
+    return blocks.left_multiply(PT, A, precision=precision)
 
 
 def one_pass_projector(L_hat: da.Array, p: Params) -> np.ndarray:
@@ -286,7 +291,7 @@ def run(
         meta["norm_fro"] = math.sqrt(float(sumsq))
         Y = like(da.from_zarr(group[f"{work}/Y"]), A)
         if p.power_iters:
-            Y = power_iterate(A, Y, p.power_iters, runner)
+            Y = power_iterate(A, Y, p.power_iters, runner, precision=p.precision)
         qL = quantize_basis(Y, p)
         lcodes = store.create_codes(group, "L/codes", (n, k), (row_chunk, k), p.bits[0], sample_from=qL.codes)
         store.write_small(group, "L/scale", qL.scale)
@@ -321,7 +326,7 @@ def run(
                 pt = store.create_float(group, f"{work}/PT", (n, k), (row_chunk, k))
                 PT = to_host_blocks(pinv_factor(L_hat).rechunk({0: A.chunks[0], 1: -1}))
                 runner("basis: pinv(L)", da.store(PT, pt, lock=False, compute=False), persist=False)
-                W = _columns(project(A, like(da.from_zarr(pt), A)), todo)
+                W = _columns(project(A, like(da.from_zarr(pt), A), precision=p.precision), todo)
                 label = "pass 2: project"
             writer = _WWriter(root, work, todo)
             runner(label, blocks.map_column_blocks(W, writer), persist=False)

@@ -113,6 +113,7 @@ def compress_group(
     device: str = "cpu",
     evaluate: bool = False,
     storage_options: dict[str, Any] | None = None,
+    precision: str = "auto",
     log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Compress every matrix of a group into one output group (layout in the module docstring).
@@ -126,7 +127,7 @@ def compress_group(
     rank, bits_per_entry, match_nq : exactly one
         The rule applied to each matrix: a rank (capped at ``min(n, d)``), a budget in bits per
         entry, or the fair rank against naive ``match_nq``-bit quantization.
-    bits, passes, power_iters, quantizer, seed, device
+    bits, passes, power_iters, quantizer, seed, device, precision
         As for :func:`lplr_dask.compress`, the same for every matrix.
     overwrite, resume : bool
         Replace an existing output; or finish an interrupted one (arrays already complete are
@@ -197,7 +198,8 @@ def compress_group(
                 factors = compress(
                     member(location, name), target, rank=k, bits=bits, passes=passes,
                     power_iters=power_iters, quantizer=quantizer, seed=seed, overwrite=not resume,
-                    resume=resume, device=device, storage_options=storage_options, log=log,
+                    resume=resume, device=device, storage_options=storage_options, precision=precision,
+                    log=log,
                 )
                 if evaluate:
                     evaluate_error(member(location, name), factors, storage_options=storage_options)

@@ -112,3 +112,64 @@ def test_tall_chunks_are_at_least_k_rows():
     chunks = blocks.tall_chunks(1000, 300, 128)
     assert sum(chunks) == 1000 and min(chunks) >= 300
     assert blocks.tall_chunks(10, 3, 4) == (5, 5)  # 10 // 4 = 2 blocks, evened out
+
+
+@pytest.mark.parametrize(
+    ("dtype", "precision", "expected"),
+    [
+        (np.float32, "auto", np.float32),
+        (np.float16, "auto", np.float32),
+        (np.float64, "auto", np.float64),
+        (np.int32, "auto", np.float64),
+        (np.float32, "float64", np.float64),
+        (np.float64, "float32", np.float32),
+    ],
+)
+def test_compute_dtype(dtype, precision, expected):
+    assert blocks.compute_dtype(dtype, precision) == expected
+
+
+def test_compute_dtype_rejects_unknown_precision():
+    from lplr_dask.errors import LplrValueError
+
+    with pytest.raises(LplrValueError, match="precision 'auto', 'float32' or 'float64'.*'half'"):
+        blocks.compute_dtype(np.float32, "half")
+
+
+@pytest.mark.parametrize("chunks", CHUNKINGS)
+def test_float32_products_match_float64_to_float32_rounding(A, chunks):
+    """Float32 block products, summed in float64: every product within float32's rounding of the exact one."""
+    rng = np.random.default_rng(2)
+    PT, M = rng.standard_normal((2000, 6)), rng.standard_normal((1500, 5))
+    dA = da.from_array(A, chunks=chunks)
+    A64 = A.astype(np.float64)
+    S = sketch_matrix(0, STREAM_S, 1500, 16, scale=0.25)
+    G = sketch_matrix(0, STREAM_G, 1500, 3)
+    right, left = blocks.sketch_both(
+        dA, 0, [(STREAM_S, 16, 0.25), (STREAM_G, 3, 1.0)], STREAM_PSI, 9, sumsq=True, precision="float32"
+    )
+    right, left = dask.compute(right, left)
+    assert right.dtype == left.dtype == np.float64
+    # a float32 dot product of m terms is within about m·2⁻²⁴ of ‖x‖‖y‖ (here ≤ 1500·6e-8 = 1e-4);
+    # the scale of each entry is ‖row‖·‖column‖, so compare against that, not entry by entry
+    def close(got, want, scale):
+        assert np.abs(got - want).max() <= 1e-4 * scale
+        assert np.abs(got - want).max() > 0  # float32 products really were used
+    row_norms = np.linalg.norm(A64, axis=1)
+    close(right[:, :16], A64 @ S, row_norms.max() * np.linalg.norm(S, axis=0).max())
+    close(right[:, 16:19], A64 @ G, row_norms.max() * np.linalg.norm(G, axis=0).max())
+    np.testing.assert_allclose(right[:, 19], (A64**2).sum(axis=1), rtol=1e-5)
+    psi = _dense_psi(0, STREAM_PSI, 2000, 9)
+    close(left, psi @ A64, np.sqrt(SPARSE_NNZ) * np.linalg.norm(A64, axis=0).max())
+    close(blocks.left_multiply(da.from_array(PT, chunks=(700, 6)), dA, precision="float32").compute(), PT.T @ A64,
+          np.linalg.norm(PT, axis=0).max() * np.linalg.norm(A64, axis=0).max())
+    close(blocks.right_multiply(dA, da.from_array(M, chunks=(600, 5)), precision="float32").compute(), A64 @ M,
+          row_norms.max() * np.linalg.norm(M, axis=0).max())
+
+
+def test_float32_products_do_not_copy_a_float32_chunk(A):
+    """The chunk is used as read: one panel, the chunk itself, no float64 working copy."""
+    chunk = A[:1300, :700]
+    panels = list(blocks._panels(chunk, np.float32))
+    assert len(panels) == 1 and panels[0][1] is chunk
+    assert len(list(blocks._panels(chunk, np.float64))) == -(-1300 // PANEL_ROWS)
