@@ -22,6 +22,7 @@ References
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, NamedTuple
 
@@ -31,7 +32,7 @@ import numpy as np
 
 from lplr_dask.errors import LplrTypeError, LplrValueError
 from lplr_dask.api import resolve_rank
-from lplr_dask.factorize import _derived, pinv_factor, project, ranges_to_scales
+from lplr_dask.factorize import _derived, basis_hessian, pinv_factor, project, ranges_to_scales
 from lplr_dask.factors import Factors, decode_factor, product_error
 from lplr_dask.factors import relative_error as factors_error
 from lplr_dask.quantize import (
@@ -40,8 +41,10 @@ from lplr_dask.quantize import (
     check_bits,
     dequantize,
     encode_blocks,
+    gptq_factor,
     parse_quantizer,
     quantize,
+    quantizer_pair,
 )
 from lplr_dask.sketch import STREAM_S, sketch_matrix
 from lplr_dask.sources import compute_dtype
@@ -60,19 +63,20 @@ __all__ = [
 class Reference(NamedTuple):
     """The in-memory LPLR computation: codes of both factors and what was quantized.
 
-    ``L`` quantizes ``Y = A·S`` (n×k, channel axis 1) and ``R`` quantizes ``W = pinv(L̂)·A``
-    (k×d, channel axis 0).
+    ``L`` quantizes ``Y = A·S`` (n×k, channel axis 1) with ``spec_l`` and ``R`` quantizes
+    ``W = pinv(L̂)·A`` (k×d, channel axis 0) with ``spec_r``.
     """
 
     L: Quantized
     R: Quantized
     Y: np.ndarray
     W: np.ndarray
-    spec: QuantizerSpec
+    spec_l: QuantizerSpec
+    spec_r: QuantizerSpec
 
     def decoded(self) -> tuple[np.ndarray, np.ndarray]:
         """``(L̂, R̂)`` in float64."""
-        return _decode(self.L, self.spec, 1), _decode(self.R, self.spec, 0)
+        return _decode(self.L, self.spec_l, 1), _decode(self.R, self.spec_r, 0)
 
 
 def naive_quantize(A: Any, bits: int, *, quantizer: str | QuantizerSpec = "paper", seed: int = 0) -> Any:
@@ -84,7 +88,8 @@ def naive_quantize(A: Any, bits: int, *, quantizer: str | QuantizerSpec = "paper
     bits : int
         ``B_nq``, from 1 to 16.
     quantizer : str or QuantizerSpec, default="paper"
-        Any name :func:`lplr_dask.quantize.parse_quantizer` reads; channels are A's columns.
+        Any name :func:`lplr_dask.quantize.parse_quantizer` reads but ``gptq`` rounding, which
+        needs a basis; channels are A's columns.
     seed : int, default=0
         For stochastic rounding only.
 
@@ -95,6 +100,12 @@ def naive_quantize(A: Any, bits: int, *, quantizer: str | QuantizerSpec = "paper
     """
     X = _as_matrix(A)
     spec = parse_quantizer(quantizer)
+    if spec.rounding == "gptq":
+        raise LplrValueError(
+            f"Expected nearest or stochastic rounding for NQ, which quantizes A itself: gptq rounding "
+            f"feeds errors through a basis that A does not have. Got {spec.name!r}; use "
+            f"{dataclasses.replace(spec, rounding='nearest').name!r}."
+        )
     return _quantize_decode(X, check_bits(bits, "B_nq"), spec, 1, seed)
 
 
@@ -117,6 +128,7 @@ def dsvd(
     bits : (int, int), default=(8, 8)
         B1 for ``U_k``, B2 for ``Σ_k V_kᵀ``.
     quantizer : str or QuantizerSpec, default="paper"
+        As for :func:`lplr_dask.compress` (``L_NAME:R_NAME`` for ``U_k`` and ``Σ_k V_kᵀ``).
     seed : int, default=0
         For stochastic rounding, and the sketch of the randomized SVD of a dask A.
     power_iters : int, default=2
@@ -128,10 +140,10 @@ def dsvd(
     L_hat : ndarray or dask array of shape (n, k), float64
     R_hat : ndarray or dask array of shape (k, d), float64
     """
-    X, k, (b1, b2), spec = _validate(A, rank, bits, quantizer)
+    X, k, (b1, b2), (spec_l, spec_r) = _validate(A, rank, bits, quantizer)
     U, s, Vt = _truncated_svd(X, k, seed=seed, power_iters=power_iters)
-    L_hat = _quantize_decode(U, b1, spec, 1, _derived(seed, 1))
-    R_hat = _quantize_decode(s[:, None] * Vt, b2, spec, 0, _derived(seed, 2))
+    L_hat = _quantize_decode(U, b1, spec_l, 1, _derived(seed, 1))
+    R_hat = _quantize_decode(s[:, None] * Vt, b2, spec_r, 0, _derived(seed, 2), basis=L_hat)
     return L_hat, R_hat
 
 
@@ -160,16 +172,16 @@ def lsvd(
     L_hat : ndarray or dask array of shape (n, k), float64
     R_hat : ndarray or dask array of shape (k, d), float64
     """
-    X, k, bits, spec = _validate(A, rank, bits, quantizer)
+    X, k, bits, (spec_l, spec_r) = _validate(A, rank, bits, quantizer)
     U, s, _ = _truncated_svd(X, k, seed=seed, power_iters=power_iters)
     S = sketch_matrix(seed, STREAM_S, k, k, scale=1.0 / math.sqrt(k))
     Z = (U * s) @ S
     if isinstance(X, da.Array):
         (Z,) = dask.persist(Z)
-        L_hat = _quantize_decode(Z, bits[0], spec, 1, _derived(seed, 1))
+        L_hat = _quantize_decode(Z, bits[0], spec_l, 1, _derived(seed, 1))
         (W,) = dask.persist(project(X, pinv_factor(L_hat)))
-        return L_hat, _quantize_decode(W, bits[1], spec, 0, _derived(seed, 2))
-    return _from_basis(X, Z, bits, spec, seed).decoded()
+        return L_hat, _quantize_decode(W, bits[1], spec_r, 0, _derived(seed, 2), basis=L_hat)
+    return _from_basis(X, Z, bits, (spec_l, spec_r), seed).decoded()
 
 
 def lplr_codes(
@@ -186,7 +198,9 @@ def lplr_codes(
     ``W = pinv(L̂)·A`` in float64, the pseudo-inverse cutting singular values below
     ``max(n, k)·eps·σ_max`` as :func:`lplr_dask.factorize.pinv_factor` does. With nearest
     rounding the codes equal compress()'s except at exact rounding ties; stochastic rounding
-    draws differ (compress() seeds one stream per block).
+    draws differ (compress() seeds one stream per block). gptq rounding of R feeds its errors
+    through ``L̂ᵀ·L̂`` as compress() does: a tie that rounds the other way there moves the codes
+    after it in its column of R.
 
     Parameters
     ----------
@@ -200,9 +214,9 @@ def lplr_codes(
     """
     if isinstance(A, da.Array):
         raise LplrTypeError("Expected a numpy array for the in-memory reference. Got a dask array; use lplr_dask.compress.")
-    X, k, bits, spec = _validate(A, rank, bits, quantizer)
+    X, k, bits, specs = _validate(A, rank, bits, quantizer)
     S = sketch_matrix(seed, STREAM_S, X.shape[1], k, scale=1.0 / math.sqrt(k))
-    return _from_basis(X, X @ S, bits, spec, seed)
+    return _from_basis(X, X @ S, bits, specs, seed)
 
 
 def lplr_reference(
@@ -248,14 +262,18 @@ def relative_error(A: Any, approx_or_factors: Any) -> float:
 # ---------------------------------------------------------------------------------------------
 
 
-def _from_basis(A: np.ndarray, Y: np.ndarray, bits: tuple[int, int], spec: QuantizerSpec, seed: int) -> Reference:
+def _from_basis(
+    A: np.ndarray, Y: np.ndarray, bits: tuple[int, int], specs: tuple[QuantizerSpec, QuantizerSpec], seed: int
+) -> Reference:
     """``L = Q_B1(Y)``, ``R = Q_B2(pinv(L̂)·A)`` in memory."""
     n, k = Y.shape
-    qL = quantize(Y, bits[0], spec=spec, channel_axis=1, seed=_derived(seed, 1))
-    L_hat = _decode(qL, spec, 1)
+    spec_l, spec_r = specs
+    qL = quantize(Y, bits[0], spec=spec_l, channel_axis=1, seed=_derived(seed, 1))
+    L_hat = _decode(qL, spec_l, 1)
     W = np.linalg.pinv(L_hat, rtol=max(n, k) * np.finfo(np.float64).eps) @ A
-    qR = quantize(W, bits[1], spec=spec, channel_axis=0, seed=_derived(seed, 2))
-    return Reference(qL, qR, Y, W, spec)
+    hessian = L_hat.T @ L_hat if spec_r.rounding == "gptq" else None
+    qR = quantize(W, bits[1], spec=spec_r, channel_axis=0, seed=_derived(seed, 2), hessian=hessian)
+    return Reference(qL, qR, Y, W, spec_l, spec_r)
 
 
 def _decode(q: Quantized, spec: QuantizerSpec, channel_axis: int) -> np.ndarray:
@@ -263,13 +281,19 @@ def _decode(q: Quantized, spec: QuantizerSpec, channel_axis: int) -> np.ndarray:
     return dequantize(q, dtype=np.float64, group_size=g, channel_axis=channel_axis)
 
 
-def _quantize_decode(X: Any, bits: int, spec: QuantizerSpec, channel_axis: int, seed: int) -> Any:
+def _quantize_decode(X: Any, bits: int, spec: QuantizerSpec, channel_axis: int, seed: int, basis: Any = None) -> Any:
     """``Q_B(X)`` decoded to float64; for a dask X the scales are computed first, so that A is
-    read once for them and once for the codes rather than held in memory between the two."""
+    read once for them and once for the codes rather than held in memory between the two.
+
+    ``basis`` (the decoded L̂ that multiplies X) is used by gptq rounding only."""
+    gptq = spec.rounding == "gptq"
     if not isinstance(X, da.Array):
-        return _decode(quantize(X, bits, spec=spec, channel_axis=channel_axis, seed=seed), spec, channel_axis)
+        hessian = basis.T @ basis if gptq else None
+        q = quantize(X, bits, spec=spec, channel_axis=channel_axis, seed=seed, hessian=hessian)
+        return _decode(q, spec, channel_axis)
     scale, offset = dask.compute(*ranges_to_scales(X, bits, spec, channel_axis))
-    codes = encode_blocks(X, bits, spec, scale, offset, channel_axis=channel_axis, seed=seed)
+    factor = gptq_factor(basis_hessian(basis).compute()) if gptq else None
+    codes = encode_blocks(X, bits, spec, scale, offset, channel_axis=channel_axis, seed=seed, factor=factor)
     return decode_factor(codes, scale, offset, spec, channel_axis)
 
 
@@ -298,8 +322,8 @@ def _as_dask(A: Any) -> da.Array:
 
 def _validate(
     A: Any, rank: int, bits: tuple[int, int], quantizer: str | QuantizerSpec
-) -> tuple[Any, int, tuple[int, int], QuantizerSpec]:
-    """A as float64, the rank, (B1, B2) and the quantizer, each checked."""
+) -> tuple[Any, int, tuple[int, int], tuple[QuantizerSpec, QuantizerSpec]]:
+    """A as float64, the rank, (B1, B2) and the quantizers of L and R, each checked."""
     X = _as_matrix(A)
     k = resolve_rank(X.shape, (1, 1), rank=rank, bits_per_entry=None, match_nq=None)
-    return X, k, (check_bits(bits[0], "B1"), check_bits(bits[1], "B2")), parse_quantizer(quantizer)
+    return X, k, (check_bits(bits[0], "B1"), check_bits(bits[1], "B2")), quantizer_pair(quantizer)

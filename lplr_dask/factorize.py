@@ -10,7 +10,8 @@ For A (n×d), rank k and bits (B1, B2) [1]_:
    and an SVD of its k×k factor, in float64;
 3. pass 2: ``W[:, j] = pinv(L)·A[:, j]`` per column chunk j (one-pass: ``W = (Ψ·L)^† Z``),
    written whole-chunk to scratch with a per-chunk completion mark (the resume points);
-4. ``R = Q_B2(W)`` from the scratch (k×d: k/n of A), codes to ``R/``;
+4. ``R = Q_B2(W)`` from the scratch (k×d: k/n of A), codes to ``R/``; with ``gptq`` rounding
+   each rounding error is fed back through ``H = L̂ᵀ·L̂`` [4]_;
 5. the error estimate ``‖AG − L·(R·G)‖ / (√p·‖A‖_F)`` from the stored test columns and the
    Frobenius norm summed in pass 1: no extra read.
 
@@ -28,6 +29,8 @@ References
    low-rank matrix approximation." SIAM J. Matrix Anal. Appl. 38(4), 2017.
 .. [3] J. A. Tropp, A. Yurtsever, M. Udell, V. Cevher. "Streaming low-rank matrix approximation
    with an application to scientific simulation." SIAM J. Sci. Comput. 41(4), 2019.
+.. [4] E. Frantar, S. Ashkboos, T. Hoefler, D. Alistarh. "GPTQ: Accurate Post-Training
+   Quantization for Generative Pre-trained Transformers." ICLR 2023.
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ from lplr_dask.quantize import (
     Quantized,
     QuantizerSpec,
     encode_blocks,
+    gptq_factor,
     ranges,
     scale_from_range,
 )
@@ -197,6 +201,15 @@ def one_pass_projector(L_hat: da.Array, p: Params) -> np.ndarray:
     return np.linalg.pinv(psi_l)
 
 
+def basis_hessian(L_hat: da.Array) -> da.Array:
+    """``H = L̂ᵀ·L̂`` (k×k) of the decoded basis (float64), lazily: a reduction over its row blocks.
+
+    gptq rounding of R (:func:`lplr_dask.quantize.encode_gptq_block`) weighs R's rounding errors
+    by it, since the error that counts is ``‖L̂·(W − R̂)‖_F``.
+    """
+    return L_hat.T @ L_hat
+
+
 def error_estimate(resid_sumsq: float, norm_fro: float, test_columns: int) -> float:
     """``‖(A − L·R)·G‖_F / (√p·‖A‖_F)`` for p Gaussian test columns G: the relative error, estimated.
 
@@ -336,7 +349,11 @@ def run(
     if STAGES.index(meta["stage"]) < STAGES.index("coded"):
         W = like(da.from_zarr(group[f"{work}/W"]), A)
         rs, ro = runner("code R", *ranges_to_scales(W, p.bits[1], p.spec_r, 0), persist=False)
-        codes = encode_blocks(W, p.bits[1], p.spec_r, rs, ro, channel_axis=0, seed=_derived(p.seed, 2))
+        factor = None
+        if p.spec_r.rounding == "gptq":  # the k×k factor on the client, from the stored basis
+            (H,) = runner("code R", basis_hessian(L_hat), persist=False)
+            factor = gptq_factor(H)
+        codes = encode_blocks(W, p.bits[1], p.spec_r, rs, ro, channel_axis=0, seed=_derived(p.seed, 2), factor=factor)
         rcodes = store.create_codes(group, "R/codes", (k, d), (k, col_chunk), p.bits[1], sample_from=codes)
         runner("code R", da.store(to_host_blocks(codes), rcodes, lock=False, compute=False), persist=False)
         store.write_small(group, "R/scale", rs)
