@@ -69,7 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="bits for L and R (default 8 8; for compress with --bits-per-entry, chosen with the rank)")
         sp.add_argument("--passes", type=int, default=2, choices=[1, 2], help="reads of A (default 2)")
         sp.add_argument("--power-iters", type=int, default=0, help="power iterations (2 more reads each)")
-        sp.add_argument("--quantizer", default="default", help="paper | default | tensor|channel|groupN[-sym][-stochastic]")
+        sp.add_argument("--quantizer", default="default",
+                        help="paper | default | tensor|channel|groupN[-sym][-stochastic|-gptq], or L_NAME:R_NAME "
+                        "(-gptq: R only, e.g. channel:channel-gptq)")
         sp.add_argument("--seed", type=int, default=0)
         sp.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
         sp.add_argument("--precision", default="auto", choices=["auto", "float32", "float64"],
