@@ -162,3 +162,38 @@ def test_power_iteration_codes_do_not_depend_on_chunking(client, small_matrix, t
     )
     for ca, cb in zip(_codes(a.path), _codes(b.path)):
         np.testing.assert_array_equal(ca, cb)
+
+
+@pytest.mark.parametrize("passes", [1, 2])
+def test_gptq_rounding_of_r_lowers_the_error(client, small_matrix, tmp_path, passes):
+    """The same L and the same scales of R as nearest rounding; only R's codes differ, chosen
+    against L̂ᵀL̂ (one-pass mode too, where W = (ΨL̂)^†Z). Measured ×0.79 (two passes) and ×0.81
+    (one pass) of nearest rounding's error here."""
+    kw = dict(rank=12, bits=(4, 3), passes=passes, seed=3, precision="float64", log=_quiet)
+    near = lplr_dask.compress(small_matrix, tmp_path / "near.lplr.zarr", quantizer="channel", **kw)
+    gptq = lplr_dask.compress(small_matrix, tmp_path / "gptq.lplr.zarr", quantizer="channel:channel-gptq", **kw)
+    assert gptq.attrs["quantizer"]["R"]["rounding"] == "gptq" and gptq.attrs["quantizer"]["L"]["rounding"] == "nearest"
+    for name in ("L/codes", "L/scale", "R/scale", "R/offset"):
+        np.testing.assert_array_equal(gptq._group[name][...], near._group[name][...], err_msg=name)
+    assert lplr_dask.evaluate(small_matrix, gptq) < 0.9 * lplr_dask.evaluate(small_matrix, near)
+
+
+def test_resume_after_an_interrupted_gptq_coding_of_r(client, small_matrix, tmp_path, monkeypatch):
+    """Interrupted while R is coded (W complete): --resume recomputes L̂ᵀL̂ from the stored L and
+    gives the codes of an uninterrupted run."""
+    kw = dict(rank=10, bits=(4, 4), quantizer="channel:channel-gptq", seed=4, log=_quiet)
+    want = _codes(lplr_dask.compress(small_matrix, tmp_path / "ref.lplr.zarr", **kw).path)
+
+    def interrupted(H: Any) -> Any:
+        raise KeyboardInterrupt
+
+    out = tmp_path / "o.lplr.zarr"
+    with monkeypatch.context() as m:
+        m.setattr(factorize, "gptq_factor", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            lplr_dask.compress(small_matrix, out, **kw)
+    assert zarr.open_group(str(out), mode="r").attrs["lplr"]["stage"] == "projected"
+    f = lplr_dask.compress(small_matrix, out, resume=True, **kw)
+    assert f.attrs["complete"] is True
+    for got, ref in zip(_codes(f.path), want):
+        np.testing.assert_array_equal(got, ref)
