@@ -298,7 +298,7 @@ def run(
         for name, x in products.items():
             if name in sketches:
                 chunks = (row_chunk, x.shape[1]) if name != "Z" else (x.shape[0], col_chunk)
-                target = store.create_float(group, f"{work}/{name}", sketches[name], chunks)
+                target = store.create_float(group, f"{work}/{name}", sketches[name], chunks, compress=False)
                 writes.append(da.store(to_host_blocks(x.rechunk(chunks)), target, lock=False, compute=False))
         *_, sumsq = runner("pass 1: sketch", *writes, products["sumsq"], persist=False)
         meta["norm_fro"] = math.sqrt(float(sumsq))
@@ -321,7 +321,7 @@ def run(
     if STAGES.index(meta["stage"]) < STAGES.index("projected"):
         ncb = len(A.chunks[1])
         if f"{work}/W_done" not in group:
-            store.create_float(group, f"{work}/W", (k, d), (k, col_chunk))
+            store.create_float(group, f"{work}/W", (k, d), (k, col_chunk), compress=False)
             done_arr = group.create_array(f"{work}/W_done", shape=(ncb,), chunks=(1,), dtype=np.uint8, fill_value=0)
         else:
             done_arr = group[f"{work}/W_done"]
@@ -336,7 +336,7 @@ def run(
                 W = blocks.left_multiply(da.from_array(M.T), like(_columns(Z, todo), A))
                 label = "pass 2: project (one-pass, no read of A)"
             else:
-                pt = store.create_float(group, f"{work}/PT", (n, k), (row_chunk, k))
+                pt = store.create_float(group, f"{work}/PT", (n, k), (row_chunk, k), compress=False)
                 PT = to_host_blocks(pinv_factor(L_hat).rechunk({0: A.chunks[0], 1: -1}))
                 runner("basis: pinv(L)", da.store(PT, pt, lock=False, compute=False), persist=False)
                 W = _columns(project(A, like(da.from_zarr(pt), A), precision=p.precision), todo)
