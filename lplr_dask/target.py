@@ -15,7 +15,9 @@ storage is the smallest rank k whose error is at most E. It is found from one ex
    residual, L's rounding included) and add R's rounding noise: variance ``Δ_c²/12`` (``Δ_c²/6``
    stochastic) per entry of row c of ``W = pinv(L̂)·A``, with ``Δ_c = range_c / (2^B2 − 1)`` and
    ``range_c ≈ 2·E[max of m normals]·rms_c`` for m entries sharing a scale; ``rms_c`` comes from
-   ``pinv(L̂)·A·G``, and the noise reaches ``L̂·R`` weighted by ``‖L̂_c‖²``.
+   ``pinv(L̂)·A·G``, and the noise reaches ``L̂·R`` weighted by ``‖L̂_c‖²`` — with gptq rounding
+   of R by ``1/U_cc²`` instead (``U`` from :func:`lplr_dask.quantize.gptq_factor` of ``L̂ᵀL̂``:
+   the error that row c adds after the feedback of the rows before it; Chee et al. 2023, LDLQ).
 3. **Search.** From the first rank the tail allows, the rank grows by a quarter until the
    prediction meets E (with a margin), then a bisection finds the smallest such rank. Quantization
    noise grows with the rank once the basis becomes ill-conditioned, so past the best rank more
@@ -45,7 +47,7 @@ from lplr_dask import blocks, store
 from lplr_dask.backend import to_host, to_host_blocks
 from lplr_dask.errors import LplrValueError
 from lplr_dask.factors import Factors, decode_factor, open_factors
-from lplr_dask.quantize import QuantizerSpec, parse_quantizer
+from lplr_dask.quantize import QuantizerSpec, gptq_factor, quantizer_pair
 
 __all__ = ["Plan", "compress_to_target", "DEFAULT_MAX_RANK", "MAX_ATTEMPTS"]
 
@@ -157,6 +159,8 @@ class Plan:
         c, T = dask.compute(Q.T @ self.AG, T)
         resid2 = max(self.ag2 - float((c**2).sum()), 0.0) * self._low_rank_factor() ** 2
         l2 = (T**2).sum(axis=0)  # ‖L̂_c‖²
+        if self.spec_r.rounding == "gptq":  # what each row's error costs after the feedback
+            l2 = 1.0 / np.diag(gptq_factor(T.T @ T)) ** 2
         w2 = (np.linalg.pinv(T) @ c) ** 2  # (pinv(L̂)·A·G)², each row: ‖W_c‖² · (one per test column)
         w2 = w2.sum(axis=1)
         spec = self.spec_r
@@ -280,10 +284,10 @@ def compress_to_target(
             pass
         log(f"{path}: not a completed result for target error {target}; starting over")
         overwrite = True
-    spec = parse_quantizer(quantizer)
+    spec, spec_r = quantizer_pair(quantizer)
     test_columns = max(test_columns, MIN_TEST_COLUMNS)
     A = to_device(open_source(source, storage_options=storage_options, log=log), device)
-    p = Plan(A, bits=bits, spec=spec, seed=seed, test_columns=test_columns, power_iters=power_iters,
+    p = Plan(A, bits=bits, spec=spec, spec_r=spec_r, seed=seed, test_columns=test_columns, power_iters=power_iters,
              passes=passes, max_rank=max_rank)
     aim, above = target * MARGIN, 0
     attempts: list[dict[str, Any]] = []
