@@ -270,6 +270,14 @@ def read_meta(group: zarr.Group, *, require_complete: bool = True, path: str = "
     meta = dict(group.attrs.get("lplr") or {})
     where = path or str(group.store_path)
     if meta.get("format") != FORMAT_NAME:
+        members = [e["name"] for e in (group.attrs.get("lplr_group") or {}).get("arrays", []) if e.get("action") == "lplr"]
+        if "lplr_group" in group.attrs:
+            example = f" (e.g. {where.rstrip('/')}/{members[0]})" if members else ""
+            raise StoreFormatError(
+                f"{where!r} is the output of compress-group, not one lplr store: open one of its "
+                f"{len(members)} compressed arrays as {where.rstrip('/')}/NAME{example}; its attrs "
+                "'lplr_group' list them all."
+            )
         raise StoreFormatError(f"{where!r} is not an lplr store: its attrs have no 'lplr' format entry.")
     version = meta.get("version")
     if not isinstance(version, int) or version > FORMAT_VERSION:

@@ -71,6 +71,9 @@ def test_compress_group_mixed_shapes_and_dtypes(client, tmp_path, model):
     assert result["totals"]["bytes_on_disk"] < result["totals"]["source_bytes"]
     bars = [x for x in lines if x.startswith("arrays [")]  # one progress line per array, then done
     assert len(bars) == 7 and bars[-1].startswith("arrays [########################] 6/6")
+    # the group itself is not one store: opening it says how to open its members
+    with pytest.raises(lplr_dask.StoreFormatError, match=r"output of compress-group.*4 compressed arrays.*/enc/w\)"):
+        lplr_dask.open_factors(out)
 
 
 def test_compress_group_from_a_safetensors_file_with_bfloat16(client, tmp_path):
