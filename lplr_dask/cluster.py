@@ -564,11 +564,16 @@ def _start_local(
 
 
 def _jobqueue_config_path() -> Path:
-    """The YAML file of lplr's dask-jobqueue defaults: ``$LPLR_JOBQUEUE_CONFIG`` or the repo's."""
+    """The YAML file of lplr's dask-jobqueue defaults: ``$LPLR_JOBQUEUE_CONFIG`` or the package's.
+
+    ``lplr_dask/jobqueue.yaml`` is a symbolic link to ``cluster/jobqueue.yaml`` in the repository
+    (one file to edit) and a copy of it in a built wheel (package data), so an installed
+    lplr-dask finds its defaults without the repository.
+    """
     env = os.environ.get(_JOBQUEUE_CONFIG_ENV)
     if env:
         return Path(env)
-    return Path(__file__).resolve().parent.parent / "cluster" / "jobqueue.yaml"
+    return Path(__file__).parent / "jobqueue.yaml"
 
 
 def _jobqueue_options(kind: str) -> dict[str, Any]:

@@ -522,6 +522,22 @@ def test_jobqueue_defaults_come_from_the_yaml() -> None:
     assert (options["cores"], options["processes"], options["memory"]) == (8, 2, "32GiB")
 
 
+@pytest.mark.slow
+def test_jobqueue_defaults_ship_in_the_wheel(tmp_path: Path) -> None:
+    """An installed lplr-dask (no repository beside it) finds the same defaults: package data."""
+    import zipfile
+
+    repo = Path(__file__).resolve().parent.parent
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(repo)],
+        check=True, timeout=300,
+    )
+    (wheel,) = tmp_path.glob("lplr_dask-*.whl")
+    with zipfile.ZipFile(wheel) as z:
+        shipped = z.read("lplr_dask/jobqueue.yaml").decode()
+    assert shipped == (repo / "cluster" / "jobqueue.yaml").read_text()
+
+
 def test_users_dask_config_wins() -> None:
     with dask.config.set({"jobqueue.slurm.cores": 2, "jobqueue.slurm.walltime": "00:05:00"}):
         options = _jobqueue_options("slurm")
