@@ -104,12 +104,14 @@ class QuantizerSpec:
 
 
 #: Named presets: a name :func:`quantizer_pair` reads. ``paper`` reproduces the reference
-#: semantics exactly; ``default`` (per-channel min-max ranges, nearest rounding) had the lowest
-#: error at equal bytes on disk of every granularity × symmetry × rounding measured
-#: (benchmarks/RESULTS.md, "Quantizers").
+#: semantics exactly. ``default`` — per-column min-max ranges of L with nearest rounding, one
+#: min-max range for R with gptq rounding against L̂ — had the lowest error at equal bytes on
+#: disk of the quantizers measured (×0.84 of the paper's, geometric mean over four matrices at
+#: 0.5, 1 and 2 bits per entry; per-channel ranges with nearest rounding, the previous default,
+#: ×0.97): benchmarks/RESULTS.md, "Quantizers".
 PRESETS: dict[str, str] = {
     "paper": "tensor",
-    "default": "channel",
+    "default": "channel:tensor-gptq",
 }
 
 _NAME_FORM = (

@@ -207,7 +207,7 @@ def _device_for(xp: types.ModuleType) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["paper", "default", "group64-sym"])
+@pytest.mark.parametrize("name", ["paper", "channel", "group64-sym"])
 def test_quantize_round_trip_on_backend(xp, name):
     spec = parse_quantizer(name)
     x_host = np.random.default_rng(0).standard_normal((300, 40))
@@ -229,6 +229,17 @@ def test_stochastic_rounding_on_backend(xp):
     np.testing.assert_array_equal(to_host(q.codes), ref.codes)
     t = (x_host - to_host(q.offset)) / to_host(q.scale)
     assert np.all((ref.codes == np.floor(t)) | (ref.codes == np.ceil(t)))
+
+
+def test_gptq_rounding_on_backend(xp):
+    rng = np.random.default_rng(3)
+    L = rng.standard_normal((100, 12)) @ (np.eye(12) + 0.5)  # correlated columns
+    W_host = rng.standard_normal((12, 40))
+    q = quantize(xp.asarray(W_host), 3, spec="tensor-gptq", channel_axis=0, hessian=L.T @ L)
+    assert isinstance(q.codes, xp.ndarray)
+    # one elementwise operation per kernel (no fused multiply-add): IEEE arithmetic gives the
+    # host's codes on either device
+    np.testing.assert_array_equal(to_host(q.codes), quantize(W_host, 3, spec="tensor-gptq", channel_axis=0, hessian=L.T @ L).codes)
 
 
 def test_sketch_rows_on_backend(xp):

@@ -11,13 +11,13 @@ import lplr_dask
 from lplr_dask import budget, store
 from lplr_dask.datasets import synthetic
 from lplr_dask.errors import LplrValueError
-from lplr_dask.quantize import parse_quantizer
+from lplr_dask.quantize import quantizer_pair
 
 QUIET = dict(log=lambda msg: None)
 
 
 def _specs(name: str):
-    return (parse_quantizer(name),) * 2
+    return quantizer_pair(name)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -10,12 +10,12 @@ import lplr_dask
 from lplr_dask import chunking
 from lplr_dask.blocks import PANEL_ROWS
 from lplr_dask.factorize import Params
-from lplr_dask.quantize import parse_quantizer
+from lplr_dask.quantize import quantizer_pair
 
 
 def _params(rank: int = 64, passes: int = 2) -> Params:
-    spec = parse_quantizer("default")
-    return Params(rank=rank, bits=(8, 8), quantizer="default", spec_l=spec, spec_r=spec, passes=passes)
+    spec_l, spec_r = quantizer_pair("default")
+    return Params(rank=rank, bits=(8, 8), quantizer="default", spec_l=spec_l, spec_r=spec_r, passes=passes)
 
 
 def test_well_chunked_input_is_left_alone():

@@ -15,7 +15,7 @@ import zarr
 import lplr_dask
 from lplr_dask import blocks, factorize
 from lplr_dask.datasets import synthetic
-from lplr_dask.quantize import parse_quantizer
+from lplr_dask.quantize import quantizer_pair
 
 
 def _quiet(_: str) -> None:
@@ -23,8 +23,8 @@ def _quiet(_: str) -> None:
 
 
 def _params(rank: int, **kw: Any) -> factorize.Params:
-    spec = parse_quantizer("default")
-    return factorize.Params(rank=rank, bits=(8, 8), quantizer="default", spec_l=spec, spec_r=spec, **kw)
+    spec_l, spec_r = quantizer_pair("default")
+    return factorize.Params(rank=rank, bits=(8, 8), quantizer="default", spec_l=spec_l, spec_r=spec_r, **kw)
 
 
 def _codes(path: str) -> tuple[np.ndarray, np.ndarray]:

@@ -9,7 +9,7 @@ import lplr_dask
 from lplr_dask import cli
 from lplr_dask.datasets import synthetic
 from lplr_dask.errors import LplrValueError
-from lplr_dask.quantize import parse_quantizer
+from lplr_dask.quantize import quantizer_pair
 from lplr_dask.sources import open_source
 from lplr_dask.target import Plan
 from test_backend import fake_cupy, guarded_zarr_writes  # noqa: F401  (fixtures: the strict CuPy stand-in)
@@ -60,7 +60,8 @@ def test_target_error_excludes_the_other_size_options(tmp_store, small_matrix):
 
 def test_plan_tail_is_a_decreasing_lower_bound(client, small_matrix):
     A = open_source(small_matrix)
-    p = Plan(A, bits=(8, 8), spec=parse_quantizer("default"), max_rank=50, test_columns=16)
+    spec_l, spec_r = quantizer_pair("default")
+    p = Plan(A, bits=(8, 8), spec=spec_l, spec_r=spec_r, max_rank=50, test_columns=16)
     assert p.max_rank == 50 and p.tail2[0] == pytest.approx(p.ag2 / p.norm2)
     assert np.all(np.diff(p.tail2) <= 1e-12)
     for k in (5, 12, 30):
@@ -110,8 +111,6 @@ def test_plan_predicts_gptq_rounding_of_r(client, tmp_store, spectrum):
     """gptq rounding of R: each row's rounding noise weighted by 1/U_cc² (LDLQ), not by ‖L̂_c‖².
     Measured: predicted 0.240 and 0.239 against 0.266 and 0.243 exact; nearest rounding's
     weights would predict 0.336 and 0.305 (×1.26 of the exact error)."""
-    from lplr_dask.quantize import quantizer_pair
-
     A = _matrix(spectrum)
     spec_l, spec_r = quantizer_pair("channel:channel-gptq")
     gptq = Plan(open_source(A), bits=(4, 3), spec=spec_l, spec_r=spec_r, max_rank=40, test_columns=32)
