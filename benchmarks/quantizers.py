@@ -1,11 +1,12 @@
-"""Quantizers at equal bytes on disk: every granularity × symmetry × rounding, and mixed L/R.
+"""Quantizers at equal bytes on disk: granularity × symmetry × rounding, and mixed L/R.
 
-For each matrix (1000 × 1000, float32, 200 × 200 chunks), each quantizer with nearest rounding
-and each bit pair (B1, B2), ``lplr_dask.compress`` runs on a LocalCluster at a ladder of ranks
+For each matrix (1000 × 1000, float32, 200 × 200 chunks), each quantizer (:func:`quantizer_names`:
+the paper's, the best of the nearest-rounding ones measured before, and gptq rounding of R) and
+each bit pair (B1, B2), ``lplr_dask.compress`` runs on a LocalCluster at a ladder of ranks
 (nominal ``k·(n·B1 + d·B2)/(n·d)`` of 0.45, 0.9, 1.8 and 3.6 bits per entry). Each run records
 the bytes on disk of the whole store (codes, scales, offsets, metadata) and the exact relative
 error. Stochastic rounding, which only adds noise to nearest rounding's error, runs at the
-fixed configurations of :data:`SAME_CONFIGS` only.
+fixed configurations of :data:`SAME_CONFIGS` only (when named with ``--quantizers``).
 
 The comparison at equal bytes: for a budget of X bits per entry on disk, the error of a
 (quantizer, bit pair) is interpolated, log-linearly in bytes, between the two ladder runs that
@@ -18,9 +19,13 @@ Matrices
 - ``poly``: polynomial spectrum ``s_i = 1/(i+1)`` over all 1000 singular values, 1% noise;
 - ``student-t``: rank 64, decay 0.9, 10% Student-t (3 degrees of freedom) noise: heavy tails.
 
-Run ``python benchmarks/quantizers.py`` (about an hour on 2 idle cores); ``--datasets``,
-``--quantizers`` and ``--pairs`` restrict it; ``--json FILE`` saves every run. The tables print
-as Markdown.
+Run ``python benchmarks/quantizers.py`` (about 15 minutes on 2 cores); ``--datasets``,
+``--quantizers``, ``--pairs`` and ``--ladder`` restrict it; ``--power-iters Q`` runs every compression with Q
+power iterations (the paper's quantizer at Q = 0 stays the reference: add it with ``--json`` and
+merge the files with ``--from-json A.json,B.json``, which adds a table of the better basis at
+equal bytes); ``--json FILE`` saves every run. The tables print as Markdown, followed by the
+quantizer with the lowest geometric mean at equal bytes, without power iterations and over
+every cell with and without them.
 
 ``--codecs`` measures the storage of the codes instead: for the paper's and per-channel quantizers
 at B = 1, 2, 3, 4, 8 (rank for 1.8 nominal bits per entry), every chunk of L's and R's codes is
@@ -55,11 +60,10 @@ SAME_CONFIGS = (((4, 4), 1.8), ((8, 8), 1.8))
 
 
 def quantizer_names() -> list[str]:
-    """Every granularity × symmetric × rounding, then the two mixed L:R pairs."""
-    names = []
-    for gran, sym, stoch in itertools.product(("tensor", "channel", "group256"), (False, True), (False, True)):
-        names.append("-".join([gran] + ["sym"] * sym + ["stochastic"] * stoch))
-    return names + ["channel:tensor", "tensor:channel"]
+    """The paper's; the nearest-rounding quantizers that came closest to it in the full sweep of
+    granularity × symmetry × rounding (benchmarks/RESULTS.md); gptq rounding of R with each range."""
+    return ["tensor", "channel", "channel-sym", "tensor:channel", "group256",
+            "channel:channel-gptq", "channel:tensor-gptq", "tensor:tensor-gptq", "tensor:channel-gptq"]
 
 
 def matrices(names: list[str]) -> dict[str, np.ndarray]:
@@ -82,14 +86,16 @@ def matrices(names: list[str]) -> dict[str, np.ndarray]:
     return out
 
 
-def run_one(A: np.ndarray, quantizer: str, bits: tuple[int, int], rank: int, path: str) -> dict[str, Any]:
+def run_one(
+    A: np.ndarray, quantizer: str, bits: tuple[int, int], rank: int, path: str, power_iters: int = 0
+) -> dict[str, Any]:
     import lplr_dask
     from lplr_dask import store
 
     t0 = time.perf_counter()
     f = lplr_dask.compress(
         da.from_array(A, chunks=CHUNKS), path, rank=rank, bits=bits, quantizer=quantizer, overwrite=True,
-        log=lambda m: None,
+        power_iters=power_iters, log=lambda m: None,
     )
     seconds = time.perf_counter() - t0
     recon = f.to_dask(np.float64).compute()
@@ -97,7 +103,7 @@ def run_one(A: np.ndarray, quantizer: str, bits: tuple[int, int], rank: int, pat
     n, d = A.shape
     total = store.bytes_on_disk(path)
     return {
-        "quantizer": quantizer, "bits": list(bits), "rank": rank, "bytes": total,
+        "quantizer": quantizer, "power_iters": power_iters, "bits": list(bits), "rank": rank, "bytes": total,
         "bytes_codes": store.codes_bytes(path), "bits_per_entry": total * 8 / (n * d),
         "nominal_bits_per_entry": rank * (n * bits[0] + d * bits[1]) / (n * d),
         "error": float(np.linalg.norm(a64 - recon) / np.linalg.norm(a64)), "seconds": round(seconds, 2),
@@ -126,50 +132,111 @@ def best_at_budget(runs: list[dict[str, Any]], budget: float) -> tuple[float, tu
     return min(found) if found else None
 
 
+def label(run: dict[str, Any]) -> str:
+    """A run's row in the tables: the quantizer (``paper`` for ``tensor``) and any power iterations."""
+    name = "paper" if run["quantizer"] == "tensor" else run["quantizer"]
+    q = run.get("power_iters", 0)
+    return f"{name}, q={q}" if q else name
+
+
+def _best(runs: list[dict[str, Any]], dataset: str, row: str, budget: float) -> tuple[float, tuple[int, int]] | None:
+    return best_at_budget([r for r in runs if r["dataset"] == dataset and label(r) == row], budget)
+
+
+def _ratios(runs: list[dict[str, Any]], datasets: list[str], row: str, ref: str) -> list[float]:
+    """``row``'s error ÷ ``ref``'s at equal bytes, every (matrix, budget) cell where both have one."""
+    out = []
+    for ds, budget in itertools.product(datasets, BUDGETS):
+        a, b = _best(runs, ds, ref, budget), _best(runs, ds, row, budget)
+        if a and b:
+            out.append(b[0] / a[0])
+    return out
+
+
+def _geo(ratios: list[float]) -> float:
+    return math.exp(float(np.mean(np.log(ratios))))
+
+
+def _budget_table(runs: list[dict[str, Any]], datasets: list[str], rows: list[str], budget: float, ref: str) -> list[str]:
+    lines = ["| quantizer | " + " | ".join(datasets) + " |", "|---|" + "---|" * len(datasets)]
+    for row in rows:
+        cells = []
+        for ds in datasets:
+            b, a = _best(runs, ds, row, budget), _best(runs, ds, ref, budget)
+            ratio = f" ×{b[0] / a[0]:.2f}" if a and b else ""
+            cells.append(f"{b[0]:.4f} ({b[1][0]},{b[1][1]}){ratio}" if b else "–")
+        lines.append(f"| {row} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def tables(runs: list[dict[str, Any]]) -> str:
-    """The Markdown tables: equal bytes on disk, then one fixed configuration."""
+    """The Markdown tables: equal bytes on disk, one fixed configuration, and (for runs with power
+    iterations) the better basis at equal bytes; then the lowest geometric mean."""
     datasets = list(dict.fromkeys(r["dataset"] for r in runs))
-    names = list(dict.fromkeys(r["quantizer"] for r in runs))
+    rows = list(dict.fromkeys(label(r) for r in runs))
+    plain = [q for q in rows if ", q=" not in q]
+    compared = [q for q in plain if "stochastic" not in q]
     lines = []
     for budget in BUDGETS:
-        lines += [f"\n**{budget:g} bit{'s' * (budget != 1)} per entry on disk** (relative error, best bit pair; × paper's error)\n",
-                  "| quantizer | " + " | ".join(datasets) + " |", "|---|" + "---|" * len(datasets)]
-        ref = {ds: best_at_budget([r for r in runs if r["dataset"] == ds and r["quantizer"] == "tensor"], budget)
-               for ds in datasets}
-        for q in (q for q in names if "stochastic" not in q):
-            cells = []
-            for ds in datasets:
-                b = best_at_budget([r for r in runs if r["dataset"] == ds and r["quantizer"] == q], budget)
-                if b is None:
-                    cells.append("–")
-                    continue
-                ratio = f" ×{b[0] / ref[ds][0]:.2f}" if ref[ds] else ""
-                cells.append(f"{b[0]:.4f} ({b[1][0]},{b[1][1]}){ratio}")
-            lines.append(f"| {'paper' if q == 'tensor' else q} | " + " | ".join(cells) + " |")
+        lines += [f"\n**{budget:g} bit{'s' * (budget != 1)} per entry on disk** (relative error, best bit pair; × paper's error)\n"]
+        lines += _budget_table(runs, datasets, compared, budget, "paper")
     lines += ["\n**Summary at equal bytes**: geometric mean of × paper over every (matrix, budget) cell, "
               "the best and the worst cell\n", "| quantizer | geometric mean | best | worst | cells |", "|---|---|---|---|---|"]
-    for q in (q for q in names if "stochastic" not in q):
-        ratios = []
-        for ds, budget in itertools.product(datasets, BUDGETS):
-            ref = best_at_budget([r for r in runs if r["dataset"] == ds and r["quantizer"] == "tensor"], budget)
-            b = best_at_budget([r for r in runs if r["dataset"] == ds and r["quantizer"] == q], budget)
-            if ref and b:
-                ratios.append(b[0] / ref[0])
+    means = {}
+    for q in compared:
+        ratios = _ratios(runs, datasets, q, "paper")
         if ratios:
-            geo = math.exp(float(np.mean(np.log(ratios))))
-            lines.append(f"| {'paper' if q == 'tensor' else q} | ×{geo:.3f} | ×{min(ratios):.2f} | ×{max(ratios):.2f} | {len(ratios)} |")
+            means[q] = _geo(ratios)
+            lines.append(f"| {q} | ×{means[q]:.3f} | ×{min(ratios):.2f} | ×{max(ratios):.2f} | {len(ratios)} |")
     for pair, nominal in SAME_CONFIGS:
         lines += [f"\n**Same configuration**: bits {pair}, rank for {nominal:g} nominal bits per entry "
                   "(relative error / bits per entry on disk)\n",
                   "| quantizer | " + " | ".join(datasets) + " |", "|---|" + "---|" * len(datasets)]
-        for q in names:
+        for q in plain:
             cells = []
             for ds in datasets:
-                r = [r for r in runs if r["dataset"] == ds and r["quantizer"] == q and tuple(r["bits"]) == pair
+                r = [r for r in runs if r["dataset"] == ds and label(r) == q and tuple(r["bits"]) == pair
                      and math.isclose(r["nominal_bits_per_entry"], nominal, rel_tol=0.05)]
                 cells.append(f"{r[0]['error']:.4f} / {r[0]['bits_per_entry']:.2f}" if r else "–")
-            lines.append(f"| {'paper' if q == 'tensor' else q} | " + " | ".join(cells) + " |")
+            lines.append(f"| {q} | " + " | ".join(cells) + " |")
+    powered = [q for q in rows if ", q=" in q]
+    if powered:
+        lines += _basis_tables(runs, datasets, powered)
+    if means:
+        best = min(means, key=means.__getitem__)
+        lines.append(f"\nLowest geometric mean at equal bytes (no power iterations): {best} (×{means[best]:.3f} of paper).")
+    # with power iterations too: every cell of the quantizers run with and without them, × paper at q=0
+    both = {q: _ratios(runs, datasets, q, "paper") + [x for row in powered if row.split(", q=")[0] == q
+                                                        for x in _ratios(runs, datasets, row, "paper")]
+            for q in compared if any(row.split(", q=")[0] == q for row in powered)}
+    if both:
+        best = min(both, key=lambda q: _geo(both[q]))
+        lines.append(f"Lowest geometric mean over every cell with and without power iterations: {best} "
+                     f"(×{_geo(both[best]):.3f} of paper without them; " +
+                     ", ".join(f"{q} ×{_geo(r):.3f}" for q, r in both.items() if q != best) + ").")
     return "\n".join(lines)
+
+
+def _basis_tables(runs: list[dict[str, Any]], datasets: list[str], powered: list[str]) -> list[str]:
+    """Runs with power iterations against the paper without them and with as many."""
+    lines = []
+    for budget in BUDGETS:
+        lines += [f"\n**A better basis, {budget:g} bit{'s' * (budget != 1)} per entry on disk** "
+                  "(relative error, best bit pair; × paper's error without power iterations)\n"]
+        lines += _budget_table(runs, datasets, ["paper"] + powered, budget, "paper")
+    lines += ["\n**Summary, a better basis at equal bytes**: geometric mean (best, worst cell) of × paper "
+              "without power iterations, and of × paper with as many; the largest relative error of any "
+              "run (every bit pair and rank of the ladder)\n",
+              "| quantizer | × paper, q=0 | × paper, same q | largest error of a run |", "|---|---|---|---|"]
+    for row in powered:
+        q = row.split(", q=")[1]
+        same = f"paper, q={q}"
+        r0, rq = _ratios(runs, datasets, row, "paper"), _ratios(runs, datasets, row, same)
+        cells = [f"×{_geo(r):.3f} (×{min(r):.2f}, ×{max(r):.2f}; {len(r)} cells)" if r else "–" for r in (r0, rq)]
+        worst = max(runs, key=lambda r: r["error"] if label(r) == row else -1.0)
+        lines.append(f"| {row} | {cells[0]} | {cells[1] if row != same else '–'} | {worst['error']:.4g} "
+                     f"({worst['dataset']}, {tuple(worst['bits'])}, rank {worst['rank']}) |")
+    return lines
 
 
 CODEC_BITS = (1, 2, 3, 4, 8)
@@ -249,35 +316,42 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--datasets", default="phantom,lowrank,poly,student-t")
     parser.add_argument("--quantizers", default=",".join(quantizer_names()), help="comma-separated names")
     parser.add_argument("--pairs", default=",".join(f"{a}x{b}" for a, b in PAIRS), help="B1xB2,...")
+    parser.add_argument("--power-iters", type=int, default=0, help="power iterations of every compression")
+    parser.add_argument("--ladder", default=",".join(f"{x:g}" for x in LADDER),
+                        help="nominal bits per entry of the ranks run, comma-separated")
     parser.add_argument("--json", help="write every run here")
-    parser.add_argument("--from-json", help="only print the tables of a saved run")
+    parser.add_argument("--from-json", help="only print the tables of saved runs (comma-separated files, merged)")
     parser.add_argument("--codecs", action="store_true", help="measure the codecs of the codes instead")
     args = parser.parse_args(argv)
     if args.codecs:
         print(run_codecs(args.datasets.split(",")))
         return 0
     if args.from_json:
-        with open(args.from_json) as fh:
-            print(tables(json.load(fh)["runs"]))
+        runs: list[dict[str, Any]] = []
+        for name in args.from_json.split(","):
+            with open(name) as fh:
+                runs += json.load(fh)["runs"]
+        print(tables(runs))
         return 0
     from distributed import Client, LocalCluster
 
     pairs = [tuple(int(b) for b in p.split("x")) for p in args.pairs.split(",")]
+    ladder = [float(x) for x in args.ladder.split(",")]
     quantizers = args.quantizers.split(",")
     if "tensor" not in quantizers:
         quantizers.insert(0, "tensor")  # the paper's quantizer: the reference of every ratio
-    runs: list[dict[str, Any]] = []
+    runs = []
     work = tempfile.mkdtemp(prefix="lplr-quantizers-")
     n, d = SHAPE
     try:
         with LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=None) as cluster, Client(cluster):
             for ds, A in matrices(args.datasets.split(",")).items():
-                configs = [(q, bits, nominal) for q, bits, nominal in itertools.product(quantizers, pairs, LADDER)
+                configs = [(q, bits, nominal) for q, bits, nominal in itertools.product(quantizers, pairs, ladder)
                            if "stochastic" not in q]
                 configs += [(q, bits, nominal) for q in quantizers for bits, nominal in SAME_CONFIGS if "stochastic" in q]
                 for q, bits, nominal in configs:
-                    rank = max(2, round(nominal * n * d / (n * bits[0] + d * bits[1])))
-                    r = run_one(A, q, bits, rank, os.path.join(work, "out.lplr.zarr"))
+                    rank = min(n, d, max(2, round(nominal * n * d / (n * bits[0] + d * bits[1]))))
+                    r = run_one(A, q, bits, rank, os.path.join(work, "out.lplr.zarr"), args.power_iters)
                     r["dataset"] = ds
                     runs.append(r)
                     print(json.dumps(r), file=sys.stderr, flush=True)

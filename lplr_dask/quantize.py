@@ -104,14 +104,16 @@ class QuantizerSpec:
 
 
 #: Named presets: a name :func:`quantizer_pair` reads. ``paper`` reproduces the reference
-#: semantics exactly. ``default`` — per-column min-max ranges of L with nearest rounding, one
-#: min-max range for R with gptq rounding against L̂ — had the lowest error at equal bytes on
-#: disk of the quantizers measured (×0.84 of the paper's, geometric mean over four matrices at
-#: 0.5, 1 and 2 bits per entry; per-channel ranges with nearest rounding, the previous default,
-#: ×0.97): benchmarks/RESULTS.md, "Quantizers".
+#: semantics exactly. ``default`` — per-channel min-max ranges (columns of L, rows of R), nearest
+#: rounding for L and gptq rounding against L̂ for R — had the lowest error at equal bytes on disk
+#: over every cell measured with and without a power iteration (×0.71 of the paper's without
+#: one, geometric mean over four matrices at 0.5, 1 and 2 bits per entry; ×0.85 without power
+#: iterations alone, where ``channel:tensor-gptq``'s ×0.84 is within 1.4% but one range for R
+#: breaks down on an ill-conditioned basis: relative errors up to 7·10⁶ with one power iteration):
+#: benchmarks/RESULTS.md, "Quantizers".
 PRESETS: dict[str, str] = {
     "paper": "tensor",
-    "default": "channel:tensor-gptq",
+    "default": "channel:channel-gptq",
 }
 
 _NAME_FORM = (
