@@ -74,6 +74,16 @@ class Reference(NamedTuple):
     spec_l: QuantizerSpec
     spec_r: QuantizerSpec
 
+    @property
+    def spec(self) -> QuantizerSpec:
+        """The one quantizer of both factors (kept from before L:R pairs); else an AttributeError."""
+        if self.spec_l != self.spec_r:
+            raise AttributeError(
+                f"This reference quantized L with {self.spec_l.name!r} and R with {self.spec_r.name!r}: "
+                "read spec_l and spec_r."
+            )
+        return self.spec_l
+
     def decoded(self) -> tuple[np.ndarray, np.ndarray]:
         """``(L̂, R̂)`` in float64."""
         return _decode(self.L, self.spec_l, 1), _decode(self.R, self.spec_r, 0)
