@@ -56,7 +56,9 @@ __all__ = [
 #: What a table cell says for a matrix left uncompressed because its fair rank is 0.
 UNCOMPRESSED = "uncompressed (fair rank 0)"
 
-#: The LPLR columns of the tables and the quantizer each passes to :func:`lplr_dask.compress`.
+#: The LPLR columns of the tables and the quantizer each passes to :func:`lplr_dask.compress`:
+#: ``paper`` (one min–max range per factor, nearest rounding) and ``default``
+#: (``channel:channel-gptq``: per-channel scales, nearest rounding of L, GPTQ rounding of R).
 LPLR_QUANTIZERS = {"LPLR (paper)": "paper", "LPLR (default)": "default"}
 
 

@@ -9,9 +9,10 @@ set and tested on held-out, uncompressed points, as in the paper:
   of Python standard-library functions, labelled by their top-level package, compressed as one
   matrix.
 
-NQ, DSVD and LPLR (through :func:`lplr_dask.compress`, paper quantizer and our default) at
-B_nq in {1, 2, 4} with B1 = B2 = 8 and the fair rank; accuracy and relative Frobenius error of
-the compressed training matrix, next to the uncompressed accuracy. A matrix whose fair rank is
+NQ, DSVD and LPLR (through :func:`lplr_dask.compress`, paper quantizer and our default:
+per-channel scales, GPTQ rounding of R) at B_nq in {1, 2, 4} with B1 = B2 = 8 and the fair rank;
+accuracy and relative Frobenius error of the compressed training matrix, next to the uncompressed
+accuracy. A matrix whose fair rank is
 0 is too small to factorize and stays uncompressed; the table counts them.
 
 Run ``python -m pipelines.embeddings_knn [--quick] [--out results/embeddings_knn] [cluster options]``.
@@ -249,7 +250,8 @@ def _body(ctx: Context) -> Path:
         f"whole training matrix. B1 = B2 = {BITS[0]}; rank k is the fair rank against B_nq-bit NQ "
         "(per class for digits: the range over the classes). Baselines use the paper's quantizer; "
         "LPLR runs lplr_dask.compress (seed 0) with quantizer 'paper' or 'default' (per-channel "
-        "scales). Matrices are compressed in tall orientation. Paper (IMDB / BERT): LPLR 73/74/75%, "
+        "scales, GPTQ rounding of R: channel:channel-gptq). Matrices are compressed in tall "
+        "orientation. Paper (IMDB / BERT): LPLR 73/74/75%, "
         "NQ 50/50/73% at B_nq = 1/2/4, uncompressed 75%.\n\n"
         + "\n".join(f"- {d.name}: {d.description}." for d in datasets)
     )

@@ -128,7 +128,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--bits", type=int, nargs=2, default=[8, 8], metavar=("B1", "B2"), help="bits of L and R (default 8 8)")
     p.add_argument("--passes", type=int, choices=(1, 2), default=2)
     p.add_argument("--power-iters", type=int, default=0)
-    p.add_argument("--quantizer", default="default", help="paper, default, or GRAN[-sym][-stochastic]")
+    p.add_argument(
+        "--quantizer", default="default",
+        help="paper | default | tensor|channel|groupN[-sym][-stochastic|-gptq], or L_NAME:R_NAME "
+        "(-gptq: R only, e.g. channel:channel-gptq)",
+    )
     p.add_argument("--seed", type=int, default=0)
     return run_pipeline("huge_matrix", p, _body, argv)
 

