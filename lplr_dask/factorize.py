@@ -306,10 +306,9 @@ def run(
         if p.power_iters:
             Y = power_iterate(A, Y, p.power_iters, runner, precision=p.precision)
         qL = quantize_basis(Y, p)
-        lcodes = store.create_codes(group, "L/codes", (n, k), (row_chunk, k), p.bits[0], sample_from=qL.codes)
+        _store_codes(group, "L/codes", qL.codes.rechunk((row_chunk, k)), p.bits[0], runner, "basis: quantize L")
         store.write_small(group, "L/scale", qL.scale)
         store.write_small(group, "L/offset", qL.offset)
-        runner("basis: quantize L", da.store(to_host_blocks(qL.codes.rechunk((row_chunk, k))), lcodes, lock=False, compute=False), persist=False)
         del Y, qL  # release any persisted power iterate: pass 2 needs none of it
         save("basis")
 
@@ -354,8 +353,7 @@ def run(
             (H,) = runner("code R", basis_hessian(L_hat), persist=False)
             factor = gptq_factor(H)
         codes = encode_blocks(W, p.bits[1], p.spec_r, rs, ro, channel_axis=0, seed=_derived(p.seed, 2), factor=factor)
-        rcodes = store.create_codes(group, "R/codes", (k, d), (k, col_chunk), p.bits[1], sample_from=codes)
-        runner("code R", da.store(to_host_blocks(codes), rcodes, lock=False, compute=False), persist=False)
+        _store_codes(group, "R/codes", codes.rechunk((k, col_chunk)), p.bits[1], runner, "code R")
         store.write_small(group, "R/scale", rs)
         store.write_small(group, "R/offset", ro)
         save("coded")
@@ -373,6 +371,22 @@ def run(
     del group[work]
     save("complete", complete=True)
     return meta
+
+
+#: Codes up to this many bytes (a factor's, all workers together) are computed once and kept on
+#: the workers while a sample of them picks the codec, then written; larger ones are computed
+#: twice (the sample's chunks, then all), so that no worker holds more than its chunks.
+PERSIST_CODES_BYTES = 256 * 2**20
+
+
+def _store_codes(group: zarr.Group, name: str, codes: da.Array, bits: int, run: _Runner, label: str) -> None:
+    """Write lazy codes whole-chunk to a new codes array ``name`` chunked like ``codes``."""
+    if codes.nbytes <= PERSIST_CODES_BYTES:
+        (codes,) = run(label, codes)
+    target = store.create_codes(
+        group, name, codes.shape, tuple(int(c[0]) for c in codes.chunks), bits, sample_from=codes  # type: ignore[arg-type]
+    )
+    run(label, da.store(to_host_blocks(codes), target, lock=False, compute=False), persist=False)
 
 
 class _WWriter:

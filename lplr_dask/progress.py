@@ -47,7 +47,12 @@ def compute(label: str, *collections: Any, persist: bool = False) -> tuple[Any, 
         futures = client.compute(list(collections))
     _watch(label, futures)
     if persist:
-        client.gather(futures)  # raises the first task error, if any
+        from distributed import wait
+
+        wait(futures)  # the results stay on the workers: nothing is gathered
+        for future in futures:
+            if future.status == "error":
+                future.result()  # raises the task's error
         return tuple(outs)
     return tuple(client.gather(futures))
 
