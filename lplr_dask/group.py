@@ -126,7 +126,10 @@ def compress_group(
         The output group: a local path or an fsspec URL.
     rank, bits_per_entry, match_nq : exactly one
         The rule applied to each matrix: a rank (capped at ``min(n, d)``), a budget in bits per
-        entry, or the fair rank against naive ``match_nq``-bit quantization.
+        entry, or the fair rank against naive ``match_nq``-bit quantization. Here the budget
+        counts the codes, ``k·(n·B1 + d·B2) / (n·d)`` (the paper's fair rank), not the bytes on
+        disk as :func:`lplr_dask.compress` does: each store's metadata (about 16 KiB) would
+        leave a small matrix of a model no rank at all.
     bits, passes, power_iters, quantizer, seed, device, precision
         As for :func:`lplr_dask.compress`, the same for every matrix.
     overwrite, resume : bool
