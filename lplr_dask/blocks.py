@@ -140,7 +140,7 @@ def _sketch_block(
     if s is not None and s.dtype != dtype:
         s = s.astype(dtype)
     psi = _sparse_sign_map(seed, left[0], r0, rows_, left[1], xp, dtype) if left else None
-    right = xp.empty((rows_, width)) if width else None
+    right = xp.empty((rows_, width), dtype=dtype) if width else None
     out = None
     for rows, p in _panels(a, dtype):
         if s is not None:
@@ -148,8 +148,7 @@ def _sketch_block(
         if sumsq:
             right[rows, -1] = xp.einsum("ij,ij->i", p, p)
         if psi is not None:
-            part = (psi[:, rows] @ p).astype(np.float64, copy=False)
-            out = part if out is None else out + part
+            out = _accumulate(out, psi[:, rows] @ p)
     if check:
         for product in (right, out):
             if product is not None:
@@ -184,26 +183,47 @@ def _sketches(
         meta=np.empty((0, 0), dtype=object),  # each chunk is a (right, left) pair
     )
     right = left_ = None
+    dtype = compute_dtype(A.dtype, precision)
     if width:
         parts = da.blockwise(
-            _first, "jik", both, "ij", new_axes={"k": width}, adjust_chunks={"j": 1}, dtype=np.float64, meta=_meta3(A)
+            _first, "jik", both, "ij", new_axes={"k": width}, adjust_chunks={"j": 1}, dtype=dtype, meta=_meta3(A, dtype)
         )
         right = _sum_blocks(parts)
     if left:
         parts = da.blockwise(
-            _second, "ikj", both, "ij", new_axes={"k": left[1]}, adjust_chunks={"i": 1}, dtype=np.float64, meta=_meta3(A)
+            _second, "ikj", both, "ij", new_axes={"k": left[1]}, adjust_chunks={"i": 1}, dtype=dtype, meta=_meta3(A, dtype)
         )
         left_ = _sum_blocks(parts)
     return right, left_
 
 
+def _accumulate(total: Any, part: Any) -> Any:
+    """``total + part`` in float64; the first part as it is (a float32 product stays float32)."""
+    if total is None:
+        return part
+    return total.astype(np.float64, copy=False) + part
+
+
 def _sum_blocks(parts: da.Array) -> da.Array:
-    """The sum over axis 0 of per-block products, as a binary tree.
+    """The sum over axis 0 of per-block products, as a binary tree, in float64.
 
     Pairs are added as soon as both exist, so a worker holds few partial products at once, and
-    how many does not grow with the number of blocks summed (the rows or columns of A).
+    how many does not grow with the number of blocks summed (the rows or columns of A). The
+    per-block products travel in their own dtype (a float32 GEMM's result is float32: casting
+    it first would double the bytes moved between workers and add nothing); every sum is float64.
     """
-    return parts.sum(axis=0, split_every=2)
+    return da.reduction(
+        parts, _keep, _add64, combine=_add64, axis=0, split_every=2, dtype=np.float64,
+        meta=_meta3(parts, np.float64),
+    )
+
+
+def _keep(x: Any, axis: Any = None, keepdims: bool = True) -> Any:
+    return x
+
+
+def _add64(x: Any, axis: Any = None, keepdims: bool = False) -> Any:
+    return x.sum(axis=axis, dtype=np.float64, keepdims=keepdims)
 
 
 def _first(pair: tuple[Any, Any]) -> Any:
@@ -313,11 +333,14 @@ def left_multiply(PT: da.Array, A: da.Array, *, precision: str = "float64") -> d
     def block(pt: Any, a: Any) -> Any:
         dtype = compute_dtype(a.dtype, precision)
         ptt = pt.T.astype(dtype, copy=False)
-        part = sum(ptt[:, rows] @ p for rows, p in _panels(a, dtype))
-        return part.astype(np.float64, copy=False)[None]
+        part = None
+        for rows, p in _panels(a, dtype):
+            part = _accumulate(part, ptt[:, rows] @ p)
+        return part[None]
 
+    dtype = compute_dtype(A.dtype, precision)
     parts = da.blockwise(
-        block, "ikj", PT, "ik", A, "ij", adjust_chunks={"i": 1}, dtype=np.float64, meta=_meta3(A)
+        block, "ikj", PT, "ik", A, "ij", adjust_chunks={"i": 1}, dtype=dtype, meta=_meta3(A, dtype)
     )
     return _sum_blocks(parts)
 
@@ -337,13 +360,14 @@ def right_multiply(A: da.Array, M: da.Array, *, precision: str = "float64") -> d
         xp = array_namespace(a)
         dtype = compute_dtype(a.dtype, precision)
         m = m.astype(dtype, copy=False)
-        part = xp.empty((a.shape[0], m.shape[1]))
+        part = xp.empty((a.shape[0], m.shape[1]), dtype=dtype)
         for rows, p in _panels(a, dtype):
             part[rows] = p @ m
         return part[None]
 
+    dtype = compute_dtype(A.dtype, precision)
     parts = da.blockwise(
-        block, "jik", A, "ij", M, "jk", adjust_chunks={"j": 1}, dtype=np.float64, meta=_meta3(A)
+        block, "jik", A, "ij", M, "jk", adjust_chunks={"j": 1}, dtype=dtype, meta=_meta3(A, dtype)
     )
     return _sum_blocks(parts)
 
@@ -377,6 +401,6 @@ def tall_chunks(n: int, k: int, target: int) -> tuple[int, ...]:
     return tuple(base + (1 if i < extra else 0) for i in range(nblocks))
 
 
-def _meta3(A: da.Array) -> Any:
+def _meta3(A: da.Array, dtype: Any = np.float64) -> Any:
     xp = array_namespace(A._meta) if hasattr(A, "_meta") else np
-    return xp.empty((0, 0, 0), dtype=np.float64)
+    return xp.empty((0, 0, 0), dtype=dtype)

@@ -347,11 +347,12 @@ def run(
     # -- R = Q_B2(W), from the scratch -----------------------------------------------------------
     if STAGES.index(meta["stage"]) < STAGES.index("coded"):
         W = like(da.from_zarr(group[f"{work}/W"]), A)
-        rs, ro = runner("code R", *ranges_to_scales(W, p.bits[1], p.spec_r, 0), persist=False)
-        factor = None
-        if p.spec_r.rounding == "gptq":  # the k×k factor on the client, from the stored basis
-            (H,) = runner("code R", basis_hessian(L_hat), persist=False)
-            factor = gptq_factor(H)
+        gptq = p.spec_r.rounding == "gptq"  # then also the k×k factor on the client, from the stored basis
+        rs, ro, *H = runner(
+            "code R", *ranges_to_scales(W, p.bits[1], p.spec_r, 0), *([basis_hessian(L_hat)] if gptq else []),
+            persist=False,
+        )
+        factor = gptq_factor(H[0]) if gptq else None
         codes = encode_blocks(W, p.bits[1], p.spec_r, rs, ro, channel_axis=0, seed=_derived(p.seed, 2), factor=factor)
         _store_codes(group, "R/codes", codes.rechunk((k, col_chunk)), p.bits[1], runner, "code R")
         store.write_small(group, "R/scale", rs)
