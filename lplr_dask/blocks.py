@@ -35,6 +35,8 @@ from lplr_dask.errors import LplrValueError, NonFiniteError
 from lplr_dask.sketch import sketch_rows, sparse_sign_rows
 
 __all__ = [
+    "PRECISIONS",
+    "compute_dtype",
     "starts",
     "sketch_right",
     "sketch_left",

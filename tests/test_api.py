@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import zarr
@@ -122,6 +124,13 @@ def test_float64_input_computed_in_float64(client, tmp_store):
     f = lplr_dask.compress(A, tmp_store, rank=10, bits=(16, 16))  # oversampled: sketch of rank k = r is noise-sensitive
     err = np.linalg.norm(A.compute() - f.to_dask(np.float64).compute()) / np.linalg.norm(A.compute())
     assert err < 0.02  # noise 1%, 16-bit codes add ~1e-5
+    assert f.attrs["precision"] == "float64"  # "auto" keeps float64 input in float64
+
+
+def test_unknown_precision_is_refused_before_anything_is_written(small_matrix, tmp_store):
+    with pytest.raises(LplrValueError, match="precision 'auto', 'float32' or 'float64'. Got 'half'"):
+        lplr_dask.compress(small_matrix, tmp_store, rank=4, precision="half")
+    assert not os.path.exists(tmp_store)
 
 
 def test_resume_of_complete_store_is_a_no_op(client, small_matrix, tmp_store):
