@@ -330,3 +330,26 @@ def test_presets_are_pairs_of_quantizers():
                 parse_quantizer(name)
         else:
             assert parse_quantizer(name) == parse_quantizer(value)
+
+
+def test_gptq_batches_feed_errors_as_row_by_row_feedback_does():
+    """More rows than one batch (GPTQ_BATCH): the batched updates give the row-by-row algorithm's
+    codes, and a column's codes still do not depend on the other columns of its block."""
+    from lplr_dask.quantize import GPTQ_BATCH
+
+    rng = np.random.default_rng(4)
+    k = 2 * GPTQ_BATCH + 22
+    L = _basis(rng, 400, k, 40)
+    U = gptq_factor(L.T @ L)
+    W = rng.standard_normal((k, 37)) * rng.uniform(0.1, 3.0, (k, 1))
+    lo, hi = W.min(axis=1, keepdims=True), W.max(axis=1, keepdims=True)
+    scale, bits = (hi - lo) / 15, 4
+    w, want = W.copy(), np.empty(W.shape, dtype=np.uint8)
+    for i in range(k):  # GPTQ's update one row at a time, written out
+        want[i] = np.clip(np.rint((w[i] - lo[i]) / scale[i]), 0, 15)
+        w[i + 1 :] -= np.outer(U[i, i + 1 :], (w[i] - (want[i] * scale[i] + lo[i])) / U[i, i])
+    got = encode_gptq_block(W, scale, lo, bits, U)
+    np.testing.assert_array_equal(got, want)
+    for width in (1, 7):
+        parts = [encode_gptq_block(W[:, j : j + width], scale, lo, bits, U) for j in range(0, 37, width)]
+        np.testing.assert_array_equal(np.concatenate(parts, axis=1), got)
