@@ -123,8 +123,9 @@ def _sketch_block(
 ) -> tuple[Any, Any]:
     """One chunk's parts of ``A·[S_1 | …][| row sums of squares]`` and of ``Ψ·A``.
 
-    Both come from the same panels of the chunk, so a chunk is read and cast (if at all) once;
-    the parts are returned in float64 whatever the precision of the products.
+    Both come from the same panels of the chunk, so a chunk is read and cast (if at all) once.
+    The parts are in the precision of the products (a float32 GEMM's result stays float32;
+    parts summed over several panels are float64): :func:`_sum_blocks` adds them in float64.
 
     Returns
     -------

@@ -270,8 +270,8 @@ def read_meta(group: zarr.Group, *, require_complete: bool = True, path: str = "
     meta = dict(group.attrs.get("lplr") or {})
     where = path or str(group.store_path)
     if meta.get("format") != FORMAT_NAME:
-        members = [e["name"] for e in (group.attrs.get("lplr_group") or {}).get("arrays", []) if e.get("action") == "lplr"]
         if "lplr_group" in group.attrs:
+            members = [e["name"] for e in group.attrs["lplr_group"].get("arrays", []) if e.get("action") == "lplr"]
             example = f" (e.g. {where.rstrip('/')}/{members[0]})" if members else ""
             raise StoreFormatError(
                 f"{where!r} is the output of compress-group, not one lplr store: open one of its "
