@@ -100,6 +100,7 @@ def compress(
     passes: int = 2,
     match_nq: float | None = None,
     power_iters: int = 0,
+    oversample: int | None = None,
     quantizer: str = "default",
     seed: int = 0,
     overwrite: bool = False,
@@ -137,6 +138,11 @@ def compress(
         Reads of A: two (the paper's least squares) or one (Tropp et al. 2017).
     power_iters : int, default=0
         Power iterations for slowly decaying spectra (two more reads each; two-pass only).
+    oversample : int, optional
+        Extra columns p of the range sketch: pass 1 sketches k + p columns and L is made from
+        their top k directions (:func:`lplr_dask.factorize.truncate_sketch`), a better basis at
+        no extra read of A; pass 1's products cost (k + p)/k as much. Default: p = k (at most
+        ``min(n, d) − k``). 0 is the paper's sketch of exactly k columns.
     quantizer : str, default="default"
         ``"paper"`` for the reference semantics, ``"default"`` or a name that
         :func:`lplr_dask.quantize.parse_quantizer` reads; ``L_NAME:R_NAME`` for different
@@ -182,6 +188,7 @@ def compress(
         raise LplrValueError(f"Expected passes 1 or 2. Got {passes!r}.")
     if not isinstance(power_iters, (int, np.integer)) or power_iters < 0:
         raise LplrValueError(f"Expected power_iters >= 0. Got {power_iters!r}.")
+    factorize.check_oversample(oversample)
     if passes == 1 and power_iters:
         raise LplrValueError("One-pass mode (passes=1) cannot use power iterations, which need 2 more reads each. Use passes=2.")
     if overwrite and resume:
@@ -199,7 +206,7 @@ def compress(
         with _client(log, device):
             return compress_to_target(
                 source, out, target_error, bits=bits, passes=passes, power_iters=int(power_iters),
-                quantizer=quantizer, seed=seed, overwrite=overwrite, resume=resume, device=device,
+                oversample=oversample, quantizer=quantizer, seed=seed, overwrite=overwrite, resume=resume, device=device,
                 test_columns=test_columns, storage_options=storage_options, log=log,
             )
     src = read_source(source, storage_options=storage_options)
@@ -211,11 +218,11 @@ def compress(
         with _client(log, device):
             choice = budget.choose(
                 A, float(bits_per_entry), specs=(spec_l, spec_r), seed=seed, passes=passes,  # type: ignore[arg-type]
-                power_iters=int(power_iters), test_columns=test_columns, log=log,
+                power_iters=int(power_iters), oversample=oversample, test_columns=test_columns, log=log,
             )
             return compress(
                 source, out, rank=choice.rank, bits=choice.bits, passes=passes, power_iters=power_iters,
-                quantizer=quantizer, seed=seed, overwrite=overwrite, resume=resume, device=device,
+                oversample=oversample, quantizer=quantizer, seed=seed, overwrite=overwrite, resume=resume, device=device,
                 test_columns=test_columns, storage_options=storage_options, precision=precision, log=log,
             )
     k = resolve_rank(A.shape, bits, rank=rank, bits_per_entry=bits_per_entry, match_nq=match_nq,
@@ -224,6 +231,7 @@ def compress(
         rank=k, bits=bits, quantizer=quantizer if isinstance(quantizer, str) else spec_l.name,
         spec_l=spec_l, spec_r=spec_r, seed=seed, passes=passes, power_iters=int(power_iters),
         test_columns=test_columns, precision=compute_dtype(A.dtype, precision).name,
+        range_oversample=factorize.resolve_oversample(oversample, k, A.shape),
     )
     A = chunking.plan(A, params, source=src.path, log=log)
     path = os.fspath(out)

@@ -18,9 +18,10 @@ allows never exceeds the budget:
 (:data:`BITS_GRID`) the ranks that fit are scored by the error :class:`lplr_dask.target.Plan`
 predicts, and the lowest wins. The prediction needs A's spectrum as the sketch sees it: the plan
 runs the compression's own pass 1 at the largest rank considered (one extra read of A), and
-because a TSQR ``Y = Q·T`` of the sketch gives nested bases, ``Q[:, :k]`` spans the first k sketch
-columns at every k, so the test columns' residual after projecting on them gives the tail energy
-``‖A − P_k·A‖²`` for all k at once; L's rounding is simulated on the sketch itself and R's added as
+because a TSQR ``Y = Q·T`` of the sketch gives nested bases, ``Q[:, :j]`` spans the first j sketch
+columns at every j, so the test columns' residual after projecting on them gives the tail energy
+``‖A − P_j·A‖²`` for all j at once; the rank-k basis is made from the first k + p columns as the
+compression makes it, L's rounding is simulated on it and R's added as
 noise of variance ``Δ²/12`` per entry (see :mod:`lplr_dask.target`). Choosing costs that one read
 and a TSQR of an n × k basis per candidate, and nothing is written.
 """
@@ -181,6 +182,7 @@ def choose(
     seed: int = 0,
     passes: int = 2,
     power_iters: int = 0,
+    oversample: int | None = None,
     test_columns: int = 10,
     max_rank: int | None = None,
     log: Callable[[str], None] = lambda msg: None,
@@ -197,7 +199,7 @@ def choose(
         The quantizers of L and R.
     grid : sequence of (int, int), default=BITS_GRID
         The (B1, B2) pairs considered.
-    seed, passes, power_iters : as for :func:`lplr_dask.compress`
+    seed, passes, power_iters, oversample : as for :func:`lplr_dask.compress`
     test_columns : int, default=10
         Raised to at least :data:`PLAN_TEST_COLUMNS` for the plan.
     max_rank : int, optional
@@ -231,7 +233,7 @@ def choose(
     log(f"bits per entry {budget}: sketch spectrum up to rank {top} (one extra read of A)")
     plan = Plan(A, bits=next(iter(fits)), spec=specs[0], spec_r=specs[1], seed=seed,
                 test_columns=max(test_columns, PLAN_TEST_COLUMNS), power_iters=power_iters, passes=passes,
-                max_rank=top)
+                max_rank=top, oversample=oversample)
     candidates = []
     for bits, k_fit in fits.items():
         scored = plan.with_bits(bits)

@@ -55,7 +55,8 @@ _MiB = 2**20
 
 
 def task_bytes(
-    chunk: tuple[int, int], itemsize: int, rank: int, test_columns: int, oversample: int | None = None
+    chunk: tuple[int, int], itemsize: int, rank: int, test_columns: int, oversample: int | None = None,
+    range_oversample: int = 0,
 ) -> int:
     """Estimated peak bytes of the largest task of a pass over chunks of shape ``chunk``.
 
@@ -69,6 +70,8 @@ def task_bytes(
         k and p.
     oversample : int, optional
         ℓ, the rows of the co-range sketch in one-pass mode.
+    range_oversample : int, default=0
+        Extra columns of the range sketch in pass 1 (it has ``rank + range_oversample``).
 
     Returns
     -------
@@ -78,10 +81,10 @@ def task_bytes(
         the basis, the product).
     """
     r, c = chunk
-    k, t = rank, test_columns
+    k, t = rank + range_oversample, test_columns
     base = r * c * itemsize + min(r, PANEL_ROWS) * c * 8
     pass1 = r * (k + t + 1) * 8 + (SKETCH_BLOCK + c) * (k + t) * 8 + (oversample or 0) * c * 8
-    pass2 = r * k * 8 + k * c * 8
+    pass2 = (r + c) * rank * 8
     return int(base + max(pass1, pass2))
 
 
@@ -162,7 +165,7 @@ def plan(A: da.Array, params: Params, *, source: str | None = None, log: Callabl
             f"{_rechunk_hint(source, better)}. {found}"
         )
     oversample = params.oversample if params.passes == 1 else None
-    need = task_bytes(chunk, itemsize, params.rank, params.test_columns, oversample)
+    need = task_bytes(chunk, itemsize, params.rank, params.test_columns, oversample, params.range_oversample)
     if need > MAX_TASK_BYTES:
         log(
             f"warning: with chunks of {chunk} at rank {params.rank}, each task needs about "

@@ -69,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="bits for L and R (default 8 8; for compress with --bits-per-entry, chosen with the rank)")
         sp.add_argument("--passes", type=int, default=2, choices=[1, 2], help="reads of A (default 2)")
         sp.add_argument("--power-iters", type=int, default=0, help="power iterations (2 more reads each)")
+        sp.add_argument("--oversample", type=int, default=None, metavar="P",
+                        help="extra range-sketch columns: L comes from the top k directions of k+P sketch columns "
+                        "(default: P = rank; 0: the paper's sketch of exactly k columns)")
         sp.add_argument("--quantizer", default="default",
                         help="paper | default | tensor|channel|groupN[-sym][-stochastic|-gptq], or L_NAME:R_NAME "
                         "(-gptq: R only, e.g. channel:channel-gptq)")
@@ -172,6 +175,7 @@ def _summary(factors: Any) -> dict[str, Any]:
         "quantizer": a["quantizer"]["name"],
         "passes": a["passes"],
         "power_iters": a["power_iters"],
+        "oversample": a.get("sketch", {}).get("range_oversample", 0),
         "seed": a["seed"],
         "bytes_on_disk": nbytes,
         "bytes_codes": code_bytes,
@@ -263,8 +267,9 @@ def _cmd_compress(args: argparse.Namespace, log: Callable[[str], None]) -> dict[
         factors = compress(
             args.input, args.out, rank=args.rank, bits=tuple(args.bits) if args.bits else None,
             bits_per_entry=args.bits_per_entry, match_nq=args.match_nq, target_error=args.target_error, passes=args.passes,
-            power_iters=args.power_iters, quantizer=args.quantizer, seed=args.seed, overwrite=args.overwrite,
-            resume=args.resume, device=args.device, storage_options=opts, precision=args.precision, log=log,
+            power_iters=args.power_iters, oversample=args.oversample, quantizer=args.quantizer, seed=args.seed,
+            overwrite=args.overwrite, resume=args.resume, device=args.device, storage_options=opts,
+            precision=args.precision, log=log,
         )
         if args.evaluate:
             evaluate(args.input, factors, storage_options=opts)
@@ -299,7 +304,8 @@ def _cmd_compress_group(args: argparse.Namespace, log: Callable[[str], None]) ->
     with client_from_args(args, log=log):
         return compress_group(
             args.input, args.out, rank=args.rank, bits=tuple(args.bits or DEFAULT_BITS), bits_per_entry=args.bits_per_entry,
-            match_nq=args.match_nq, passes=args.passes, power_iters=args.power_iters, quantizer=args.quantizer,
+            match_nq=args.match_nq, passes=args.passes, power_iters=args.power_iters, oversample=args.oversample,
+            quantizer=args.quantizer,
             seed=args.seed, overwrite=args.overwrite, resume=args.resume, device=args.device,
             evaluate=args.evaluate, storage_options=args.storage_options, precision=args.precision, log=log,
         )

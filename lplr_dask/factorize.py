@@ -2,12 +2,14 @@
 
 For A (n×d), rank k and bits (B1, B2) [1]_:
 
-1. pass 1: ``Y = A·S`` (S d×k, i.i.d. N(0, 1/k), generated block-wise); in the same read, and
+1. pass 1: ``Y = A·S`` (S d×(k+p), i.i.d. N(0, 1/(k+p)), generated block-wise; p extra columns,
+   the range oversampling, 0 in the paper); in the same read, and
    the same task per chunk of A, the test columns ``A·G`` and ``‖A‖_F`` for the error estimate
    and, in one-pass mode, ``Z = Ψ·A`` [2]_ with Ψ (ℓ×n) a sparse sign map [3]_;
    optional power iterations ``Y ← A·orth(Aᵀ·orth(Y))``, two reads each;
-2. central: ``L = Q_B1(Y)``, codes written to ``L/``; ``pinv(L)`` from a TSQR of the decoded L
-   and an SVD of its k×k factor, in float64;
+2. central: with p > 0, Y's top-k directions, mixed by a seeded orthogonal k×k matrix
+   (:func:`truncate_sketch`); ``L = Q_B1(Y)``, codes written to ``L/``; ``pinv(L)`` from a
+   TSQR of the decoded L and an SVD of its k×k factor, in float64;
 3. pass 2: ``W[:, j] = pinv(L)·A[:, j]`` per column chunk j (one-pass: ``W = (Ψ·L)^† Z``),
    written whole-chunk to scratch with a per-chunk completion mark (the resume points);
 4. ``R = Q_B2(W)`` from the scratch (k×d: k/n of A), codes to ``R/``; with ``gptq`` rounding
@@ -47,6 +49,7 @@ import zarr
 
 from lplr_dask import blocks, store
 from lplr_dask.backend import like, to_host_blocks
+from lplr_dask.errors import LplrValueError
 from lplr_dask.factors import decode_factor
 from lplr_dask.progress import compute
 from lplr_dask.quantize import (
@@ -59,7 +62,7 @@ from lplr_dask.quantize import (
 )
 from lplr_dask.sketch import SKETCH_BLOCK, SPARSE_NNZ, STREAM_G, STREAM_PSI, STREAM_S
 
-__all__ = ["Params", "pass1", "pinv_factor", "project", "error_estimate", "run"]
+__all__ = ["Params", "pass1", "truncate_sketch", "pinv_factor", "project", "error_estimate", "run"]
 
 Log = Callable[[str], None]
 
@@ -79,6 +82,14 @@ class Params:
     test_columns: int = 10
     precision: str = "float64"
     """The dtype of each block product of A ("float32" or "float64"; :func:`blocks.compute_dtype`)."""
+    range_oversample: int = 0
+    """Extra columns p of the range sketch: Y has k + p columns, and L is made from its top k
+    directions (:func:`truncate_sketch`); 0 is the paper's sketch of exactly k columns."""
+
+    @property
+    def sketch_columns(self) -> int:
+        """Columns ℓ = k + p of the range sketch ``Y = A·S``."""
+        return self.rank + self.range_oversample
 
     @property
     def oversample(self) -> int:
@@ -107,10 +118,36 @@ class Params:
                 "kind": "gaussian",
                 "block_rows": SKETCH_BLOCK,
                 "test_columns": self.test_columns,
+                "range_oversample": self.range_oversample,
                 "oversample": self.oversample if self.passes == 1 else None,
                 "co_range": {"kind": "sparse-sign", "nnz": SPARSE_NNZ} if self.passes == 1 else None,
             },
         }
+
+
+def resolve_oversample(oversample: int | None, rank: int, shape: tuple[int, int]) -> int:
+    """Extra range-sketch columns p for ``oversample`` (None: the default, p = k), at most
+    ``min(n, d) − k`` (more columns than that cannot span more).
+
+    Raises
+    ------
+    LplrValueError
+        If ``oversample`` is not None or an integer >= 0.
+    """
+    check_oversample(oversample)
+    p = rank if oversample is None else int(oversample)
+    return max(0, min(p, min(shape) - rank))
+
+
+def check_oversample(oversample: Any) -> None:
+    """Raise :class:`LplrValueError` unless ``oversample`` is None or an integer >= 0."""
+    if oversample is None:
+        return
+    if isinstance(oversample, bool) or not isinstance(oversample, (int, np.integer)) or oversample < 0:
+        raise LplrValueError(
+            f"Expected oversample (extra range-sketch columns) to be an integer >= 0, or None for the "
+            f"default (the rank). Got {oversample!r}. Use 0 for the paper's sketch of exactly k columns."
+        )
 
 
 def pass1(A: da.Array, p: Params) -> dict[str, da.Array]:
@@ -118,10 +155,10 @@ def pass1(A: da.Array, p: Params) -> dict[str, da.Array]:
 
     Returns
     -------
-    dict with ``Y`` (n×k), ``AG`` (n×p), ``sumsq`` (0-d: ‖A‖²_F) and, for one-pass mode,
-    ``Z`` (ℓ×d); all float64.
+    dict with ``Y`` (n × (k + p), p the range oversampling), ``AG`` (n × test columns),
+    ``sumsq`` (0-d: ‖A‖²_F) and, for one-pass mode, ``Z`` (ℓ×d); all float64.
     """
-    k, t = p.rank, p.test_columns
+    k, t = p.sketch_columns, p.test_columns
     streams = [(STREAM_S, k, 1.0 / math.sqrt(k)), (STREAM_G, t, 1.0)]
     if p.passes == 1:
         yg, Z = blocks.sketch_both(A, p.seed, streams, STREAM_PSI, p.oversample, sumsq=True, precision=p.precision)
@@ -150,6 +187,50 @@ def power_iterate(
         (Zt,) = run("power iteration (Aᵀ·Q)", orth(blocks.left_multiply(Q, A, precision=precision).T))
         (Y,) = run("power iteration (A·Z)", blocks.right_multiply(A, Zt, precision=precision))
     return Y
+
+
+def sketch_rotation(gram: Any, rank: int, seed: int) -> np.ndarray:
+    """The ℓ×k matrix ``M`` that turns an oversampled sketch Y (n×ℓ) into the rank-k basis ``Y·M``.
+
+    ``M = V_k·polar(V_kᵀ·Ω)``: ``V_k`` holds the top-k eigenvectors of ``gram = YᵀY`` (the right
+    singular vectors of Y, so ``Y·V_k`` spans the top-k left singular subspace of Y, a better
+    estimate of A's than k sketch columns: Halko, Martinsson, Tropp 2011, §10), and the k×k
+    orthogonal polar factor of ``V_kᵀ·Ω`` (Ω ℓ×k Gaussian, seeded) mixes those directions so that
+    every column of the basis has about the same spread, as a Gaussian sketch's columns do: the
+    unmixed columns, one singular direction each, quantize far worse (measured: up to ×4 the
+    error). ``M`` depends on the top-k subspace only, not on which eigenvectors span it (a
+    rotation ``V_k·Q`` gives the same M), so repeated singular values and the eigenvectors' signs
+    cannot change the codes.
+    """
+    gram = np.asarray(gram, dtype=np.float64)
+    ell = gram.shape[0]
+    _, V = np.linalg.eigh((gram + gram.T) / 2)
+    V = V[:, ::-1][:, :rank]
+    rng = np.random.default_rng(_derived(seed, 3))
+    U, _, Wt = np.linalg.svd(V.T @ rng.standard_normal((ell, rank)))
+    return V @ (U @ Wt)
+
+
+def truncate_sketch(Y: da.Array, p: Params, *, gram: Any = None) -> da.Array:
+    """The rank-k basis ``Y·M`` (:func:`sketch_rotation`) of a sketch with ``p.range_oversample``
+    extra columns; Y itself when there are none. ``gram`` (``YᵀY``) is computed unless given.
+    """
+    if p.range_oversample == 0:
+        return Y
+    Y = Y.rechunk({1: -1})
+    if gram is None:
+        (gram,) = dask.compute(Y.T @ Y)
+    from lplr_dask.backend import to_host
+
+    M = sketch_rotation(to_host(gram), p.rank, p.seed)
+    return Y.map_blocks(_times, M, chunks=(Y.chunks[0], (p.rank,)), dtype=Y.dtype)
+
+
+def _times(y: Any, m: np.ndarray) -> Any:
+    """``y·m`` with m moved to y's device."""
+    from lplr_dask.backend import array_namespace
+
+    return y @ array_namespace(y).asarray(m)
 
 
 def ranges_to_scales(X: da.Array, bits: int, spec: QuantizerSpec, channel_axis: int) -> tuple[da.Array, da.Array]:
@@ -293,7 +374,7 @@ def run(
     if STAGES.index(meta.get("stage", "started")) < STAGES.index("basis"):
         products = pass1(A, p)
         # the sketches go to scratch arrays, not to worker memory: a worker holds chunks only
-        sketches = {"Y": (n, k), "AG": (n, t), "Z": (p.oversample, d)}
+        sketches = {"Y": (n, p.sketch_columns), "AG": (n, t), "Z": (p.oversample, d)}
         writes = []
         for name, x in products.items():
             if name in sketches:
@@ -305,6 +386,7 @@ def run(
         Y = like(da.from_zarr(group[f"{work}/Y"]), A)
         if p.power_iters:
             Y = power_iterate(A, Y, p.power_iters, runner, precision=p.precision)
+        Y = truncate_sketch(Y, p)
         qL = quantize_basis(Y, p)
         _store_codes(group, "L/codes", qL.codes.rechunk((row_chunk, k)), p.bits[0], runner, "basis: quantize L")
         store.write_small(group, "L/scale", qL.scale)

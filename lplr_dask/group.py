@@ -106,6 +106,7 @@ def compress_group(
     match_nq: float | None = None,
     passes: int = 2,
     power_iters: int = 0,
+    oversample: int | None = None,
     quantizer: str = "default",
     seed: int = 0,
     overwrite: bool = False,
@@ -130,7 +131,7 @@ def compress_group(
         counts the codes, ``k·(n·B1 + d·B2) / (n·d)`` (the paper's fair rank), not the bytes on
         disk as :func:`lplr_dask.compress` does: each store's metadata (about 16 KiB) would
         leave a small matrix of a model no rank at all.
-    bits, passes, power_iters, quantizer, seed, device, precision
+    bits, passes, power_iters, oversample, quantizer, seed, device, precision
         As for :func:`lplr_dask.compress`, the same for every matrix.
     overwrite, resume : bool
         Replace an existing output; or finish an interrupted one (arrays already complete are
@@ -200,7 +201,8 @@ def compress_group(
             if k:
                 factors = compress(
                     member(location, name), target, rank=k, bits=bits, passes=passes,
-                    power_iters=power_iters, quantizer=quantizer, seed=seed, overwrite=not resume,
+                    power_iters=power_iters, oversample=oversample, quantizer=quantizer, seed=seed,
+                    overwrite=not resume,
                     resume=resume, device=device, storage_options=storage_options, precision=precision,
                     log=log,
                 )

@@ -3,15 +3,19 @@
 At the given bits (B1, B2) the storage ``k·(n·B1 + d·B2)`` grows with the rank, so the smallest
 storage is the smallest rank k whose error is at most E. It is found from one extra read of A:
 
-1. **The sketch spectrum.** ``Y = A·Ω`` (n × k_max, Gaussian, with the same power iterations as
-   the compression) and the test columns ``A·G`` (the same G as the free error estimate), in one
-   read (the compression's own pass 1 at rank k_max), kept on the workers. A TSQR ``Y = Q·T`` gives nested bases: ``Q[:, :k]`` spans the first
-   k sketch columns, a Gaussian sketch of rank k as LPLR uses. With ``c = Qᵀ·A·G`` the low-rank
-   residual at *every* rank is ``tail²(k) = (‖A·G‖² − Σ_{i<k} ‖c_i‖²) / (t·‖A‖²_F)`` (t test
-   columns; the free estimate's normalization): a lower bound on the error at rank k, which rules
-   out the ranks below the first that could meet E.
-2. **The error at one rank** is predicted without reading A: quantize ``Y[:, :k]`` as the
-   compression quantizes its basis (``L̂``), project the test columns on ``L̂`` (the least-squares
+1. **The sketch spectrum.** ``Y = A·Ω`` (n × (k_max + p) with the compression's oversampling p,
+   Gaussian, with the same power iterations as the compression) and the test columns ``A·G`` (the
+   same G as the free error estimate), in one read (the compression's own pass 1 at rank k_max),
+   kept on the workers. A TSQR ``Y = Q·T`` gives nested bases: ``Q[:, :j]`` spans the first j
+   sketch columns. With ``c = Qᵀ·A·G`` the residual of that span at *every* j is
+   ``tail²(j) = (‖A·G‖² − Σ_{i<j} ‖c_i‖²) / (t·‖A‖²_F)`` (t test columns; the free estimate's
+   normalization). The rank-k basis lies in the span of its k + p sketch columns, so
+   ``tail²(k + p)`` bounds its error from below, which rules out the ranks below the first that
+   could meet E.
+2. **The error at one rank** is predicted without reading A: make the rank-k basis from the first
+   k + p sketch columns as the compression does (:func:`lplr_dask.factorize.truncate_sketch`, with
+   the leading block of the sketch's Gram matrix), quantize it as the compression quantizes its
+   basis (``L̂``), project the test columns on ``L̂`` (the least-squares
    residual, L's rounding included) and add R's rounding noise: variance ``Δ_c²/12`` (``Δ_c²/6``
    stochastic) per entry of row c of ``W = pinv(L̂)·A``, with ``Δ_c = range_c / (2^B2 − 1)`` and
    ``range_c ≈ 2·E[max of m normals]·rms_c`` for m entries sharing a scale; ``rms_c`` comes from
@@ -86,11 +90,14 @@ class Plan:
         As for :func:`lplr_dask.compress`: the test columns are the same as the compression's.
     max_rank : int, default=DEFAULT_MAX_RANK
         The largest rank considered (capped at ``min(n, d)``).
+    oversample : int, optional
+        As for :func:`lplr_dask.compress`: the sketch has ``max_rank`` plus that many columns, and
+        the rank-k basis is made from the top k directions of its first k + p.
 
     Attributes
     ----------
-    tail2 : ndarray of shape (max_rank + 1,)
-        ``tail2[k]``: the squared relative residual of the unquantized rank-k sketch basis.
+    tail2 : ndarray of shape (sketch columns + 1,)
+        ``tail2[j]``: the squared relative residual of the span of the first j sketch columns.
     """
 
     def __init__(
@@ -105,21 +112,24 @@ class Plan:
         power_iters: int = 0,
         passes: int = 2,
         max_rank: int = DEFAULT_MAX_RANK,
+        oversample: int | None = None,
     ):
-        from lplr_dask.factorize import Params, pass1, power_iterate
+        from lplr_dask.factorize import Params, pass1, power_iterate, resolve_oversample
         from lplr_dask.progress import compute
 
         n, d = A.shape
         kmax = int(min(n, d, max_rank))
+        self.kmax, self.oversample, self.shape = kmax, oversample, (n, d)
+        width = kmax + resolve_oversample(oversample, kmax, (n, d))  # columns of the sketch
         self.bits, self.spec, self.seed, self.passes, self.d = bits, spec, seed, passes, d
         self.spec_r = spec_r or spec
-        self._params = Params(rank=kmax, bits=bits, quantizer=spec.name, spec_l=spec, spec_r=self.spec_r, seed=seed,
+        self._params = Params(rank=width, bits=bits, quantizer=spec.name, spec_l=spec, spec_r=self.spec_r, seed=seed,
                               test_columns=test_columns)
         products = pass1(A, self._params)  # the compression's own first read, at rank max_rank
         Y, AG, sumsq = compute("target: sketch spectrum", products["Y"], products["AG"], products["sumsq"], persist=True)
         if power_iters:
             Y = power_iterate(A, Y, power_iters, lambda label, *x, persist=True: compute(label, *x, persist=persist))
-        tall = blocks.tall_chunks(n, kmax, Y.chunks[0][0])
+        tall = blocks.tall_chunks(n, width, Y.chunks[0][0])
         # the rest works on the thin sketches only: on the host, whatever device A is on
         Y, AG = (to_host_blocks(X).rechunk({0: tall, 1: -1}) for X in (Y, AG))
         self.Y, self.AG = compute("target: sketch spectrum", Y, AG, persist=True)
@@ -129,7 +139,8 @@ class Plan:
         self.norm2 = float(to_host(sumsq)) * test_columns
         self.ag2 = float(ag2)
         captured = np.concatenate([[0.0], np.cumsum((c**2).sum(axis=1))])
-        self.tail2 = np.clip((self.ag2 - captured) / self.norm2, 0.0, None) if self.norm2 > 0 else np.zeros(kmax + 1)
+        self.tail2 = np.clip((self.ag2 - captured) / self.norm2, 0.0, None) if self.norm2 > 0 else np.zeros(width + 1)
+        (self._gram,) = dask.compute(self.Y.T @ self.Y)
         self._cache: dict[int, float] = {}
 
     def with_bits(self, bits: tuple[int, int]) -> Plan:
@@ -140,7 +151,22 @@ class Plan:
 
     @property
     def max_rank(self) -> int:
-        return len(self.tail2) - 1
+        return self.kmax
+
+    def columns(self, k: int) -> int:
+        """Sketch columns ℓ behind the rank-k basis: k plus the oversampling, as far as the plan's
+        sketch reaches (beyond, the prediction is for a less oversampled basis: pessimistic)."""
+        from lplr_dask.factorize import resolve_oversample
+
+        return min(k + resolve_oversample(self.oversample, k, self.shape), len(self.tail2) - 1)
+
+    def basis(self, k: int) -> da.Array:
+        """The unquantized rank-k basis as the compression makes it, from the plan's sketch."""
+        from lplr_dask.factorize import truncate_sketch
+
+        ell = self.columns(k)
+        p = dataclasses.replace(self._params, rank=k, range_oversample=ell - k)
+        return truncate_sketch(self.Y[:, :ell], p, gram=self._gram[:ell, :ell])
 
     def _low_rank_factor(self) -> float:
         return ONE_PASS_FACTOR if self.passes == 1 else 1.0
@@ -153,7 +179,7 @@ class Plan:
             return 0.0
         from lplr_dask.factorize import quantize_basis
 
-        q = quantize_basis(self.Y[:, :k], dataclasses.replace(self._params, rank=k))
+        q = quantize_basis(self.basis(k), dataclasses.replace(self._params, rank=k))
         L = decode_factor(q.codes, q.scale, q.offset, self.spec, channel_axis=1)
         Q, T = da.linalg.tsqr(L)
         c, T = dask.compute(Q.T @ self.AG, T)
@@ -179,8 +205,13 @@ class Plan:
         return self._cache[k]
 
     def first(self, target: float) -> int | None:
-        """The smallest rank whose unquantized residual is below ``target``, or None."""
-        ok = np.flatnonzero(np.sqrt(self.tail2[1:]) * self._low_rank_factor() <= target)
+        """The smallest rank whose unquantized residual could be below ``target``, or None.
+
+        The rank-k basis lies in the span of its ℓ sketch columns, so ``tail2[ℓ]`` bounds its
+        residual from below.
+        """
+        bound = np.array([self.tail2[self.columns(k)] for k in range(1, self.max_rank + 1)])
+        ok = np.flatnonzero(np.sqrt(bound) * self._low_rank_factor() <= target)
         return int(ok[0]) + 1 if ok.size else None
 
     def search(self, target: float, above: int = 0) -> tuple[int | None, int, float]:
@@ -228,6 +259,7 @@ def compress_to_target(
     seed: int = 0,
     passes: int = 2,
     power_iters: int = 0,
+    oversample: int | None = None,
     test_columns: int = 10,
     overwrite: bool = False,
     resume: bool = False,
@@ -244,7 +276,7 @@ def compress_to_target(
         As for :func:`lplr_dask.compress`.
     target : float
         The relative Frobenius error to meet, in (0, 1).
-    bits, quantizer, seed, passes, power_iters, overwrite, device, storage_options
+    bits, quantizer, seed, passes, power_iters, oversample, overwrite, device, storage_options
         As for :func:`lplr_dask.compress`.
     test_columns : int, default=10
         Raised to at least :data:`MIN_TEST_COLUMNS`: the error estimate decides here.
@@ -288,7 +320,7 @@ def compress_to_target(
     test_columns = max(test_columns, MIN_TEST_COLUMNS)
     A = to_device(open_source(source, storage_options=storage_options, log=log), device)
     p = Plan(A, bits=bits, spec=spec, spec_r=spec_r, seed=seed, test_columns=test_columns, power_iters=power_iters,
-             passes=passes, max_rank=max_rank)
+             passes=passes, max_rank=max_rank, oversample=oversample)
     aim, above = target * MARGIN, 0
     attempts: list[dict[str, Any]] = []
     for _ in range(MAX_ATTEMPTS):
@@ -299,7 +331,8 @@ def compress_to_target(
         log(f"target error {target}: trying rank {k} (predicted error {predicted:.4g})")
         factors = compress(
             source, path, rank=k, bits=bits, quantizer=quantizer, seed=seed, passes=passes,
-            power_iters=power_iters, test_columns=test_columns, overwrite=overwrite or bool(attempts),
+            power_iters=power_iters, oversample=oversample, test_columns=test_columns,
+            overwrite=overwrite or bool(attempts),
             device=device, storage_options=storage_options, log=log,
         )
         estimate = float(factors.attrs["error_estimate"])
