@@ -20,10 +20,12 @@ Matrices
 - ``student-t``: rank 64, decay 0.9, 10% Student-t (3 degrees of freedom) noise: heavy tails.
 
 Run ``python benchmarks/quantizers.py`` (about 15 minutes on 2 cores); ``--datasets``,
-``--quantizers``, ``--pairs`` and ``--ladder`` restrict it; ``--power-iters Q`` runs every compression with Q
-power iterations (the paper's quantizer at Q = 0 stays the reference: add it with ``--json`` and
-merge the files with ``--from-json A.json,B.json``, which adds a table of the better basis at
-equal bytes); ``--json FILE`` saves every run. The tables print as Markdown, followed by the
+``--quantizers``, ``--pairs`` and ``--ladder`` restrict it. Every compression uses the paper's
+sketch of exactly k columns unless ``--oversample P`` (or ``k``: the library's default, as many
+extra columns as the rank) or ``--power-iters Q`` gives it a better basis; the paper's method (its
+quantizer on its sketch) stays the reference: run it with ``--json`` and merge the files with
+``--from-json A.json,B.json``, which adds tables of the better bases at equal bytes, against the
+paper's method and against the paper's quantizer on the same basis; ``--json FILE`` saves every run. The tables print as Markdown, followed by the
 quantizer with the lowest geometric mean at equal bytes, without power iterations and over
 every cell with and without them.
 
@@ -87,7 +89,8 @@ def matrices(names: list[str]) -> dict[str, np.ndarray]:
 
 
 def run_one(
-    A: np.ndarray, quantizer: str, bits: tuple[int, int], rank: int, path: str, power_iters: int = 0
+    A: np.ndarray, quantizer: str, bits: tuple[int, int], rank: int, path: str, power_iters: int = 0,
+    oversample: int | None = 0,
 ) -> dict[str, Any]:
     import lplr_dask
     from lplr_dask import store
@@ -95,7 +98,7 @@ def run_one(
     t0 = time.perf_counter()
     f = lplr_dask.compress(
         da.from_array(A, chunks=CHUNKS), path, rank=rank, bits=bits, quantizer=quantizer, overwrite=True,
-        power_iters=power_iters, log=lambda m: None,
+        power_iters=power_iters, oversample=oversample, log=lambda m: None,
     )
     seconds = time.perf_counter() - t0
     recon = f.to_dask(np.float64).compute()
@@ -104,6 +107,7 @@ def run_one(
     total = store.bytes_on_disk(path)
     return {
         "quantizer": quantizer, "power_iters": power_iters, "bits": list(bits), "rank": rank, "bytes": total,
+        "oversample": "k" if oversample is None else oversample,
         "bytes_codes": store.codes_bytes(path), "bits_per_entry": total * 8 / (n * d),
         "nominal_bits_per_entry": rank * (n * bits[0] + d * bits[1]) / (n * d),
         "error": float(np.linalg.norm(a64 - recon) / np.linalg.norm(a64)), "seconds": round(seconds, 2),
@@ -133,10 +137,17 @@ def best_at_budget(runs: list[dict[str, Any]], budget: float) -> tuple[float, tu
 
 
 def label(run: dict[str, Any]) -> str:
-    """A run's row in the tables: the quantizer (``paper`` for ``tensor``) and any power iterations."""
+    """A run's row in the tables: the quantizer (``paper`` for ``tensor``), any range oversampling
+    (``p=k``: the default, as many extra sketch columns as the rank) and any power iterations."""
     name = "paper" if run["quantizer"] == "tensor" else run["quantizer"]
-    q = run.get("power_iters", 0)
-    return f"{name}, q={q}" if q else name
+    p, q = run.get("oversample", 0), run.get("power_iters", 0)
+    return name + (f", p={p}" if p else "") + (f", q={q}" if q else "")
+
+
+def _basis(row: str) -> str:
+    """The basis part of a row's label (``, p=k, q=1``), empty for the paper's sketch."""
+    name, _, rest = row.partition(", ")
+    return f", {rest}" if rest else ""
 
 
 def _best(runs: list[dict[str, Any]], dataset: str, row: str, budget: float) -> tuple[float, tuple[int, int]] | None:
@@ -174,7 +185,7 @@ def tables(runs: list[dict[str, Any]]) -> str:
     iterations) the better basis at equal bytes; then the lowest geometric mean."""
     datasets = list(dict.fromkeys(r["dataset"] for r in runs))
     rows = list(dict.fromkeys(label(r) for r in runs))
-    plain = [q for q in rows if ", q=" not in q]
+    plain = [q for q in rows if not _basis(q)]
     compared = [q for q in plain if "stochastic" not in q]
     lines = []
     for budget in BUDGETS:
@@ -199,38 +210,38 @@ def tables(runs: list[dict[str, Any]]) -> str:
                      and math.isclose(r["nominal_bits_per_entry"], nominal, rel_tol=0.05)]
                 cells.append(f"{r[0]['error']:.4f} / {r[0]['bits_per_entry']:.2f}" if r else "–")
             lines.append(f"| {q} | " + " | ".join(cells) + " |")
-    powered = [q for q in rows if ", q=" in q]
+    powered = [q for q in rows if _basis(q)]
     if powered:
         lines += _basis_tables(runs, datasets, powered)
     if means:
         best = min(means, key=means.__getitem__)
         lines.append(f"\nLowest geometric mean at equal bytes (no power iterations): {best} (×{means[best]:.3f} of paper).")
     # with power iterations too: every cell of the quantizers run with and without them, × paper at q=0
-    both = {q: _ratios(runs, datasets, q, "paper") + [x for row in powered if row.split(", q=")[0] == q
+    both = {q: _ratios(runs, datasets, q, "paper") + [x for row in powered if row.split(", ")[0] == q
                                                         for x in _ratios(runs, datasets, row, "paper")]
-            for q in compared if any(row.split(", q=")[0] == q for row in powered)}
+            for q in compared if any(row.split(", ")[0] == q for row in powered)}
     if both:
         best = min(both, key=lambda q: _geo(both[q]))
-        lines.append(f"Lowest geometric mean over every cell with and without power iterations: {best} "
-                     f"(×{_geo(both[best]):.3f} of paper without them; " +
+        lines.append(f"Lowest geometric mean over every cell with and without a better basis: {best} "
+                     f"(×{_geo(both[best]):.3f} of paper without it; " +
                      ", ".join(f"{q} ×{_geo(r):.3f}" for q, r in both.items() if q != best) + ").")
     return "\n".join(lines)
 
 
 def _basis_tables(runs: list[dict[str, Any]], datasets: list[str], powered: list[str]) -> list[str]:
-    """Runs with power iterations against the paper without them and with as many."""
+    """Runs with a better basis (range oversampling, power iterations) against the paper's method
+    (its sketch of exactly k columns, no power iterations) and the paper's quantizer on the same basis."""
     lines = []
     for budget in BUDGETS:
         lines += [f"\n**A better basis, {budget:g} bit{'s' * (budget != 1)} per entry on disk** "
-                  "(relative error, best bit pair; × paper's error without power iterations)\n"]
+                  "(relative error, best bit pair; × the paper's method: its sketch and quantizer)\n"]
         lines += _budget_table(runs, datasets, ["paper"] + powered, budget, "paper")
-    lines += ["\n**Summary, a better basis at equal bytes**: geometric mean (best, worst cell) of × paper "
-              "without power iterations, and of × paper with as many; the largest relative error of any "
-              "run (every bit pair and rank of the ladder)\n",
-              "| quantizer | × paper, q=0 | × paper, same q | largest error of a run |", "|---|---|---|---|"]
+    lines += ["\n**Summary, a better basis at equal bytes**: geometric mean (best, worst cell) of × the "
+              "paper's method, and of × the paper's quantizer on the same basis; the largest relative "
+              "error of any run (every bit pair and rank of the ladder)\n",
+              "| quantizer | × paper's method | × paper, same basis | largest error of a run |", "|---|---|---|---|"]
     for row in powered:
-        q = row.split(", q=")[1]
-        same = f"paper, q={q}"
+        same = "paper" + _basis(row)
         r0, rq = _ratios(runs, datasets, row, "paper"), _ratios(runs, datasets, row, same)
         cells = [f"×{_geo(r):.3f} (×{min(r):.2f}, ×{max(r):.2f}; {len(r)} cells)" if r else "–" for r in (r0, rq)]
         worst = max(runs, key=lambda r: r["error"] if label(r) == row else -1.0)
@@ -317,6 +328,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quantizers", default=",".join(quantizer_names()), help="comma-separated names")
     parser.add_argument("--pairs", default=",".join(f"{a}x{b}" for a, b in PAIRS), help="B1xB2,...")
     parser.add_argument("--power-iters", type=int, default=0, help="power iterations of every compression")
+    parser.add_argument("--oversample", default="0",
+                        help="extra range-sketch columns of every compression: an integer, or k for the "
+                        "library's default (as many as the rank); default 0, the paper's sketch")
     parser.add_argument("--ladder", default=",".join(f"{x:g}" for x in LADDER),
                         help="nominal bits per entry of the ranks run, comma-separated")
     parser.add_argument("--json", help="write every run here")
@@ -351,7 +365,8 @@ def main(argv: list[str] | None = None) -> int:
                 configs += [(q, bits, nominal) for q in quantizers for bits, nominal in SAME_CONFIGS if "stochastic" in q]
                 for q, bits, nominal in configs:
                     rank = min(n, d, max(2, round(nominal * n * d / (n * bits[0] + d * bits[1]))))
-                    r = run_one(A, q, bits, rank, os.path.join(work, "out.lplr.zarr"), args.power_iters)
+                    oversample = None if args.oversample == "k" else int(args.oversample)
+                    r = run_one(A, q, bits, rank, os.path.join(work, "out.lplr.zarr"), args.power_iters, oversample)
                     r["dataset"] = ds
                     runs.append(r)
                     print(json.dumps(r), file=sys.stderr, flush=True)

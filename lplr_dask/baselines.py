@@ -201,11 +201,13 @@ def lplr_codes(
     *,
     quantizer: str | QuantizerSpec = "paper",
     seed: int = 0,
+    oversample: int | None = None,
 ) -> Reference:
     """LPLR in memory with exactly the semantics of :func:`lplr_dask.compress` (two passes).
 
-    ``S = sketch_matrix(seed, STREAM_S, d, k, scale=1/sqrt(k))``, ``Y = A·S`` and
-    ``W = pinv(L̂)·A`` in float64, the pseudo-inverse cutting singular values below
+    ``S = sketch_matrix(seed, STREAM_S, d, ℓ, scale=1/sqrt(ℓ))`` with ℓ = k + p columns (p from
+    ``oversample`` as compress() resolves it), ``Y = A·S``, with p > 0 ``Y ← Y·M`` (M from
+    :func:`lplr_dask.factorize.sketch_rotation` of ``YᵀY``), and ``W = pinv(L̂)·A`` in float64, the pseudo-inverse cutting singular values below
     ``max(n, k)·eps·σ_max`` as :func:`lplr_dask.factorize.pinv_factor` does. With nearest
     rounding the codes equal compress()'s except at exact rounding ties; stochastic rounding
     draws differ (compress() seeds one stream per block). gptq rounding of R feeds its errors
@@ -215,18 +217,24 @@ def lplr_codes(
     Parameters
     ----------
     A : ndarray of shape (n, d)
-    rank, bits, quantizer, seed
+    rank, bits, quantizer, seed, oversample
         As for :func:`lplr_dask.compress`.
 
     Returns
     -------
     Reference
     """
+    from lplr_dask.factorize import resolve_oversample, sketch_rotation
+
     if isinstance(A, da.Array):
         raise LplrTypeError("Expected a numpy array for the in-memory reference. Got a dask array; use lplr_dask.compress.")
     X, k, bits, specs = _validate(A, rank, bits, quantizer)
-    S = sketch_matrix(seed, STREAM_S, X.shape[1], k, scale=1.0 / math.sqrt(k))
-    return _from_basis(X, X @ S, bits, specs, seed)
+    p = resolve_oversample(oversample, k, X.shape)
+    S = sketch_matrix(seed, STREAM_S, X.shape[1], k + p, scale=1.0 / math.sqrt(k + p))
+    Y = X @ S
+    if p:
+        Y = Y @ sketch_rotation(Y.T @ Y, k, seed)
+    return _from_basis(X, Y, bits, specs, seed)
 
 
 def lplr_reference(
@@ -236,9 +244,10 @@ def lplr_reference(
     *,
     quantizer: str | QuantizerSpec = "paper",
     seed: int = 0,
+    oversample: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The decoded factors ``(L̂, R̂)`` of :func:`lplr_codes`, float64."""
-    return lplr_codes(A, rank, bits, quantizer=quantizer, seed=seed).decoded()
+    return lplr_codes(A, rank, bits, quantizer=quantizer, seed=seed, oversample=oversample).decoded()
 
 
 def relative_error(A: Any, approx_or_factors: Any) -> float:

@@ -45,6 +45,18 @@ def _storage_options(text: str) -> dict[str, Any]:
     return value
 
 
+def _oversample(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(
+            f"expected extra sketch columns as an integer >= 0 (0: the paper's sketch of exactly k columns), got {text!r}"
+        )
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for tests and docs)."""
     from lplr_dask.cluster import add_cluster_arguments
@@ -69,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="bits for L and R (default 8 8; for compress with --bits-per-entry, chosen with the rank)")
         sp.add_argument("--passes", type=int, default=2, choices=[1, 2], help="reads of A (default 2)")
         sp.add_argument("--power-iters", type=int, default=0, help="power iterations (2 more reads each)")
-        sp.add_argument("--oversample", type=int, default=None, metavar="P",
+        sp.add_argument("--oversample", type=_oversample, default=None, metavar="P",
                         help="extra range-sketch columns: L comes from the top k directions of k+P sketch columns "
                         "(default: P = rank; 0: the paper's sketch of exactly k columns)")
         sp.add_argument("--quantizer", default="default",

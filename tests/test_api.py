@@ -52,11 +52,16 @@ def test_same_seed_same_codes_for_other_chunking(client, small_matrix, tmp_path,
 
 def test_float32_products_move_codes_by_at_most_one_level_with_the_chunking(client, tmp_path):
     """precision="auto" on float32 input: float32 block products, so another chunking may move a code
-    of L that sits within ~1e-7 of a rounding boundary by one level; R, solved against that L, then
-    moves by one level in a few of its codes. The error does not change beyond 1e-3 of itself.
+    of L that sits near a rounding boundary by one level: within ~1e-7 of it for the paper's sketch,
+    more with the default oversampling, whose top-k directions of the sketch move by the float32
+    noise divided by the gap between the k-th and the next singular value (here both in the noise:
+    22 codes of 90,000 moved, against 1 with ``oversample=0``). R, solved against that L, then
+    moves by one level in some of its codes (here 3,472 of 54,000; 501 with ``oversample=0``). The
+    error does not change beyond 1e-3 of itself.
 
     Nearest rounding of R: gptq rounding (the default's) feeds the moved code of L, through L̂ᵀL̂,
-    into more codes of R (measured 7,658 of 54,000, up to 4 levels) at the same error (1e-5)."""
+    into more codes of R (measured 21,216 of 54,000, up to 7 levels; 7,658 and 4 with
+    ``oversample=0``) at the same error (1e-5)."""
     A = synthetic((1500, 900), rank=40, decay=0.95, noise=0.05, chunks=(500, 300), seed=4)
     kw = dict(rank=60, bits=(8, 8), seed=7, quantizer="channel")
     a = lplr_dask.compress(A, tmp_path / "a.lplr.zarr", **kw)
@@ -66,8 +71,8 @@ def test_float32_products_move_codes_by_at_most_one_level_with_the_chunking(clie
     (la, ra), (lb, rb) = _codes(a.path), _codes(b.path)
     dl, dr = (np.abs(x.astype(np.int64) - y.astype(np.int64)) for x, y in ((la, lb), (ra, rb)))
     assert dl.max() <= 1 and dr.max() <= 1
-    assert dl.sum() <= 1e-4 * la.size  # here 1 of 90,000
-    assert dr.sum() <= 0.05 * ra.size  # here 501 of 54,000
+    assert dl.sum() <= 5e-4 * la.size  # here 22 of 90,000
+    assert dr.sum() <= 0.1 * ra.size
     M = A.compute()
     errs = [relative_error(M, f) for f in (a, b, exact)]
     assert errs[0] == pytest.approx(errs[2], rel=1e-3) and errs[1] == pytest.approx(errs[2], rel=1e-3)
@@ -82,7 +87,7 @@ def test_float32_products_with_the_default_quantizer_keep_the_error_for_another_
     b = lplr_dask.compress(A.rechunk((700, 450)), tmp_path / "b.lplr.zarr", **kw)
     assert a.attrs["quantizer"]["R"]["rounding"] == "gptq"
     la, lb = _codes(a.path)[0], _codes(b.path)[0]
-    assert np.abs(la.astype(np.int64) - lb.astype(np.int64)).sum() <= 1e-4 * la.size
+    assert np.abs(la.astype(np.int64) - lb.astype(np.int64)).sum() <= 5e-4 * la.size
     M = A.compute()
     assert relative_error(M, a) == pytest.approx(relative_error(M, b), rel=1e-3)
 

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import lplr_dask
+from lplr_dask.baselines import relative_error
 from lplr_dask import budget, store
 from lplr_dask.datasets import synthetic
 from lplr_dask.errors import LplrValueError
@@ -97,8 +98,9 @@ def test_bits_per_entry_chooses_rank_and_bits_within_the_budget(client, tmp_stor
     f = lplr_dask.compress(A, tmp_store, bits_per_entry=x, **QUIET)
     assert (f.rank, f.bits) == (choice.rank, choice.bits)  # deterministic: the same plan
     assert store.bytes_on_disk(tmp_store) <= x * n * d / 8
-    # the plan's prediction is the compression's error estimate within a quarter
-    assert f.attrs["error_estimate"] == pytest.approx(choice.predicted, rel=0.25)
+    # the plan's prediction is the compression's exact error within a quarter (the free estimate,
+    # from 10 test columns, scatters by about as much again where the rank meets A's rank)
+    assert relative_error(A, f) == pytest.approx(choice.predicted, rel=0.25)
 
 
 def test_a_low_rank_matrix_gets_its_rank(client):

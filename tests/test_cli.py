@@ -85,6 +85,8 @@ def test_help_exits_zero():
         (["--rank", "4", "--passes", "1", "--power-iters", "1"], ["--passes 1", "--power-iters"]),
         (["--rank", "4", "--quantizer", "fancy"], ["quantizer", "fancy"]),
         (["--rank", "4", "--overwrite", "--resume"], ["not allowed"]),
+        (["--rank", "4", "--oversample", "-1"], ["--oversample", ">= 0"]),
+        (["--rank", "4", "--oversample", "k"], ["--oversample", "integer"]),
     ],
 )
 def test_bad_arguments(source, tmp_path, args, words):

@@ -63,11 +63,23 @@ def test_plan_tail_is_a_decreasing_lower_bound(client, small_matrix):
     spec_l, spec_r = quantizer_pair("default")
     p = Plan(A, bits=(8, 8), spec=spec_l, spec_r=spec_r, max_rank=50, test_columns=16)
     assert p.max_rank == 50 and p.tail2[0] == pytest.approx(p.ag2 / p.norm2)
+    assert len(p.tail2) == 101  # 50 columns and as many again: the default oversampling
     assert np.all(np.diff(p.tail2) <= 1e-12)
     for k in (5, 12, 30):
-        assert p.estimate(k) >= np.sqrt(p.tail2[k]) * 0.9  # quantization only adds (up to sketch noise)
+        assert p.columns(k) == 2 * k
+        # the rank-k basis lies in the span of its 2k sketch columns; quantization only adds (up to sketch noise)
+        assert p.estimate(k) >= np.sqrt(p.tail2[2 * k]) * 0.9
+    assert p.columns(50) == 100
     k, best, err = p.search(0.05)
     assert k == best and err <= 0.05 and (k == 1 or p.estimate(k - 1) > 0.05)
+
+
+def test_plan_without_oversampling_uses_prefix_columns(client, small_matrix):
+    A = open_source(small_matrix)
+    spec_l, spec_r = quantizer_pair("paper")
+    p = Plan(A, bits=(8, 8), spec=spec_l, spec_r=spec_r, max_rank=20, test_columns=16, oversample=0)
+    assert len(p.tail2) == 21 and p.columns(7) == 7
+    np.testing.assert_array_equal(p.basis(7).compute(), p.Y[:, :7].compute())
 
 
 def test_resume_keeps_a_result_for_the_same_target(client, tmp_store, small_matrix):
