@@ -55,7 +55,8 @@ from lplr_dask.quantize import QuantizerSpec, gptq_factor, quantizer_pair
 
 __all__ = ["Plan", "compress_to_target", "DEFAULT_MAX_RANK", "MAX_ATTEMPTS"]
 
-#: The largest rank the sketch spectrum covers by default (Y is n × max_rank float64 on the workers).
+#: The largest rank the sketch spectrum covers by default (Y is n × (max_rank + p) float64 on the
+#: workers, p the oversampling: 2·max_rank columns by default).
 DEFAULT_MAX_RANK = 512
 #: Compressions tried before giving up.
 MAX_ATTEMPTS = 3
