@@ -269,7 +269,8 @@ def _start(
         group = store.open_group(path, mode="r+", storage_options=storage_options)
         meta = store.read_meta(group, require_complete=False, path=path)
         expected = params.as_attrs()
-        changed = [key for key, v in expected.items() if meta.get(key) != store._jsonable(v)]
+        started = _with_old_defaults(meta)
+        changed = [key for key, v in expected.items() if started.get(key) != store._jsonable(v)]
         if meta.get("source", {}).get("shape") != list(A.shape):
             changed.append("source shape")
         if changed:
@@ -293,6 +294,16 @@ def _start(
     }
     store.write_meta(group, meta)
     return meta
+
+
+def _with_old_defaults(meta: dict[str, Any]) -> dict[str, Any]:
+    """The attrs of a store started by an older version, with what it did not record filled in:
+    float64 block products and the paper's sketch of exactly k columns (no range oversampling)."""
+    out = dict(meta)
+    out.setdefault("precision", "float64")
+    if isinstance(out.get("sketch"), dict):
+        out["sketch"] = {"range_oversample": 0, **out["sketch"]}
+    return out
 
 
 def _version() -> str:

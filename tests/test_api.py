@@ -231,3 +231,23 @@ def test_open_factors_refuses_incomplete(client, small_matrix, tmp_store):
     store.write_meta(g, meta)
     with pytest.raises(StoreFormatError, match="version 99"):
         lplr_dask.open_factors(tmp_store)
+
+
+def test_resume_accepts_a_store_from_before_oversampling_and_precision(client, small_matrix, tmp_path):
+    """A store started by an older version records neither ``precision`` nor the sketch's
+    ``range_oversample``: they were float64 products and the paper's sketch, so a resume with
+    those settings is the same job, and one with the new defaults is not."""
+    from lplr_dask import store
+
+    out = tmp_path / "old.lplr.zarr"
+    kw = dict(rank=6, bits=(4, 4), oversample=0, precision="float64", log=lambda m: None)
+    lplr_dask.compress(small_matrix, out, **kw)
+    group = store.open_group(str(out), mode="r+")
+    meta = store.read_meta(group)
+    del meta["precision"], meta["sketch"]["range_oversample"]
+    store.write_meta(group, meta)
+    notes = []
+    f = lplr_dask.compress(small_matrix, out, resume=True, **{**kw, "log": notes.append})
+    assert any("already complete" in n for n in notes) and f.rank == 6
+    with pytest.raises(lplr_dask.StoreFormatError, match="different sketch"):
+        lplr_dask.compress(small_matrix, out, rank=6, bits=(4, 4), precision="float64", resume=True, log=lambda m: None)
