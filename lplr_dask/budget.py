@@ -54,11 +54,13 @@ SLACK = 1.05
 CHUNK_OVERHEAD = 64
 #: Bytes of Zarr metadata documents and attrs, an upper bound (about 5 KB measured).
 METADATA_BYTES = 16 * 1024
-#: The (B1, B2) pairs :func:`choose` considers. B1 ≤ B2: least squares onto the quantized basis
-#: absorbs part of L's rounding, nothing absorbs R's. Above 8 bits (uint16 codes) for matrices of
-#: low rank and little noise, where 8-bit rounding is the larger error.
+#: The (B1, B2) pairs :func:`choose` considers. Mostly B1 ≤ B2: least squares onto the quantized
+#: basis absorbs part of L's rounding, and nearest rounding of R nothing of R's; but gptq rounding
+#: of R (the default's) feeds R's rounding errors back through L̂ᵀL̂, and then (8, 6) and (6, 4)
+#: won cells of the equal-bytes benchmark (benchmarks/RESULTS.md, "Quantizers"). Above 8 bits
+#: (uint16 codes) for matrices of low rank and little noise, where 8-bit rounding is the larger error.
 BITS_GRID: tuple[tuple[int, int], ...] = (
-    (12, 12), (10, 10), (8, 8), (6, 8), (4, 8), (6, 6), (4, 6), (4, 4), (3, 3), (2, 2)
+    (12, 12), (10, 10), (8, 8), (6, 8), (8, 6), (4, 8), (6, 6), (4, 6), (6, 4), (4, 4), (3, 3), (2, 2)
 )
 #: Ranks tried per pair, as fractions of the largest that fits: more rank lowers the tail but can
 #: raise the rounding noise (a worse-conditioned basis), so the best may be below the largest.
