@@ -50,16 +50,21 @@ __all__ = [
     "minilm_path",
     "load_minilm",
     "UNCOMPRESSED",
-    "LPLR_QUANTIZERS",
+    "LPLR_METHODS",
 ]
 
 #: What a table cell says for a matrix left uncompressed because its fair rank is 0.
 UNCOMPRESSED = "uncompressed (fair rank 0)"
 
-#: The LPLR columns of the tables and the quantizer each passes to :func:`lplr_dask.compress`:
-#: ``paper`` (one min–max range per factor, nearest rounding) and ``default``
-#: (``channel:channel-gptq``: per-channel scales, nearest rounding of L, GPTQ rounding of R).
-LPLR_QUANTIZERS = {"LPLR (paper)": "paper", "LPLR (default)": "default"}
+#: The LPLR columns of the tables and the options each passes to :func:`lplr_dask.compress`.
+#: ``LPLR (paper)`` is the paper's method: its sketch of exactly k columns (``oversample=0``) and
+#: its quantizer (one min–max range per factor, nearest rounding). ``LPLR (default)`` keeps the
+#: library's defaults: k extra sketch columns (L from their top k directions) and
+#: ``channel:channel-gptq`` (per-channel scales, nearest rounding of L, GPTQ rounding of R).
+LPLR_METHODS: dict[str, dict[str, Any]] = {
+    "LPLR (paper)": {"quantizer": "paper", "oversample": 0},
+    "LPLR (default)": {"quantizer": "default", "oversample": None},
+}
 
 
 class PipelineUsageError(LplrError, ValueError):
@@ -213,13 +218,14 @@ def lplr_factors(
     bits: tuple[int, int],
     match_nq: float,
     quantizer: str,
+    oversample: int | None,
     seed: int,
     verbose: bool = False,
 ) -> lplr_dask.Factors:
     """Compress the Zarr array ``source`` at the fair rank against ``match_nq``-bit NQ."""
     lplr_dask.compress(
-        source, out, bits=bits, match_nq=match_nq, quantizer=quantizer, seed=seed, overwrite=True,
-        log=_stderr if verbose else _silent,
+        source, out, bits=bits, match_nq=match_nq, quantizer=quantizer, oversample=oversample, seed=seed,
+        overwrite=True, log=_stderr if verbose else _silent,
     )
     return lplr_dask.open_factors(out)
 
@@ -232,13 +238,16 @@ def lplr_reconstruct(
     bits: tuple[int, int],
     match_nq: float,
     quantizer: str = "paper",
+    oversample: int | None = 0,
     seed: int = 0,
     verbose: bool = False,
 ) -> np.ndarray | None:
     """LPLR of an in-memory matrix through Zarr: write, compress, read back ``L·R``.
 
-    Returns None when the fair rank is 0 (the matrix is too small to gain from factorizing; it
-    stays uncompressed). The input is written once per ``name`` and reused across calls.
+    The defaults are the paper's method: its quantizer and its sketch of exactly k columns
+    (``oversample=0``; None is the library's default, k extra columns). Returns None when the fair
+    rank is 0 (the matrix is too small to gain from factorizing; it stays uncompressed). The input
+    is written once per ``name`` and reused across calls.
     """
     n, d = A.shape
     if fair_rank(n, d, bits, match_nq) < 1:
@@ -246,10 +255,11 @@ def lplr_reconstruct(
     source = work / f"{name}.zarr"
     if not source.exists():
         write_matrix(source, A)
-    tag = f"{name}-b{bits[0]}-{bits[1]}-nq{match_nq:g}-{quantizer}-s{seed}"
+    p = "k" if oversample is None else oversample
+    tag = f"{name}-b{bits[0]}-{bits[1]}-nq{match_nq:g}-{quantizer}-p{p}-s{seed}"
     factors = lplr_factors(
         os.fspath(source), work / f"{tag}.lplr.zarr", bits=bits, match_nq=match_nq, quantizer=quantizer,
-        seed=seed, verbose=verbose,
+        oversample=oversample, seed=seed, verbose=verbose,
     )
     return factors.to_dask(dtype=A.dtype).compute()
 

@@ -9,8 +9,8 @@ set and tested on held-out, uncompressed points, as in the paper:
   of Python standard-library functions, labelled by their top-level package, compressed as one
   matrix.
 
-NQ, DSVD and LPLR (through :func:`lplr_dask.compress`, paper quantizer and our default:
-per-channel scales, GPTQ rounding of R) at B_nq in {1, 2, 4} with B1 = B2 = 8 and the fair rank;
+NQ, DSVD and LPLR (through :func:`lplr_dask.compress`: the paper's sketch of k columns and its
+quantizer, and our defaults: k extra sketch columns, per-channel scales, GPTQ rounding of R) at B_nq in {1, 2, 4} with B1 = B2 = 8 and the fair rank;
 accuracy and relative Frobenius error of the compressed training matrix, next to the uncompressed
 accuracy. A matrix whose fair rank is
 0 is too small to factorize and stays uncompressed; the table counts them.
@@ -36,7 +36,7 @@ import numpy as np
 from lplr_dask.baselines import dsvd, naive_quantize, relative_error
 from lplr_dask.budget import fair_rank
 from pipelines.common import (
-    LPLR_QUANTIZERS,
+    LPLR_METHODS,
     Context,
     build_parser,
     load_minilm,
@@ -50,7 +50,7 @@ from pipelines.common import (
 
 __all__ = ["main", "Dataset", "digits", "stdlib_docstrings", "METHODS", "K_NEIGHBOURS"]
 
-METHODS = ("NQ", "DSVD", *LPLR_QUANTIZERS)
+METHODS = ("NQ", "DSVD", *LPLR_METHODS)
 K_NEIGHBOURS = 3
 BITS = (8, 8)
 SPLIT_SEED = 0
@@ -186,8 +186,8 @@ def _compress(ctx: Context, data: Dataset, method: str, b_nq: int) -> tuple[np.n
             M_hat = L @ R
         else:
             M_hat = lplr_reconstruct(
-                M, ctx.work, f"{data.name.split()[0]}-{g}", bits=BITS, match_nq=b_nq, quantizer=LPLR_QUANTIZERS[method],
-                seed=0, verbose=ctx.args.verbose,
+                M, ctx.work, f"{data.name.split()[0]}-{g}", bits=BITS, match_nq=b_nq, seed=0,
+                verbose=ctx.args.verbose, **LPLR_METHODS[method],
             )
         if M_hat is None:  # fair rank 0: too small to gain from a factorization
             M_hat = M
@@ -249,8 +249,10 @@ def _body(ctx: Context) -> Path:
         "the training set; in parentheses the relative Frobenius error ‖X − X̂‖_F / ‖X‖_F of the "
         f"whole training matrix. B1 = B2 = {BITS[0]}; rank k is the fair rank against B_nq-bit NQ "
         "(per class for digits: the range over the classes). Baselines use the paper's quantizer; "
-        "LPLR runs lplr_dask.compress (seed 0) with quantizer 'paper' or 'default' (per-channel "
-        "scales, GPTQ rounding of R: channel:channel-gptq). Matrices are compressed in tall "
+        "LPLR runs lplr_dask.compress (seed 0): LPLR (paper) is the paper's method, its sketch of k "
+        "columns (oversample=0) and its quantizer; LPLR (default) keeps the library's defaults, k extra "
+        "sketch columns (L from their top k directions) and per-channel scales with GPTQ rounding of R "
+        "(channel:channel-gptq). Matrices are compressed in tall "
         "orientation. Paper (IMDB / BERT): LPLR 73/74/75%, "
         "NQ 50/50/73% at B_nq = 1/2/4, uncompressed 75%.\n\n"
         + "\n".join(f"- {d.name}: {d.description}." for d in datasets)

