@@ -207,8 +207,8 @@ def lplr_codes(
 
     ``S = sketch_matrix(seed, STREAM_S, d, ℓ, scale=1/sqrt(ℓ))`` with ℓ = k + p columns (p from
     ``oversample`` as compress() resolves it), ``Y = A·S``, with p > 0 ``Y ← Y·M`` (M from
-    :func:`lplr_dask.factorize.sketch_rotation` of ``YᵀY``), and ``W = pinv(L̂)·A`` in float64, the pseudo-inverse cutting singular values below
-    ``max(n, k)·eps·σ_max`` as :func:`lplr_dask.factorize.pinv_factor` does. With nearest
+    :func:`lplr_dask.factorize.sketch_rotation` of ``YᵀY``), and ``W = pinv(L̂)·A`` in float64,
+    the pseudo-inverse cutting singular values below ``max(n, k)·eps·σ_max`` as :func:`lplr_dask.factorize.pinv_factor` does. With nearest
     rounding the codes equal compress()'s except at exact rounding ties; stochastic rounding
     draws differ (compress() seeds one stream per block). gptq rounding of R feeds its errors
     through ``L̂ᵀ·L̂`` as compress() does: a tie that rounds the other way there moves the codes

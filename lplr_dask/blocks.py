@@ -12,10 +12,10 @@ blocks are always float64. Each block's own product runs in the *precision* aske
   to float32: the GEMM costs half as much, which on a CPU is most of a pass (one float64 GEMM of
   a 4096² chunk with k = 256 takes twice as long as reading and decoding the chunk). Results
   move at the 1e-7 level with the chunking: a code of L can move by one level where a value
-  lies that close to a rounding boundary (about 1 in 10⁵), and R, solved against that L, then
-  moves by one level in about 1% of its codes (by a few levels in more of them with gptq
-  rounding, which feeds each rounding error on to the next row); the error changes by about
-  1e-5 of itself (``tests/test_api.py``).
+  lies near a rounding boundary (about 1 in 10⁵ with the paper's sketch; more with the default
+  range oversampling, whose top directions move by that noise over the spectral gap), and R,
+  solved against that L, then moves in some of its codes (measured in :func:`lplr_dask.compress`'s
+  ``precision``); the error changes by about 1e-5 of itself (``tests/test_api.py``).
 
 :func:`compute_dtype` turns ``"auto"`` into float32 for float32 (and narrower) input and float64
 otherwise: a float32 matrix carries no more than float32's precision into the products anyway.

@@ -46,14 +46,16 @@ def _storage_options(text: str) -> dict[str, Any]:
 
 
 def _oversample(text: str) -> int:
+    """``--oversample``, checked as :func:`lplr_dask.factorize.check_oversample` checks the API's."""
+    from lplr_dask.factorize import check_oversample
+
     try:
         value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
+        check_oversample(value)
+    except ValueError:  # int()'s, and check_oversample's LplrValueError
         raise argparse.ArgumentTypeError(
             f"expected extra sketch columns as an integer >= 0 (0: the paper's sketch of exactly k columns), got {text!r}"
-        )
+        ) from None
     return value
 
 

@@ -202,9 +202,8 @@ def compress_group(
                 factors = compress(
                     member(location, name), target, rank=k, bits=bits, passes=passes,
                     power_iters=power_iters, oversample=oversample, quantizer=quantizer, seed=seed,
-                    overwrite=not resume,
-                    resume=resume, device=device, storage_options=storage_options, precision=precision,
-                    log=log,
+                    overwrite=not resume, resume=resume, device=device, storage_options=storage_options,
+                    precision=precision, log=log,
                 )
                 if evaluate:
                     evaluate_error(member(location, name), factors, storage_options=storage_options)
