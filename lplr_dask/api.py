@@ -11,7 +11,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from lplr_dask import budget, chunking, factorize, store
+from lplr_dask import budget, chunking, factorize, guard, store
 from lplr_dask.errors import LplrTypeError, LplrValueError, StoreFormatError
 from lplr_dask.factors import Factors, open_factors, relative_error
 from lplr_dask.quantize import QuantizerSpec, check_bits, quantizer_pair
@@ -200,6 +200,7 @@ def compress(
     compute_dtype(np.float32, precision)  # rejects a bad name before anything is read
     seed = _seed(seed)
     spec_l, spec_r = quantizer_pair(quantizer)
+    guard.check_output(out, [source], overwrite=overwrite, storage_options=storage_options)
     if target_error is not None:
         if rank is not None or bits_per_entry is not None or match_nq is not None:
             raise LplrValueError("Give target_error (--target-error) alone, without rank, bits_per_entry or match_nq.")
@@ -237,34 +238,66 @@ def compress(
     )
     A = chunking.plan(A, params, source=src.path, log=log)
     path = os.fspath(out)
-    meta = _start(path, src, A, params, overwrite=overwrite, resume=resume, device=device, storage_options=storage_options)
-    if meta.get("complete"):
-        log(f"{path}: already complete; nothing to do")
-        return open_factors(path, storage_options=storage_options)
+    if store.exists(path, storage_options) and not (overwrite or resume):
+        store.clear(path, overwrite=False, storage_options=storage_options,
+                    hint=", or --resume (resume=True) to finish an interrupted job")
+    lock = guard.StoreLock(path, storage_options)
+    with _client(log, device) as client:
+        chunking.check_memory(A, params, client, source=src.path, log=log)
+        meta = _start(path, src, A, params, lock, overwrite=overwrite, resume=resume, device=device,
+                      storage_options=storage_options)
+        try:
+            if meta.get("complete"):
+                log(f"{path}: already complete; nothing to do")
+                return open_factors(path, storage_options=storage_options)
+            meta = _run(A, path, params, meta, lock, resume=resume, storage_options=storage_options, log=log)
+        finally:
+            lock.release()
+    return open_factors(path, storage_options=storage_options)
+
+
+def _run(
+    A: Any, path: str, params: factorize.Params, meta: dict[str, Any], lock: guard.StoreLock, *, resume: bool,
+    storage_options: dict[str, Any] | None, log: Callable[[str], None],
+) -> dict[str, Any]:
+    """Run the passes on a started store; on failure leave it resumable, or remove a fresh one
+    that failed (not was interrupted) before anything worth resuming."""
     n, d = A.shape
-    log(f"compress {n}x{d} {A.dtype} -> {path}: rank {k}, bits {bits}, quantizer {params.quantizer}, passes {passes}")
+    k, bits = params.rank, params.bits
+    log(f"compress {n}x{d} {A.dtype} -> {path}: rank {k}, bits {bits}, quantizer {params.quantizer}, passes {params.passes}")
     t0 = time.perf_counter()
     fresh = meta["stage"] == "started" and not resume
     try:
-        with _client(log, device):
-            meta = factorize.run(A, store.locate(path, storage_options), params, meta, log=log)
-    except BaseException:
+        meta = factorize.run(A, store.locate(path, storage_options), params, meta, log=log)
+    except BaseException as e:
+        if not lock.owned():  # another job replaced the store meanwhile: leave its files alone
+            raise
         group = store.open_group(path, storage_options=storage_options)
-        if fresh and store.read_meta(group, require_complete=False)["stage"] == "started":
+        started = store.read_meta(group, require_complete=False)["stage"] == "started"
+        if fresh and started and isinstance(e, Exception):
             store.remove(path, storage_options)  # failed before anything worth resuming: leave nothing behind
         else:
             log(f"{path}: incomplete; finish it with --resume (same arguments)")
         raise
     meta["timings"]["total"] = round(time.perf_counter() - t0 + meta["timings"].get("total", 0.0), 3)
     store.write_meta(store.open_group(path, mode="r+", storage_options=storage_options), meta)
-    return open_factors(path, storage_options=storage_options)
+    return meta
 
 
 def _start(
-    path: str, src: Source, A: Any, params: factorize.Params, *, overwrite: bool, resume: bool, device: str,
-    storage_options: dict[str, Any] | None = None,
+    path: str, src: Source, A: Any, params: factorize.Params, lock: guard.StoreLock, *, overwrite: bool,
+    resume: bool, device: str, storage_options: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Create the output (or reopen it for ``resume``) and return its attrs."""
+    """Create the output (or reopen it for ``resume``), take its lock, and return its attrs.
+
+    Raises
+    ------
+    OutputLockedError
+        If another job is writing the output.
+    StoreFormatError
+        If ``resume`` finds a store started with other parameters, or of an input that changed.
+    """
+    current = guard.fingerprint(src, A, storage_options=storage_options)
     if resume and store.exists(path, storage_options):
         group = store.open_group(path, mode="r+", storage_options=storage_options)
         meta = store.read_meta(group, require_complete=False, path=path)
@@ -278,12 +311,17 @@ def _start(
                 f"Cannot resume {path!r}: it was started with different {', '.join(changed)}. "
                 "Rerun with the same arguments, or with --overwrite to start over."
             )
+        guard.check_fingerprint(meta.get("source", {}).get("fingerprint"), current, out=path, source=src.path)
+        lock.acquire()
         return meta
+    if store.exists(path, storage_options):
+        lock.check_free()  # a running job's output is not replaced under it
     group = store.create_group(path, overwrite=overwrite, storage_options=storage_options)
+    lock.acquire()
     meta = {
         "format": store.FORMAT_NAME,
         "version": store.FORMAT_VERSION,
-        "source": describe(src, A),
+        "source": {**describe(src, A), "fingerprint": current},
         **params.as_attrs(),
         "device": device,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

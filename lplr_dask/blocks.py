@@ -98,14 +98,42 @@ def _panels(a: Any, dtype: Any = np.float64) -> Iterator[tuple[slice, Any]]:
         yield rows, panel
 
 
+def _where(a: Any, r0: int, c0: int) -> str:
+    return f"the chunk at rows {r0}:{r0 + a.shape[0]}, columns {c0}:{c0 + a.shape[1]}"
+
+
+def _magnitude(a: Any, r0: int, c0: int, check: bool) -> float:
+    """``max |a|`` (two reductions, no temporary); raise NonFiniteError naming the chunk if
+    ``check`` and the chunk itself holds a NaN or Inf."""
+    m = max(float(a.max()), -float(a.min()))
+    if check and not np.isfinite(m):
+        raise NonFiniteError(
+            f"The input holds NaN or Inf in {_where(a, r0, c0)}. Replace or drop non-finite values "
+            "(for example with numpy.nan_to_num) and run again."
+        )
+    return m
+
+
+#: A chunk whose largest magnitude lies outside ``2**±RESCALE_EXPONENT[dtype]`` is scaled by a
+#: power of two (exactly) before its products, so their squares neither overflow nor underflow.
+RESCALE_EXPONENT = {np.dtype(np.float32): 40, np.dtype(np.float64): 400}
+
+
+def _rescale_exponent(m: float, dtype: np.dtype) -> int:
+    """0 if a chunk of largest magnitude ``m`` is safe in ``dtype``, else e with ``m·2^-e`` in [0.5, 1)."""
+    bound = RESCALE_EXPONENT[np.dtype(dtype)]
+    if m == 0 or not np.isfinite(m) or 2.0**-bound <= m <= 2.0**bound:
+        return 0
+    return int(np.frexp(m)[1])
+
+
 def _check_finite(part: Any, a: Any, r0: int, c0: int) -> None:
-    """Raise NonFiniteError naming the block if the product shows a NaN or Inf in ``a``."""
+    """Raise if a product of a finite chunk overflowed (float32 products of huge values)."""
     xp = array_namespace(part)
     if not bool(xp.isfinite(part).all()):
-        raise NonFiniteError(
-            f"The input holds NaN or Inf in the chunk at rows {r0}:{r0 + a.shape[0]}, columns "
-            f"{c0}:{c0 + a.shape[1]}. Replace or drop non-finite values (for example with "
-            "numpy.nan_to_num) and run again."
+        raise LplrValueError(
+            f"The products of {_where(a, r0, c0)} overflow {part.dtype} (its values are finite but too "
+            "large for it). Compress with --precision float64 (precision='float64')."
         )
 
 
@@ -134,6 +162,9 @@ def _sketch_block(
     xp = array_namespace(a)
     dtype = compute_dtype(a.dtype, precision)
     rows_, cols = a.shape
+    e = _rescale_exponent(_magnitude(a, r0, c0, check), dtype) if (check or sumsq) else 0
+    if e:  # an exact power-of-two scaling: the products of tiny or huge values stay in range
+        a = a * xp.asarray(2.0**-e, dtype=a.dtype)
     width = sum(w for _, w, _ in streams) + int(sumsq)
     s = (
         xp.concatenate([sketch_rows(seed, st, c0, c0 + cols, w, scale=sc, xp=xp) for st, w, sc in streams], axis=1)
@@ -156,6 +187,11 @@ def _sketch_block(
         for product in (right, out):
             if product is not None:
                 _check_finite(product, a, r0, c0)
+    if e:  # undo the scaling in float64, where the results fit
+        right = None if right is None else right.astype(np.float64) * 2.0**e
+        if sumsq:
+            right[:, -1] *= 2.0**e  # squares: scaled twice
+        out = None if out is None else out.astype(np.float64) * 2.0**e
     return (None if right is None else right[None]), (None if out is None else out[None])
 
 

@@ -39,6 +39,7 @@ __all__ = [
     "task_bytes",
     "suggested_chunks",
     "plan",
+    "check_memory",
     "worker_memory_peaks",
 ]
 
@@ -174,6 +175,88 @@ def plan(A: da.Array, params: Params, *, source: str | None = None, log: Callabl
             f"{_rechunk_hint(source, better)}. {found}"
         )
     return A
+
+
+#: The share of a worker thread's memory (its limit over its threads) that one task may take:
+#: distributed pauses a worker at 80% of its limit and restarts it at 95%, and the worker process
+#: itself and the data it holds for other tasks need the rest.
+TASK_SHARE = 0.6
+
+
+def check_memory(
+    A: da.Array, params: Params, client: Any, *, source: str | None = None, log: Callable[[str], None]
+) -> None:
+    """Refuse, before anything is read, a chunking whose tasks cannot fit the workers' memory.
+
+    Parameters
+    ----------
+    A : dask array of shape (n, d)
+        The input as it will be read (after :func:`plan`).
+    params : lplr_dask.factorize.Params
+        The rank, test columns and passes that size the products.
+    client : distributed.Client or None
+        Whose workers' memory limits count; nothing is checked without one, or before any
+        worker has joined (a batch cluster whose jobs still queue).
+    source : str, optional
+        Where A was read from, quoted in the ``lplr convert`` command of the error.
+    log : callable
+        Receives a warning when a task takes more than half its share.
+
+    Raises
+    ------
+    LplrValueError
+        If one task's estimated memory (:func:`task_bytes`) exceeds :data:`TASK_SHARE` of the
+        smallest worker's memory limit divided by its threads.
+    """
+    from lplr_dask.errors import LplrValueError
+
+    budget = _thread_memory(client)
+    if budget is None:
+        return
+    limit, threads = budget
+    share = limit / threads
+    chunk = (int(A.chunks[0][0]), int(A.chunks[1][0]))
+    itemsize = np.dtype(A.dtype).itemsize
+    oversample = params.oversample if params.passes == 1 else None
+    args = (itemsize, params.rank, params.test_columns, oversample, params.range_oversample)
+    need = task_bytes(chunk, *args)
+    if need <= TASK_SHARE * share:
+        if need > TASK_SHARE * share / 2:
+            log(f"note: each task needs about {need / _MiB:,.0f} MiB of the {share / _MiB:,.0f} MiB a worker thread has")
+        return
+    fit = _fitting_chunks(chunk, lambda c: task_bytes(c, *args) <= TASK_SHARE * share / 2)
+    where = source or "IN"
+    raise LplrValueError(
+        f"Each task would need about {need / _MiB:,.0f} MiB (a {chunk[0]}x{chunk[1]} chunk at rank "
+        f"{params.rank}), but the workers have {share / _MiB:,.0f} MiB per thread ({limit / _MiB:,.0f} MiB "
+        f"over {threads} threads): they would run out of memory. Rewrite the input with smaller chunks: "
+        f"`lplr convert {where} SMALLER.zarr --chunks {fit[0]}x{fit[1]}`, or give each worker more memory "
+        "(--memory-limit) or fewer threads (--threads-per-worker)."
+    )
+
+
+def _thread_memory(client: Any) -> tuple[int, int] | None:
+    """(memory limit, threads) of the worker with the least memory per thread, or None."""
+    if client is None:
+        return None
+    try:
+        workers = client.scheduler_info()["workers"].values()
+    except Exception:  # noqa: BLE001 - no scheduler info: nothing to check against
+        return None
+    sized = [(int(w.get("memory_limit") or 0), max(int(w.get("nthreads") or 1), 1)) for w in workers]
+    sized = [s for s in sized if s[0] > 0]
+    return min(sized, key=lambda s: s[0] / s[1]) if sized else None
+
+
+def _fitting_chunks(chunk: tuple[int, int], fits: Callable[[tuple[int, int]], bool]) -> tuple[int, int]:
+    """``chunk`` with its longer side halved until ``fits`` (at least 256 on each side)."""
+    r, c = chunk
+    while not fits((r, c)) and max(r, c) > 256:
+        if r >= c:
+            r = max(256, r // 2)
+        else:
+            c = max(256, c // 2)
+    return r, c
 
 
 def _reset_peak() -> None:

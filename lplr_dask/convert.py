@@ -57,10 +57,16 @@ def convert(
         For a missing or ambiguous source.
     OutputExistsError
         If ``out`` exists and ``overwrite`` is false.
+    LplrValueError
+        If ``out`` is, contains or lies inside the source, or ``overwrite`` would replace
+        something this tool did not write (:func:`lplr_dask.guard.check_output`).
     """
     from lplr_dask.cluster import print_to_stderr
 
     log = log or print_to_stderr
+    from lplr_dask.guard import check_output
+
+    check_output(out, [source], overwrite=overwrite, storage_options=storage_options)
     src = read_source(source, storage_options=storage_options, chunks=chunks)
     A = src.array
     if src.format in ("zarr", "dask") and chunks != "auto":

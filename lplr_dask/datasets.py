@@ -112,6 +112,9 @@ def generate(
     OutputExistsError
         If ``out`` exists and ``overwrite`` is false.
     """
+    from lplr_dask.guard import check_output
+
+    check_output(out, [], overwrite=overwrite)
     A = synthetic(shape, chunks=chunks, **kwargs)
     if store.exists(out):
         if not overwrite:

@@ -161,12 +161,14 @@ def compress_group(
     from lplr_dask.api import compress
     from lplr_dask.api import evaluate as evaluate_error
     from lplr_dask.cluster import get_client, print_to_stderr
+    from lplr_dask.guard import check_output
 
     log = log or print_to_stderr
     rule = _check_rule(rank, bits_per_entry, match_nq)
     if overwrite and resume:
         raise LplrValueError("Give at most one of overwrite (--overwrite) and resume (--resume).")
     location = os.fspath(source)
+    check_output(out, [location], overwrite=overwrite, storage_options=storage_options)
     arrays = list_arrays(location, storage_options=storage_options)
     if not arrays:
         raise LplrValueError(f"Expected a group holding arrays. {location!r} holds none.")
