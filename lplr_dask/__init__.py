@@ -15,6 +15,7 @@ from lplr_dask.errors import (
     LplrValueError,
     NonFiniteError,
     OutputExistsError,
+    OutputLockedError,
     SourceNotFoundError,
     StoreFormatError,
 )
@@ -44,6 +45,7 @@ __all__ = [
     "LplrTypeError",
     "SourceNotFoundError",
     "OutputExistsError",
+    "OutputLockedError",
     "StoreFormatError",
     "NonFiniteError",
 ]

@@ -11,6 +11,7 @@ __all__ = [
     "LplrTypeError",
     "SourceNotFoundError",
     "OutputExistsError",
+    "OutputLockedError",
     "StoreFormatError",
     "NonFiniteError",
 ]
@@ -34,6 +35,10 @@ class SourceNotFoundError(LplrError, FileNotFoundError):
 
 class OutputExistsError(LplrError, FileExistsError):
     """The output exists and neither ``overwrite`` nor ``resume`` was given."""
+
+
+class OutputLockedError(LplrError, FileExistsError):
+    """Another job is writing the output: its lock file is present and its process alive."""
 
 
 class StoreFormatError(LplrValueError):

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from lplr_dask.errors import LplrError, LplrValueError, StoreFormatError
+from lplr_dask.errors import LplrValueError, OutputLockedError, StoreFormatError
 
 __all__ = [
     "TOOL_ATTRS",
@@ -51,10 +51,6 @@ LOCK_NAME = ".lplr-lock.json"
 FINGERPRINT_CHUNKS = 8
 #: Bytes hashed at each of a few places of a file input (``.npy``, HDF5, safetensors).
 FINGERPRINT_WINDOW = 2**16
-
-
-class OutputLockedError(LplrError, FileExistsError):
-    """Another job is writing the output (its lock file is present and its process alive)."""
 
 
 # --------------------------------------------------------------------------------------------
