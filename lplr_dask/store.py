@@ -61,6 +61,11 @@ __all__ = [
     "read_chunks",
     "damage_message",
     "check_chunks_present",
+    "open_array",
+    "chunk_coords",
+    "error_text",
+    "DECODE_ERRORS",
+    "decode_problem",
 ]
 
 FORMAT_NAME = "lplr-zarr"
@@ -292,7 +297,7 @@ def open_group(path: Location, mode: str = "r", *, storage_options: StorageOptio
             f"Expected an lplr store (a Zarr v3 group) at {where!r}. Found a Zarr array."
         ) from e
     except (ValueError, TypeError, KeyError) as e:  # a corrupt zarr.json: JSON or metadata errors
-        raise _damaged(os.fspath(where), f"its zarr.json is unreadable ({_one_line(e)})") from e
+        raise _damaged(os.fspath(where), f"its zarr.json is unreadable ({error_text(e)})") from e
 
 
 def write_meta(group: zarr.Group, meta: dict[str, Any]) -> None:
@@ -396,7 +401,7 @@ def read_small(group: zarr.Group, name: str, *, where: str = "", version: int = 
         If the array is missing or its chunk does not decode (naming ``name`` and the store).
     """
     where = where or str(group.store_path)
-    arr = _open_array(group, name, where)
+    arr = open_array(group, name, where)
     return _decoded(arr, name, where, (slice(None),) * arr.ndim, version=version)
 
 
@@ -488,14 +493,14 @@ def _damaged(where: str, what: str, *, version: int = FORMAT_VERSION) -> StoreFo
     return StoreFormatError(f"{where}: {what} — {fix}")
 
 
-def _open_array(group: zarr.Group, name: str, where: str) -> zarr.Array:
+def open_array(group: zarr.Group, name: str, where: str) -> zarr.Array:
     """``group[name]``, or a StoreFormatError naming the array when it is missing or unreadable."""
     try:
         arr = group[name]
     except KeyError:
         raise _damaged(where, f"array {name} is missing") from None
     except Exception as e:  # noqa: BLE001 - a corrupt zarr.json: JSON, metadata or codec errors
-        raise _damaged(where, f"array {name} has unreadable metadata ({name}/zarr.json: {_one_line(e)})") from e
+        raise _damaged(where, f"array {name} has unreadable metadata ({name}/zarr.json: {error_text(e)})") from e
     if not isinstance(arr, zarr.Array):
         raise _damaged(where, f"array {name} is a group, not an array")
     return arr
@@ -518,7 +523,7 @@ def open_arrays(group: zarr.Group, meta: dict[str, Any], where: str) -> dict[str
     bits = dict(zip("LR", meta["bits"]))
     arrays = {}
     for name in schema.ARRAYS:
-        arr = _open_array(group, name, where)
+        arr = open_array(group, name, where)
         dtype = code_dtype(bits[name[0]]) if name.endswith("/codes") else np.dtype(np.float64)
         if tuple(arr.shape) != shapes[name] or arr.dtype != dtype:
             raise StoreFormatError(
@@ -535,7 +540,8 @@ def chunk_key(arr: zarr.Array, coords: tuple[int, ...]) -> str:
     return arr.metadata.encode_chunk_key(coords)
 
 
-def _chunk_coords(arr: zarr.Array) -> list[tuple[int, ...]]:
+def chunk_coords(arr: zarr.Array) -> list[tuple[int, ...]]:
+    """The coordinates of every chunk of ``arr``, in C order."""
     import itertools
 
     return list(itertools.product(*(range(c) for c in arr.cdata_shape)))
@@ -548,7 +554,7 @@ def missing_chunks(arr: zarr.Array) -> list[str]:
     prefix = arr.store_path.path.rstrip("/")
     prefix = prefix + "/" if prefix else ""
     present = {key[len(prefix):] for key in collect_aiterator(arr.store_path.store.list_prefix(prefix))}
-    return [key for key in map(lambda c: chunk_key(arr, c), _chunk_coords(arr)) if key not in present]
+    return [key for key in map(lambda c: chunk_key(arr, c), chunk_coords(arr)) if key not in present]
 
 
 def damage_message(where: str, problems: list[dict[str, str]], *, version: int = FORMAT_VERSION) -> str:
@@ -584,13 +590,22 @@ def check_chunks_present(arrays: dict[str, zarr.Array], where: str, *, version: 
         raise StoreFormatError(damage_message(where, problems, version=version))
 
 
-def _one_line(e: BaseException) -> str:
+def error_text(e: BaseException) -> str:
+    """``TypeName: message`` on one line."""
     return f"{type(e).__name__}: {e}".replace("\n", " ")
 
 
 #: What a codec raises on bytes it cannot decode: the checksum's ValueError, Zstd's RuntimeError,
 #: Blosc's and numcodecs' ValueError, TypeError or EOFError on short input.
 DECODE_ERRORS = (ValueError, RuntimeError, TypeError, EOFError)
+
+
+def decode_problem(e: BaseException) -> str:
+    """What a chunk that raised ``e`` (one of :data:`DECODE_ERRORS`) while decoding has: the text
+    after the chunk's name in :func:`damage_message`."""
+    if "checksum" in str(e):
+        return "fails its crc32c checksum (truncated or altered)"
+    return f"cannot be decoded ({error_text(e)})"
 
 
 def _chunk_of(arr: zarr.Array, index: tuple[Any, ...]) -> tuple[int, ...]:
@@ -612,7 +627,7 @@ def _decoded(
         block = np.asarray(arr[index])
     except DECODE_ERRORS as e:
         key = chunk_key(arr, _chunk_of(arr, index))
-        raise _damaged(where, f"chunk {name} {key} cannot be decoded ({_one_line(e)})", version=version) from e
+        raise _damaged(where, f"chunk {name} {key} {decode_problem(e)}", version=version) from e
     if block.size and not block.any():
         from zarr.core.sync import sync
 
