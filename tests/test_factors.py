@@ -150,7 +150,8 @@ def test_slicing_reads_only_the_chunks_it_needs(stored, tmp_path, key, l_chunks,
     np.testing.assert_allclose(
         g[key].compute(scheduler="threads"), _orthogonal(dense.astype(np.float32), key), rtol=1e-6, atol=1e-6 * np.abs(dense).max()
     )
-    with pytest.raises(StoreFormatError, match=r"chunk [LR]/codes c/\d/\d fails its crc32c checksum"):  # the whole of L·R reads them
+    # the corruption bites: the whole of L·R reads the corrupted chunks
+    with pytest.raises(StoreFormatError, match=r"chunk [LR]/codes c/\d/\d fails its crc32c checksum"):
         g.to_dask().compute(scheduler="threads")
 
 
@@ -243,7 +244,8 @@ def _write(path: str, text: str) -> None:
      "array L/codes has unreadable metadata (L/codes/zarr.json: JSONDecodeError: "),
     (lambda p: shutil.rmtree(os.path.join(p, "L", "scale")), "array L/scale is missing — "),
     (lambda p: os.remove(os.path.join(p, "R", "offset", "c", "0", "0")), "chunk R/offset c/0/0 is missing — "),
-    (lambda p: _write(os.path.join(p, "L", "scale", "c", "0", "0"), "xx"), "chunk L/scale c/0/0 fails its crc32c checksum"),
+    (lambda p: _write(os.path.join(p, "L", "scale", "c", "0", "0"), "xx"),
+     "chunk L/scale c/0/0 fails its crc32c checksum"),
 ], ids=["root zarr.json", "array zarr.json", "no L/scale", "no R/offset chunk", "bad L/scale chunk"])
 def test_open_factors_names_damaged_metadata_and_small_arrays(tmp_path, damage, message):
     path = _damaged_copy(tmp_path, damage)

@@ -178,6 +178,7 @@ def test_verify_a_compress_group_output(client, tmp_path):
     assert (report["arrays_checked"], report["chunks_checked"]) == (7, 11)
     delete(os.path.join(out, "b", "c", "1"))
     truncate(os.path.join(out, "w", "R", "codes", "c", "0", "1"))
-    with pytest.raises(StoreFormatError, match="^" + re.escape(f"{out}: 2 chunks are damaged: ") + f".* — {FIX}$") as e:
+    pattern = "^" + re.escape(f"{out}: 2 chunks are damaged: ") + f".* — {FIX}$"
+    with pytest.raises(StoreFormatError, match=pattern) as e:
         verify(out)
     assert "b c/1 is missing" in str(e.value) and "w/R/codes c/0/1 fails its crc32c checksum" in str(e.value)
