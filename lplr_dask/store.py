@@ -462,9 +462,29 @@ def write_array(
     try:
         compute(label, da.store(A, arr, lock=False, compute=False))
     except BaseException:
-        remove(out, storage_options)
+        _discard(out, storage_options)
         raise
     return arr
+
+
+def _discard(path: str | os.PathLike[str], storage_options: StorageOptions = None, *, wait: float = 2.0) -> None:
+    """Remove the output of a failed write, never raising over the failure.
+
+    When one task fails, others already running go on writing their chunks for a moment (a
+    local ``rmtree`` then meets a directory that fills again, "Directory not empty"), so the
+    removal is retried until the path stays gone for one pause, for ``wait`` seconds at most.
+    """
+    import time
+
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            remove(path, storage_options)
+        except OSError:
+            pass
+        time.sleep(0.1)
+        if not exists(path, storage_options) or time.monotonic() > deadline:
+            return
 
 
 def _jsonable(x: Any) -> Any:

@@ -182,3 +182,17 @@ def test_verify_a_compress_group_output(client, tmp_path):
     with pytest.raises(StoreFormatError, match=pattern) as e:
         verify(out)
     assert "b c/1 is missing" in str(e.value) and "w/R/codes c/0/1 fails its crc32c checksum" in str(e.value)
+
+
+def test_cli_decompress_of_a_damaged_store_is_one_line_exit_2(client, stored, tmp_path, capsys):
+    from lplr_dask.cli import main
+
+    root = os.fspath(tmp_path / "t.lplr.zarr")
+    shutil.copytree(stored, root)
+    bit_flip(_chunk(root, "R/codes", "c/0/1"))
+    out = tmp_path / "recon.zarr"
+    assert main(["decompress", root, os.fspath(out), "--quiet"]) == 2  # the test's client is current
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error")]
+    assert errors == [f"error: {root}: chunk R/codes c/0/1 fails its crc32c checksum (truncated or altered) — {FIX}"], err
+    assert not out.exists()  # nothing half-written left behind
