@@ -22,6 +22,7 @@ from lplr_dask.errors import (
 from lplr_dask.factors import Factors, open_factors
 from lplr_dask.group import compress_group
 from lplr_dask.quantize import QuantizerSpec, dequantize, quantize
+from lplr_dask.verify import verify
 
 __all__ = [
     "compress",
@@ -29,6 +30,7 @@ __all__ = [
     "convert",
     "evaluate",
     "open_factors",
+    "verify",
     "Factors",
     "quantize",
     "dequantize",

@@ -6,7 +6,8 @@ allows never exceeds the budget:
 
 - **codes**: at most ``SLACK × entries × B/8`` bytes plus :data:`CHUNK_OVERHEAD` per chunk. Bit-shuffled
   Blosc stores B-bit codes in B/8 of their uint8 size whatever their values (measured 1.00–1.02,
-  plus about 45 bytes of headers per chunk); the store switches to Zstd only where a sample of
+  plus about 45 bytes of headers and the 4-byte crc32c of format version 2 per chunk; every chunk
+  is stored); the store switches to Zstd only where a sample of
   the codes comes out smaller (:func:`lplr_dask.store.codes_compressor`), so the bound holds and
   a store usually comes in under it;
 - **scales and offsets**: 8 bytes per value (float64), one value for ``tensor``, k for
@@ -33,6 +34,7 @@ from typing import TYPE_CHECKING, Callable, NamedTuple, Sequence
 
 from lplr_dask.errors import LplrValueError
 from lplr_dask.quantize import QuantizerSpec, parse_quantizer
+from lplr_dask.store import CHECKSUM_BYTES
 
 if TYPE_CHECKING:
     import dask.array as da
@@ -50,8 +52,9 @@ __all__ = [
 
 #: Codes may take this much more than ``entries × B / 8`` bytes (issue 5's bound).
 SLACK = 1.05
-#: Bytes of headers per stored chunk, an upper bound (Blosc and Zstd headers: about 45 measured).
-CHUNK_OVERHEAD = 64
+#: Bytes of headers per stored chunk, an upper bound: Blosc and Zstd headers (about 45 measured)
+#: and the chunk's crc32c checksum (:data:`lplr_dask.store.CHECKSUM_BYTES`).
+CHUNK_OVERHEAD = 64 + CHECKSUM_BYTES
 #: Bytes of Zarr metadata documents and attrs, an upper bound (about 5 KB measured).
 METADATA_BYTES = 16 * 1024
 #: The (B1, B2) pairs :func:`choose` considers. Mostly B1 ≤ B2: least squares onto the quantized

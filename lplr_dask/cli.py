@@ -158,6 +158,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dtype written (default: the source's; bfloat16 sources are written as float32)")
     d.add_argument("--overwrite", action="store_true")
     common(d)
+
+    vf = sub.add_parser(
+        "verify", help="read every chunk of a store once: present, checksum, codes in range, finite scales",
+        description="Read every chunk of an *.lplr.zarr store (or of a compress-group output) once and check "
+        "it: present, decodes with its checksum, codes below 2^bits, scales finite. Exit 0 when clean; "
+        "exit 2 with one line naming the damaged chunks.",
+        epilog="example: lplr verify OUT.lplr.zarr --json",
+    )
+    vf.add_argument("store", help="the *.lplr.zarr store or compress-group output to check (path or URL)")
+    common(vf)
     return p
 
 
@@ -366,6 +376,16 @@ def _cmd_decompress(args: argparse.Namespace, log: Callable[[str], None]) -> dic
             "seconds": round(time.perf_counter() - t0, 3)}
 
 
+def _cmd_verify(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
+    from lplr_dask.cluster import client_from_args
+    from lplr_dask.store import open_group
+    from lplr_dask.verify import verify
+
+    open_group(args.store, storage_options=args.storage_options)  # no store: fail before a cluster starts
+    with client_from_args(args, log=log):
+        return verify(args.store, storage_options=args.storage_options, log=log)
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace, Callable[[str], None]], dict[str, Any]]] = {
     "generate": _cmd_generate,
     "convert": _cmd_convert,
@@ -374,6 +394,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, Callable[[str], None]], dict[s
     "info": _cmd_info,
     "evaluate": _cmd_evaluate,
     "decompress": _cmd_decompress,
+    "verify": _cmd_verify,
 }
 
 

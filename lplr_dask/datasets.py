@@ -105,7 +105,7 @@ def generate(
     chunks: tuple[int, int] = (4096, 4096),
     **kwargs: Any,
 ) -> zarr.Array:
-    """Write :func:`synthetic` to a Zarr v3 array at ``out``, chunk by chunk.
+    """Write :func:`synthetic` to a Zarr v3 array at ``out``, chunk by chunk (:func:`lplr_dask.store.write_array`).
 
     Raises
     ------
@@ -116,22 +116,5 @@ def generate(
 
     check_output(out, [], overwrite=overwrite)
     A = synthetic(shape, chunks=chunks, **kwargs)
-    if store.exists(out):
-        if not overwrite:
-            from lplr_dask.errors import OutputExistsError
-
-            raise OutputExistsError(f"{os.fspath(out)!r} already exists. Pass --overwrite to replace it.")
-        store.remove(out)
-    arr = zarr.create_array(
-        os.fspath(out), shape=A.shape, chunks=A.chunksize, dtype=A.dtype,
-        compressors=zarr.codecs.ZstdCodec(level=1), zarr_format=3,
-    )
-    arr.attrs["lplr_generate"] = store._jsonable({k: str(v) if k == "dtype" else v for k, v in kwargs.items()})
-    from lplr_dask.progress import compute
-
-    try:
-        compute(f"generate {shape[0]}x{shape[1]}", da.store(A, arr, lock=False, compute=False))
-    except BaseException:
-        store.remove(out)  # no half-written matrix left behind
-        raise
-    return arr
+    attrs = {"lplr_generate": {k: str(v) if k == "dtype" else v for k, v in kwargs.items()}}
+    return store.write_array(A, out, overwrite=overwrite, attrs=attrs, label=f"generate {shape[0]}x{shape[1]}")

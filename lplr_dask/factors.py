@@ -9,7 +9,7 @@ import dask
 import dask.array as da
 import numpy as np
 
-from lplr_dask import store
+from lplr_dask import schema, store
 from lplr_dask.backend import like
 from lplr_dask.errors import LplrTypeError, LplrValueError
 from lplr_dask.quantize import QuantizerSpec, block_scales, decode_block
@@ -62,7 +62,10 @@ class Factors:
     """A compressed matrix ``A ≈ L·R`` in an ``*.lplr.zarr`` store.
 
     Nothing is read until asked: :meth:`L`, :meth:`R` and :meth:`to_dask` are lazy dask arrays
-    decoded block by block from the codes.
+    decoded block by block from the codes. Opening reads the attrs (checked by
+    :mod:`lplr_dask.schema`), each array's metadata, the scales and offsets, and one listing of
+    each array's chunk keys: a store that lacks a chunk is refused there, and a chunk that fails
+    to decode later raises :class:`~lplr_dask.errors.StoreFormatError` naming it.
 
     Attributes
     ----------
@@ -85,18 +88,27 @@ class Factors:
         self.rank: int = int(self.attrs["rank"])
         self.bits: tuple[int, int] = tuple(self.attrs["bits"])  # type: ignore[assignment]
         q = self.attrs["quantizer"]
-        self._spec = {"L": QuantizerSpec(**q["L"]), "R": QuantizerSpec(**q["R"])}
+        self._spec: dict[str, QuantizerSpec] = {
+            side: schema.parse_quantizer_spec(q[side], self.path, f"quantizer.{side}") for side in ("L", "R")
+        }
+        self._version = int(self.attrs["version"])
+        self._arrays = store.open_arrays(self._group, self.attrs, self.path)
+        store.check_chunks_present(self._arrays, self.path, version=self._version)
+        self._small = {
+            name: store.read_small(self._group, name, where=self.path, version=self._version)
+            for name in self._arrays if not name.endswith("/codes")
+        }
 
     def __repr__(self) -> str:
         n, d = self.shape
         return f"Factors({self.path!r}, shape=({n}, {d}), rank={self.rank}, bits={self.bits})"
 
     def _factor(self, name: str, dtype: Any) -> da.Array:
-        g = self._group
+        codes = f"{name}/codes"
         return decode_factor(
-            da.from_zarr(g[f"{name}/codes"]),
-            store.read_small(g, f"{name}/scale"),
-            store.read_small(g, f"{name}/offset"),
+            store.read_chunks(self._arrays[codes], codes, self.path, version=self._version),
+            self._small[f"{name}/scale"],
+            self._small[f"{name}/offset"],
             self._spec[name],
             channel_axis=1 if name == "L" else 0,
             dtype=dtype,
@@ -268,7 +280,9 @@ def open_factors(path: str | os.PathLike[str], *, storage_options: dict[str, Any
     Raises
     ------
     StoreFormatError
-        If the store is missing, incomplete, or of a newer format version.
+        If the store is missing, incomplete, of a newer format version, or damaged: attrs of
+        the wrong type, a missing or misshapen array, a missing chunk (named), or scales whose
+        chunk does not decode.
     """
     return Factors(path, storage_options=storage_options)
 

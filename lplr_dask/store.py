@@ -11,7 +11,13 @@ Layout::
 
 Group attrs hold ``lplr``: a JSON dict with the format name and version, the source, the
 parameters, timings and errors, and ``complete``, written last. A reader refuses an incomplete
-store or a newer version.
+store or a newer version (:func:`read_meta`, checked by :mod:`lplr_dask.schema`).
+
+Since version 2 every array this package writes stores all of its chunks (a chunk of fill
+values too, so that a missing chunk file is damage, never "all zeros") and ends each chunk with
+a crc32c checksum (:data:`CHECKSUM`). Readers list the chunks of a store when they open it
+(:func:`missing_chunks`, no data read) and read codes through :func:`read_chunks`, which names
+the chunk that fails to decode.
 """
 
 from __future__ import annotations
@@ -23,8 +29,9 @@ from typing import Any, Optional, Union
 import numpy as np
 import zarr
 from zarr.abc.store import Store
-from zarr.codecs import BloscCodec, BloscShuffle, ZstdCodec
+from zarr.codecs import BloscCodec, BloscShuffle, Crc32cCodec, ZstdCodec
 
+from lplr_dask import schema
 from lplr_dask.backend import is_cupy, to_host, to_host_blocks
 from lplr_dask.errors import OutputExistsError, StoreFormatError
 
@@ -48,10 +55,33 @@ __all__ = [
     "codes_bytes",
     "write_array",
     "remove",
+    "open_arrays",
+    "missing_chunks",
+    "chunk_key",
+    "read_chunks",
+    "damage_message",
+    "check_chunks_present",
+    "open_array",
+    "chunk_coords",
+    "error_text",
+    "DECODE_ERRORS",
+    "decode_problem",
 ]
 
 FORMAT_NAME = "lplr-zarr"
-FORMAT_VERSION = 1
+#: 1: the first format. 2: every chunk stored (fill values too) and crc32c-checksummed.
+FORMAT_VERSION = 2
+
+#: The bytes-to-bytes codec that ends every array's codec chain: a crc32c of each stored chunk
+#: (4 bytes), checked on every read, so a truncated or bit-flipped chunk fails loudly.
+CHECKSUM = Crc32cCodec()
+#: Bytes :data:`CHECKSUM` adds to each chunk.
+CHECKSUM_BYTES = 4
+#: Array config of everything written: chunks of fill values are stored too, so a chunk missing
+#: from a version-2 store is damage (a partial copy), not an all-zero chunk left out.
+ALL_CHUNKS: dict[str, Any] = {"write_empty_chunks": True}
+#: Damaged chunks a message names before it says how many more there are.
+NAMED_DAMAGE = 5
 
 
 #: Zstd level of the entropy-coding candidate for codes. Measured on LPLR codes (benchmarks/RESULTS.md,
@@ -144,6 +174,11 @@ def codes_sample(codes: Any, chunks: tuple[int, int]) -> np.ndarray:
 
 def _float_compressor() -> Any:
     return ZstdCodec(level=3)
+
+
+def _checksummed(compressor: Any) -> list[Any]:
+    """The ``compressors`` of an array this package writes: ``compressor`` (if any), then the crc32c."""
+    return [compressor, CHECKSUM] if compressor is not None else [CHECKSUM]
 
 
 #: Where a store is: a local path or fsspec URL, or a zarr Store (see :func:`locate`).
@@ -243,14 +278,26 @@ def create_group(
 
 
 def open_group(path: Location, mode: str = "r", *, storage_options: StorageOptions = None) -> zarr.Group:
-    """Open an existing output group (a local path, an fsspec URL or a Store from :func:`locate`)."""
+    """Open an existing output group (a local path, an fsspec URL or a Store from :func:`locate`).
+
+    Raises
+    ------
+    StoreFormatError
+        If there is no group at ``path``, an array instead, or its ``zarr.json`` is unreadable.
+    """
+    where = path if not isinstance(path, Store) else str(path)
     try:
         return zarr.open_group(locate(path, storage_options), mode=mode, zarr_format=3)
     except (FileNotFoundError, zarr.errors.GroupNotFoundError) as e:  # type: ignore[attr-defined]
-        where = path if not isinstance(path, Store) else str(path)
         raise StoreFormatError(
             f"Expected an lplr store (a Zarr v3 group) at {where!r}. Found none."
         ) from e
+    except zarr.errors.ContainsArrayError as e:  # type: ignore[attr-defined]
+        raise StoreFormatError(
+            f"Expected an lplr store (a Zarr v3 group) at {where!r}. Found a Zarr array."
+        ) from e
+    except (ValueError, TypeError, KeyError) as e:  # a corrupt zarr.json: JSON or metadata errors
+        raise _damaged(os.fspath(where), f"its zarr.json is unreadable ({error_text(e)})") from e
 
 
 def write_meta(group: zarr.Group, meta: dict[str, Any]) -> None:
@@ -259,13 +306,13 @@ def write_meta(group: zarr.Group, meta: dict[str, Any]) -> None:
 
 
 def read_meta(group: zarr.Group, *, require_complete: bool = True, path: str = "") -> dict[str, Any]:
-    """Read and validate the ``lplr`` attrs.
+    """Read and validate the ``lplr`` attrs (:func:`lplr_dask.schema.parse_meta`).
 
     Raises
     ------
     StoreFormatError
-        If the group is not an lplr store, is of a newer format version, or (with
-        ``require_complete``) was not completed.
+        If the group is not an lplr store, is of a newer format version, has an attr of the
+        wrong type, or (with ``require_complete``) was not completed.
     """
     meta = dict(group.attrs.get("lplr") or {})
     where = path or str(group.store_path)
@@ -279,13 +326,8 @@ def read_meta(group: zarr.Group, *, require_complete: bool = True, path: str = "
                 "'lplr_group' list them all."
             )
         raise StoreFormatError(f"{where!r} is not an lplr store: its attrs have no 'lplr' format entry.")
-    version = meta.get("version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise StoreFormatError(
-            f"{where!r} has lplr format version {version!r}; this lplr-dask reads versions up to "
-            f"{FORMAT_VERSION}. Upgrade lplr-dask (pip install -U lplr-dask)."
-        )
-    if require_complete and not meta.get("complete"):
+    schema.parse_meta(meta, where, newest=FORMAT_VERSION)
+    if require_complete and not meta["complete"]:
         raise StoreFormatError(
             f"{where!r} is incomplete (the job that wrote it did not finish). Finish it with "
             "`lplr compress ... --resume` using the same arguments, or rerun with --overwrite."
@@ -315,9 +357,10 @@ def create_codes(
         shape=shape,
         chunks=chunks,
         dtype=code_dtype(bits),
-        compressors=codes_compressor(bits, sample),
+        compressors=_checksummed(codes_compressor(bits, sample)),
         fill_value=0,
         overwrite=True,
+        config=ALL_CHUNKS,
     )
 
 
@@ -335,9 +378,10 @@ def create_float(
         shape=shape,
         chunks=chunks,
         dtype=np.float64,
-        compressors=_float_compressor() if compress else None,
+        compressors=_checksummed(_float_compressor() if compress else None),
         fill_value=0.0,
         overwrite=True,
+        config=ALL_CHUNKS,
     )
 
 
@@ -348,9 +392,17 @@ def write_small(group: zarr.Group, name: str, value: np.ndarray) -> None:
     arr[...] = value
 
 
-def read_small(group: zarr.Group, name: str) -> np.ndarray:
-    """Read a small array whole."""
-    return np.asarray(group[name][...])
+def read_small(group: zarr.Group, name: str, *, where: str = "", version: int = FORMAT_VERSION) -> np.ndarray:
+    """Read a small array whole.
+
+    Raises
+    ------
+    StoreFormatError
+        If the array is missing or its chunk does not decode (naming ``name`` and the store).
+    """
+    where = where or str(group.store_path)
+    arr = open_array(group, name, where)
+    return _decoded(arr, name, where, (slice(None),) * arr.ndim, version=version)
 
 
 def bytes_on_disk(path: str | os.PathLike[str], prefix: str = "", storage_options: StorageOptions = None) -> int:
@@ -388,8 +440,8 @@ def write_array(
 ) -> zarr.Array:
     """Write a dask array to a new Zarr v3 array at ``out``, one whole chunk per task.
 
-    The array is chunked like ``A`` (whose chunks must be regular) and compressed with Zstd.
-    A failed write leaves nothing behind.
+    The array is chunked like ``A`` (whose chunks must be regular) and compressed with Zstd,
+    every chunk stored and checksummed (:data:`CHECKSUM`). A failed write leaves nothing behind.
 
     Raises
     ------
@@ -403,16 +455,36 @@ def write_array(
     clear(out, overwrite=overwrite, storage_options=storage_options)
     arr = zarr.create_array(
         locate(out, storage_options), shape=A.shape, chunks=tuple(int(c[0]) for c in A.chunks) or None,
-        dtype=A.dtype, compressors=ZstdCodec(level=1), zarr_format=3,
+        dtype=A.dtype, compressors=_checksummed(ZstdCodec(level=1)), zarr_format=3, config=ALL_CHUNKS,
     )
     if attrs:
         arr.attrs.update(_jsonable(attrs))
     try:
         compute(label, da.store(A, arr, lock=False, compute=False))
     except BaseException:
-        remove(out, storage_options)
+        _discard(out, storage_options)
         raise
     return arr
+
+
+def _discard(path: str | os.PathLike[str], storage_options: StorageOptions = None, *, wait: float = 2.0) -> None:
+    """Remove the output of a failed write, never raising over the failure.
+
+    When one task fails, others already running go on writing their chunks for a moment (a
+    local ``rmtree`` then meets a directory that fills again, "Directory not empty"), so the
+    removal is retried until the path stays gone for one pause, for ``wait`` seconds at most.
+    """
+    import time
+
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            remove(path, storage_options)
+        except OSError:
+            pass
+        time.sleep(0.1)
+        if not exists(path, storage_options) or time.monotonic() > deadline:
+            return
 
 
 def _jsonable(x: Any) -> Any:
@@ -427,3 +499,189 @@ def _jsonable(x: Any) -> Any:
     if isinstance(x, np.ndarray):
         return x.tolist()
     return x
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading a store that may be damaged: every array opened and checked, every chunk accounted for
+# ---------------------------------------------------------------------------------------------
+
+
+def _damaged(where: str, what: str, *, version: int = FORMAT_VERSION) -> StoreFormatError:
+    fix = "the store is damaged; recompress or restore it" if version >= 2 else (
+        "most likely the store is damaged; recompress or restore it"
+    )
+    return StoreFormatError(f"{where}: {what} — {fix}")
+
+
+def open_array(group: zarr.Group, name: str, where: str) -> zarr.Array:
+    """``group[name]``, or a StoreFormatError naming the array when it is missing or unreadable."""
+    try:
+        arr = group[name]
+    except KeyError:
+        raise _damaged(where, f"array {name} is missing") from None
+    except Exception as e:  # noqa: BLE001 - a corrupt zarr.json: JSON, metadata or codec errors
+        raise _damaged(where, f"array {name} has unreadable metadata ({name}/zarr.json: {error_text(e)})") from e
+    if not isinstance(arr, zarr.Array):
+        raise _damaged(where, f"array {name} is a group, not an array")
+    return arr
+
+
+def open_arrays(group: zarr.Group, meta: dict[str, Any], where: str) -> dict[str, zarr.Array]:
+    """The arrays of a complete store (:data:`lplr_dask.schema.ARRAYS`), each checked against the attrs.
+
+    Only metadata is read: each array's ``zarr.json``, for its shape and dtype.
+
+    Raises
+    ------
+    StoreFormatError
+        If an array is missing, has unreadable metadata, or a shape or dtype other than the
+        attrs imply (:func:`lplr_dask.schema.array_shapes`).
+    """
+    from lplr_dask.quantize import code_dtype
+
+    shapes = schema.array_shapes(meta, where)
+    bits = dict(zip("LR", meta["bits"]))
+    arrays = {}
+    for name in schema.ARRAYS:
+        arr = open_array(group, name, where)
+        dtype = code_dtype(bits[name[0]]) if name.endswith("/codes") else np.dtype(np.float64)
+        if tuple(arr.shape) != shapes[name] or arr.dtype != dtype:
+            raise StoreFormatError(
+                f"Expected array {name} of {where!r} of shape {shapes[name]} and dtype {dtype} (from its "
+                f"attrs 'lplr': source.shape, rank, bits, quantizer). Got shape {tuple(arr.shape)} and "
+                f"dtype {arr.dtype} instead. The store is damaged or its attrs were edited; recompress or restore it."
+            )
+        arrays[name] = arr
+    return arrays
+
+
+def chunk_key(arr: zarr.Array, coords: tuple[int, ...]) -> str:
+    """The key of chunk ``coords`` of ``arr`` inside the array (``c/1/0``)."""
+    return arr.metadata.encode_chunk_key(coords)
+
+
+def chunk_coords(arr: zarr.Array) -> list[tuple[int, ...]]:
+    """The coordinates of every chunk of ``arr``, in C order."""
+    import itertools
+
+    return list(itertools.product(*(range(c) for c in arr.cdata_shape)))
+
+
+def missing_chunks(arr: zarr.Array) -> list[str]:
+    """Keys of the chunks of ``arr`` that its store lacks, from one listing of the array (no data read)."""
+    from zarr.core.sync import collect_aiterator
+
+    prefix = arr.store_path.path.rstrip("/")
+    prefix = prefix + "/" if prefix else ""
+    present = {key[len(prefix):] for key in collect_aiterator(arr.store_path.store.list_prefix(prefix))}
+    return [key for key in map(lambda c: chunk_key(arr, c), chunk_coords(arr)) if key not in present]
+
+
+def damage_message(where: str, problems: list[dict[str, str]], *, version: int = FORMAT_VERSION) -> str:
+    """One line naming damaged chunks: ``{where}: chunk L/codes c/1/0 is missing — …``.
+
+    ``problems`` are dicts with ``array``, ``chunk`` and ``problem`` (``"is missing"``, ``"cannot
+    be decoded (…)"``); the first :data:`NAMED_DAMAGE` are named, then how many more there are.
+    A version-1 store left out chunks of all zeros, so there a missing chunk is most likely,
+    not surely, damage.
+    """
+    named = [f"{p['array']} {p['chunk']} {p['problem']}".replace("  ", " ") for p in problems[:NAMED_DAMAGE]]
+    if len(problems) == 1:
+        what = f"chunk {named[0]}"
+    else:
+        more = f"; and {len(problems) - NAMED_DAMAGE} more" if len(problems) > NAMED_DAMAGE else ""
+        what = f"{len(problems)} chunks are damaged: " + "; ".join(named) + more
+    if version < 2 and any(p["problem"] == "is missing" for p in problems):
+        what += " (a version-1 store leaves out a chunk whose values are all 0, which codes almost never are)"
+    return str(_damaged(where, what, version=version))
+
+
+def check_chunks_present(arrays: dict[str, zarr.Array], where: str, *, version: int) -> None:
+    """Refuse a store that lacks a chunk of any of ``arrays`` (one listing per array).
+
+    Raises
+    ------
+    StoreFormatError
+        Naming the missing chunks (:func:`damage_message`).
+    """
+    problems = [{"array": name, "chunk": key, "problem": "is missing"}
+                for name, arr in arrays.items() for key in missing_chunks(arr)]
+    if problems:
+        raise StoreFormatError(damage_message(where, problems, version=version))
+
+
+def error_text(e: BaseException) -> str:
+    """``TypeName: message`` on one line."""
+    return f"{type(e).__name__}: {e}".replace("\n", " ")
+
+
+#: What a codec raises on bytes it cannot decode: the checksum's ValueError, Zstd's RuntimeError,
+#: Blosc's and numcodecs' ValueError, TypeError or EOFError on short input.
+DECODE_ERRORS = (ValueError, RuntimeError, TypeError, EOFError)
+
+
+def decode_problem(e: BaseException) -> str:
+    """What a chunk that raised ``e`` (one of :data:`DECODE_ERRORS`) while decoding has: the text
+    after the chunk's name in :func:`damage_message`."""
+    if "checksum" in str(e):
+        return "fails its crc32c checksum (truncated or altered)"
+    return f"cannot be decoded ({error_text(e)})"
+
+
+def _chunk_of(arr: zarr.Array, index: tuple[Any, ...]) -> tuple[int, ...]:
+    """The chunk that a (one-chunk) selection starts in."""
+    coords = []
+    for i, size in zip(index, arr.chunks):
+        start = (i.start or 0) if isinstance(i, slice) else int(np.min(i)) if np.size(i) else 0
+        coords.append(int(start) // size)
+    return tuple(coords)
+
+
+def _decoded(
+    arr: zarr.Array, name: str, where: str, index: tuple[Any, ...], *, version: int = FORMAT_VERSION
+) -> np.ndarray:
+    """``arr[index]`` (within one chunk); a chunk that fails to decode or is missing raises a
+    StoreFormatError naming it. A missing chunk reads as fill values (zeros), so only a block of
+    zeros costs a look-up of its key."""
+    try:
+        block = np.asarray(arr[index])
+    except DECODE_ERRORS as e:
+        key = chunk_key(arr, _chunk_of(arr, index))
+        raise _damaged(where, f"chunk {name} {key} {decode_problem(e)}", version=version) from e
+    if block.size and not block.any():
+        from zarr.core.sync import sync
+
+        key = chunk_key(arr, _chunk_of(arr, index))
+        prefix = arr.store_path.path.rstrip("/")
+        if not sync(arr.store_path.store.exists(f"{prefix}/{key}" if prefix else key)):
+            problem = {"array": name, "chunk": key, "problem": "is missing"}
+            raise StoreFormatError(damage_message(where, [problem], version=version))
+    return block
+
+
+class _CheckedArray:
+    """A zarr array for :func:`dask.array.from_array` whose reads name the chunk that fails (picklable)."""
+
+    def __init__(self, arr: zarr.Array, name: str, where: str, version: int):
+        self.arr, self.name, self.where, self.version = arr, name, where, version
+        self.shape, self.dtype, self.ndim = arr.shape, arr.dtype, arr.ndim
+
+    def __getitem__(self, index: Any) -> np.ndarray:
+        index = index if isinstance(index, tuple) else (index,)
+        return _decoded(self.arr, self.name, self.where, index, version=self.version)
+
+
+def read_chunks(arr: zarr.Array, name: str, where: str, *, version: int = FORMAT_VERSION) -> Any:
+    """``arr`` as a lazy dask array, one task per chunk, like :func:`dask.array.from_zarr`.
+
+    A chunk that fails to decode (a bad checksum, a truncated or garbled file) or that is
+    missing from the store when it is read raises :class:`StoreFormatError` naming ``name``,
+    the chunk key and the store ``where``, instead of the codec's own error or fill values.
+    """
+    import dask.array as da
+    from dask.base import tokenize
+
+    return da.from_array(
+        _CheckedArray(arr, name, where, version), chunks=arr.chunks, name=f"read-{name}-" + tokenize(arr, name, where),
+        meta=np.empty((0,) * arr.ndim, arr.dtype),
+    )

@@ -120,7 +120,7 @@ def test_zarr_path_source_and_attrs(client, tmp_path):
     assert {k: src_attrs[k] for k in ("path", "shape", "dtype", "chunks")} == {
         "path": str(src), "shape": [500, 300], "dtype": "float32", "chunks": [128, 128]
     }
-    assert f.attrs["format"] == "lplr-zarr" and f.attrs["version"] == 1 and f.attrs["seed"] == 0
+    assert f.attrs["format"] == "lplr-zarr" and f.attrs["version"] == 2 and f.attrs["seed"] == 0
     assert 0 < f.attrs["error_estimate"] < 1
 
 

@@ -4,6 +4,7 @@ reconstruction; slicing that reads only the codes it needs; the reader's refusal
 from __future__ import annotations
 
 import os
+import re
 import shutil
 
 import dask.array as da
@@ -149,7 +150,8 @@ def test_slicing_reads_only_the_chunks_it_needs(stored, tmp_path, key, l_chunks,
     np.testing.assert_allclose(
         g[key].compute(scheduler="threads"), _orthogonal(dense.astype(np.float32), key), rtol=1e-6, atol=1e-6 * np.abs(dense).max()
     )
-    with pytest.raises(Exception):  # the corruption bites: the whole reconstruction reads it
+    # the corruption bites: the whole of L·R reads the corrupted chunks
+    with pytest.raises(StoreFormatError, match=r"chunk [LR]/codes c/\d/\d fails its crc32c checksum"):
         g.to_dask().compute(scheduler="threads")
 
 
@@ -218,3 +220,52 @@ def test_evaluate_matches_dense(client, stored, tmp_path):
     want = np.linalg.norm(A.astype(np.float64) - dense) / np.linalg.norm(A.astype(np.float64))
     assert err == pytest.approx(want, rel=1e-9)
     assert lplr_dask.open_factors(path).attrs["error_exact"] == err
+
+
+FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
+DAMAGED = "the store is damaged; recompress or restore it"
+
+
+def _damaged_copy(tmp_path, damage, fixture: str = "v2-default") -> str:
+    path = os.fspath(tmp_path / "d.lplr.zarr")
+    shutil.copytree(os.path.join(FIXTURES, f"{fixture}.lplr.zarr"), path)
+    damage(path)
+    return path
+
+
+def _write(path: str, text: str) -> None:
+    with open(path, "w", encoding="utf-8") as fh:
+        fh.write(text)
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda p: _write(os.path.join(p, "zarr.json"), "{"), "its zarr.json is unreadable (JSONDecodeError: "),
+    (lambda p: _write(os.path.join(p, "L", "codes", "zarr.json"), '{"zarr_format": 3'),
+     "array L/codes has unreadable metadata (L/codes/zarr.json: JSONDecodeError: "),
+    (lambda p: shutil.rmtree(os.path.join(p, "L", "scale")), "array L/scale is missing — "),
+    (lambda p: os.remove(os.path.join(p, "R", "offset", "c", "0", "0")), "chunk R/offset c/0/0 is missing — "),
+    (lambda p: _write(os.path.join(p, "L", "scale", "c", "0", "0"), "xx"),
+     "chunk L/scale c/0/0 fails its crc32c checksum"),
+], ids=["root zarr.json", "array zarr.json", "no L/scale", "no R/offset chunk", "bad L/scale chunk"])
+def test_open_factors_names_damaged_metadata_and_small_arrays(tmp_path, damage, message):
+    path = _damaged_copy(tmp_path, damage)
+    with pytest.raises(StoreFormatError, match="^" + re.escape(f"{path}: {message}") + f".*{DAMAGED}$"):
+        lplr_dask.open_factors(path)
+
+
+def test_a_missing_chunk_of_a_version_1_store_is_refused_as_likely_damage(tmp_path):
+    path = _damaged_copy(tmp_path, lambda p: os.remove(os.path.join(p, "L", "codes", "c", "2", "0")), "v1-default")
+    with pytest.raises(StoreFormatError, match="^" + re.escape(
+        f"{path}: chunk L/codes c/2/0 is missing (a version-1 store leaves out a chunk whose values are all 0, "
+        "which codes almost never are) — most likely the store is damaged; recompress or restore it"
+    ) + "$"):
+        lplr_dask.open_factors(path)
+
+
+def test_cli_info_on_a_damaged_store_is_one_line_exit_2(tmp_path, capsys):
+    from lplr_dask.cli import main
+
+    path = _damaged_copy(tmp_path, lambda p: os.remove(os.path.join(p, "R", "codes", "c", "0", "1")))
+    assert main(["info", path]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: {path}: chunk R/codes c/0/1 is missing — {DAMAGED}"]

@@ -117,3 +117,79 @@ def test_info_splits_codes_from_scales_and_metadata(client, tmp_store, small_mat
     assert s["bytes_codes"] == store.codes_bytes(tmp_store)
     assert s["bytes_codes"] + s["bytes_scales_and_metadata"] == s["bytes_on_disk"] == f.nbytes
     assert s["bytes_scales_and_metadata"] >= store.bytes_on_disk(tmp_store, "zarr.json")
+
+
+# ---------------------------------------------------------------------------------------------
+# Integrity (format version 2): every chunk stored, each with a crc32c; missing chunks named
+# ---------------------------------------------------------------------------------------------
+
+
+def _chunk_files(root, name: str) -> list[str]:
+    import os
+
+    base = os.path.join(root, *name.split("/"))
+    return sorted(os.path.relpath(os.path.join(d, f), base) for d, _, fs in os.walk(base) for f in fs if f != "zarr.json")
+
+
+def test_every_array_written_stores_all_its_chunks_with_a_checksum(tmp_path):
+    from zarr.codecs import Crc32cCodec
+
+    group = zarr.open_group(str(tmp_path / "s.zarr"), mode="w", zarr_format=3)
+    codes = np.zeros((64, 8), np.uint8)  # all fill values: Zarr's default would store no chunk
+    arr = store.create_codes(group, "codes", codes.shape, (16, 8), 4, sample_from=codes)
+    arr[...] = codes
+    store.write_small(group, "scale", np.zeros((1, 8)))
+    out = store.write_array(da.zeros((40, 30), chunks=(20, 10), dtype=np.float32), tmp_path / "w.zarr")
+    assert _chunk_files(tmp_path / "s.zarr", "codes") == ["c/0/0", "c/1/0", "c/2/0", "c/3/0"]
+    assert _chunk_files(tmp_path / "s.zarr", "scale") == ["c/0/0"]
+    assert len(_chunk_files(tmp_path / "w.zarr", "")) == 6
+    for a in (arr, group["scale"], out):
+        assert isinstance(a.metadata.codecs[-1], Crc32cCodec)
+    assert isinstance(arr.metadata.codecs[-2], (BloscCodec, ZstdCodec))  # the codec choice is kept
+
+
+def test_missing_chunks_lists_what_the_store_lacks(tmp_path):
+    import os
+
+    group = zarr.open_group(str(tmp_path / "s.zarr"), mode="w", zarr_format=3)
+    arr = store.create_codes(group, "L/codes", (64, 8), (16, 8), 4)
+    arr[...] = 1
+    assert store.missing_chunks(arr) == []
+    os.remove(tmp_path / "s.zarr" / "L" / "codes" / "c" / "2" / "0")
+    assert store.missing_chunks(arr) == ["c/2/0"]
+
+
+def test_damage_messages_name_the_chunks_and_what_to_do():
+    one = [{"array": "L/codes", "chunk": "c/1/0", "problem": "is missing"}]
+    assert store.damage_message("s.lplr.zarr", one) == (
+        "s.lplr.zarr: chunk L/codes c/1/0 is missing — the store is damaged; recompress or restore it"
+    )
+    assert store.damage_message("s.lplr.zarr", one, version=1) == (
+        "s.lplr.zarr: chunk L/codes c/1/0 is missing (a version-1 store leaves out a chunk whose values are "
+        "all 0, which codes almost never are) — most likely the store is damaged; recompress or restore it"
+    )
+    many = [{"array": "R/codes", "chunk": f"c/0/{j}", "problem": "is missing"} for j in range(8)]
+    assert store.damage_message("s", many) == (
+        "s: 8 chunks are damaged: R/codes c/0/0 is missing; R/codes c/0/1 is missing; R/codes c/0/2 is "
+        "missing; R/codes c/0/3 is missing; R/codes c/0/4 is missing; and 3 more — the store is damaged; "
+        "recompress or restore it"
+    )
+
+
+def test_read_chunks_names_a_chunk_that_fails_to_decode(tmp_path):
+    from lplr_dask.errors import StoreFormatError
+
+    group = zarr.open_group(str(tmp_path / "s.zarr"), mode="w", zarr_format=3)
+    arr = store.create_codes(group, "R/codes", (4, 30), (4, 10), 8)
+    arr[...] = np.arange(120).reshape(4, 30)
+    x = store.read_chunks(arr, "R/codes", "s.lplr.zarr")
+    assert x.chunks == ((4,), (10, 10, 10))
+    np.testing.assert_array_equal(x.compute(scheduler="sync"), np.arange(120).reshape(4, 30))
+    chunk = tmp_path / "s.zarr" / "R" / "codes" / "c" / "0" / "1"
+    chunk.write_bytes(chunk.read_bytes()[:-1])
+    with pytest.raises(StoreFormatError, match=r"^s\.lplr\.zarr: chunk R/codes c/0/1 fails its crc32c checksum"):
+        x.compute(scheduler="sync")
+    np.testing.assert_array_equal(x[:, 20:].compute(scheduler="sync"), np.arange(120).reshape(4, 30)[:, 20:])
+    chunk.unlink()  # deleted after the store was opened: zarr would read zeros
+    with pytest.raises(StoreFormatError, match=r"^s\.lplr\.zarr: chunk R/codes c/0/1 is missing — the store"):
+        x.compute(scheduler="sync")
