@@ -127,9 +127,11 @@ class Plan:
         self._params = Params(rank=width, bits=bits, quantizer=spec.name, spec_l=spec, spec_r=self.spec_r, seed=seed,
                               test_columns=test_columns)
         products = pass1(A, self._params)  # the compression's own first read, at rank max_rank
-        Y, AG, sumsq = compute("target: sketch spectrum", products["Y"], products["AG"], products["sumsq"], persist=True)
+        Y, AG, sumsq = compute(
+            "target: sketch spectrum", products["Y"], products["AG"], products["sumsq"], persist=True, chunks_of=A
+        )
         if power_iters:
-            Y = power_iterate(A, Y, power_iters, lambda label, *x, persist=True: compute(label, *x, persist=persist))
+            Y = power_iterate(A, Y, power_iters, compute)
         tall = blocks.tall_chunks(n, width, Y.chunks[0][0])
         # the rest works on the thin sketches only: on the host, whatever device A is on
         Y, AG = (to_host_blocks(X).rechunk({0: tall, 1: -1}) for X in (Y, AG))
