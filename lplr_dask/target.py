@@ -47,7 +47,7 @@ import dask
 import dask.array as da
 import numpy as np
 
-from lplr_dask import blocks, store
+from lplr_dask import blocks, logs, store
 from lplr_dask.backend import to_host, to_host_blocks
 from lplr_dask.errors import LplrValueError
 from lplr_dask.factors import Factors, decode_factor, open_factors
@@ -269,7 +269,7 @@ def compress_to_target(
     device: str = "cpu",
     max_rank: int = DEFAULT_MAX_RANK,
     storage_options: dict[str, Any] | None = None,
-    log: Callable[[str], None],
+    log: Callable[[str], None] = logs.info,
 ) -> Factors:
     """Compress at the smallest rank whose estimated relative error is at most ``target``.
 
@@ -287,7 +287,8 @@ def compress_to_target(
         Keep a completed output made for the same target; anything else is redone.
     max_rank : int, default=DEFAULT_MAX_RANK
         The largest rank considered.
-    log : callable
+    log : callable, default=lplr_dask.logs.info
+        Receives the ranks tried.
 
     Returns
     -------
