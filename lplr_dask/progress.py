@@ -256,7 +256,7 @@ class _Line:
         self.label, self.unit, self.chunk_bytes, self.t0 = label, unit, chunk_bytes, t0
 
     def rate(self, done: int, elapsed: float) -> str:
-        if not self.chunk_bytes or elapsed <= 0:
+        if not self.chunk_bytes or not done or elapsed <= 0:
             return ""
         return f"{done * self.chunk_bytes / 2**30 / elapsed:.2g} GiB/s"
 
