@@ -97,7 +97,7 @@ def compute(label: str, *collections: Any, persist: bool = False, chunks_of: Any
     t0 = time.perf_counter()
     if client is None:
         counter = _LocalCounter(name)
-        counts: Callable[[], tuple[int, int, bool]] = counter.counts
+        counts: Callable[[], tuple[int, int]] = counter.counts
         with counter, _report(label, counts, unit, nbytes, t0):
             return dask.persist(*collections) if persist else dask.compute(*collections)
     watch = _Watch(client, name)
@@ -155,11 +155,10 @@ class ChunkCounter(SchedulerPlugin):
         self.client, self.chunks_of = client, name
         self.todo: set[Any] = set()
         self.total = self.done = 0
-        self.failed = False
 
     async def start(self, scheduler: Any) -> None:
         # the client asks through this handler: an RPC that, unlike run_on_scheduler, logs nothing
-        def lplr_progress(name: str) -> tuple[int, int, bool]:
+        def lplr_progress(name: str) -> tuple[int, int]:
             return _plugin_counts(scheduler, name)
 
         scheduler.handlers.setdefault("lplr_progress", lplr_progress)
@@ -179,17 +178,14 @@ class ChunkCounter(SchedulerPlugin):
                     self.todo.add(key)
 
     def transition(self, key: Any, start: str, finish: str, *args: Any, **kwargs: Any) -> None:
-        if key in self.todo:
-            if finish == "memory":
-                self.todo.discard(key)
-                self.done += 1
-            elif finish == "erred":
-                self.failed = True
+        if key in self.todo and finish == "memory":
+            self.todo.discard(key)
+            self.done += 1
 
 
-def _plugin_counts(scheduler: Any, name: str) -> tuple[int, int, bool]:
+def _plugin_counts(scheduler: Any, name: str) -> tuple[int, int]:
     plugin = scheduler.plugins[name]
-    return plugin.done, plugin.total, plugin.failed
+    return plugin.done, plugin.total
 
 
 class _Watch:
@@ -200,16 +196,23 @@ class _Watch:
         self.plugin = f"lplr-progress-{uuid.uuid4().hex}"
 
     def __enter__(self) -> "_Watch":
-        self.client.register_plugin(ChunkCounter(self.client.id, self.chunks_of), name=self.plugin)
+        try:
+            self.client.register_plugin(ChunkCounter(self.client.id, self.chunks_of), name=self.plugin)
+        except Exception as e:  # noqa: BLE001 - e.g. a scheduler without lplr_dask: report time only
+            logs.logger.debug("no progress counts from the scheduler (%s: %s)", type(e).__name__, e)
+            self.plugin = None
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        with contextlib.suppress(Exception):  # a closed client has no scheduler left to clean
-            self.client.unregister_scheduler_plugin(self.plugin)
+        if self.plugin is not None:
+            with contextlib.suppress(Exception):  # a closed client has no scheduler left to clean
+                self.client.unregister_scheduler_plugin(self.plugin)
 
-    def counts(self) -> tuple[int, int, bool]:
-        done, total, failed = self.client.sync(self.client.scheduler.lplr_progress, name=self.plugin)
-        return done, total, failed
+    def counts(self) -> tuple[int, int]:
+        if self.plugin is None:
+            return 0, 0
+        done, total = self.client.sync(self.client.scheduler.lplr_progress, name=self.plugin)
+        return done, total
 
 
 class _LocalCounter(Callback):
@@ -231,8 +234,8 @@ class _LocalCounter(Callback):
         if key in self.todo:
             self.done += 1
 
-    def counts(self) -> tuple[int, int, bool]:
-        return self.done, self.total, False
+    def counts(self) -> tuple[int, int]:
+        return self.done, self.total
 
 
 # --------------------------------------------------------------------------------------------
@@ -262,6 +265,8 @@ class _Line:
 
     def heartbeat(self, done: int, total: int, now: float) -> str:
         elapsed = now - self.t0
+        if not total:  # nothing counted (a scheduler that cannot): the time it has run
+            return f"{self.label}: running for {_duration(elapsed)}"
         pct = 100 * done // total if total else 0
         eta = _duration(elapsed * (total - done) / done) if done else "?"
         parts = [f"{done}/{total} {self.unit}", self.rate(done, elapsed), f"ETA {eta}"]
@@ -269,6 +274,8 @@ class _Line:
 
     def done(self, total: int, now: float) -> str:
         elapsed = now - self.t0
+        if not total:
+            return f"{self.label}: done in {_duration(elapsed)}"
         rate = self.rate(total, elapsed)
         return f"{self.label}: done: {total} {self.unit} in {_duration(elapsed)}" + (f" ({rate})" if rate else "")
 
@@ -280,7 +287,7 @@ class _Line:
 
 @contextlib.contextmanager
 def _report(
-    label: str, counts: Callable[[], tuple[int, int, bool]], unit: str, chunk_bytes: float, t0: float
+    label: str, counts: Callable[[], tuple[int, int]], unit: str, chunk_bytes: float, t0: float
 ) -> Iterator[None]:
     """Report the step while the ``with`` block computes it: heartbeats or a live bar, then one
     final line, ``done`` or ``failed``."""
@@ -300,13 +307,13 @@ def _report(
     except BaseException as e:
         _finish(stop, reporter)
         with contextlib.suppress(Exception):
-            last[0], last[1], _ = counts()
+            last[:] = counts()
         logs.logger.warning(line.failed(last[0], last[1], time.perf_counter(), e))
         raise
     _finish(stop, reporter)
     if not quiet:
         with contextlib.suppress(Exception):
-            last[0], last[1], _ = counts()
+            last[:] = counts()
         logs.info(line.done(last[1], time.perf_counter()))
 
 
@@ -316,25 +323,26 @@ def _finish(stop: threading.Event, reporter: threading.Thread | None) -> None:
         reporter.join()
 
 
-def _heartbeats(line: _Line, counts: Callable[[], tuple[int, int, bool]], stop: threading.Event,
+def _heartbeats(line: _Line, counts: Callable[[], tuple[int, int]], stop: threading.Event,
                 last: list[int], console: Any) -> None:
-    """Log a heartbeat at least every :func:`interval` seconds and at each 10 %."""
+    """Log a heartbeat at least every :func:`interval` seconds and at each 10 % (also at 100 %
+    while the step's last tasks, after those counted, still run)."""
     every = interval()
     emitted, decile = time.perf_counter(), 0
     while not stop.wait(min(POLL * 2, every)):
         try:
-            done, total, _ = counts()
+            done, total = counts()
         except Exception:  # noqa: BLE001 - the scheduler went away: the computation will say why
             return
         last[:] = done, total
         now = time.perf_counter()
         tenth = 10 * done // total if total else 0
-        if (now - emitted >= every or tenth > decile) and done < total:
+        if now - emitted >= every or (tenth > decile and done < total):
             logs.info(line.heartbeat(done, total, now))
             emitted, decile = now, max(decile, tenth)
 
 
-def _bar(line: _Line, counts: Callable[[], tuple[int, int, bool]], stop: threading.Event,
+def _bar(line: _Line, counts: Callable[[], tuple[int, int]], stop: threading.Event,
          last: list[int], console: Any) -> None:
     """A live rich bar on the terminal, removed when the step ends (its final line stays)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -345,7 +353,7 @@ def _bar(line: _Line, counts: Callable[[], tuple[int, int, bool]], stop: threadi
         task = bar.add_task(line.label, total=None, rate="")
         while not stop.wait(POLL):
             try:
-                done, total, _ = counts()
+                done, total = counts()
             except Exception:  # noqa: BLE001 - the scheduler went away: the computation will say why
                 return
             last[:] = done, total

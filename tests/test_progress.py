@@ -76,7 +76,7 @@ def test_cli_heartbeats_in_a_batch_log(tmp_path):
         assert final is not None and final["total"] == "64" and final["unit"] == "chunks", step
         assert len(beats) >= 2, (step, lines)
         pcts = [int(b["pct"]) for b in beats]
-        assert pcts == sorted(pcts) and pcts[-1] < 100
+        assert pcts == sorted(pcts) and sum(p < 100 for p in pcts) >= 2, pcts  # during the pass
         assert all(b["total"] == "64" and b["unit"] == "chunks" for b in beats)
         assert lines.index(beats[0].string) < lines.index(final.string)
     assert all(steps[s][1] is not None for s in steps)  # every step ends with its done line
@@ -177,6 +177,9 @@ def test_heartbeat_and_done_lines_read_well():
     assert line.done(16, now=9.5) == "pass 1: sketch: done: 16 chunks in 9.5 s (0.17 GiB/s)"
     assert progress._duration(250) == "4 min 10 s" and progress._duration(3 * 3600 + 120) == "3 h 02 min"
     assert HEARTBEAT.match(line.heartbeat(6, 16, now=6.0)) and DONE.match(line.done(16, now=9.5))
+    # nothing counted (a scheduler that cannot load the counter): the time only
+    assert line.heartbeat(0, 0, now=90.0) == "pass 1: sketch: running for 1 min 30 s"
+    assert line.done(0, now=90.0) == "pass 1: sketch: done in 1 min 30 s"
 
 
 def test_interval_comes_from_dask_config():
@@ -192,12 +195,14 @@ def test_heartbeats_at_the_default_interval_on_a_long_pass(tmp_path, caplog, lpl
     from distributed import Client, LocalCluster
 
     assert progress.interval() == 30 or "DASK_LPLR__PROGRESS__INTERVAL" in os.environ
-    A = synthetic((256, 512), rank=4, chunks=(256, 256), seed=2).map_blocks(lambda b: (time.sleep(31), b)[1])
+    A = synthetic((256, 512), rank=4, chunks=(256, 256), seed=2)
+    A = A.map_blocks(lambda b: (time.sleep(31), b)[1], meta=A._meta)  # meta given: no call to infer it
     caplog.set_level(logging.INFO, logger="lplr_dask")
     with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=":0") as cluster, \
             Client(cluster):
         lplr_dask.compress(A, tmp_path / "o.lplr.zarr", rank=4, passes=1)  # one read of A
-    (start,) = [r.created for r in caplog.records if r.getMessage().startswith("compress 256x512 ")]
+    messages = [r.getMessage() for r in caplog.records]
+    (start,) = [r.created for r in caplog.records if r.getMessage().startswith("compress 256x512 ")] or [messages]
     records = [r for r in caplog.records if r.getMessage().startswith("pass 1: sketch")]
     beats = [r for r in records if HEARTBEAT.match(r.getMessage())]
     assert len(beats) >= 2 and DONE.match(records[-1].getMessage())["total"] == "2"
