@@ -12,22 +12,22 @@ from lplr_dask import logs
 
 @pytest.fixture
 def logger():
-    """The package logger, restored afterwards."""
+    """The package logger as an unconfigured program has it; restored afterwards."""
     saved = logs.logger.handlers[:], logs.logger.level, logs.logger.propagate
+    logs.logger.handlers[:] = [h for h in logs.logger.handlers if isinstance(h, logging.NullHandler)]
+    logs.logger.setLevel(logging.NOTSET)
+    logs.logger.propagate = True
     yield logs.logger
     logs.logger.handlers[:], logs.logger.level, logs.logger.propagate = saved
 
 
 def test_unconfigured_it_prints_nothing(logger, capfd):
-    logger.handlers[:] = [h for h in logger.handlers if isinstance(h, logging.NullHandler)]
-    logger.setLevel(logging.NOTSET)
-    logger.propagate = True
     logs.info("progress")
     logs.warning("a warning")  # the NullHandler keeps Python's last-resort handler out
     assert capfd.readouterr() == ("", "")
 
 
-def test_messages_reach_a_callers_logging(caplog):
+def test_messages_reach_a_callers_logging(logger, caplog):
     caplog.set_level(logging.INFO, logger="lplr_dask")
     logs.info("pass 1: sketch: done")
     logs.warning("careful")

@@ -48,9 +48,13 @@ def _steps(lines):
 
 @pytest.fixture
 def lplr_logger():
-    """The package logger, restored afterwards (tests that configure it leave no handler behind)."""
+    """The package logger as a program that never configured it has it (the CLI's in-process
+    tests install their handler and stop propagation); restored afterwards."""
     logger = logging.getLogger("lplr_dask")
     saved = logger.handlers[:], logger.level, logger.propagate
+    logger.handlers[:] = [h for h in logger.handlers if isinstance(h, logging.NullHandler)]
+    logger.setLevel(logging.NOTSET)
+    logger.propagate = True
     yield logger
     logger.handlers[:], logger.level, logger.propagate = saved
 
@@ -142,10 +146,7 @@ def test_local_scheduler_counts_chunks_and_failures(caplog, lplr_logger):
 
 
 def test_the_library_prints_nothing_unconfigured(client, tmp_path, capfd, lplr_logger):
-    # logging as a program leaves it: the package's NullHandler, no level set
-    lplr_logger.handlers[:] = [h for h in lplr_logger.handlers if isinstance(h, logging.NullHandler)]
-    lplr_logger.setLevel(logging.NOTSET)
-    lplr_logger.propagate = True
+    # logging as a program leaves it (lplr_logger): the package's NullHandler, no level set
     src = _zarr(tmp_path / "A.zarr", (512, 384), (128, 128))
     capfd.readouterr()
     lplr_dask.compress(src, tmp_path / "o.lplr.zarr", rank=8)
@@ -198,11 +199,11 @@ def test_heartbeats_at_the_default_interval_on_a_long_pass(tmp_path, caplog, lpl
     A = synthetic((256, 512), rank=4, chunks=(256, 256), seed=2)
     A = A.map_blocks(lambda b: (time.sleep(31), b)[1], meta=A._meta)  # meta given: no call to infer it
     caplog.set_level(logging.INFO, logger="lplr_dask")
-    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=":0") as cluster, \
-            Client(cluster):
+    # silence_logs=False: distributed's default would set the level of caplog's handlers to WARNING
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=":0",
+                      silence_logs=False) as cluster, Client(cluster):
         lplr_dask.compress(A, tmp_path / "o.lplr.zarr", rank=4, passes=1)  # one read of A
-    messages = [r.getMessage() for r in caplog.records]
-    (start,) = [r.created for r in caplog.records if r.getMessage().startswith("compress 256x512 ")] or [messages]
+    (start,) = [r.created for r in caplog.records if r.getMessage().startswith("compress 256x512 ")]
     records = [r for r in caplog.records if r.getMessage().startswith("pass 1: sketch")]
     beats = [r for r in records if HEARTBEAT.match(r.getMessage())]
     assert len(beats) >= 2 and DONE.match(records[-1].getMessage())["total"] == "2"
