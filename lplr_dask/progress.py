@@ -261,7 +261,11 @@ class _Line:
     def rate(self, done: int, elapsed: float) -> str:
         if not self.chunk_bytes or not done or elapsed <= 0:
             return ""
-        return f"{done * self.chunk_bytes / 2**30 / elapsed:.2g} GiB/s"
+        per_second = done * self.chunk_bytes / elapsed
+        larger = (("GiB/s", 2**30), ("MiB/s", 2**20))
+        unit, size = next(((u, z) for u, z in larger if per_second >= 0.1 * z), ("KiB/s", 2**10))
+        value = per_second / size
+        return f"{value:.1f} {unit}" if value < 10 else f"{value:.0f} {unit}"
 
     def heartbeat(self, done: int, total: int, now: float) -> str:
         elapsed = now - self.t0
