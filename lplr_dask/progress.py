@@ -1,4 +1,4 @@
-"""Progress of each step: chunks of A done of all, GiB/s and the time left, through the logger.
+"""Progress of each step: chunks of A done of all, bytes of A per second and the time left, logged.
 
 :func:`compute` runs one step (one labelled dask computation). What it counts comes from the
 scheduler's own task states, not from the collections computed:
@@ -17,7 +17,7 @@ Every message goes to the ``lplr_dask`` logger at INFO (a failure at WARNING): a
 at least every ``lplr.progress.interval`` (dask config, default ``30s``;
 ``DASK_LPLR__PROGRESS__INTERVAL=2s`` in the environment) and at each 10 %::
 
-    pass 1: sketch: 37% (6/16 chunks, 0.6 GiB/s, ETA 12 s)
+    pass 1: sketch: 37% (6/16 chunks, 614 MiB/s, ETA 12 s)
     pass 1: sketch: done: 16 chunks in 9.5 s (1.1 GiB/s)
 
 When the command line's handler writes to a terminal (:func:`lplr_dask.logs.live_console`) a
@@ -82,7 +82,7 @@ def compute(label: str, *collections: Any, persist: bool = False, chunks_of: Any
         Keep the results on the workers as dask collections backed by futures (for what a later
         step reuses); otherwise they are gathered to the client.
     chunks_of : dask.array.Array, optional
-        The matrix whose chunks the step reads: progress counts its chunks (and GiB/s of it);
+        The matrix whose chunks the step reads: progress counts its chunks (and its bytes per second);
         without it, progress counts the step's tasks.
 
     Returns
@@ -263,7 +263,7 @@ class _Line:
             return ""
         per_second = done * self.chunk_bytes / elapsed
         larger = (("GiB/s", 2**30), ("MiB/s", 2**20))
-        unit, size = next(((u, z) for u, z in larger if per_second >= 0.1 * z), ("KiB/s", 2**10))
+        unit, size = next(((u, z) for u, z in larger if per_second >= z), ("KiB/s", 2**10))
         value = per_second / size
         return f"{value:.1f} {unit}" if value < 10 else f"{value:.0f} {unit}"
 

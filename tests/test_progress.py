@@ -22,7 +22,7 @@ from lplr_dask import factorize, progress
 from lplr_dask.datasets import synthetic
 from lplr_dask.quantize import quantizer_pair
 
-#: A heartbeat line: ``pass 1: sketch: 37% (6/16 chunks, 0.6 GiB/s, ETA 12 s)``.
+#: A heartbeat line: ``pass 1: sketch: 37% (6/16 chunks, 614 MiB/s, ETA 12 s)``.
 HEARTBEAT = re.compile(r"^(?P<step>.+?): (?P<pct>\d+)% \((?P<done>\d+)/(?P<total>\d+) (?P<unit>chunks|tasks)(?:, [\d.]+ [KMG]iB/s)?, ETA .+\)$")
 #: A final line: ``pass 1: sketch: done: 16 chunks in 9.5 s (1.1 GiB/s)``.
 DONE = re.compile(r"^(?P<step>.+?): done: (?P<total>\d+) (?P<unit>chunks|tasks) in [\d.]+ (?:s|min \d+ s|h \d+ min)(?: \([\d.]+ [KMG]iB/s\))?$")
@@ -173,11 +173,13 @@ def test_reads_chunk_finds_one_task_per_chunk(tmp_path):
 
 def test_heartbeat_and_done_lines_read_well():
     line = progress._Line("pass 1: sketch", "chunks", 2**30 / 10, t0=0.0)
-    assert line.heartbeat(6, 16, now=6.0) == "pass 1: sketch: 37% (6/16 chunks, 0.1 GiB/s, ETA 10 s)"
+    assert line.heartbeat(6, 16, now=6.0) == "pass 1: sketch: 37% (6/16 chunks, 102 MiB/s, ETA 10 s)"
     assert line.heartbeat(0, 16, now=40.0) == "pass 1: sketch: 0% (0/16 chunks, ETA ?)"
-    assert line.done(16, now=9.5) == "pass 1: sketch: done: 16 chunks in 9.5 s (0.2 GiB/s)"
+    assert line.done(16, now=9.5) == "pass 1: sketch: done: 16 chunks in 9.5 s (172 MiB/s)"
     assert progress._Line("x", "chunks", 2**20, t0=0.0).rate(3, 2.0) == "1.5 MiB/s"
     assert progress._Line("x", "chunks", 2**30, t0=0.0).rate(30, 2.0) == "15 GiB/s"
+    assert progress._Line("x", "chunks", 2**30, t0=0.0).rate(11, 10.0) == "1.1 GiB/s"
+    assert progress._Line("x", "chunks", 2**10, t0=0.0).rate(1, 2.0) == "0.5 KiB/s"
     assert progress._duration(250) == "4 min 10 s" and progress._duration(3 * 3600 + 120) == "3 h 02 min"
     assert HEARTBEAT.match(line.heartbeat(6, 16, now=6.0)) and DONE.match(line.done(16, now=9.5))
     # nothing counted (a scheduler that cannot load the counter): the time only
