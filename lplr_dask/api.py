@@ -5,13 +5,12 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
-import sys
 import time
 from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from lplr_dask import budget, chunking, factorize, guard, store
+from lplr_dask import budget, chunking, factorize, guard, logs, store
 from lplr_dask.errors import LplrTypeError, LplrValueError, StoreFormatError
 from lplr_dask.factors import Factors, open_factors, relative_error
 from lplr_dask.quantize import QuantizerSpec, check_bits, quantizer_pair
@@ -21,10 +20,6 @@ __all__ = ["compress", "evaluate", "resolve_rank", "DEFAULT_BITS"]
 
 #: (B1, B2) unless given, or chosen for a bits-per-entry budget.
 DEFAULT_BITS = (8, 8)
-
-
-def _stderr(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 def resolve_rank(
@@ -110,7 +105,7 @@ def compress(
     target_error: float | None = None,
     storage_options: dict[str, Any] | None = None,
     precision: str = "auto",
-    log: Callable[[str], None] = _stderr,
+    log: Callable[[str], None] = logs.info,
 ) -> Factors:
     """Compress a matrix into a low-rank, low-precision factorization ``A ≈ L·R`` [1]_.
 
@@ -168,7 +163,9 @@ def compress(
         solved against that L, by one level (nearest rounding: measured 6%) or a few (gptq
         rounding: measured 39%): the error changes by about 1e-5 of itself. See
         :mod:`lplr_dask.blocks`.
-    log : callable, default=print to stderr
+    log : callable, default=lplr_dask.logs.info
+        Receives what the compression chose and did; each step's progress goes to the ``lplr_dask``
+        logger (:mod:`lplr_dask.progress`).
 
     Returns
     -------
@@ -364,7 +361,7 @@ def evaluate(
     if not isinstance(factors, Factors):
         factors = open_factors(factors, storage_options=storage_options)
     A = open_source(source, storage_options=storage_options)
-    with _client(_stderr):
+    with _client(logs.info):
         err = relative_error(A, factors)
     group = store.open_group(factors.path, mode="r+", storage_options=factors.storage_options)
     meta = store.read_meta(group, path=factors.path)

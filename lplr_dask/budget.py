@@ -32,6 +32,7 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Callable, NamedTuple, Sequence
 
+from lplr_dask import logs
 from lplr_dask.errors import LplrValueError
 from lplr_dask.quantize import QuantizerSpec, parse_quantizer
 from lplr_dask.store import CHECKSUM_BYTES
@@ -190,7 +191,7 @@ def choose(
     oversample: int | None = None,
     test_columns: int = 10,
     max_rank: int | None = None,
-    log: Callable[[str], None] = lambda msg: None,
+    log: Callable[[str], None] = logs.info,
 ) -> Choice:
     """The rank and bits of the lowest predicted error within ``budget`` bits per entry on disk.
 
@@ -209,7 +210,8 @@ def choose(
         Raised to at least :data:`PLAN_TEST_COLUMNS` for the plan.
     max_rank : int, optional
         The largest rank considered. Default :data:`lplr_dask.target.DEFAULT_MAX_RANK`.
-    log : callable
+    log : callable, default=lplr_dask.logs.info
+        Receives the choice made.
 
     Returns
     -------

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import dask.array as da
 import numpy as np
 
+from lplr_dask import logs
 from lplr_dask.blocks import PANEL_ROWS
 from lplr_dask.sketch import SKETCH_BLOCK
 
@@ -130,7 +131,9 @@ def _rechunk_hint(source: str | None, chunks: tuple[int, int]) -> str:
     return f"A = A.rechunk({chunks}) before compressing A"
 
 
-def plan(A: da.Array, params: Params, *, source: str | None = None, log: Callable[[str], None]) -> da.Array:
+def plan(
+    A: da.Array, params: Params, *, source: str | None = None, log: Callable[[str], None] = logs.info
+) -> da.Array:
     """A read with sensible task sizes; warn through ``log`` when the chunking forces bad ones.
 
     Parameters
@@ -141,7 +144,7 @@ def plan(A: da.Array, params: Params, *, source: str | None = None, log: Callabl
         The rank, test columns and passes that size the products.
     source : str, optional
         Where A was read from, quoted in the rechunk command of a warning.
-    log : callable
+    log : callable, default=lplr_dask.logs.info
         Receives the warnings.
 
     Returns

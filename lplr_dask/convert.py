@@ -7,12 +7,11 @@ as one whole chunk of the output, so memory holds a few blocks whatever the sour
 from __future__ import annotations
 
 import os
-import time
 from typing import Any, Callable
 
 import zarr
 
-from lplr_dask import store
+from lplr_dask import logs, store
 from lplr_dask.sources import read_source, regular
 
 __all__ = ["convert"]
@@ -25,7 +24,7 @@ def convert(
     chunks: Any = "auto",
     overwrite: bool = False,
     storage_options: dict[str, Any] | None = None,
-    log: Callable[[str], None] | None = None,
+    log: Callable[[str], None] = logs.info,
 ) -> zarr.Array:
     """Write ``source`` to a chunked Zarr v3 array at ``out``, block by block.
 
@@ -42,8 +41,9 @@ def convert(
     overwrite : bool, default=False
     storage_options : dict, optional
         fsspec options for remote source or output.
-    log : callable, optional
-        Receives progress lines (default: print them to stderr).
+    log : callable, default=lplr_dask.logs.info
+        Receives what is converted; the write's progress goes to the ``lplr_dask`` logger
+        (:mod:`lplr_dask.progress`).
 
     Returns
     -------
@@ -61,9 +61,6 @@ def convert(
         If ``out`` is, contains or lies inside the source, or ``overwrite`` would replace
         something this tool did not write (:func:`lplr_dask.guard.check_output`).
     """
-    from lplr_dask.cluster import print_to_stderr
-
-    log = log or print_to_stderr
     from lplr_dask.guard import check_output
 
     check_output(out, [source], overwrite=overwrite, storage_options=storage_options)
@@ -74,10 +71,8 @@ def convert(
     A = regular(A)
     shape = "x".join(map(str, A.shape))
     log(f"convert {src.format} {shape} {src.dtype} -> {os.fspath(out)} (chunks {'x'.join(map(str, A.chunksize))})")
-    t0 = time.perf_counter()
     arr = store.write_array(
         A, out, overwrite=overwrite, label=f"convert {shape}", storage_options=storage_options,
         attrs={"lplr_convert": {"source": src.path, "format": src.format, "source_dtype": src.dtype}},
     )
-    log(f"convert: {time.perf_counter() - t0:.1f}s")
     return arr

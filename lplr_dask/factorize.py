@@ -182,10 +182,11 @@ def power_iterate(
     A: da.Array, Y: da.Array, q: int, run: Callable[..., Any], *, precision: str = "float64"
 ) -> da.Array:
     """``Y ← A·orth(Aᵀ·orth(Y))`` q times (two reads of A each), persisting between steps."""
-    for _ in range(q):
-        (Q,) = run("power iteration (Aᵀ·Q)", orth(Y))
-        (Zt,) = run("power iteration (Aᵀ·Q)", orth(blocks.left_multiply(Q, A, precision=precision).T))
-        (Y,) = run("power iteration (A·Z)", blocks.right_multiply(A, Zt, precision=precision))
+    for i in range(q):
+        step = f"power iteration ({i + 1} of {q}"
+        (Q,) = run(f"{step}: orth(Y))", orth(Y))
+        (Zt,) = run(f"{step}: Aᵀ·Q)", orth(blocks.left_multiply(Q, A, precision=precision).T), chunks_of=A)
+        (Y,) = run(f"{step}: A·Z)", blocks.right_multiply(A, Zt, precision=precision), chunks_of=A)
     return Y
 
 
@@ -330,15 +331,16 @@ STAGES = ("started", "basis", "projected", "coded", "complete")
 
 
 class _Runner:
-    """Computes with progress, records timings."""
+    """Computes a step with progress (:func:`lplr_dask.progress.compute`), records its time under
+    the label without its parenthesised sub-step ("code R (scales)" counts for "code R")."""
 
     def __init__(self, log: Log, timings: dict[str, float]):
         self.log = log
         self.timings = timings
 
-    def __call__(self, label: str, *arrays: Any, persist: bool = True) -> tuple[Any, ...]:
+    def __call__(self, label: str, *arrays: Any, persist: bool = True, chunks_of: Any = None) -> tuple[Any, ...]:
         t0 = time.perf_counter()
-        out = compute(label, *arrays, persist=persist)
+        out = compute(label, *arrays, persist=persist, chunks_of=chunks_of)
         key = label.split(" (")[0]
         self.timings[key] = round(self.timings.get(key, 0.0) + time.perf_counter() - t0, 3)
         return out
@@ -381,7 +383,7 @@ def run(
                 chunks = (row_chunk, x.shape[1]) if name != "Z" else (x.shape[0], col_chunk)
                 target = store.create_float(group, f"{work}/{name}", sketches[name], chunks, compress=False)
                 writes.append(da.store(to_host_blocks(x.rechunk(chunks)), target, lock=False, compute=False))
-        *_, sumsq = runner("pass 1: sketch", *writes, products["sumsq"], persist=False)
+        *_, sumsq = runner("pass 1: sketch", *writes, products["sumsq"], persist=False, chunks_of=A)
         meta["norm_fro"] = math.sqrt(float(sumsq))
         Y = like(da.from_zarr(group[f"{work}/Y"]), A)
         if p.power_iters:
@@ -423,7 +425,7 @@ def run(
                 W = _columns(project(A, like(da.from_zarr(pt), A), precision=p.precision), todo)
                 label = "pass 2: project"
             writer = _WWriter(root, work, todo)
-            runner(label, blocks.map_column_blocks(W, writer), persist=False)
+            runner(label, blocks.map_column_blocks(W, writer), persist=False, chunks_of=None if p.passes == 1 else A)
         save("projected")
 
     # -- R = Q_B2(W), from the scratch -----------------------------------------------------------
@@ -431,7 +433,7 @@ def run(
         W = like(da.from_zarr(group[f"{work}/W"]), A)
         gptq = p.spec_r.rounding == "gptq"  # then also the k×k factor on the client, from the stored basis
         rs, ro, *H = runner(
-            "code R", *ranges_to_scales(W, p.bits[1], p.spec_r, 0), *([basis_hessian(L_hat)] if gptq else []),
+            "code R (scales)", *ranges_to_scales(W, p.bits[1], p.spec_r, 0), *([basis_hessian(L_hat)] if gptq else []),
             persist=False,
         )
         factor = gptq_factor(H[0]) if gptq else None
@@ -465,11 +467,11 @@ PERSIST_CODES_BYTES = 256 * 2**20
 def _store_codes(group: zarr.Group, name: str, codes: da.Array, bits: int, run: _Runner, label: str) -> None:
     """Write lazy codes whole-chunk to a new codes array ``name`` chunked like ``codes``."""
     if codes.nbytes <= PERSIST_CODES_BYTES:
-        (codes,) = run(label, codes)
+        (codes,) = run(f"{label} (codes)", codes)
     target = store.create_codes(
         group, name, codes.shape, tuple(int(c[0]) for c in codes.chunks), bits, sample_from=codes  # type: ignore[arg-type]
     )
-    run(label, da.store(to_host_blocks(codes), target, lock=False, compute=False), persist=False)
+    run(f"{label} (write)", da.store(to_host_blocks(codes), target, lock=False, compute=False), persist=False)
 
 
 class _WWriter:

@@ -24,7 +24,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from lplr_dask import budget, store
+from lplr_dask import budget, logs, store
 from lplr_dask.errors import LplrValueError
 from lplr_dask.sources import itemsize, list_arrays, member, read_source, regular
 
@@ -91,9 +91,16 @@ def _check_rule(rank: int | None, bits_per_entry: float | None, match_nq: float 
     return {name: value}
 
 
-def _progress(i: int, total: int, text: str, log: Callable[[str], None], width: int = 24) -> None:
-    filled = width * i // max(total, 1)
-    log(f"arrays [{'#' * filled}{'.' * (width - filled)}] {i}/{total} {text}")
+def _row(i: int, total: int, entry: dict[str, Any], widths: tuple[int, int]) -> str:
+    """One array's line of the table that :func:`compress_group` logs as it goes."""
+    shape = "x".join(map(str, entry["shape"]))
+    if entry["action"] == "lplr":
+        error = entry["error_exact"] if entry.get("error_exact") is not None else entry["error_estimate"]
+        what = f"lplr  rank {entry['rank']:<5}  error {error:.3g}" + (" (exact)" if entry.get("error_exact") is not None else "")
+    else:
+        what = f"copy  {entry['reason']}"
+    return (f"array {i:>{len(str(total))}}/{total}  {entry['name']:<{widths[0]}}  {shape:<{widths[1]}}  "
+            f"{entry['dtype']:<8}  {entry['bits_per_entry']:6.3g} bits/entry  {entry['seconds']:7.1f} s  {what}")
 
 
 def compress_group(
@@ -115,7 +122,7 @@ def compress_group(
     evaluate: bool = False,
     storage_options: dict[str, Any] | None = None,
     precision: str = "auto",
-    log: Callable[[str], None] | None = None,
+    log: Callable[[str], None] = logs.info,
 ) -> dict[str, Any]:
     """Compress every matrix of a group into one output group (layout in the module docstring).
 
@@ -140,8 +147,10 @@ def compress_group(
         Also measure each matrix's exact error (one more read of it).
     storage_options : dict, optional
         fsspec options for remote source and output.
-    log : callable, optional
-        Receives progress: one line per array with a bar over the arrays (default: stderr).
+    log : callable, default=lplr_dask.logs.info
+        Receives progress: a line as each array starts, and as it finishes its row of a table
+        (i/N, name, shape, dtype, bits per entry, seconds, action, rank, error); the steps of
+        each compression report through :mod:`lplr_dask.progress` as for :func:`lplr_dask.compress`.
 
     Returns
     -------
@@ -160,10 +169,9 @@ def compress_group(
     """
     from lplr_dask.api import compress
     from lplr_dask.api import evaluate as evaluate_error
-    from lplr_dask.cluster import get_client, print_to_stderr
+    from lplr_dask.cluster import get_client
     from lplr_dask.guard import check_output
 
-    log = log or print_to_stderr
     rule = _check_rule(rank, bits_per_entry, match_nq)
     if overwrite and resume:
         raise LplrValueError("Give at most one of overwrite (--overwrite) and resume (--resume).")
@@ -189,11 +197,12 @@ def compress_group(
     root.attrs["lplr_group"] = store._jsonable(meta)
     entries = []
     t_start = time.perf_counter()
+    widths = (max(map(len, arrays)), max(len("x".join(map(str, shape))) for shape, _ in arrays.values()))
     with get_client(log=log):
         for i, (name, (shape, dtype)) in enumerate(arrays.items()):
             k, reason = plan_rank(shape, dtype, bits, **rule)  # type: ignore[arg-type]
-            _progress(i, len(arrays), f"{name} ({'x'.join(map(str, shape))} {dtype}): "
-                      + (f"rank {k}" if k else f"copy, {reason}"), log)
+            log(f"array {i + 1}/{len(arrays)}: {name} ({'x'.join(map(str, shape))} {dtype}): "
+                + (f"rank {k}" if k else f"copy, {reason}"))
             parent = name.rpartition("/")[0]
             if parent:
                 root.require_group(parent)
@@ -229,7 +238,7 @@ def compress_group(
                 seconds=round(time.perf_counter() - t0, 3),
             )
             entries.append(entry)
-        _progress(len(arrays), len(arrays), "done", log)
+            log(_row(i + 1, len(arrays), entry, widths))
     source_bytes = sum(int(np.prod(e["shape"], dtype=np.int64)) * itemsize(e["dtype"]) for e in entries)
     total_bytes = store.bytes_on_disk(root_path, storage_options=storage_options)
     meta.update(

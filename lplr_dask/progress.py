@@ -1,22 +1,63 @@
-"""Computing with a progress bar on stderr (stdout is kept for results and ``--json``)."""
+"""Progress of each step: chunks of A done of all, bytes of A per second and the time left, logged.
+
+:func:`compute` runs one step (one labelled dask computation). What it counts comes from the
+scheduler's own task states, not from the collections computed:
+
+- a step that reads A (``chunks_of=A``) counts the tasks that compute a chunk of A, whether the
+  chunk is its own task or, as blockwise fusion usually makes it, part of the task that reads it
+  and multiplies it (:func:`reads_chunk`): exactly one per chunk of A for each pass;
+- any other step counts all its tasks.
+
+With a distributed client the counting is a scheduler plugin (:class:`ChunkCounter`): it picks
+the tasks when the graph arrives and counts their transitions to memory, one set lookup per
+transition; the client asks it for two numbers every poll (a scheduler handler). Without one (the threads or
+synchronous scheduler) a local :class:`dask.callbacks.Callback` does the same.
+
+Every message goes to the ``lplr_dask`` logger at INFO (a failure at WARNING): a heartbeat line
+at least every ``lplr.progress.interval`` (dask config, default ``30s``;
+``DASK_LPLR__PROGRESS__INTERVAL=2s`` in the environment) and at each 10 %::
+
+    pass 1: sketch: 37% (6/16 chunks, 614 MiB/s, ETA 12 s)
+    pass 1: sketch: done: 16 chunks in 9.5 s (1.1 GiB/s)
+
+When the command line's handler writes to a terminal (:func:`lplr_dask.logs.live_console`) a
+live rich bar replaces the heartbeat lines; the final line is logged either way.
+"""
 
 from __future__ import annotations
 
-import sys
+import contextlib
+import logging
+import threading
 import time
-from typing import Any
+import uuid
+from typing import Any, Callable, Iterator
 
 import dask
+from dask.callbacks import Callback
+from distributed.diagnostics.plugin import SchedulerPlugin
 
-__all__ = ["compute", "current_client", "set_quiet"]
+from lplr_dask import logs
+
+__all__ = ["compute", "current_client", "set_quiet", "reads_chunk", "ChunkCounter", "interval"]
+
+dask.config.update_defaults({"lplr": {"progress": {"interval": "30s"}}})
 
 _QUIET = False
 
+#: Seconds between two looks at the counts (the live bar's refresh; heartbeats may wait longer).
+POLL = 0.5
+
 
 def set_quiet(quiet: bool) -> None:
-    """Turn progress bars off (``--quiet``) or on."""
+    """Turn the progress messages off (``--quiet``) or on."""
     global _QUIET
     _QUIET = quiet
+
+
+def interval() -> float:
+    """Seconds between heartbeat lines at most: the dask config ``lplr.progress.interval``."""
+    return float(dask.utils.parse_timedelta(dask.config.get("lplr.progress.interval"), default="s"))
 
 
 def current_client() -> Any:
@@ -29,51 +70,296 @@ def current_client() -> Any:
         return None
 
 
-def compute(label: str, *collections: Any, persist: bool = False) -> tuple[Any, ...]:
-    """Compute (or persist) dask collections, showing a progress bar labelled ``label``.
+def compute(label: str, *collections: Any, persist: bool = False, chunks_of: Any = None) -> tuple[Any, ...]:
+    """Compute (or persist) dask collections as one step called ``label``, reporting its progress.
 
-    With ``persist`` the results stay on the workers as dask collections backed by futures
-    (for what a later pass reuses); otherwise they are gathered to the client.
+    Parameters
+    ----------
+    label : str
+        The step's name in the messages, e.g. ``"pass 1: sketch"``.
+    *collections : dask collections
+    persist : bool, default=False
+        Keep the results on the workers as dask collections backed by futures (for what a later
+        step reuses); otherwise they are gathered to the client.
+    chunks_of : dask.array.Array, optional
+        The matrix whose chunks the step reads: progress counts its chunks (and its bytes per second);
+        without it, progress counts the step's tasks.
+
+    Returns
+    -------
+    tuple
+        One result (or persisted collection) per collection.
     """
     client = current_client()
+    name = None if chunks_of is None else chunks_of.name
+    nbytes = 0.0 if chunks_of is None else chunks_of.nbytes / max(chunks_of.npartitions, 1)
+    unit = "tasks" if chunks_of is None else "chunks"
+    t0 = time.perf_counter()
     if client is None:
-        return dask.persist(*collections) if persist else dask.compute(*collections)
-    from distributed import futures_of
+        counter = _LocalCounter(name)
+        counts: Callable[[], tuple[int, int]] = counter.counts
+        with counter, _report(label, counts, unit, nbytes, t0):
+            return dask.persist(*collections) if persist else dask.compute(*collections)
+    watch = _Watch(client, name)
+    with watch, _report(label, watch.counts, unit, nbytes, t0):
+        return _distributed(client, collections, persist)
 
-    if persist:
-        outs = client.persist(list(collections))
-        futures = futures_of(outs)
+
+def _distributed(client: Any, collections: tuple[Any, ...], persist: bool) -> tuple[Any, ...]:
+    from distributed import futures_of, wait
+
+    if not persist:
+        return tuple(client.gather(client.compute(list(collections))))
+    outs = client.persist(list(collections))
+    futures = futures_of(outs)
+    wait(futures)  # the results stay on the workers: nothing is gathered
+    for future in futures:
+        if future.status == "error":
+            future.result()  # raises the task's error
+    return tuple(outs)
+
+
+# --------------------------------------------------------------------------------------------
+# Which tasks are chunks of A
+
+
+def _key_name(key: Any) -> str:
+    return str(key[0]) if isinstance(key, tuple) and key else str(key)
+
+
+def reads_chunk(key: Any, spec: Any, name: str) -> bool:
+    """Whether the task ``key`` (its ``spec``) computes a chunk of the dask array called ``name``.
+
+    True for a chunk's own task (``(name, i, j)``) and for a task that blockwise fusion made of
+    the chunk and what uses it: its inner graph holds a key of layer ``name``.
+    """
+    if _key_name(key) == name:
+        return True
+    from dask._task_spec import _execute_subgraph
+
+    if getattr(spec, "func", None) is not _execute_subgraph:
+        return False
+    inner = spec.args[0] if spec.args else None
+    return isinstance(inner, dict) and any(_key_name(k).startswith(name) for k in inner)
+
+
+class ChunkCounter(SchedulerPlugin):
+    """A scheduler plugin counting one step's tasks: those of the next graph ``client`` submits
+    that compute a chunk of array ``name`` (:func:`reads_chunk`), or all of them for ``None``.
+
+    Cost on the scheduler: one look at each new task when the graph arrives, then one set lookup
+    per task transition.
+    """
+
+    def __init__(self, client: str, name: str | None):
+        self.client, self.chunks_of = client, name
+        self.todo: set[Any] = set()
+        self.total = self.done = 0
+
+    async def start(self, scheduler: Any) -> None:
+        # the client asks through this handler: an RPC that, unlike run_on_scheduler, logs nothing
+        def lplr_progress(name: str) -> tuple[int, int]:
+            return _plugin_counts(scheduler, name)
+
+        scheduler.handlers.setdefault("lplr_progress", lplr_progress)
+
+    def update_graph(self, scheduler: Any, *, client: str, tasks: list[Any], **kwargs: Any) -> None:
+        if client != self.client:
+            return
+        for key in tasks:
+            ts = scheduler.tasks.get(key)
+            if ts is None or key in self.todo:
+                continue
+            if self.chunks_of is None or reads_chunk(key, ts.run_spec, self.chunks_of):
+                self.total += 1
+                if ts.state == "memory":
+                    self.done += 1
+                else:
+                    self.todo.add(key)
+
+    def transition(self, key: Any, start: str, finish: str, *args: Any, **kwargs: Any) -> None:
+        if key in self.todo and finish == "memory":
+            self.todo.discard(key)
+            self.done += 1
+
+
+def _plugin_counts(scheduler: Any, name: str) -> tuple[int, int]:
+    plugin = scheduler.plugins[name]
+    return plugin.done, plugin.total
+
+
+class _Watch:
+    """A :class:`ChunkCounter` on the client's scheduler while the ``with`` block runs."""
+
+    def __init__(self, client: Any, name: str | None):
+        self.client, self.chunks_of = client, name
+        self.plugin = f"lplr-progress-{uuid.uuid4().hex}"
+
+    def __enter__(self) -> "_Watch":
+        try:
+            self.client.register_plugin(ChunkCounter(self.client.id, self.chunks_of), name=self.plugin)
+        except Exception as e:  # noqa: BLE001 - e.g. a scheduler without lplr_dask: report time only
+            logs.logger.debug("no progress counts from the scheduler (%s: %s)", type(e).__name__, e)
+            self.plugin = None
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.plugin is not None:
+            with contextlib.suppress(Exception):  # a closed client has no scheduler left to clean
+                self.client.unregister_scheduler_plugin(self.plugin)
+
+    def counts(self) -> tuple[int, int]:
+        if self.plugin is None:
+            return 0, 0
+        done, total = self.client.sync(self.client.scheduler.lplr_progress, name=self.plugin)
+        return done, total
+
+
+class _LocalCounter(Callback):
+    """The :class:`ChunkCounter` of dask's local schedulers (threads, synchronous)."""
+
+    def __init__(self, name: str | None):
+        super().__init__()
+        self.chunks_of = name
+        self.todo: set[Any] = set()
+        self.total = self.done = 0
+
+    def _start_state(self, dsk: Any, state: Any) -> None:
+        for key, spec in dsk.items():
+            if self.chunks_of is None or reads_chunk(key, spec, self.chunks_of):
+                self.todo.add(key)
+        self.total = len(self.todo)
+
+    def _posttask(self, key: Any, result: Any, dsk: Any, state: Any, worker_id: Any) -> None:
+        if key in self.todo:
+            self.done += 1
+
+    def counts(self) -> tuple[int, int]:
+        return self.done, self.total
+
+
+# --------------------------------------------------------------------------------------------
+# Reporting
+
+
+def _duration(seconds: float) -> str:
+    """``"9.5 s"``, ``"4 min 10 s"``, ``"3 h 02 min"``."""
+    if seconds < 60:
+        return f"{seconds:.1f} s" if seconds < 10 else f"{seconds:.0f} s"
+    minutes, s = divmod(int(round(seconds)), 60)
+    if minutes < 60:
+        return f"{minutes} min {s:02d} s"
+    return f"{minutes // 60} h {minutes % 60:02d} min"
+
+
+class _Line:
+    """The text of one step's progress: percent, counts, rate of A, ETA."""
+
+    def __init__(self, label: str, unit: str, chunk_bytes: float, t0: float):
+        self.label, self.unit, self.chunk_bytes, self.t0 = label, unit, chunk_bytes, t0
+
+    def rate(self, done: int, elapsed: float) -> str:
+        if not self.chunk_bytes or not done or elapsed <= 0:
+            return ""
+        per_second = done * self.chunk_bytes / elapsed
+        larger = (("GiB/s", 2**30), ("MiB/s", 2**20))
+        unit, size = next(((u, z) for u, z in larger if per_second >= z), ("KiB/s", 2**10))
+        value = per_second / size
+        return f"{value:.1f} {unit}" if value < 10 else f"{value:.0f} {unit}"
+
+    def heartbeat(self, done: int, total: int, now: float) -> str:
+        elapsed = now - self.t0
+        if not total:  # nothing counted (a scheduler that cannot): the time it has run
+            return f"{self.label}: running for {_duration(elapsed)}"
+        pct = 100 * done // total if total else 0
+        eta = _duration(elapsed * (total - done) / done) if done else "?"
+        parts = [f"{done}/{total} {self.unit}", self.rate(done, elapsed), f"ETA {eta}"]
+        return f"{self.label}: {pct}% ({', '.join(p for p in parts if p)})"
+
+    def done(self, total: int, now: float) -> str:
+        elapsed = now - self.t0
+        if not total:
+            return f"{self.label}: done in {_duration(elapsed)}"
+        rate = self.rate(total, elapsed)
+        return f"{self.label}: done: {total} {self.unit} in {_duration(elapsed)}" + (f" ({rate})" if rate else "")
+
+    def failed(self, done: int, total: int, now: float, error: BaseException) -> str:
+        why = "interrupted" if isinstance(error, KeyboardInterrupt) else type(error).__name__
+        return (f"{self.label}: failed after {_duration(now - self.t0)} "
+                f"({done}/{total} {self.unit} done; {why})")
+
+
+@contextlib.contextmanager
+def _report(
+    label: str, counts: Callable[[], tuple[int, int]], unit: str, chunk_bytes: float, t0: float
+) -> Iterator[None]:
+    """Report the step while the ``with`` block computes it: heartbeats or a live bar, then one
+    final line, ``done`` or ``failed``."""
+    line = _Line(label, unit, chunk_bytes, t0)
+    quiet = _QUIET or not logs.logger.isEnabledFor(logging.INFO)
+    console = None if quiet else logs.live_console()
+    stop = threading.Event()
+    last = [0, 0]  # done, total: what the final line reports after a failure
+    if quiet:
+        reporter = None
     else:
-        futures = client.compute(list(collections))
-    _watch(label, futures)
-    if persist:
-        from distributed import wait
+        target = _bar if console is not None else _heartbeats
+        reporter = threading.Thread(target=target, args=(line, counts, stop, last, console), daemon=True)
+        reporter.start()
+    try:
+        yield
+    except BaseException as e:
+        _finish(stop, reporter)
+        with contextlib.suppress(Exception):
+            last[:] = counts()
+        logs.logger.warning(line.failed(last[0], last[1], time.perf_counter(), e))
+        raise
+    _finish(stop, reporter)
+    if not quiet:
+        with contextlib.suppress(Exception):
+            last[:] = counts()
+        logs.info(line.done(last[1], time.perf_counter()))
 
-        wait(futures)  # the results stay on the workers: nothing is gathered
-        for future in futures:
-            if future.status == "error":
-                future.result()  # raises the task's error
-        return tuple(outs)
-    return tuple(client.gather(futures))
+
+def _finish(stop: threading.Event, reporter: threading.Thread | None) -> None:
+    stop.set()
+    if reporter is not None:
+        reporter.join()
 
 
-def _watch(label: str, futures: list[Any]) -> None:
-    from distributed import as_completed
+def _heartbeats(line: _Line, counts: Callable[[], tuple[int, int]], stop: threading.Event,
+                last: list[int], console: Any) -> None:
+    """Log a heartbeat at least every :func:`interval` seconds and at each 10 % (also at 100 %
+    while the step's last tasks, after those counted, still run)."""
+    every = interval()
+    emitted, decile = time.perf_counter(), 0
+    while not stop.wait(min(POLL * 2, every)):
+        try:
+            done, total = counts()
+        except Exception:  # noqa: BLE001 - the scheduler went away: the computation will say why
+            return
+        last[:] = done, total
+        now = time.perf_counter()
+        tenth = 10 * done // total if total else 0
+        if now - emitted >= every or (tenth > decile and done < total):
+            logs.info(line.heartbeat(done, total, now))
+            emitted, decile = now, max(decile, tenth)
 
-    from rich.console import Console
 
-    console = Console(file=sys.stderr)
-    if _QUIET or not futures or not console.is_terminal:
-        t0 = time.perf_counter()
-        for _ in as_completed(futures):
-            pass
-        if not _QUIET:
-            print(f"{label}: done in {time.perf_counter() - t0:.1f}s", file=sys.stderr, flush=True)
-        return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+def _bar(line: _Line, counts: Callable[[], tuple[int, int]], stop: threading.Event,
+         last: list[int], console: Any) -> None:
+    """A live rich bar on the terminal, removed when the step ends (its final line stays)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
-    with Progress(*columns, console=console) as bar:
-        task = bar.add_task(label, total=len(futures))
-        for _ in as_completed(futures):
-            bar.advance(task)
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn(line.unit),
+               TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn()]
+    with Progress(*columns, console=console, transient=True) as bar:
+        task = bar.add_task(line.label, total=None, rate="")
+        while not stop.wait(POLL):
+            try:
+                done, total = counts()
+            except Exception:  # noqa: BLE001 - the scheduler went away: the computation will say why
+                return
+            last[:] = done, total
+            bar.update(task, completed=done, total=total or None,
+                       rate=line.rate(done, time.perf_counter() - line.t0))

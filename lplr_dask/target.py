@@ -47,7 +47,7 @@ import dask
 import dask.array as da
 import numpy as np
 
-from lplr_dask import blocks, store
+from lplr_dask import blocks, logs, store
 from lplr_dask.backend import to_host, to_host_blocks
 from lplr_dask.errors import LplrValueError
 from lplr_dask.factors import Factors, decode_factor, open_factors
@@ -127,9 +127,11 @@ class Plan:
         self._params = Params(rank=width, bits=bits, quantizer=spec.name, spec_l=spec, spec_r=self.spec_r, seed=seed,
                               test_columns=test_columns)
         products = pass1(A, self._params)  # the compression's own first read, at rank max_rank
-        Y, AG, sumsq = compute("target: sketch spectrum", products["Y"], products["AG"], products["sumsq"], persist=True)
+        Y, AG, sumsq = compute(
+            "target: sketch spectrum", products["Y"], products["AG"], products["sumsq"], persist=True, chunks_of=A
+        )
         if power_iters:
-            Y = power_iterate(A, Y, power_iters, lambda label, *x, persist=True: compute(label, *x, persist=persist))
+            Y = power_iterate(A, Y, power_iters, compute)
         tall = blocks.tall_chunks(n, width, Y.chunks[0][0])
         # the rest works on the thin sketches only: on the host, whatever device A is on
         Y, AG = (to_host_blocks(X).rechunk({0: tall, 1: -1}) for X in (Y, AG))
@@ -267,7 +269,7 @@ def compress_to_target(
     device: str = "cpu",
     max_rank: int = DEFAULT_MAX_RANK,
     storage_options: dict[str, Any] | None = None,
-    log: Callable[[str], None],
+    log: Callable[[str], None] = logs.info,
 ) -> Factors:
     """Compress at the smallest rank whose estimated relative error is at most ``target``.
 
@@ -285,7 +287,8 @@ def compress_to_target(
         Keep a completed output made for the same target; anything else is redone.
     max_rank : int, default=DEFAULT_MAX_RANK
         The largest rank considered.
-    log : callable
+    log : callable, default=lplr_dask.logs.info
+        Receives the ranks tried.
 
     Returns
     -------

@@ -65,7 +65,7 @@ def test_every_command_prints_one_json_object(cluster, tmp_path):
     g.create_array("pos", data=np.ones((2, 384), np.float32))
     grp, err = lplr("compress-group", str(tmp_path / "g.zarr"), str(tmp_path / "g.lplr.zarr"), "--match-nq", "4", *sched)
     assert [e["action"] for e in grp["arrays"]] == ["copy", "lplr"] and grp["totals"]["arrays"] == 2
-    assert "arrays [" in err
+    assert "array 2/2" in err  # compress-group's row per array
 
 
 def test_json_guard_sends_stray_output_to_stderr(monkeypatch, capfd):
