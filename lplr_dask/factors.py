@@ -317,6 +317,6 @@ def product_error(A: da.Array, L: da.Array, R: da.Array, *, label: str = "evalua
     )
     from lplr_dask.progress import compute
 
-    (sums,) = compute(label, parts.sum(axis=(0, 1)))
+    (sums,) = compute(label, parts.sum(axis=(0, 1)), chunks_of=A)
     num, den = sums
     return float(np.sqrt(num / den)) if den > 0 else float(np.sqrt(num))

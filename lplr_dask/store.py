@@ -460,7 +460,7 @@ def write_array(
     if attrs:
         arr.attrs.update(_jsonable(attrs))
     try:
-        compute(label, da.store(A, arr, lock=False, compute=False))
+        compute(label, da.store(A, arr, lock=False, compute=False), chunks_of=A)
     except BaseException:
         _discard(out, storage_options)
         raise
