@@ -153,7 +153,7 @@ def add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
     """
     group = parser.add_argument_group(
         "Dask cluster",
-        "Where to compute. Default: a local cluster of worker processes on this machine "
+        "Where to compute. Default: a local cluster of worker processes on this machine\n"
         "(or the current Dask client, when called from Python).",
     )
     mode = group.add_mutually_exclusive_group()
@@ -629,11 +629,16 @@ def _start_local(
     return client
 
 
-class _ComputeFailedFilter(logging.Filter):
-    """Drop a worker's "Compute Failed" record: the error reaches the client, which reports it."""
+class _RepeatFilter(logging.Filter):
+    """Drop a worker's records that only repeat what the client reports once.
+
+    "Compute Failed" (the task's error, which reaches the client as its exception) and the
+    "ended with CancelledError" of tasks cancelled because the client stopped (Ctrl-C).
+    """
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith("Compute Failed")
+        message = str(record.msg)
+        return not (message.startswith("Compute Failed") or "ended with CancelledError" in message)
 
 
 class _LocalWorkerSetup(distributed.WorkerPlugin):
@@ -641,7 +646,7 @@ class _LocalWorkerSetup(distributed.WorkerPlugin):
 
     The workers ignore SIGINT: Ctrl-C at a terminal reaches the whole process group, and the
     client, which handles it, closes the workers itself (else each prints a traceback). Their
-    "Compute Failed" log is dropped (see :class:`_ComputeFailedFilter`).
+    repeats of the client's errors are dropped (see :class:`_RepeatFilter`).
     """
 
     name = "lplr-local-worker-setup"
@@ -649,9 +654,9 @@ class _LocalWorkerSetup(distributed.WorkerPlugin):
     def setup(self, worker: distributed.Worker) -> None:
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGINT, signal.SIG_IGN)
-        target = logging.getLogger("distributed.worker")
-        if not any(isinstance(f, _ComputeFailedFilter) for f in target.filters):
-            target.addFilter(_ComputeFailedFilter())
+        for handler in logging.getLogger("distributed").handlers:
+            if not any(isinstance(f, _RepeatFilter) for f in handler.filters):
+                handler.addFilter(_RepeatFilter())
 
 
 def _jobqueue_config_path() -> Path:
