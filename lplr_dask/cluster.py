@@ -623,22 +623,44 @@ def _start_local(
                 "a smaller --memory-limit."
             ) from e
     stack.callback(local.close)
+    stack.callback(_filter_repeats())  # for the scheduler, which runs in this process
     client = distributed.Client(local, security=security)
     stack.callback(client.close)
-    client.register_plugin(_LocalWorkerSetup())
+    try:
+        client.register_plugin(_LocalWorkerSetup())
+    except OSError:  # a worker died meanwhile: the scheduler keeps the plugin for its replacement
+        pass
     return client
 
 
 class _RepeatFilter(logging.Filter):
-    """Drop a worker's records that only repeat what the client reports once.
+    """Drop distributed's records that only repeat what the client reports once.
 
-    "Compute Failed" (the task's error, which reaches the client as its exception) and the
-    "ended with CancelledError" of tasks cancelled because the client stopped (Ctrl-C).
+    A worker's "Compute Failed" (the task's error, which reaches the client as its exception)
+    and "ended with CancelledError" (tasks cancelled because the client stopped, on Ctrl-C);
+    the scheduler's "marked as failed because ..." after the first (one line per task).
     """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.timed_out = False
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = str(record.msg)
+        if "marked as failed because" in message:
+            first, self.timed_out = not self.timed_out, True
+            return first
         return not (message.startswith("Compute Failed") or "ended with CancelledError" in message)
+
+
+def _filter_repeats() -> Callable[[], None]:
+    """Add a :class:`_RepeatFilter` to distributed's handlers here; returns what removes it."""
+    handlers = [h for h in logging.getLogger("distributed").handlers
+                if not any(isinstance(f, _RepeatFilter) for f in h.filters)]
+    repeat = _RepeatFilter()
+    for handler in handlers:
+        handler.addFilter(repeat)
+    return lambda: [handler.removeFilter(repeat) for handler in handlers] and None
 
 
 class _LocalWorkerSetup(distributed.WorkerPlugin):
@@ -654,9 +676,7 @@ class _LocalWorkerSetup(distributed.WorkerPlugin):
     def setup(self, worker: distributed.Worker) -> None:
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGINT, signal.SIG_IGN)
-        for handler in logging.getLogger("distributed").handlers:
-            if not any(isinstance(f, _RepeatFilter) for f in handler.filters):
-                handler.addFilter(_RepeatFilter())
+        _filter_repeats()
 
 
 def _jobqueue_config_path() -> Path:
