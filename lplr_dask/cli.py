@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import os
+import re
 import shlex
 import signal
 import sys
@@ -50,6 +51,9 @@ _RESUMABLE = ("compress", "compress-group")
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line, exit 2
+        required = re.fullmatch(r"one of the arguments (.+) is required", message)
+        if required:  # a required exclusive group: say it as the size options' own check did
+            message = f"give exactly one of {', '.join(required.group(1).split())} (got none)"
         raise UsageError(f"{self.prog}: {message} (see '{self.prog} --help')")
 
 
@@ -438,10 +442,36 @@ def _cluster(args: argparse.Namespace) -> Iterator[Any]:
             raise _Reported(code) from e
 
 
+_HIDDEN_AFTER_AN_ERROR = ("distributed", "tornado", "asyncio")
+
+
 def _hide_distributed_logs() -> None:
-    for name in [*logging.root.manager.loggerDict, "distributed", "tornado", "asyncio"]:
-        if name.split(".")[0] in ("distributed", "tornado", "asyncio"):
+    for name in [*logging.root.manager.loggerDict, *_HIDDEN_AFTER_AN_ERROR]:
+        if name.split(".")[0] in _HIDDEN_AFTER_AN_ERROR:
             logging.getLogger(name).setLevel(logging.CRITICAL)
+
+
+@contextlib.contextmanager
+def _logging(verbosity: int) -> Iterator[None]:
+    """:func:`lplr_dask.logs.configure` while the command runs; the logging state is put back after.
+
+    So :func:`main` called in a Python process (tests, notebooks) leaves its logging as it was:
+    the package logger's handlers, level and propagation, and the levels of distributed's loggers
+    that :func:`_hide_distributed_logs` raises.
+    """
+    saved = [(logs.logger, logs.logger.level, logs.logger.propagate, logs.logger.handlers[:])]
+    saved += [(logging.getLogger(name), logging.getLogger(name).level, None, None)
+              for name in [*logging.root.manager.loggerDict, *_HIDDEN_AFTER_AN_ERROR]
+              if name.split(".")[0] in _HIDDEN_AFTER_AN_ERROR]
+    logs.configure(verbosity)
+    try:
+        yield
+    finally:
+        for logger, level, propagate, handlers in saved:
+            logger.setLevel(level)
+            if handlers is not None:
+                logger.handlers[:] = handlers
+                logger.propagate = bool(propagate)
 
 
 def _cmd_generate(args: argparse.Namespace) -> dict[str, Any]:
@@ -670,9 +700,8 @@ def _main(argv: list[str]) -> int:
     try:
         args = build_parser().parse_args(argv)
         args.argv = argv
-        logs.configure(-1 if args.quiet else args.verbose)
         set_quiet(args.quiet)
-        with _stdout_to_stderr(args.json):
+        with _logging(-1 if args.quiet else args.verbose), _stdout_to_stderr(args.json):
             result = COMMANDS[args.command](args)
     except _Reported as e:
         return e.code
