@@ -51,10 +51,19 @@ _RESUMABLE = ("compress", "compress-group")
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line, exit 2
-        required = re.fullmatch(r"one of the arguments (.+) is required", message)
-        if required:  # a required exclusive group: say it as the size options' own check did
-            message = f"give exactly one of {', '.join(required.group(1).split())} (got none)"
-        raise UsageError(f"{self.prog}: {message} (see '{self.prog} --help')")
+        raise UsageError(f"{self.prog}: {self._exactly_one(message) or message} (see '{self.prog} --help')")
+
+    def _exactly_one(self, message: str) -> str | None:
+        """argparse's message about a required exclusive group (the size options), as "exactly one"."""
+        missing = re.fullmatch(r"one of the arguments (.+) is required", message)
+        if missing:
+            return f"give exactly one of {', '.join(missing.group(1).split())} (got none)"
+        clash = re.fullmatch(r"argument (\S+): not allowed with argument (\S+)", message)
+        for group in self._mutually_exclusive_groups if clash else ():
+            flags = [a.option_strings[0] for a in group._group_actions]
+            if group.required and {clash.group(1), clash.group(2)} <= set(flags):
+                return f"give exactly one of {', '.join(flags)} (got {clash.group(2)}, {clash.group(1)})"
+        return None
 
 
 class _Reported(BaseException):
@@ -420,7 +429,7 @@ def _check_compression(args: argparse.Namespace) -> tuple[int, int]:
 
 
 @contextlib.contextmanager
-def _cluster(args: argparse.Namespace) -> Iterator[Any]:
+def _cluster(args: argparse.Namespace, log: Callable[[str], None]) -> Iterator[Any]:
     """:func:`lplr_dask.cluster.client_from_args`, reporting a failure before the cluster closes.
 
     The error line comes first; distributed's own messages while the cluster closes after a
@@ -428,7 +437,7 @@ def _cluster(args: argparse.Namespace) -> Iterator[Any]:
     """
     from lplr_dask.cluster import client_from_args
 
-    with client_from_args(args, log=logs.info) as client:
+    with client_from_args(args, log=log) as client:
         try:
             yield client
         except BaseException as e:
@@ -474,7 +483,7 @@ def _logging(verbosity: int) -> Iterator[None]:
                 logger.propagate = bool(propagate)
 
 
-def _cmd_generate(args: argparse.Namespace) -> dict[str, Any]:
+def _cmd_generate(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
     from lplr_dask.datasets import generate, parse_shape, synthetic
     from lplr_dask.sources import is_remote
 
@@ -489,7 +498,7 @@ def _cmd_generate(args: argparse.Namespace) -> dict[str, Any]:
     synthetic(shape, **options)  # checks rank and noise; lazy
     _check_output(args)
     t0 = time.perf_counter()
-    with _cluster(args):
+    with _cluster(args, log):
         arr = generate(args.out, shape, overwrite=args.overwrite, **options)
     return {
         "out": args.out, "shape": list(arr.shape), "dtype": str(arr.dtype), "chunks": list(arr.chunks),
@@ -497,7 +506,7 @@ def _cmd_generate(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def _cmd_compress(args: argparse.Namespace) -> dict[str, Any]:
+def _cmd_compress(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
     from lplr_dask.api import compress, evaluate, resolve_rank
     from lplr_dask.quantize import quantizer_pair
     from lplr_dask.sources import open_source
@@ -509,29 +518,29 @@ def _cmd_compress(args: argparse.Namespace) -> dict[str, Any]:
         resolve_rank(A.shape, bits, rank=args.rank, bits_per_entry=None, match_nq=args.match_nq,
                      specs=quantizer_pair(args.quantizer))
     _check_output(args, inputs=[args.input], resume_store=True)
-    with _cluster(args):
+    with _cluster(args, log):
         factors = compress(
             args.input, args.out, rank=args.rank, bits=tuple(args.bits) if args.bits else None,
             bits_per_entry=args.bits_per_entry, match_nq=args.match_nq, target_error=args.target_error, passes=args.passes,
             power_iters=args.power_iters, oversample=args.oversample, quantizer=args.quantizer, seed=args.seed,
             overwrite=args.overwrite, resume=args.resume, device=args.device, storage_options=opts,
-            precision=args.precision, log=logs.info,
+            precision=args.precision, log=log,
         )
         if args.evaluate:
             evaluate(args.input, factors, storage_options=opts)
     return _summary(factors)
 
 
-def _cmd_convert(args: argparse.Namespace) -> dict[str, Any]:
+def _cmd_convert(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
     from lplr_dask.convert import convert
     from lplr_dask.sources import read_source
 
     read_source(args.input, storage_options=args.storage_options)  # bad input fails before a cluster starts
     _check_output(args, inputs=[args.input])
     t0 = time.perf_counter()
-    with _cluster(args):
+    with _cluster(args, log):
         arr = convert(args.input, args.out, chunks=args.chunks or "auto", overwrite=args.overwrite,
-                      storage_options=args.storage_options, log=logs.info)
+                      storage_options=args.storage_options, log=log)
     return {
         "input": args.input, "out": args.out, "shape": list(arr.shape), "dtype": str(arr.dtype),
         "source_dtype": arr.attrs["lplr_convert"]["source_dtype"], "chunks": list(arr.chunks),
@@ -539,30 +548,30 @@ def _cmd_convert(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def _cmd_compress_group(args: argparse.Namespace) -> dict[str, Any]:
+def _cmd_compress_group(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
     from lplr_dask.group import compress_group
     from lplr_dask.sources import list_arrays
 
     bits = _check_compression(args)
     list_arrays(args.input, storage_options=args.storage_options)  # bad input fails before a cluster starts
     _check_output(args, inputs=[args.input])
-    with _cluster(args):
+    with _cluster(args, log):
         return compress_group(
             args.input, args.out, rank=args.rank, bits=bits, bits_per_entry=args.bits_per_entry,
             match_nq=args.match_nq, passes=args.passes, power_iters=args.power_iters, oversample=args.oversample,
             quantizer=args.quantizer,
             seed=args.seed, overwrite=args.overwrite, resume=args.resume, device=args.device,
-            evaluate=args.evaluate, storage_options=args.storage_options, precision=args.precision, log=logs.info,
+            evaluate=args.evaluate, storage_options=args.storage_options, precision=args.precision, log=log,
         )
 
 
-def _cmd_info(args: argparse.Namespace) -> dict[str, Any]:
+def _cmd_info(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
     from lplr_dask.factors import open_factors
 
     return _summary(open_factors(args.store, storage_options=args.storage_options))
 
 
-def _cmd_evaluate(args: argparse.Namespace) -> dict[str, Any]:
+def _cmd_evaluate(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
     from lplr_dask.api import evaluate
     from lplr_dask.factors import open_factors
     from lplr_dask.sources import open_source
@@ -574,12 +583,12 @@ def _cmd_evaluate(args: argparse.Namespace) -> dict[str, Any]:
             f"{args.input!r} is {A.shape[0]}x{A.shape[1]} but {args.store!r} compresses a "
             f"{factors.shape[0]}x{factors.shape[1]} matrix. Give the matrix the store was made from."
         )
-    with _cluster(args):
+    with _cluster(args, log):
         err = evaluate(args.input, factors, storage_options=args.storage_options)
     return {"store": args.store, "input": args.input, "error_exact": err, "error_estimate": factors.attrs.get("error_estimate")}
 
 
-def _cmd_decompress(args: argparse.Namespace) -> dict[str, Any]:
+def _cmd_decompress(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
     from lplr_dask import store
     from lplr_dask.factors import open_factors
     from lplr_dask.sources import cast_to, output_dtype
@@ -590,17 +599,17 @@ def _cmd_decompress(args: argparse.Namespace) -> dict[str, Any]:
     source_dtype = factors.attrs["source"]["dtype"]
     dtype = output_dtype(source_dtype if args.dtype == "source" else args.dtype)
     if args.dtype == "source" and str(dtype) != source_dtype:
-        logs.info(f"note: the source is {source_dtype}, which Zarr cannot store; writing {dtype}")
+        log(f"note: the source is {source_dtype}, which Zarr cannot store; writing {dtype}")
     chunks = tuple(factors.attrs["source"]["chunks"])
     t0 = time.perf_counter()
-    with _cluster(args):
+    with _cluster(args, log):
         recon = cast_to(factors.to_dask(dtype=np.float64), dtype).rechunk(chunks)
         store.write_array(recon, args.out, overwrite=args.overwrite, label="decompress", storage_options=opts)
     return {"store": args.store, "out": args.out, "shape": list(recon.shape), "dtype": str(dtype),
             "seconds": round(time.perf_counter() - t0, 3)}
 
 
-COMMANDS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
+COMMANDS: dict[str, Callable[[argparse.Namespace, Callable[[str], None]], dict[str, Any]]] = {
     "generate": _cmd_generate,
     "convert": _cmd_convert,
     "compress": _cmd_compress,
@@ -702,7 +711,7 @@ def _main(argv: list[str]) -> int:
         args.argv = argv
         set_quiet(args.quiet)
         with _logging(-1 if args.quiet else args.verbose), _stdout_to_stderr(args.json):
-            result = COMMANDS[args.command](args)
+            result = COMMANDS[args.command](args, logs.info)
     except _Reported as e:
         return e.code
     except SystemExit as e:  # --help, --version
