@@ -1,6 +1,8 @@
 """The ``lplr`` command: generate, convert, compress, compress-group, info, evaluate, decompress.
 
-Exit status: 0 success; 2 bad input or usage (one line on stderr, no traceback); 1 anything else.
+Exit status: 0 success; 2 bad input or usage (one line on stderr, no traceback, found before a
+cluster starts); 1 anything else; 130 after Ctrl-C (SIGINT) and 143 after SIGTERM, with one line
+naming the ``--resume`` command that finishes the job.
 Results go to stdout as a short table, or as one JSON object with ``--json``; progress and the
 dashboard address go to stderr.
 """
@@ -661,17 +663,17 @@ def _resume_command(args: argparse.Namespace) -> str:
 
 def _outcome(e: BaseException, args: argparse.Namespace | None) -> tuple[int, str] | None:
     """The exit status and the one stderr line for the exception ``e``; None to let it propagate."""
-    from distributed import KilledWorker
-    from distributed.scheduler import NoWorkerError
-
     command = getattr(args, "command", None)
     if isinstance(e, (KeyboardInterrupt, Terminated)):
         what, code = ("interrupted", EXIT_INTERRUPTED) if isinstance(e, KeyboardInterrupt) else ("terminated", EXIT_TERMINATED)
         if command in _RESUMABLE:
             return code, f"{what}: rerun with --resume to finish: {_resume_command(args)}"
-        return code, f"{what}"
+        return code, what
     if isinstance(e, LplrError):
         return 2, f"error: {e}".replace("\n", " ")
+    from distributed import KilledWorker
+    from distributed.scheduler import NoWorkerError
+
     if isinstance(e, (NoWorkerError, KilledWorker)):
         what = "no workers left" if isinstance(e, NoWorkerError) else "workers kept dying"
         return 1, (
