@@ -429,12 +429,14 @@ def get_client(
         elif device == "cuda":
             from lplr_dask.gpu_cluster import gpu_local_cluster
 
-            local = stack.enter_context(gpu_local_cluster(
-                workers, threads_per_worker=threads_per_worker, security=security,
-                memory_limit="auto" if memory_limit is None else memory_limit,
-                dashboard_address="127.0.0.1:8787",
-            ))
+            with _no_workers_timeout():
+                local = stack.enter_context(gpu_local_cluster(
+                    workers, threads_per_worker=threads_per_worker, security=security,
+                    memory_limit="auto" if memory_limit is None else memory_limit,
+                    dashboard_address="127.0.0.1:8787",
+                ))
             client = stack.enter_context(distributed.Client(local, security=security))
+            _set_up_local_workers(stack, client)
         else:
             client = _start_local(
                 stack,
@@ -599,12 +601,7 @@ def _start_local(
     security: distributed.Security | None,
     log_level: int,
 ) -> distributed.Client:
-    no_workers = dask.config.get("distributed.scheduler.no-workers-timeout", None) or dask.config.get(
-        "lplr.cluster.no-workers-timeout", _DEFAULT_NO_WORKERS_TIMEOUT
-    )
-    # the scheduler runs in this process and reads the key as it starts
-    config = dask.config.set({"distributed.scheduler.no-workers-timeout": no_workers})
-    with _dashboard_port_fallback_quietly(), config:
+    with _dashboard_port_fallback_quietly(), _no_workers_timeout():
         try:
             local = distributed.LocalCluster(
                 n_workers=workers,
@@ -623,14 +620,32 @@ def _start_local(
                 "a smaller --memory-limit."
             ) from e
     stack.callback(local.close)
-    stack.callback(_filter_repeats())  # for the scheduler, which runs in this process
     client = distributed.Client(local, security=security)
     stack.callback(client.close)
+    _set_up_local_workers(stack, client)
+    return client
+
+
+def _no_workers_timeout() -> contextlib.AbstractContextManager[None]:
+    """The Dask config under which a local cluster starts: tasks fail once no worker is left.
+
+    ``distributed.scheduler.no-workers-timeout`` if the user set it, else
+    ``lplr.cluster.no-workers-timeout`` (default 120 s); the scheduler of a local cluster runs in
+    this process and reads the key as it starts.
+    """
+    timeout = dask.config.get("distributed.scheduler.no-workers-timeout", None) or dask.config.get(
+        "lplr.cluster.no-workers-timeout", _DEFAULT_NO_WORKERS_TIMEOUT
+    )
+    return dask.config.set({"distributed.scheduler.no-workers-timeout": timeout})
+
+
+def _set_up_local_workers(stack: contextlib.ExitStack, client: distributed.Client) -> None:
+    """Quiet repeats in this process's (the scheduler's) log and set up the workers, until `stack` closes."""
+    stack.callback(_filter_repeats())
     try:
         client.register_plugin(_LocalWorkerSetup())
     except OSError:  # a worker died meanwhile: the scheduler keeps the plugin for its replacement
         pass
-    return client
 
 
 class _RepeatFilter(logging.Filter):
