@@ -1,6 +1,8 @@
 """The ``lplr`` command: generate, convert, compress, compress-group, info, evaluate, decompress.
 
-Exit status: 0 success; 2 bad input or usage (one line on stderr, no traceback); 1 anything else.
+Exit status: 0 success; 2 bad input or usage (one line on stderr, no traceback, found before a
+cluster starts); 1 anything else; 130 after Ctrl-C (SIGINT) and 143 after SIGTERM, with one line
+naming the ``--resume`` command that finishes the job.
 Results go to stdout as a short table, or as one JSON object with ``--json``; progress and the
 dashboard address go to stderr.
 """
@@ -10,29 +12,68 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
+import math
 import os
+import re
+import shlex
+import signal
 import sys
+import threading
 import time
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from lplr_dask.errors import LplrError
+from lplr_dask import logs
+from lplr_dask.errors import LplrError, LplrValueError, OutputExistsError, StoreFormatError
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "build_parser", "Terminated", "EXIT_INTERRUPTED", "EXIT_TERMINATED"]
 
 
 class UsageError(LplrError, ValueError):
     """Bad command-line usage."""
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread by the handler :func:`main` installs (exit status 143).
+
+    A :class:`BaseException`, like :class:`KeyboardInterrupt`, so the same cleanup runs and no
+    ``except Exception`` swallows it.
+    """
+
+
+#: Exit status for Ctrl-C (SIGINT) and for SIGTERM: 128 + the signal number, as a shell reports.
+EXIT_INTERRUPTED = 128 + signal.SIGINT
+EXIT_TERMINATED = 128 + signal.SIGTERM
+
+#: Subcommands that write a store ``--resume`` can finish.
+_RESUMABLE = ("compress", "compress-group")
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line, exit 2
-        raise UsageError(f"{self.prog}: {message} (see '{self.prog} --help')")
+        raise UsageError(f"{self.prog}: {self._exactly_one(message) or message} (see '{self.prog} --help')")
+
+    def _exactly_one(self, message: str) -> str | None:
+        """argparse's message about a required exclusive group (the size options), as "exactly one"."""
+        missing = re.fullmatch(r"one of the arguments (.+) is required", message)
+        if missing:
+            return f"give exactly one of {', '.join(missing.group(1).split())} (got none)"
+        clash = re.fullmatch(r"argument (\S+): not allowed with argument (\S+)", message)
+        for group in self._mutually_exclusive_groups if clash else ():
+            flags = [a.option_strings[0] for a in group._group_actions]
+            if group.required and {clash.group(1), clash.group(2)} <= set(flags):
+                return f"give exactly one of {', '.join(flags)} (got {clash.group(2)}, {clash.group(1)})"
+        return None
 
 
-def _log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+class _Reported(BaseException):
+    """The error line is already on stderr (printed before the cluster closed); exit with ``code``."""
+
+    def __init__(self, code: int) -> None:
+        super().__init__(code)
+        self.code = code
 
 
 def _storage_options(text: str) -> dict[str, Any]:
@@ -59,16 +100,63 @@ def _oversample(text: str) -> int:
     return value
 
 
+def _positive(text: str) -> float:
+    """A finite number > 0 (``--bits-per-entry``, ``--match-nq``, ``--target-error``)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
+    return value
+
+
+def _count(minimum: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = minimum - 1
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}")
+        return value
+
+    parse.__name__ = f"integer >= {minimum}"
+    return parse
+
+
+def _examples(*lines: str) -> str:
+    return "Examples:\n" + "\n".join(f"  {line}" for line in lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for tests and docs)."""
+    from lplr_dask import __version__
     from lplr_dask.cluster import add_cluster_arguments
 
-    p = _Parser(prog="lplr", description="Low-rank, low-precision compression of large matrices on Dask.")
-    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    formatter = argparse.RawDescriptionHelpFormatter
+    p = _Parser(
+        prog="lplr", description="Low-rank, low-precision compression of large matrices on Dask.",
+        formatter_class=formatter,
+        epilog=_examples(
+            "lplr generate A.zarr --shape 20000x10000 --rank 64",
+            "lplr compress A.zarr A.lplr.zarr --bits-per-entry 2 --evaluate",
+            "lplr info A.lplr.zarr",
+        ) + "\n\nRun 'lplr COMMAND --help' for a command's options and examples. Exit status: 0 success, "
+        "2 bad input or usage,\n1 any other error, 130 interrupted (Ctrl-C), 143 terminated (SIGTERM).",
+    )
+    p.add_argument("--version", action="version", version=f"lplr {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser, metavar="COMMAND")
+
+    def command(name: str, help: str, *examples: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help, description=help[0].upper() + help[1:] + ".",
+                              epilog=_examples(*examples), formatter_class=formatter)
 
     def common(sp: argparse.ArgumentParser, *, cluster: bool = True) -> None:
         sp.add_argument("--json", action="store_true", help="print one JSON object on stdout and nothing else")
-        sp.add_argument("--quiet", action="store_true", help="no progress bars")
+        sp.add_argument("-q", "--quiet", action="store_true", help="no progress bars or progress lines; warnings and errors only")
+        sp.add_argument("-v", "--verbose", action="count", default=0,
+                        help="more messages: debug lines, distributed's INFO, and its log after an error (-vv: more)")
         sp.add_argument(
             "--storage-options", type=_storage_options, metavar="JSON",
             default=os.environ.get("LPLR_STORAGE_OPTIONS"),  # argparse parses a string default with `type`
@@ -78,19 +166,24 @@ def build_parser() -> argparse.ArgumentParser:
         if cluster:
             add_cluster_arguments(sp)
 
+    def seed(sp: argparse.ArgumentParser, what: str) -> None:
+        sp.add_argument("--seed", type=_count(0), default=0, metavar="N",
+                        help=f"seed of {what}; the same seed gives the same result (default 0)")
+
     def compression(sp: argparse.ArgumentParser) -> None:  # compress and compress-group
         sp.add_argument("--bits", type=int, nargs=2, metavar=("B1", "B2"),
                         help="bits for L and R (default 8 8; for compress with --bits-per-entry, chosen with the rank)")
         sp.add_argument("--passes", type=int, default=2, choices=[1, 2], help="reads of A (default 2)")
-        sp.add_argument("--power-iters", type=int, default=0, help="power iterations (2 more reads each)")
+        sp.add_argument("--power-iters", type=_count(0), default=0, metavar="N", help="power iterations (2 more reads each)")
         sp.add_argument("--oversample", type=_oversample, default=None, metavar="P",
                         help="extra range-sketch columns: L comes from the top k directions of k+P sketch columns "
                         "(default: P = rank; 0: the paper's sketch of exactly k columns)")
-        sp.add_argument("--quantizer", default="default",
+        sp.add_argument("--quantizer", default="default", metavar="NAME",
                         help="paper | default | tensor|channel|groupN[-sym][-stochastic|-gptq], or L_NAME:R_NAME "
                         "(-gptq: R only, e.g. channel:channel-gptq)")
-        sp.add_argument("--seed", type=int, default=0)
-        sp.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+        seed(sp, "every random sketch matrix, stored in the attrs")
+        sp.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                        help="where each chunk is computed: cpu, or cuda (CuPy on one worker per GPU; default cpu)")
         sp.add_argument("--precision", default="auto", choices=["auto", "float32", "float64"],
                         help="dtype of each chunk's products (auto: float32 for float32 input, about 2x faster; "
                         "float64: codes identical for any chunking)")
@@ -99,64 +192,98 @@ def build_parser() -> argparse.ArgumentParser:
         mode.add_argument("--overwrite", action="store_true", help="replace an existing output")
         mode.add_argument("--resume", action="store_true", help="finish an interrupted job (same arguments)")
 
-    g = sub.add_parser("generate", help="write a synthetic low-rank-plus-noise matrix to Zarr")
+    g = command(
+        "generate", "write a synthetic low-rank-plus-noise matrix to Zarr",
+        "lplr generate A.zarr --shape 20000x10000 --rank 64",
+        "lplr generate big.zarr --shape 200000x20000 --chunks 8192x4096 --dtype float16 --workers 8",
+        "lplr generate heavy.zarr --shape 50000x5000 --kind student-t --noise 0.1 --seed 3",
+    )
     g.add_argument("out", help="output Zarr array path")
-    g.add_argument("--shape", required=True, help="NxD, e.g. 200000x20000")
-    g.add_argument("--rank", type=int, default=64, help="rank of the low-rank part (default 64)")
-    g.add_argument("--decay", type=float, default=0.9, help="spectral decay (default 0.9)")
-    g.add_argument("--noise", type=float, default=0.01, help="relative Frobenius noise level (default 0.01)")
-    g.add_argument("--kind", default="lowrank", choices=["lowrank", "poly", "student-t"])
-    g.add_argument("--chunks", default="4096x4096", help="chunk shape RxC (default 4096x4096)")
-    g.add_argument("--dtype", default="float32", choices=["float32", "float64", "float16"])
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--overwrite", action="store_true")
+    g.add_argument("--shape", required=True, metavar="NxD", help="NxD, e.g. 200000x20000")
+    g.add_argument("--rank", type=int, default=64, metavar="K", help="rank of the low-rank part (default 64)")
+    g.add_argument("--decay", type=float, default=0.9, metavar="Q", help="spectral decay (default 0.9)")
+    g.add_argument("--noise", type=float, default=0.01, metavar="SIGMA", help="relative Frobenius noise level (default 0.01)")
+    g.add_argument("--kind", default="lowrank", choices=["lowrank", "poly", "student-t"],
+                   help="singular values Q^i with Gaussian noise (lowrank), (i+1)^-Q with Gaussian noise (poly), or Q^i "
+                   "with heavy-tailed Student-t noise (student-t); default lowrank")
+    g.add_argument("--chunks", default="4096x4096", type=_chunks, metavar="RxC", help="chunk shape RxC (default 4096x4096)")
+    g.add_argument("--dtype", default="float32", choices=["float32", "float64", "float16"], help="dtype written (default float32)")
+    seed(g, "the matrix")
+    g.add_argument("--overwrite", action="store_true", help="replace an existing output")
     common(g)
 
-    v = sub.add_parser("convert", help="stream a .npy, HDF5 dataset or safetensors tensor into chunked Zarr")
+    v = command(
+        "convert", "stream a .npy, HDF5 dataset or safetensors tensor into chunked Zarr",
+        "lplr convert W.npy W.zarr",
+        "lplr convert model.safetensors:lm_head.weight W.zarr --chunks 2048x2048",
+        "lplr convert data.h5:/matrix s3://bucket/A.zarr --storage-options '{\"endpoint_url\": \"http://host:9000\"}'",
+    )
     v.add_argument("input", help="W.npy, FILE.h5:/dataset, FILE.safetensors:name, or a Zarr array")
     v.add_argument("out", help="output Zarr array (path or URL)")
-    v.add_argument("--chunks", type=_chunks, help="chunk shape RxC (default: about 128 MiB blocks, or the Zarr input's)")
-    v.add_argument("--overwrite", action="store_true")
+    v.add_argument("--chunks", type=_chunks, metavar="RxC", help="chunk shape RxC (default: about 128 MiB blocks, or the Zarr input's)")
+    v.add_argument("--overwrite", action="store_true", help="replace an existing output")
     common(v)
 
-    c = sub.add_parser("compress", help="compress a matrix into an *.lplr.zarr store")
+    c = command(
+        "compress", "compress a matrix into an *.lplr.zarr store",
+        "lplr compress A.zarr A.lplr.zarr --rank 64",
+        "lplr compress A.zarr A.lplr.zarr --bits-per-entry 2 --evaluate",
+        "lplr compress s3://bucket/A.zarr s3://bucket/A.lplr.zarr --target-error 0.05 --scheduler tcp://10.0.0.5:8786",
+        "lplr compress A.zarr A.lplr.zarr --rank 64 --resume    # finish an interrupted job",
+    )
     c.add_argument("input", help="input matrix: a Zarr array (path or URL, IN.zarr/path/in/group), W.npy, "
                    "FILE.h5:/dataset or FILE.safetensors:name")
     c.add_argument("out", help="output *.lplr.zarr path")
-    size = c.add_argument_group("size (exactly one)")
-    size.add_argument("--rank", type=int, help="target rank k")
-    size.add_argument("--bits-per-entry", type=float, help="storage budget in bits per entry of A")
-    size.add_argument("--match-nq", type=float, metavar="B", help="the paper's fair rank against B-bit naive quantization")
-    size.add_argument("--target-error", type=float, metavar="E",
+    size = c.add_argument_group("size (exactly one)").add_mutually_exclusive_group(required=True)
+    size.add_argument("--rank", type=int, metavar="K", help="target rank k")
+    size.add_argument("--bits-per-entry", type=_positive, metavar="X",
+                      help="storage budget in bits per entry of A: the bytes on disk, scales and metadata included")
+    size.add_argument("--match-nq", type=_positive, metavar="B", help="the paper's fair rank against B-bit naive quantization")
+    size.add_argument("--target-error", type=_positive, metavar="E",
                       help="the smallest rank whose estimated relative error is at most E (one more read of A)")
     compression(c)
     common(c)
 
-    cg = sub.add_parser("compress-group", help="compress every matrix of a Zarr group, HDF5 or safetensors file")
+    cg = command(
+        "compress-group", "compress every matrix of a Zarr group, HDF5 or safetensors file",
+        "lplr compress-group model.safetensors model.lplr.zarr --match-nq 4",
+        "lplr compress-group weights.zarr weights.lplr.zarr --bits-per-entry 2 --bits 4 4",
+        "lplr compress-group layers.h5 layers.lplr.zarr --rank 128 --resume",
+    )
     cg.add_argument("input", help="a Zarr group (path or URL), FILE.h5 or FILE.safetensors")
     cg.add_argument("out", help="output group: one *.lplr.zarr subgroup per compressed matrix")
-    rule = cg.add_argument_group("rule for each matrix (exactly one)")
-    rule.add_argument("--rank", type=int, help="rank k (capped at min(n, d))")
-    rule.add_argument("--bits-per-entry", type=float, help="storage budget in bits per entry")
-    rule.add_argument("--match-nq", type=float, metavar="B", help="the fair rank against B-bit naive quantization")
+    rule = cg.add_argument_group("rule for each matrix (exactly one)").add_mutually_exclusive_group(required=True)
+    rule.add_argument("--rank", type=_count(1), metavar="K", help="rank k (capped at min(n, d))")
+    rule.add_argument("--bits-per-entry", type=_positive, metavar="X",
+                      help="budget in bits per entry counting the codes only, k·(n·B1 + d·B2)/(n·d) "
+                      "(not the bytes on disk, as compress counts)")
+    rule.add_argument("--match-nq", type=_positive, metavar="B", help="the fair rank against B-bit naive quantization")
     compression(cg)
     common(cg)
 
-    i = sub.add_parser("info", help="describe an *.lplr.zarr store")
-    i.add_argument("store")
+    i = command("info", "describe an *.lplr.zarr store", "lplr info A.lplr.zarr", "lplr info A.lplr.zarr --json")
+    i.add_argument("store", help="the *.lplr.zarr store (path or URL)")
     common(i, cluster=False)
 
-    e = sub.add_parser("evaluate", help="exact relative Frobenius error, one read of A")
-    e.add_argument("input")
-    e.add_argument("store")
+    e = command(
+        "evaluate", "exact relative Frobenius error, one read of A",
+        "lplr evaluate A.zarr A.lplr.zarr",
+        "lplr evaluate s3://bucket/A.zarr A.lplr.zarr --json --workers 8",
+    )
+    e.add_argument("input", help="the matrix that was compressed (any input compress reads)")
+    e.add_argument("store", help="its *.lplr.zarr store; the error is also written to its attrs")
     common(e)
 
-    d = sub.add_parser("decompress", help="write the reconstruction L·R to a Zarr array")
-    d.add_argument("store")
-    d.add_argument("out")
+    d = command(
+        "decompress", "write the reconstruction L·R to a Zarr array",
+        "lplr decompress A.lplr.zarr A_approx.zarr",
+        "lplr decompress A.lplr.zarr A_approx.zarr --dtype float32 --overwrite",
+    )
+    d.add_argument("store", help="the *.lplr.zarr store (path or URL)")
+    d.add_argument("out", help="output Zarr array (path or URL), chunked as the source was")
     d.add_argument("--dtype", default="source", choices=["source", "float16", "float32", "float64"],
                    help="dtype written (default: the source's; bfloat16 sources are written as float32)")
-    d.add_argument("--overwrite", action="store_true")
+    d.add_argument("--overwrite", action="store_true", help="replace an existing output")
     common(d)
 
     vf = sub.add_parser(
@@ -174,7 +301,10 @@ def build_parser() -> argparse.ArgumentParser:
 def _chunks(text: str) -> tuple[int, int]:
     from lplr_dask.datasets import parse_shape
 
-    return parse_shape(text)
+    try:
+        return parse_shape(text)
+    except LplrValueError as e:
+        raise argparse.ArgumentTypeError(f"expected a chunk shape like 4096x4096, got {text!r}") from e
 
 
 def _summary(factors: Any) -> dict[str, Any]:
@@ -243,10 +373,130 @@ def _emit(result: dict[str, Any], as_json: bool) -> None:
         print(f"{key.replace('_', ' '):<{width}}  {_fmt(value)}")
 
 
-def _cmd_generate(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
-    from lplr_dask.cluster import client_from_args
-    from lplr_dask.datasets import generate, parse_shape
+# Checks that run before a cluster starts: a usage error costs no cluster start, and prints
+# one line.
 
+
+def _local_path(location: str) -> str | None:
+    """The local file or directory a location names (None for a URL)."""
+    from lplr_dask.sources import is_remote, parse_location
+
+    path = parse_location(location)[1]
+    return None if is_remote(path) else os.path.realpath(path.removeprefix("file://"))
+
+
+def _check_output(args: argparse.Namespace, *, inputs: Sequence[str] = (), resume_store: bool = False) -> None:
+    """Refuse an output that would replace an input, or that exists without --overwrite/--resume.
+
+    With ``resume_store``, what ``--resume`` finds there must be an lplr store (complete or not).
+    """
+    from lplr_dask import store
+
+    out = _local_path(args.out)
+    for location in inputs:
+        given = _local_path(location)
+        if out is not None and given is not None and (
+            out == given or given.startswith(out + os.sep) or out.startswith(given + os.sep)
+        ):
+            raise UsageError(
+                f"lplr {args.command}: the output {args.out!r} and the input {location!r} overlap; "
+                "writing one would destroy the other. Choose another output path."
+            )
+    opts = getattr(args, "storage_options", None)
+    if not store.exists(args.out, opts):
+        return
+    resume = getattr(args, "resume", False)
+    if not (args.overwrite or resume):
+        hint = ", or --resume to finish an interrupted job" if args.command in _RESUMABLE else ""
+        raise OutputExistsError(f"Output {args.out!r} already exists. Pass --overwrite to replace it{hint}.")
+    if resume and resume_store:
+        import zarr
+
+        try:
+            group = zarr.open_group(store.locate(args.out, opts), mode="r")
+        except (zarr.errors.ContainsArrayError, zarr.errors.GroupNotFoundError, FileNotFoundError) as e:
+            raise StoreFormatError(
+                f"Cannot resume {args.out!r}: it is not an lplr store (a Zarr group) but "
+                f"{'a Zarr array' if isinstance(e, zarr.errors.ContainsArrayError) else 'something else'}. "
+                "Give another output path, or --overwrite to replace it."
+            ) from e
+        store.read_meta(group, require_complete=False, path=args.out)
+
+
+def _check_compression(args: argparse.Namespace) -> tuple[int, int]:
+    """The options compress and compress-group share; returns (B1, B2)."""
+    from lplr_dask.api import DEFAULT_BITS
+    from lplr_dask.backend import check_device
+    from lplr_dask.quantize import check_bits, quantizer_pair
+
+    bits = tuple(args.bits) if args.bits else DEFAULT_BITS
+    bits = (check_bits(bits[0], "B1"), check_bits(bits[1], "B2"))
+    if args.passes == 1 and args.power_iters:
+        raise UsageError(
+            f"lplr {args.command}: --passes 1 cannot be combined with --power-iters (each power iteration reads A twice more)"
+        )
+    quantizer_pair(args.quantizer)
+    check_device(args.device)  # --device cuda without CuPy or a GPU
+    return bits
+
+
+@contextlib.contextmanager
+def _cluster(args: argparse.Namespace, log: Callable[[str], None]) -> Iterator[Any]:
+    """:func:`lplr_dask.cluster.client_from_args`, reporting a failure before the cluster closes.
+
+    The error line comes first; distributed's own messages while the cluster closes after a
+    failure (tracebacks of cancelled tasks and lost connections) are hidden unless ``-v``.
+    """
+    from lplr_dask.cluster import client_from_args
+
+    with client_from_args(args, log=log) as client:
+        try:
+            yield client
+        except BaseException as e:
+            outcome = _outcome(e, args)
+            if outcome is None:
+                raise
+            code, line = outcome
+            print(line, file=sys.stderr, flush=True)
+            if args.verbose < 1:
+                _hide_distributed_logs()
+            raise _Reported(code) from e
+
+
+_HIDDEN_AFTER_AN_ERROR = ("distributed", "tornado", "asyncio")
+
+
+def _hide_distributed_logs() -> None:
+    for name in [*logging.root.manager.loggerDict, *_HIDDEN_AFTER_AN_ERROR]:
+        if name.split(".")[0] in _HIDDEN_AFTER_AN_ERROR:
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+
+
+@contextlib.contextmanager
+def _logging(verbosity: int) -> Iterator[None]:
+    """:func:`lplr_dask.logs.configure` while the command runs; the logging state is put back after.
+
+    So :func:`main` called in a Python process (tests, notebooks) leaves its logging as it was:
+    the package logger's handlers, level and propagation, and the levels of distributed's loggers
+    that :func:`_hide_distributed_logs` raises.
+    """
+    saved = [(logs.logger, logs.logger.level, logs.logger.propagate, logs.logger.handlers[:])]
+    saved += [(logging.getLogger(name), logging.getLogger(name).level, None, None)
+              for name in [*logging.root.manager.loggerDict, *_HIDDEN_AFTER_AN_ERROR]
+              if name.split(".")[0] in _HIDDEN_AFTER_AN_ERROR]
+    logs.configure(verbosity)
+    try:
+        yield
+    finally:
+        for logger, level, propagate, handlers in saved:
+            logger.setLevel(level)
+            if handlers is not None:
+                logger.handlers[:] = handlers
+                logger.propagate = bool(propagate)
+
+
+def _cmd_generate(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
+    from lplr_dask.datasets import generate, parse_shape, synthetic
     from lplr_dask.sources import is_remote
 
     shape = parse_shape(args.shape)
@@ -255,39 +505,32 @@ def _cmd_generate(args: argparse.Namespace, log: Callable[[str], None]) -> dict[
             "lplr generate: --storage-options is not supported for a remote output (the environment's "
             "configuration is); generate locally and upload with `lplr convert LOCAL.zarr URL --storage-options ...`"
         )
+    options = dict(rank=args.rank, decay=args.decay, noise=args.noise, kind=args.kind, chunks=args.chunks,
+                   seed=args.seed, dtype=np.dtype(args.dtype))
+    synthetic(shape, **options)  # checks rank and noise; lazy
+    _check_output(args)
     t0 = time.perf_counter()
-    with client_from_args(args, log=log):
-        arr = generate(
-            args.out, shape, rank=args.rank, decay=args.decay, noise=args.noise, kind=args.kind,
-            chunks=_chunks(args.chunks), seed=args.seed, dtype=np.dtype(args.dtype), overwrite=args.overwrite,
-        )
+    with _cluster(args, log):
+        arr = generate(args.out, shape, overwrite=args.overwrite, **options)
     return {
         "out": args.out, "shape": list(arr.shape), "dtype": str(arr.dtype), "chunks": list(arr.chunks),
         "bytes": int(np.prod(arr.shape)) * arr.dtype.itemsize, "seconds": round(time.perf_counter() - t0, 3),
     }
 
 
-def _exactly_one(args: argparse.Namespace, command: str, names: Sequence[str]) -> None:
-    flags = ["--" + n.replace("_", "-") for n in names]
-    given = [f for n, f in zip(names, flags) if getattr(args, n) is not None]
-    if len(given) != 1:
-        raise UsageError(f"lplr {command}: give exactly one of {', '.join(flags)} (got {', '.join(given) or 'none'})")
-
-
 def _cmd_compress(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
-    from lplr_dask.api import compress, evaluate
-    from lplr_dask.cluster import client_from_args
-
-    _exactly_one(args, "compress", ("rank", "bits_per_entry", "match_nq", "target_error"))
-    if args.passes == 1 and args.power_iters:
-        raise UsageError("lplr compress: --passes 1 cannot be combined with --power-iters (each power iteration reads A twice more)")
-    from lplr_dask.backend import check_device
+    from lplr_dask.api import compress, evaluate, resolve_rank
+    from lplr_dask.quantize import quantizer_pair
     from lplr_dask.sources import open_source
 
+    bits = _check_compression(args)
     opts = args.storage_options
-    open_source(args.input, storage_options=opts)  # bad input fails before a cluster starts
-    check_device(args.device)  # so does --device cuda without CuPy or a GPU
-    with client_from_args(args, log=log):
+    A = open_source(args.input, storage_options=opts)
+    if args.rank is not None or args.match_nq is not None:
+        resolve_rank(A.shape, bits, rank=args.rank, bits_per_entry=None, match_nq=args.match_nq,
+                     specs=quantizer_pair(args.quantizer))
+    _check_output(args, inputs=[args.input], resume_store=True)
+    with _cluster(args, log):
         factors = compress(
             args.input, args.out, rank=args.rank, bits=tuple(args.bits) if args.bits else None,
             bits_per_entry=args.bits_per_entry, match_nq=args.match_nq, target_error=args.target_error, passes=args.passes,
@@ -301,13 +544,13 @@ def _cmd_compress(args: argparse.Namespace, log: Callable[[str], None]) -> dict[
 
 
 def _cmd_convert(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
-    from lplr_dask.cluster import client_from_args
     from lplr_dask.convert import convert
     from lplr_dask.sources import read_source
 
     read_source(args.input, storage_options=args.storage_options)  # bad input fails before a cluster starts
+    _check_output(args, inputs=[args.input])
     t0 = time.perf_counter()
-    with client_from_args(args, log=log):
+    with _cluster(args, log):
         arr = convert(args.input, args.out, chunks=args.chunks or "auto", overwrite=args.overwrite,
                       storage_options=args.storage_options, log=log)
     return {
@@ -318,16 +561,15 @@ def _cmd_convert(args: argparse.Namespace, log: Callable[[str], None]) -> dict[s
 
 
 def _cmd_compress_group(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
-    from lplr_dask.api import DEFAULT_BITS
-    from lplr_dask.cluster import client_from_args
     from lplr_dask.group import compress_group
     from lplr_dask.sources import list_arrays
 
-    _exactly_one(args, "compress-group", ("rank", "bits_per_entry", "match_nq"))
+    bits = _check_compression(args)
     list_arrays(args.input, storage_options=args.storage_options)  # bad input fails before a cluster starts
-    with client_from_args(args, log=log):
+    _check_output(args, inputs=[args.input])
+    with _cluster(args, log):
         return compress_group(
-            args.input, args.out, rank=args.rank, bits=tuple(args.bits or DEFAULT_BITS), bits_per_entry=args.bits_per_entry,
+            args.input, args.out, rank=args.rank, bits=bits, bits_per_entry=args.bits_per_entry,
             match_nq=args.match_nq, passes=args.passes, power_iters=args.power_iters, oversample=args.oversample,
             quantizer=args.quantizer,
             seed=args.seed, overwrite=args.overwrite, resume=args.resume, device=args.device,
@@ -343,33 +585,36 @@ def _cmd_info(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str,
 
 def _cmd_evaluate(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
     from lplr_dask.api import evaluate
-    from lplr_dask.cluster import client_from_args
     from lplr_dask.factors import open_factors
+    from lplr_dask.sources import open_source
 
     factors = open_factors(args.store, storage_options=args.storage_options)
-    with client_from_args(args, log=log):
+    A = open_source(args.input, storage_options=args.storage_options)
+    if tuple(A.shape) != tuple(factors.shape):
+        raise LplrValueError(
+            f"{args.input!r} is {A.shape[0]}x{A.shape[1]} but {args.store!r} compresses a "
+            f"{factors.shape[0]}x{factors.shape[1]} matrix. Give the matrix the store was made from."
+        )
+    with _cluster(args, log):
         err = evaluate(args.input, factors, storage_options=args.storage_options)
     return {"store": args.store, "input": args.input, "error_exact": err, "error_estimate": factors.attrs.get("error_estimate")}
 
 
 def _cmd_decompress(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
     from lplr_dask import store
-    from lplr_dask.cluster import client_from_args
-    from lplr_dask.errors import OutputExistsError
     from lplr_dask.factors import open_factors
     from lplr_dask.sources import cast_to, output_dtype
 
     opts = args.storage_options
     factors = open_factors(args.store, storage_options=opts)
-    if store.exists(args.out, opts) and not args.overwrite:
-        raise OutputExistsError(f"{args.out!r} already exists. Pass --overwrite to replace it.")
+    _check_output(args, inputs=[args.store])
     source_dtype = factors.attrs["source"]["dtype"]
     dtype = output_dtype(source_dtype if args.dtype == "source" else args.dtype)
     if args.dtype == "source" and str(dtype) != source_dtype:
         log(f"note: the source is {source_dtype}, which Zarr cannot store; writing {dtype}")
     chunks = tuple(factors.attrs["source"]["chunks"])
     t0 = time.perf_counter()
-    with client_from_args(args, log=log):
+    with _cluster(args, log):
         recon = cast_to(factors.to_dask(dtype=np.float64), dtype).rechunk(chunks)
         store.write_array(recon, args.out, overwrite=args.overwrite, label="decompress", storage_options=opts)
     return {"store": args.store, "out": args.out, "shape": list(recon.shape), "dtype": str(dtype),
@@ -421,28 +666,85 @@ def _stdout_to_stderr(active: bool) -> Iterator[None]:
         os.close(saved)
 
 
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise Terminated(f"signal {signum}")
+
+
+def _resume_command(args: argparse.Namespace) -> str:
+    """The command line that was run, with ``--resume`` instead of ``--overwrite``."""
+    words = ["lplr"]
+    for word in args.argv:
+        if len(word) > 5 and "--overwrite".startswith(word):  # argparse accepts --overw… too
+            continue
+        words.append(word)
+    if "--resume" not in words:
+        words.append("--resume")
+    return shlex.join(words)
+
+
+def _outcome(e: BaseException, args: argparse.Namespace | None) -> tuple[int, str] | None:
+    """The exit status and the one stderr line for the exception ``e``; None to let it propagate."""
+    command = getattr(args, "command", None)
+    if isinstance(e, (KeyboardInterrupt, Terminated)):
+        what, code = ("interrupted", EXIT_INTERRUPTED) if isinstance(e, KeyboardInterrupt) else ("terminated", EXIT_TERMINATED)
+        if command in _RESUMABLE:
+            return code, f"{what}: rerun with --resume to finish: {_resume_command(args)}"
+        return code, what
+    if isinstance(e, LplrError):
+        return 2, f"error: {e}".replace("\n", " ")
+    from distributed import KilledWorker
+    from distributed.scheduler import NoWorkerError
+
+    if isinstance(e, (NoWorkerError, KilledWorker)):
+        what = "no workers left" if isinstance(e, NoWorkerError) else "workers kept dying"
+        return 1, (
+            f"error: {what} ({type(e).__name__}: {' '.join(str(e).split())}); they most likely ran out of memory "
+            "(distributed's warnings above say). Give each worker more memory (--memory-limit, or fewer "
+            "--workers), fewer --threads-per-worker, or smaller chunks: lplr convert IN OUT --chunks 2048x2048"
+            + ("; then rerun with --resume" if command in _RESUMABLE else "")
+        )
+    if isinstance(e, Exception) and not os.environ.get("LPLR_DEBUG"):
+        return 1, f"error: {type(e).__name__}: {e} (set LPLR_DEBUG=1 for a traceback)".replace("\n", " ")
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run ``lplr``; return the exit status."""
+    """Run ``lplr``; return the exit status.
+
+    In the main thread, SIGTERM raises :class:`Terminated` while the command runs (exit status
+    143), as Ctrl-C raises :class:`KeyboardInterrupt` (130): either way the job stops cleanly,
+    with a store that ``--resume`` finishes. The previous SIGTERM handler is restored on return.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if threading.current_thread() is not threading.main_thread():
+        return _main(argv)
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        return _main(argv)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _main(argv: list[str]) -> int:
     from lplr_dask.progress import set_quiet
 
+    args = None
     try:
         args = build_parser().parse_args(argv)
+        args.argv = argv
         set_quiet(args.quiet)
-        with _stdout_to_stderr(args.json):
-            result = COMMANDS[args.command](args, _log)
-    except LplrError as e:
-        print(f"error: {e}".replace("\n", " "), file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted: rerun `lplr compress` with --resume to finish", file=sys.stderr)
-        return 1
-    except SystemExit as e:  # --help
-        return int(e.code or 0)
-    except Exception as e:  # noqa: BLE001 - the CLI's last resort: one line, exit 1
-        if os.environ.get("LPLR_DEBUG"):
+        with _logging(-1 if args.quiet else args.verbose), _stdout_to_stderr(args.json):
+            result = COMMANDS[args.command](args, logs.info)
+    except _Reported as e:
+        return e.code
+    except SystemExit as e:  # --help, --version
+        return e.code if isinstance(e.code, int) else 0
+    except BaseException as e:
+        outcome = _outcome(e, args)
+        if outcome is None:
             raise
-        print(f"error: {type(e).__name__}: {e} (set LPLR_DEBUG=1 for a traceback)".replace("\n", " "), file=sys.stderr)
-        return 1
+        print(outcome[1], file=sys.stderr, flush=True)
+        return outcome[0]
     _emit(result, args.json)
     return 0
 

@@ -16,7 +16,15 @@ environment, or ``dask.config.set``):
 ``lplr.cluster.connect-timeout`` (default ``"30s"``)
     how long to try to reach a scheduler;
 ``lplr.cluster.worker-timeout`` (default ``"600s"``)
-    how long to wait for the first worker of a SLURM/PBS cluster (the jobs may queue).
+    how long to wait for the first worker of a SLURM/PBS cluster (the jobs may queue);
+``lplr.cluster.no-workers-timeout`` (default ``"120s"``)
+    the embedded local cluster: how long a task may wait while no worker is left (all of them
+    killed for exceeding their memory, say) before it fails with
+    :class:`distributed.scheduler.NoWorkerError` instead of waiting forever. A
+    ``distributed.scheduler.no-workers-timeout`` of the user's own wins.
+
+dask-jobqueue is imported only for ``--cluster``, and without the SIGINT handler its import
+installs (``sys.exit()`` on Ctrl-C): this module never changes the process's signal handlers.
 """
 
 from __future__ import annotations
@@ -28,20 +36,23 @@ import json
 import logging
 import os
 import shutil
+import signal
+import ssl
 import subprocess
-import sys
 import tempfile
+import threading
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import ModuleType
 from typing import Any, NamedTuple
 
 import dask.config
-import dask_jobqueue  # also loads its defaults into dask.config, which we compare with
 import distributed
 import yaml
 from dask.utils import format_bytes, parse_bytes, parse_timedelta
 
+from lplr_dask import logs
 from lplr_dask.errors import LplrValueError
 
 __all__ = [
@@ -49,7 +60,6 @@ __all__ = [
     "add_cluster_arguments",
     "client_from_args",
     "get_client",
-    "print_to_stderr",
     "security_from_args",
 ]
 
@@ -75,6 +85,7 @@ _JOBQUEUE_CONFIG_ENV = "LPLR_JOBQUEUE_CONFIG"
 
 _DEFAULT_CONNECT_TIMEOUT = "30s"
 _DEFAULT_WORKER_TIMEOUT = "600s"
+_DEFAULT_NO_WORKERS_TIMEOUT = "120s"
 
 
 class ClusterError(LplrValueError):
@@ -85,9 +96,24 @@ class ClusterError(LplrValueError):
     """
 
 
-def print_to_stderr(message: str) -> None:
-    """Print one line on standard error (standard output is kept for results)."""
-    print(message, file=sys.stderr, flush=True)
+#: Kept for :mod:`lplr_dask.convert` and :mod:`lplr_dask.group` until they log through
+#: :mod:`lplr_dask.logs` themselves.
+print_to_stderr = logs.info
+
+
+def _import_jobqueue() -> ModuleType:
+    """Import dask-jobqueue (which loads its defaults into ``dask.config``) for ``--cluster``.
+
+    Its import runs ``signal.signal(SIGINT, lambda *_: sys.exit())`` (in ``dask_jobqueue.runner``),
+    which would turn Ctrl-C into a silent exit with status 0 in whatever process imported it;
+    the handler that was there before is put back.
+    """
+    previous = signal.getsignal(signal.SIGINT)
+    import dask_jobqueue
+
+    if threading.current_thread() is threading.main_thread() and previous is not None:
+        signal.signal(signal.SIGINT, previous)
+    return dask_jobqueue
 
 
 # --------------------------------------------------------------------------------------------
@@ -127,7 +153,7 @@ def add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
     """
     group = parser.add_argument_group(
         "Dask cluster",
-        "Where to compute. Default: a local cluster of worker processes on this machine "
+        "Where to compute. Default: a local cluster of worker processes on this machine\n"
         "(or the current Dask client, when called from Python).",
     )
     mode = group.add_mutually_exclusive_group()
@@ -216,6 +242,7 @@ def security_from_args(args: argparse.Namespace) -> distributed.Security | None:
         if not Path(path).is_file():
             raise ClusterError(f"{flag} {path}: no such file. Expected a PEM file.")
     ca, cert, key = (os.fspath(path) for path in files.values())
+    _check_pem(ca, cert, key)
     return distributed.Security(
         require_encryption=True,
         tls_ca_file=ca,
@@ -228,9 +255,36 @@ def security_from_args(args: argparse.Namespace) -> distributed.Security | None:
     )
 
 
+def _no_password() -> bytes:
+    raise ClusterError("--tls-key is encrypted; Dask needs an unencrypted private key (PEM).")
+
+
+def _check_pem(ca: str, cert: str, key: str) -> None:
+    """Load the TLS files as Python's ``ssl`` (and so Dask) will, before anything starts.
+
+    Raises
+    ------
+    ClusterError
+        A file is not PEM, the key is encrypted, or the key does not belong to the certificate.
+    """
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+    for flag, load in (
+        ("--tls-ca-file", lambda: context.load_verify_locations(cafile=ca)),
+        ("--tls-cert/--tls-key", lambda: context.load_cert_chain(cert, key, password=_no_password)),
+    ):
+        try:
+            load()
+        except (ssl.SSLError, OSError) as e:
+            raise ClusterError(
+                f"{flag}: cannot load {ca if flag == '--tls-ca-file' else f'{cert} and {key}'} "
+                f"({e}). Expected PEM files (-----BEGIN CERTIFICATE----- ...; the key: -----BEGIN "
+                "PRIVATE KEY-----, unencrypted, of that certificate)."
+            ) from e
+
+
 @contextlib.contextmanager
 def client_from_args(
-    args: argparse.Namespace, *, log: Callable[[str], None] = print_to_stderr
+    args: argparse.Namespace, *, log: Callable[[str], None] = logs.info
 ) -> Iterator[distributed.Client]:
     """Yield a client for the options added by :func:`add_cluster_arguments`.
 
@@ -238,7 +292,7 @@ def client_from_args(
     ----------
     args : argparse.Namespace
         Parsed options (missing attributes count as not given).
-    log : callable, default=print_to_stderr
+    log : callable, default=lplr_dask.logs.info
         Receives progress lines such as the dashboard address.
 
     Yields
@@ -267,6 +321,7 @@ def client_from_args(
         memory_limit=getattr(args, "memory_limit", None),
         security=security_from_args(args),
         device=getattr(args, "device", "cpu"),
+        log_level=logging.INFO if getattr(args, "verbose", 0) > 0 else logging.WARNING,
         log=log,
     ) as client:
         yield client
@@ -288,7 +343,8 @@ def get_client(
     memory_limit: str | int | None = None,
     security: distributed.Security | None = None,
     device: str = "cpu",
-    log: Callable[[str], None] = print_to_stderr,
+    log_level: int = logging.WARNING,
+    log: Callable[[str], None] = logs.info,
 ) -> Iterator[distributed.Client]:
     """Yield a Dask client, starting or connecting to a cluster, and clean up afterwards.
 
@@ -323,7 +379,11 @@ def get_client(
     device : {"cpu", "cuda"}, default="cpu"
         With "cuda" the local cluster has one worker process per GPU (`workers` counts GPUs;
         see :func:`lplr_dask.gpu_cluster.gpu_local_cluster`).
-    log : callable, default=print_to_stderr
+    log_level : int, default=logging.WARNING
+        Local cluster: the least level of distributed's messages shown (its memory warnings
+        are WARNINGs), in this process and the workers'. A task's error reaches the caller once,
+        as an exception, without the workers' "Compute Failed" log of it.
+    log : callable, default=lplr_dask.logs.info
         Receives progress lines, among them ``"Dask dashboard: <link>"``.
 
     Yields
@@ -369,12 +429,14 @@ def get_client(
         elif device == "cuda":
             from lplr_dask.gpu_cluster import gpu_local_cluster
 
-            local = stack.enter_context(gpu_local_cluster(
-                workers, threads_per_worker=threads_per_worker, security=security,
-                memory_limit="auto" if memory_limit is None else memory_limit,
-                dashboard_address="127.0.0.1:8787",
-            ))
+            with _no_workers_timeout():
+                local = stack.enter_context(gpu_local_cluster(
+                    workers, threads_per_worker=threads_per_worker, security=security,
+                    memory_limit="auto" if memory_limit is None else memory_limit,
+                    dashboard_address="127.0.0.1:8787",
+                ))
             client = stack.enter_context(distributed.Client(local, security=security))
+            _set_up_local_workers(stack, client)
         else:
             client = _start_local(
                 stack,
@@ -382,6 +444,7 @@ def get_client(
                 threads_per_worker=threads_per_worker,
                 memory_limit=memory_limit,
                 security=security,
+                log_level=log_level,
             )
         log(f"Dask dashboard: {client.dashboard_link}")
         yield client
@@ -536,8 +599,9 @@ def _start_local(
     threads_per_worker: int | None,
     memory_limit: str | int | None,
     security: distributed.Security | None,
+    log_level: int,
 ) -> distributed.Client:
-    with _dashboard_port_fallback_quietly():
+    with _dashboard_port_fallback_quietly(), _no_workers_timeout():
         try:
             local = distributed.LocalCluster(
                 n_workers=workers,
@@ -547,9 +611,7 @@ def _start_local(
                 host="127.0.0.1",
                 dashboard_address="127.0.0.1:8787",
                 security=security,
-                # task errors reach the user once, as one line from the client; the workers'
-                # "Compute Failed" tracebacks would only repeat them on stderr
-                silence_logs=logging.CRITICAL,
+                silence_logs=log_level,
             )
         except (OSError, TimeoutError, ValueError) as e:
             raise ClusterError(
@@ -560,7 +622,76 @@ def _start_local(
     stack.callback(local.close)
     client = distributed.Client(local, security=security)
     stack.callback(client.close)
+    _set_up_local_workers(stack, client)
     return client
+
+
+def _no_workers_timeout() -> contextlib.AbstractContextManager[None]:
+    """The Dask config under which a local cluster starts: tasks fail once no worker is left.
+
+    ``distributed.scheduler.no-workers-timeout`` if the user set it, else
+    ``lplr.cluster.no-workers-timeout`` (default 120 s); the scheduler of a local cluster runs in
+    this process and reads the key as it starts.
+    """
+    timeout = dask.config.get("distributed.scheduler.no-workers-timeout", None) or dask.config.get(
+        "lplr.cluster.no-workers-timeout", _DEFAULT_NO_WORKERS_TIMEOUT
+    )
+    return dask.config.set({"distributed.scheduler.no-workers-timeout": timeout})
+
+
+def _set_up_local_workers(stack: contextlib.ExitStack, client: distributed.Client) -> None:
+    """Quiet repeats in this process's (the scheduler's) log and set up the workers, until `stack` closes."""
+    stack.callback(_filter_repeats())
+    try:
+        client.register_plugin(_LocalWorkerSetup())
+    except OSError:  # a worker died meanwhile: the scheduler keeps the plugin for its replacement
+        pass
+
+
+class _RepeatFilter(logging.Filter):
+    """Drop distributed's records that only repeat what the client reports once.
+
+    A worker's "Compute Failed" (the task's error, which reaches the client as its exception)
+    and "ended with CancelledError" (tasks cancelled because the client stopped, on Ctrl-C);
+    the scheduler's "marked as failed because ..." after the first (one line per task).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.timed_out = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = str(record.msg)
+        if "marked as failed because" in message:
+            first, self.timed_out = not self.timed_out, True
+            return first
+        return not (message.startswith("Compute Failed") or "ended with CancelledError" in message)
+
+
+def _filter_repeats() -> Callable[[], None]:
+    """Add a :class:`_RepeatFilter` to distributed's handlers here; returns what removes it."""
+    handlers = [h for h in logging.getLogger("distributed").handlers
+                if not any(isinstance(f, _RepeatFilter) for f in h.filters)]
+    repeat = _RepeatFilter()
+    for handler in handlers:
+        handler.addFilter(repeat)
+    return lambda: [handler.removeFilter(repeat) for handler in handlers] and None
+
+
+class _LocalWorkerSetup(distributed.WorkerPlugin):
+    """Set up each worker process of the embedded local cluster (restarted ones too).
+
+    The workers ignore SIGINT: Ctrl-C at a terminal reaches the whole process group, and the
+    client, which handles it, closes the workers itself (else each prints a traceback). Their
+    repeats of the client's errors are dropped (see :class:`_RepeatFilter`).
+    """
+
+    name = "lplr-local-worker-setup"
+
+    def setup(self, worker: distributed.Worker) -> None:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+        _filter_repeats()
 
 
 def _jobqueue_config_path() -> Path:
@@ -602,6 +733,7 @@ def _jobqueue_options(kind: str) -> dict[str, Any]:
     path = _jobqueue_config_path()
     if not path.is_file():
         return {}
+    _import_jobqueue()  # its defaults in dask.config are what "left at the default" compares with
     try:
         ours = (yaml.safe_load(path.read_text()) or {}).get("jobqueue", {}).get(kind, {})
     except (yaml.YAMLError, AttributeError) as e:
@@ -648,6 +780,7 @@ def _start_jobqueue(
             f"inside a batch job (see cluster/{kind}/)."
         )
     options = _jobqueue_options(kind)
+    dask_jobqueue = _import_jobqueue()
     try:
         with _dashboard_port_fallback_quietly():
             jobqueue = getattr(dask_jobqueue, system.cluster_class)(security=security, **options)

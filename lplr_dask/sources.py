@@ -307,14 +307,46 @@ def _check_file(path: str) -> None:
 
 
 def _safetensors_header(path: str) -> tuple[dict[str, Any], int]:
-    """The JSON header of a safetensors file and the byte offset where its data begins."""
+    """The JSON header of a safetensors file and the byte offset where its data begins.
+
+    Raises
+    ------
+    LplrValueError
+        If the header's length (the first 8 bytes) runs past the end of the file, or the header
+        is not a JSON object.
+    """
+    file_size = os.path.getsize(path)
     with open(path, "rb") as f:
         size = int.from_bytes(f.read(8), "little")
+        if file_size < 8 or size > file_size - 8:
+            raise LplrValueError(
+                f"Expected a safetensors file at {path!r}. Its first 8 bytes give a header of {size} "
+                f"bytes, but the file has {file_size} bytes in all: it is truncated or not safetensors."
+            )
         try:
             header = json.loads(f.read(size))
         except ValueError as e:
             raise LplrValueError(f"Expected a safetensors file at {path!r}. Its header is not valid JSON.") from e
+    if not isinstance(header, dict):
+        raise LplrValueError(f"Expected a safetensors file at {path!r}. Its header is not a JSON object.")
     return header, 8 + size
+
+
+def _check_safetensors_extent(path: str, name: str, info: dict[str, Any], start: int) -> None:
+    """Raise :class:`LplrValueError` unless tensor ``name``'s bytes lie within the file and fit its shape."""
+    try:
+        begin, end = (int(x) for x in info["data_offsets"])
+        nbytes = int(np.prod(info["shape"], dtype=object)) * np.dtype(_SAFETENSORS_DTYPES[info["dtype"]]).itemsize
+    except (KeyError, TypeError, ValueError) as e:
+        raise LplrValueError(
+            f"Expected a safetensors file at {path!r}. Tensor {name!r} has no valid shape, dtype and data_offsets."
+        ) from e
+    if not 0 <= begin <= end <= os.path.getsize(path) - start or end - begin != nbytes:
+        raise LplrValueError(
+            f"Expected a safetensors file at {path!r}. Tensor {name!r} claims bytes {begin}:{end} of the data "
+            f"({nbytes} for its shape {info['shape']}), beyond the file's {os.path.getsize(path) - start} bytes "
+            "of data or of the wrong size: the file is truncated or damaged."
+        )
 
 
 def _safetensors_dtype_name(code: str) -> str:
@@ -396,6 +428,7 @@ class FileArray:
                 return cls("hdf5", path, name, ds.shape, ds.dtype.str, block=ds.chunks)
         header, start = _safetensors_header(path)
         info = header[name]
+        _check_safetensors_extent(path, name, info, start)
         return cls("safetensors", path, name, info["shape"], _SAFETENSORS_DTYPES[info["dtype"]],
                    offset=start + int(info["data_offsets"][0]), source_dtype=names[name][1])
 
@@ -435,8 +468,11 @@ def compute_dtype(dtype: Any) -> np.dtype:
     """
     if str(dtype) == "bfloat16":
         return np.dtype(np.float32)
-    dtype = np.dtype(dtype)
-    if dtype.kind in "iuf":
+    try:
+        dtype = np.dtype(dtype)
+    except TypeError:  # a name NumPy does not know, such as "StringDType()" from Zarr's string arrays
+        pass
+    if isinstance(dtype, np.dtype) and dtype.kind in "iuf":
         return np.dtype(np.float64) if dtype == np.float64 else np.dtype(np.float32)
     raise LplrTypeError(
         f"Expected a real numeric matrix (float or integer). Got dtype {dtype} instead; convert it "

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -80,8 +82,8 @@ def test_help_exits_zero():
         (["--rank", "501"], ["rank", "500"]),
         (["--rank", "4", "--bits", "0", "8"], ["B1", "1 to 16"]),
         (["--rank", "4", "--bits", "8", "17"], ["B2", "1 to 16"]),
-        ([], ["--rank", "--bits-per-entry", "--match-nq"]),
-        (["--rank", "4", "--match-nq", "2"], ["exactly one"]),
+        ([], ["exactly one of", "--rank", "--bits-per-entry", "--match-nq", "--target-error", "got none"]),
+        (["--rank", "4", "--match-nq", "2"], ["exactly one", "(got --rank, --match-nq)"]),
         (["--rank", "4", "--passes", "1", "--power-iters", "1"], ["--passes 1", "--power-iters"]),
         (["--rank", "4", "--quantizer", "fancy"], ["quantizer", "fancy"]),
         (["--rank", "4", "--overwrite", "--resume"], ["not allowed"]),
@@ -126,3 +128,110 @@ def test_info_on_incomplete_or_missing_store(tmp_path):
     assert_usage_error(lplr("info", tmp_path / "none.lplr.zarr"), "Found none")
     zarr.open_group(str(tmp_path / "x.lplr.zarr"), mode="w")
     assert_usage_error(lplr("info", tmp_path / "x.lplr.zarr"), "not an lplr store")
+
+
+# --------------------------------------------------------------------------------------------
+# A command that explains itself
+
+
+def _subparsers():
+    from lplr_dask.cli import build_parser
+
+    parser = build_parser()
+    (action,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return parser, action.choices
+
+
+def test_version_and_python_m_lplr_dask():
+    import lplr_dask
+
+    r = lplr("--version")
+    assert r.returncode == 0 and r.stdout.strip() == f"lplr {lplr_dask.__version__}", (r.stdout, r.stderr)
+    r = subprocess.run([sys.executable, "-m", "lplr_dask", "--help"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "compress-group" in r.stdout and "Examples" in r.stdout, r.stderr
+
+
+def test_every_subcommand_has_examples_and_help_for_every_argument(monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")
+    _, commands = _subparsers()
+    assert set(commands) == {"generate", "convert", "compress", "compress-group", "info", "evaluate", "decompress"}
+    for name, sub in commands.items():
+        text = sub.format_help()
+        assert "Examples:" in text and f"\n  lplr {name} " in text, text
+        for action in sub._actions:
+            assert action.help, (name, action.dest)
+            if action.option_strings and action.nargs != 0:  # options that take a value have a short metavar
+                assert action.metavar or action.choices, (name, action.dest)
+        assert not re.search(r"--[a-z-]+ [A-Z]+_[A-Z_]+\b", text), text  # no BITS_PER_ENTRY-like metavars
+        assert "-v, --verbose" in text and "-q, --quiet" in text
+
+
+def test_usage_shows_the_size_options_as_one_choice(monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")
+    _, commands = _subparsers()
+    assert "(--rank K | --bits-per-entry X | --match-nq B | --target-error E)" in commands["compress"].format_usage()
+    assert "(--rank K | --bits-per-entry X | --match-nq B)" in commands["compress-group"].format_usage()
+    group_help = commands["compress-group"].format_help()
+    assert "counting the codes only" in group_help
+    assert "scales and metadata included" in commands["compress"].format_help()
+
+
+# --------------------------------------------------------------------------------------------
+# Bad input fails before a cluster starts: one line, exit 2
+
+
+@pytest.fixture(scope="module")
+def bad_inputs(tmp_path_factory):
+    d = tmp_path_factory.mktemp("bad")
+    zarr.create_array(str(d / "strings.zarr"), shape=(8, 8), dtype=str)
+    zarr.create_array(str(d / "plain.zarr"), shape=(8, 8), dtype="f4")[...] = 1
+    (d / "huge.safetensors").write_bytes((2**62).to_bytes(8, "little") + b"{}")
+    (d / "junk.pem").write_text("not a certificate\n")
+    return d
+
+
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["compress", "{d}/strings.zarr", "{d}/o", "--rank", "2"], ["real numeric", "StringDType"]),
+        (["compress", "{d}/plain.zarr", "{d}/o", "--bits-per-entry", "inf"], ["--bits-per-entry", "finite", "'inf'"]),
+        (["compress", "{d}/plain.zarr", "{d}/o", "--bits-per-entry", "nan"], ["--bits-per-entry", "finite"]),
+        (["compress", "{d}/plain.zarr", "{d}/o", "--bits-per-entry", "-1"], ["--bits-per-entry", "> 0"]),
+        (["compress", "{d}/plain.zarr", "{d}/o", "--rank", "2", "--tls-ca-file", "{d}/junk.pem",
+          "--tls-cert", "{d}/junk.pem", "--tls-key", "{d}/junk.pem"], ["--tls-ca-file", "PEM"]),
+        (["compress", "{d}/huge.safetensors:w", "{d}/o", "--rank", "2"], ["safetensors", "header of 4611686018427387904 bytes"]),
+        (["compress-group", "{d}/huge.safetensors", "{d}/o", "--rank", "2"], ["safetensors", "header"]),
+        (["compress", "{d}/plain.zarr", "{d}/other.zarr", "--rank", "2", "--resume"], ["Cannot resume", "Zarr array"]),
+        (["compress", "{d}/plain.zarr", "{d}/plain.zarr", "--rank", "2", "--overwrite"], ["overlap"]),
+        (["compress", "{d}/plain.zarr", "{d}/o", "--rank", "9"], ["rank", "1 to"]),
+        (["compress", "{d}/plain.zarr", "{d}/o", "--rank", "2", "--quantizer", "fancy"], ["quantizer", "fancy"]),
+        (["compress", "{d}/plain.zarr", "{d}/o", "--rank", "2", "--seed", "-1"], ["--seed", ">= 0"]),
+        (["compress-group", "{d}/plain.zarr", "{d}/o", "--rank", "0"], ["--rank", ">= 1"]),
+        (["generate", "{d}/g.zarr", "--shape", "10x10", "--rank", "20"], ["rank", "1 to 10"]),
+        (["generate", "{d}/plain.zarr", "--shape", "10x10", "--rank", "2"], ["already exists", "--overwrite"]),
+        (["convert", "{d}/plain.zarr", "{d}/plain.zarr", "--overwrite"], ["overlap"]),
+        (["evaluate", "{d}/plain.zarr", "{d}/none.lplr.zarr"], ["lplr store", "Found none"]),
+    ],
+    ids=lambda v: " ".join(v[:1] + v[3:5]) if isinstance(v, list) and v and v[0] in ("compress", "compress-group", "generate", "convert", "evaluate") else None,
+)
+def test_bad_input_fails_before_the_cluster_starts(bad_inputs, argv, words):
+    if "other.zarr" in " ".join(argv):
+        zarr.create_array(str(bad_inputs / "other.zarr"), shape=(8, 8), dtype="f4", overwrite=True)
+    r = lplr(*(a.format(d=bad_inputs) for a in argv), *CLUSTER)
+    assert_usage_error(r, *words)
+    assert "Dask dashboard" not in r.stderr, r.stderr  # no cluster was started
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not (bad_inputs / "o").exists()
+
+
+def test_no_workers_left_fails_with_advice(source, tmp_path):
+    # 40 MiB is less than a worker process needs: the nanny kills each one as it starts
+    env = {**os.environ, "DASK_LPLR__CLUSTER__NO_WORKERS_TIMEOUT": "2s"}
+    r = subprocess.run([*LPLR, "compress", str(source), str(tmp_path / "o.lplr.zarr"), "--rank", "2",
+                        "--workers", "1", "--memory-limit", "40MiB"], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 1, r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: no workers left") or last.startswith("error: workers kept dying"), r.stderr
+    assert "--memory-limit" in last and "--chunks 2048x2048" in last and "--resume" in last
+    assert "exceeded 95% memory budget" in r.stderr  # distributed's warnings are shown
+    assert "Traceback" not in r.stderr

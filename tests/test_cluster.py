@@ -12,6 +12,7 @@ import contextlib
 import datetime
 import ipaddress
 import json
+import logging
 import os
 import shutil
 import socket
@@ -293,14 +294,14 @@ def test_client_from_args(tcp_cluster: DaskProcesses, flag: str) -> None:
         _check_runs_on_two_workers(client)
 
 
-def test_default_log_goes_to_stderr(
-    tcp_cluster: DaskProcesses, capsys: pytest.CaptureFixture[str]
+def test_default_log_goes_to_the_package_logger(
+    tcp_cluster: DaskProcesses, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
 ) -> None:
-    with get_client(scheduler=tcp_cluster.address):
+    with caplog.at_level(logging.INFO, logger="lplr_dask"), get_client(scheduler=tcp_cluster.address):
         pass
     out, err = capsys.readouterr()
-    assert out == ""  # stdout is for results
-    assert "Dask dashboard: http://127.0.0.1:" in err
+    assert out == "" and err == ""  # stdout is for results; the library prints nothing itself
+    assert any(r.name == "lplr_dask" and "Dask dashboard: http://127.0.0.1:" in r.getMessage() for r in caplog.records)
 
 
 def test_current_client_is_reused_and_left_open(tcp_cluster: DaskProcesses) -> None:
@@ -374,6 +375,22 @@ def test_tls_file_must_exist(tls_files: TLSFiles, tmp_path: Path) -> None:
         security_from_args(args)
 
 
+def test_tls_files_must_be_pem(tls_files: TLSFiles, tmp_path: Path) -> None:
+    junk = tmp_path / "junk.pem"
+    junk.write_text("not a certificate\n")
+    flags = tls_files.flags()
+    args = _parser().parse_args([*flags[2:], "--tls-ca-file", str(junk)])
+    with pytest.raises(ClusterError, match=r"--tls-ca-file: cannot load .*junk\.pem.*Expected PEM"):
+        security_from_args(args)
+    args = _parser().parse_args([*flags[:4], "--tls-key", str(junk)])
+    with pytest.raises(ClusterError, match=r"--tls-cert/--tls-key: cannot load .*Expected PEM"):
+        security_from_args(args)
+    stranger = _make_tls_files(tmp_path, "stranger")  # a key that is not the certificate's
+    args = _parser().parse_args([*flags[:4], "--tls-key", str(stranger.key)])
+    with pytest.raises(ClusterError, match=r"--tls-cert/--tls-key: cannot load"):
+        security_from_args(args)
+
+
 def test_no_tls_flags_means_dask_config() -> None:
     assert security_from_args(_parser().parse_args([])) is None
 
@@ -398,6 +415,21 @@ def test_local_cluster_from_flags() -> None:
     assert client.status == "closed"
     assert cluster.status.name == "closed"  # what get_client started, it stops
     assert lines[-1].startswith("Dask dashboard: http://127.0.0.1:")
+
+
+def test_local_cluster_fails_tasks_once_no_worker_is_left() -> None:
+    from distributed.scheduler import NoWorkerError
+
+    with dask.config.set({"lplr.cluster.no-workers-timeout": "1s"}):
+        with get_client(workers=1, threads_per_worker=1, log=lambda line: None) as client:
+            client.cluster.scale(0)  # as if the last worker had died for good
+            deadline = time.monotonic() + 30
+            while client.scheduler_info()["workers"] and time.monotonic() < deadline:
+                time.sleep(0.05)
+            t0 = time.monotonic()
+            with pytest.raises(NoWorkerError, match="without any running workers"):
+                client.submit(sum, [1, 2]).result(timeout=30)
+            assert time.monotonic() - t0 < 15  # the timeout, not the result's
 
 
 def test_local_cluster_with_tls(tls_files: TLSFiles) -> None:

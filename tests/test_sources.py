@@ -128,6 +128,35 @@ def test_complex_and_non_numeric_are_refused(dtype):
         open_source(np.zeros((4, 3), dtype=dtype))
 
 
+def test_zarr_string_arrays_are_refused(tmp_path):
+    zarr.create_array(str(tmp_path / "s.zarr"), shape=(4, 3), dtype=str)
+    with pytest.raises(LplrTypeError, match="Expected a real numeric matrix.*StringDType"):
+        open_source(tmp_path / "s.zarr")
+
+
+def _safetensors(path, header: bytes, data: bytes = b"", size: int | None = None) -> None:
+    path.write_bytes((len(header) if size is None else size).to_bytes(8, "little") + header + data)
+
+
+def test_safetensors_header_past_the_end_of_the_file_is_refused(tmp_path):
+    path = tmp_path / "huge.safetensors"
+    _safetensors(path, b"{}", size=2**62)  # read as is, it would allocate 4 EiB
+    for call in (lambda: list_arrays(str(path)), lambda: open_source(f"{path}:w")):
+        with pytest.raises(LplrValueError, match="header of 4611686018427387904 bytes, but the file has 10"):
+            call()
+
+
+def test_safetensors_tensor_past_the_end_of_the_file_is_refused(tmp_path):
+    import json
+
+    path = tmp_path / "cut.safetensors"
+    header = json.dumps({"w": {"dtype": "F32", "shape": [100, 100], "data_offsets": [0, 40000]}}).encode()
+    _safetensors(path, header, b"\0" * 400)  # truncated: 400 of its 40000 bytes
+    assert list_arrays(str(path)) == {"w": ((100, 100), "float32")}
+    with pytest.raises(LplrValueError, match="claims bytes 0:40000.*truncated"):
+        open_source(f"{path}:w")
+
+
 def test_the_compute_path_casts_and_integers_get_a_note():
     notes = []
     A16 = open_source(da.ones((8, 4), dtype=np.float16, chunks=4), log=notes.append)
