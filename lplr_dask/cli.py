@@ -377,31 +377,16 @@ def _emit(result: dict[str, Any], as_json: bool) -> None:
 # one line.
 
 
-def _local_path(location: str) -> str | None:
-    """The local file or directory a location names (None for a URL)."""
-    from lplr_dask.sources import is_remote, parse_location
-
-    path = parse_location(location)[1]
-    return None if is_remote(path) else os.path.realpath(path.removeprefix("file://"))
-
-
-def _check_output(args: argparse.Namespace, *, inputs: Sequence[str] = (), resume_store: bool = False) -> None:
+def _check_output(args: argparse.Namespace, *, inputs: Sequence[str | None] = (), resume_store: bool = False) -> None:
     """Refuse an output that would replace an input, or that exists without --overwrite/--resume.
 
     With ``resume_store``, what ``--resume`` finds there must be an lplr store (complete or not).
     """
     from lplr_dask import store
+    from lplr_dask.guard import check_output
 
-    out = _local_path(args.out)
-    for location in inputs:
-        given = _local_path(location)
-        if out is not None and given is not None and (
-            out == given or given.startswith(out + os.sep) or out.startswith(given + os.sep)
-        ):
-            raise UsageError(
-                f"lplr {args.command}: the output {args.out!r} and the input {location!r} overlap; "
-                "writing one would destroy the other. Choose another output path."
-            )
+    check_output(args.out, inputs, overwrite=getattr(args, "overwrite", False),
+                 storage_options=getattr(args, "storage_options", None), what=f"output of lplr {args.command}")
     opts = getattr(args, "storage_options", None)
     if not store.exists(args.out, opts):
         return
@@ -607,7 +592,7 @@ def _cmd_decompress(args: argparse.Namespace, log: Callable[[str], None]) -> dic
 
     opts = args.storage_options
     factors = open_factors(args.store, storage_options=opts)
-    _check_output(args, inputs=[args.store])
+    _check_output(args, inputs=[args.store, factors.attrs["source"].get("path")])
     source_dtype = factors.attrs["source"]["dtype"]
     dtype = output_dtype(source_dtype if args.dtype == "source" else args.dtype)
     if args.dtype == "source" and str(dtype) != source_dtype:
@@ -616,7 +601,8 @@ def _cmd_decompress(args: argparse.Namespace, log: Callable[[str], None]) -> dic
     t0 = time.perf_counter()
     with _cluster(args, log):
         recon = cast_to(factors.to_dask(dtype=np.float64), dtype).rechunk(chunks)
-        store.write_array(recon, args.out, overwrite=args.overwrite, label="decompress", storage_options=opts)
+        store.write_array(recon, args.out, overwrite=args.overwrite, label="decompress", storage_options=opts,
+                          attrs={"lplr_decompress": {"store": args.store, "dtype": str(dtype)}})
     return {"store": args.store, "out": args.out, "shape": list(recon.shape), "dtype": str(dtype),
             "seconds": round(time.perf_counter() - t0, 3)}
 

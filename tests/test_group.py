@@ -112,7 +112,7 @@ def test_compress_group_refuses_bad_rules_and_existing_output(client, tmp_path, 
 def test_cli_compress_group_table_then_resume(client, tmp_path, model, capsys):
     src, _ = model
     out = tmp_path / "m.lplr.zarr"
-    args = ["compress-group", str(src), str(out), "--rank", "12", "--bits", "4", "4", "--quiet",
+    args = ["compress-group", str(src), str(out), "--rank", "12", "--bits", "4", "4",
             "--scheduler", client.scheduler.address]
     assert cli.main(args) == 0
     captured = capsys.readouterr()
