@@ -291,7 +291,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Read every chunk of an *.lplr.zarr store (or of a compress-group output) once and check "
         "it: present, decodes with its checksum, codes below 2^bits, scales finite. Exit 0 when clean; "
         "exit 2 with one line naming the damaged chunks.",
-        epilog="example: lplr verify OUT.lplr.zarr --json",
+        epilog=_examples(
+            "lplr verify A.lplr.zarr",
+            "lplr verify s3://bucket/A.lplr.zarr --json --storage-options '{\"anon\": false}'",
+            "lplr verify model.lplr.zarr --workers 4       # a compress-group output, read in parallel",
+        ),
+        formatter_class=formatter,
     )
     vf.add_argument("store", help="the *.lplr.zarr store or compress-group output to check (path or URL)")
     common(vf)

@@ -154,7 +154,7 @@ def test_version_and_python_m_lplr_dask():
 def test_every_subcommand_has_examples_and_help_for_every_argument(monkeypatch):
     monkeypatch.setenv("COLUMNS", "200")
     _, commands = _subparsers()
-    assert set(commands) == {"generate", "convert", "compress", "compress-group", "info", "evaluate", "decompress"}
+    assert set(commands) == {"generate", "convert", "compress", "compress-group", "info", "evaluate", "decompress", "verify"}
     for name, sub in commands.items():
         text = sub.format_help()
         assert "Examples:" in text and f"\n  lplr {name} " in text, text
@@ -202,14 +202,14 @@ def bad_inputs(tmp_path_factory):
         (["compress", "{d}/huge.safetensors:w", "{d}/o", "--rank", "2"], ["safetensors", "header of 4611686018427387904 bytes"]),
         (["compress-group", "{d}/huge.safetensors", "{d}/o", "--rank", "2"], ["safetensors", "header"]),
         (["compress", "{d}/plain.zarr", "{d}/other.zarr", "--rank", "2", "--resume"], ["Cannot resume", "Zarr array"]),
-        (["compress", "{d}/plain.zarr", "{d}/plain.zarr", "--rank", "2", "--overwrite"], ["overlap"]),
+        (["compress", "{d}/plain.zarr", "{d}/plain.zarr", "--rank", "2", "--overwrite"], ["would destroy the input"]),
         (["compress", "{d}/plain.zarr", "{d}/o", "--rank", "9"], ["rank", "1 to"]),
         (["compress", "{d}/plain.zarr", "{d}/o", "--rank", "2", "--quantizer", "fancy"], ["quantizer", "fancy"]),
         (["compress", "{d}/plain.zarr", "{d}/o", "--rank", "2", "--seed", "-1"], ["--seed", ">= 0"]),
         (["compress-group", "{d}/plain.zarr", "{d}/o", "--rank", "0"], ["--rank", ">= 1"]),
         (["generate", "{d}/g.zarr", "--shape", "10x10", "--rank", "20"], ["rank", "1 to 10"]),
         (["generate", "{d}/plain.zarr", "--shape", "10x10", "--rank", "2"], ["already exists", "--overwrite"]),
-        (["convert", "{d}/plain.zarr", "{d}/plain.zarr", "--overwrite"], ["overlap"]),
+        (["convert", "{d}/plain.zarr", "{d}/plain.zarr", "--overwrite"], ["would destroy the input"]),
         (["evaluate", "{d}/plain.zarr", "{d}/none.lplr.zarr"], ["lplr store", "Found none"]),
     ],
     ids=lambda v: " ".join(v[:1] + v[3:5]) if isinstance(v, list) and v and v[0] in ("compress", "compress-group", "generate", "convert", "evaluate") else None,

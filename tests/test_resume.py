@@ -20,13 +20,14 @@ ARGS = {"rank": 8, "bits": (4, 4), "seed": 5}
 CHUNK = 200
 
 JOB = r"""
-import sys, time
+import logging, sys, time
 import dask.array as da
 from distributed import Client, LocalCluster
 import lplr_dask
 
 src, out, delay, resume = sys.argv[1], sys.argv[2], float(sys.argv[3]), sys.argv[4] == "1"
 if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(message)s")  # the library logs; this job shows it
     with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=":0") as c, Client(c):
         A = da.from_zarr(src).map_blocks(lambda b: (time.sleep(delay), b)[1], dtype="f4")
         lplr_dask.compress(A, out, rank=8, bits=(4, 4), seed=5, resume=resume)
