@@ -59,9 +59,11 @@ class Table:
     def case(self, name: str, args: list[str], *, protect: Path | None = None, **kw: object) -> subprocess.CompletedProcess[str]:
         before = digest(protect) if protect is not None else None
         r = run(args, **kw)  # type: ignore[arg-type]
+        args = list(args)
         kept = "" if protect is None else ("yes" if digest(protect) == before else "**NO**")
-        shown = " ".join(shlex.quote(os.path.relpath(a, self.root) if a.startswith(str(self.root)) else a)
-                         for a in args if a not in CLUSTER)
+        if args[-len(CLUSTER):] == CLUSTER:
+            args = args[: -len(CLUSTER)]
+        shown = " ".join(shlex.quote(os.path.relpath(a, self.root) if a.startswith(str(self.root)) else a) for a in args)
         self.rows.append((name, f"`lplr {shown}`", str(r.returncode), kept, last_line(r.stderr).replace("|", "\\|")))
         return r
 
@@ -75,6 +77,9 @@ class Table:
 
 def interrupted(t: Table, src: Path, out: Path, sig: int, stage: str) -> None:
     """Start a compress, send ``sig`` once the store reaches ``stage``, then resume it."""
+    import shutil
+
+    shutil.rmtree(out, ignore_errors=True)  # a store left by the case before would be seen at once
     args = ["compress", str(src), str(out), "--rank", "16", "--overwrite", *CLUSTER]
     proc = subprocess.Popen([sys.executable, "-m", "lplr_dask.cli", *args], stderr=subprocess.PIPE, text=True,
                             stdout=subprocess.DEVNULL, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
@@ -90,7 +95,7 @@ def interrupted(t: Table, src: Path, out: Path, sig: int, stage: str) -> None:
     _, err = proc.communicate(timeout=120)
     name = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}[sig]
     where = {"started": "pass 1", "basis": "pass 2"}[stage]
-    t.note(f"D2 {name} in {where}", f"`lplr compress A.zarr o.lplr.zarr --rank 16` + {name}", str(proc.returncode), "",
+    t.note(f"D2 {name} in {where}", f"`lplr compress I.zarr int.lplr.zarr --rank 16` + {name}", str(proc.returncode), "",
            last_line(err))
     r = t.case(f"D2 resume after {name} in {where}", ["compress", str(src), str(out), "--rank", "16", "--resume", *CLUSTER])
     if r.returncode == 0:
@@ -216,8 +221,9 @@ def main(argv: list[str] | None = None) -> int:
     t.case("D11 --bits-per-entry inf", ["compress", str(A), str(root / "s.lplr.zarr"), "--bits-per-entry", "inf", *CLUSTER])
     notpem = root / "ca.pem"
     notpem.write_text("not a certificate")
-    t.case("D11 non-PEM TLS file", ["compress", str(A), str(root / "s.lplr.zarr"), "--rank", "8", "--scheduler",
-                                    "tls://127.0.0.1:1", "--tls-ca-file", str(notpem)])
+    t.case("D11 non-PEM TLS files", ["compress", str(A), str(root / "s.lplr.zarr"), "--rank", "8", "--scheduler",
+                                     "tls://127.0.0.1:1", "--tls-ca-file", str(notpem), "--tls-cert", str(notpem),
+                                     "--tls-key", str(notpem)])
     st = root / "huge.safetensors"
     header = json.dumps({"w": {"dtype": "F32", "shape": [2**31, 2**31], "data_offsets": [0, 2**62]}}).encode()
     st.write_bytes(len(header).to_bytes(8, "little") + header + b"\0" * 64)

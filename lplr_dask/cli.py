@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from lplr_dask import logs
+from lplr_dask import interrupts, logs
 from lplr_dask.errors import LplrError, LplrValueError, OutputExistsError, StoreFormatError
 
 __all__ = ["main", "build_parser", "Terminated", "EXIT_INTERRUPTED", "EXIT_TERMINATED"]
@@ -658,7 +658,24 @@ def _stdout_to_stderr(active: bool) -> Iterator[None]:
 
 
 def _raise_terminated(signum: int, frame: Any) -> None:
+    interrupts.request(signum)  # redelivered if Python drops the exception (lplr_dask.interrupts)
     raise Terminated(f"signal {signum}")
+
+
+def _unraisable(hook: Callable[[Any], None]) -> Callable[[Any], None]:
+    """``sys.unraisablehook`` that drops the stop exceptions Python could not raise (in a gc
+    callback, say): they are delivered again (:mod:`lplr_dask.interrupts`), not lost."""
+
+    def drop_stops(unraisable: Any) -> None:
+        if not isinstance(unraisable.exc_value, (KeyboardInterrupt, Terminated)):
+            hook(unraisable)
+
+    return drop_stops
+
+
+def _raise_interrupted(signum: int, frame: Any) -> None:
+    interrupts.request(signum)
+    raise KeyboardInterrupt
 
 
 def _resume_command(args: argparse.Namespace) -> str:
@@ -709,11 +726,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if threading.current_thread() is not threading.main_thread():
         return _main(argv)
-    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    hook, sys.unraisablehook = sys.unraisablehook, _unraisable(sys.unraisablehook)
+    previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, _raise_terminated)}
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # an ignored SIGINT stays ignored
+        previous[signal.SIGINT] = signal.signal(signal.SIGINT, _raise_interrupted)
     try:
         return _main(argv)
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        interrupts.clear()
+        sys.unraisablehook = hook
 
 
 def _main(argv: list[str]) -> int:
@@ -735,6 +758,11 @@ def _main(argv: list[str]) -> int:
         if outcome is None:
             raise
         print(outcome[1], file=sys.stderr, flush=True)
+        return outcome[0]
+    stopped = interrupts.requested()
+    if stopped is not None:  # the signal's exception was dropped and the command finished anyway
+        outcome = _outcome(KeyboardInterrupt() if stopped == signal.SIGINT else Terminated(), args)
+        print(f"{outcome[1]} (the command had finished: its output is complete)", file=sys.stderr, flush=True)
         return outcome[0]
     _emit(result, args.json)
     return 0

@@ -371,9 +371,12 @@ def _zarr_of(source: Any, storage_options: dict[str, Any] | None) -> Any:
     import zarr
 
     if source.path is None:  # an open zarr.Array: da.from_zarr keeps it as the graph's one input
-        (arr,) = [v for v in source.array.dask.values() if isinstance(v, zarr.Array)][:1] or [None]
-        if arr is not None:
-            return arr
+        from lplr_dask.sources import _InputArray
+
+        found = [v.arr if isinstance(v, _InputArray) else v for v in source.array.dask.values()
+                 if isinstance(v, (zarr.Array, _InputArray))]
+        if found:
+            return found[0]
     from lplr_dask.sources import _open_zarr, parse_location
 
     return _open_zarr(parse_location(source.path)[1], storage_options)

@@ -37,7 +37,7 @@ import dask
 from dask.callbacks import Callback
 from distributed.diagnostics.plugin import SchedulerPlugin
 
-from lplr_dask import logs
+from lplr_dask import interrupts, logs
 
 __all__ = ["compute", "current_client", "set_quiet", "reads_chunk", "ChunkCounter", "interval"]
 
@@ -98,10 +98,10 @@ def compute(label: str, *collections: Any, persist: bool = False, chunks_of: Any
     if client is None:
         counter = _LocalCounter(name)
         counts: Callable[[], tuple[int, int]] = counter.counts
-        with counter, _report(label, counts, unit, nbytes, t0):
+        with interrupts.redelivered(), counter, _report(label, counts, unit, nbytes, t0):
             return dask.persist(*collections) if persist else dask.compute(*collections)
     watch = _Watch(client, name)
-    with watch, _report(label, watch.counts, unit, nbytes, t0):
+    with interrupts.redelivered(), watch, _report(label, watch.counts, unit, nbytes, t0):
         return _distributed(client, collections, persist)
 
 

@@ -124,11 +124,11 @@ def read_source(
         fmt, path, key = parse_location(text)
         if fmt == "zarr":
             arr = _open_zarr(path, storage_options)
-            return Source(da.from_zarr(arr), str(arr.dtype), text, "zarr")
+            return Source(zarr_to_dask(arr, text), str(arr.dtype), text, "zarr")
         reader = FileArray.open(fmt, path, key)
         return Source(reader.to_dask(chunks), reader.source_dtype, text, fmt)
     if isinstance(source, zarr.Array):
-        return Source(da.from_zarr(source), str(source.dtype), None, "zarr")
+        return Source(zarr_to_dask(source, str(source.store_path)), str(source.dtype), None, "zarr")
     if isinstance(source, da.Array):
         return Source(source, str(source.dtype), None, "dask")
     if isinstance(source, np.ndarray):
@@ -137,6 +137,40 @@ def read_source(
     raise LplrTypeError(
         "Expected a path or URL of a Zarr array, a .npy, HDF5 or safetensors location, a "
         f"zarr.Array, a dask array or a numpy array. Got {type(source).__name__} instead."
+    )
+
+
+class _InputArray:
+    """A Zarr input for :func:`dask.array.from_array`: a chunk that fails to decode (a bad
+    checksum, a truncated or garbled file) raises :class:`LplrValueError` naming it, instead of the
+    codec's own error. Picklable: it travels to the workers with the zarr array it wraps."""
+
+    def __init__(self, arr: zarr.Array, where: str):
+        self.arr, self.where = arr, where
+        self.shape, self.dtype, self.ndim = arr.shape, arr.dtype, arr.ndim
+
+    def __getitem__(self, index: Any) -> np.ndarray:
+        from lplr_dask import store
+
+        try:
+            return np.asarray(self.arr[index])
+        except store.DECODE_ERRORS as e:
+            index = index if isinstance(index, tuple) else (index,)
+            coords = tuple(((i.start or 0) if isinstance(i, slice) else int(i)) // c for i, c in zip(index, self.arr.chunks))
+            raise LplrValueError(
+                f"The input {self.where!r} is damaged: its chunk {store.chunk_key(self.arr, coords)} "
+                f"{store.decode_problem(e)}. Restore or regenerate the input."
+            ) from e
+
+
+def zarr_to_dask(arr: zarr.Array, where: str) -> da.Array:
+    """A Zarr array as a lazy dask array, one task per stored chunk (as :func:`dask.array.from_zarr`),
+    whose damaged chunks are named when read (:class:`_InputArray`)."""
+    from dask.base import tokenize
+
+    return da.from_array(
+        _InputArray(arr, where), chunks=arr.chunks, name="from-zarr-" + tokenize(arr, where),
+        meta=np.empty((0,) * arr.ndim, arr.dtype),
     )
 
 

@@ -121,3 +121,35 @@ def test_interrupt_then_resume(source, reference, tmp_path, stage, signum, group
     for got, want in zip(_codes(out), reference):
         np.testing.assert_array_equal(got, want)
     assert lplr_dask.open_factors(out).attrs["complete"] is True
+
+
+def test_a_dropped_stop_is_delivered_again_while_a_step_runs():
+    """Python drops a signal handler's exception raised inside a gc callback ("Exception
+    ignored in …"); the recorded signal is sent again until the step stops."""
+    import time
+
+    from lplr_dask import interrupts
+
+    calls = []
+
+    def handler(signum, frame):
+        calls.append(signum)
+        interrupts.request(signum)
+        if len(calls) > 1:  # the first one is "dropped": it raises nothing
+            raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        signal.raise_signal(signal.SIGINT)
+        t0 = time.perf_counter()
+        with pytest.raises(KeyboardInterrupt):
+            with interrupts.redelivered():
+                time.sleep(10)
+        assert time.perf_counter() - t0 < 3 * interrupts.REDELIVER_SECONDS
+        assert calls == [signal.SIGINT, signal.SIGINT]
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        interrupts.clear()
+    with interrupts.redelivered():  # nothing requested: nothing sent
+        time.sleep(1.5 * interrupts.REDELIVER_SECONDS)
+    assert len(calls) == 2
