@@ -256,3 +256,12 @@ def test_task_larger_than_worker_memory_is_refused_up_front(tmp_path, client):
         lplr_dask.compress(src, tmp_path / "o.lplr.zarr", rank=8, log=lambda _: None)
     assert "per thread" in str(e.value)
     assert not (tmp_path / "o.lplr.zarr").exists()
+
+
+def test_a_damaged_input_chunk_is_named(tmp_path, client):
+    src = tmp_path / "a.zarr"
+    lplr_dask.convert(lplr_dask.datasets.synthetic((300, 200), rank=4, chunks=(128, 128), seed=1), src)
+    chunk = src / "c" / "1" / "0"
+    chunk.write_bytes(chunk.read_bytes()[:20])  # truncated: its crc32c no longer matches
+    with pytest.raises(LplrValueError, match=r"input .*a\.zarr.* is damaged: its chunk c/1/0 fails its crc32c"):
+        lplr_dask.compress(src, tmp_path / "o.lplr.zarr", rank=4, log=lambda _: None)
