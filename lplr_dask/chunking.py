@@ -29,6 +29,7 @@ import numpy as np
 
 from lplr_dask import logs
 from lplr_dask.blocks import PANEL_ROWS
+from lplr_dask.errors import LplrValueError
 from lplr_dask.sketch import SKETCH_BLOCK
 
 if TYPE_CHECKING:
@@ -211,8 +212,6 @@ def check_memory(
         If one task's estimated memory (:func:`task_bytes`) exceeds :data:`TASK_SHARE` of the
         smallest worker's memory limit divided by its threads.
     """
-    from lplr_dask.errors import LplrValueError
-
     budget = _thread_memory(client)
     if budget is None:
         return

@@ -613,12 +613,11 @@ def _cmd_decompress(args: argparse.Namespace, log: Callable[[str], None]) -> dic
 
 
 def _cmd_verify(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
-    from lplr_dask.cluster import client_from_args
     from lplr_dask.store import open_group
     from lplr_dask.verify import verify
 
     open_group(args.store, storage_options=args.storage_options)  # no store: fail before a cluster starts
-    with client_from_args(args, log=log):
+    with _cluster(args, log):
         return verify(args.store, storage_options=args.storage_options, log=log)
 
 
@@ -721,7 +720,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     In the main thread, SIGTERM raises :class:`Terminated` while the command runs (exit status
     143), as Ctrl-C raises :class:`KeyboardInterrupt` (130): either way the job stops cleanly,
-    with a store that ``--resume`` finishes. The previous SIGTERM handler is restored on return.
+    with a store that ``--resume`` finishes (a stop whose exception Python dropped is delivered again:
+    :mod:`lplr_dask.interrupts`). The previous handlers are restored on return.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     if threading.current_thread() is not threading.main_thread():

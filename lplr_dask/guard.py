@@ -70,13 +70,19 @@ def location_key(location: Any, storage_options: dict[str, Any] | None = None) -
         text = _zarr_array_location(location)
         if text is None:
             return None
-    if text.startswith("file://"):
-        text = text[len("file://") :]
-    if "://" not in text:
-        return "", os.path.realpath(os.path.abspath(text)).rstrip(os.sep) or os.sep
+    local = _local_path(text)
+    if local is not None:
+        return "", os.path.realpath(os.path.abspath(local)).rstrip(os.sep) or os.sep
     protocol, rest = text.split("://", 1)
     endpoint = str((storage_options or {}).get("endpoint_url") or (storage_options or {}).get("client_kwargs", {}).get("endpoint_url", ""))
     return f"{protocol.lower()}|{endpoint.rstrip('/')}", "/".join(p for p in rest.split("/") if p not in ("", "."))
+
+
+def _local_path(text: str) -> str | None:
+    """The local path a location names (``file://`` stripped), or None for an fsspec URL."""
+    from lplr_dask.sources import is_remote
+
+    return None if is_remote(text) else text.removeprefix("file://")
 
 
 def _zarr_array_location(obj: Any) -> str | None:
@@ -183,15 +189,15 @@ def is_tool_output(path: Any, storage_options: dict[str, Any] | None = None) -> 
     from lplr_dask import store
 
     text = os.fspath(path)
-    if "://" not in text or text.startswith("file://"):
-        local = text[len("file://") :] if text.startswith("file://") else text
-        if not os.path.exists(local):
-            return True
-        if os.path.isdir(local) and (not os.listdir(local) or os.listdir(local) == [LOCK_NAME]):
+    local = _local_path(text)
+    if local is not None:
+        if not os.path.exists(local) or (os.path.isdir(local) and not os.listdir(local)):
             return True
         if os.path.isfile(local):
             return False
     elif not store.exists(text, storage_options):
+        return True
+    if StoreLock(text, storage_options).holder() is not None:  # a job of this tool wrote (or writes) it
         return True
     try:
         node = zarr.open(store.locate(text, storage_options), mode="r")
@@ -290,7 +296,7 @@ class StoreLock:
         self.check_free()
         data = json.dumps(self.job).encode()
         fs, name = self._fs()
-        if getattr(fs, "protocol", None) in ("file", ("file", "local")) or "://" not in self.path:
+        if _local_path(self.path) is not None:
             try:
                 fd = os.open(name, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:

@@ -155,8 +155,7 @@ class _InputArray:
         try:
             return np.asarray(self.arr[index])
         except store.DECODE_ERRORS as e:
-            index = index if isinstance(index, tuple) else (index,)
-            coords = tuple(((i.start or 0) if isinstance(i, slice) else int(i)) // c for i, c in zip(index, self.arr.chunks))
+            coords = store.chunk_of(self.arr, index if isinstance(index, tuple) else (index,))
             raise LplrValueError(
                 f"The input {self.where!r} is damaged: its chunk {store.chunk_key(self.arr, coords)} "
                 f"{store.decode_problem(e)}. Restore or regenerate the input."

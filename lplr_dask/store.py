@@ -58,6 +58,7 @@ __all__ = [
     "open_arrays",
     "missing_chunks",
     "chunk_key",
+    "chunk_of",
     "read_chunks",
     "damage_message",
     "check_chunks_present",
@@ -628,7 +629,7 @@ def decode_problem(e: BaseException) -> str:
     return f"cannot be decoded ({error_text(e)})"
 
 
-def _chunk_of(arr: zarr.Array, index: tuple[Any, ...]) -> tuple[int, ...]:
+def chunk_of(arr: zarr.Array, index: tuple[Any, ...]) -> tuple[int, ...]:
     """The chunk that a (one-chunk) selection starts in."""
     coords = []
     for i, size in zip(index, arr.chunks):
@@ -646,12 +647,12 @@ def _decoded(
     try:
         block = np.asarray(arr[index])
     except DECODE_ERRORS as e:
-        key = chunk_key(arr, _chunk_of(arr, index))
+        key = chunk_key(arr, chunk_of(arr, index))
         raise _damaged(where, f"chunk {name} {key} {decode_problem(e)}", version=version) from e
     if block.size and not block.any():
         from zarr.core.sync import sync
 
-        key = chunk_key(arr, _chunk_of(arr, index))
+        key = chunk_key(arr, chunk_of(arr, index))
         prefix = arr.store_path.path.rstrip("/")
         if not sync(arr.store_path.store.exists(f"{prefix}/{key}" if prefix else key)):
             problem = {"array": name, "chunk": key, "problem": "is missing"}
