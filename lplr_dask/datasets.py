@@ -111,6 +111,8 @@ def generate(
     ------
     OutputExistsError
         If ``out`` exists and ``overwrite`` is false.
+    LplrValueError
+        If ``overwrite`` would replace something this tool did not write.
     """
     from lplr_dask.guard import check_output
 
