@@ -22,6 +22,7 @@ the chunk that fails to decode.
 
 from __future__ import annotations
 
+import datetime
 import os
 import shutil
 from typing import Any, Optional, Union
@@ -46,6 +47,10 @@ __all__ = [
     "open_group",
     "read_meta",
     "write_meta",
+    "new_meta",
+    "with_old_defaults",
+    "changed_params",
+    "jsonable",
     "codes_compressor",
     "codes_sample",
     "create_codes",
@@ -303,7 +308,55 @@ def open_group(path: Location, mode: str = "r", *, storage_options: StorageOptio
 
 def write_meta(group: zarr.Group, meta: dict[str, Any]) -> None:
     """Write the ``lplr`` attrs dict (JSON only)."""
-    group.attrs["lplr"] = _jsonable(meta)
+    group.attrs["lplr"] = jsonable(meta)
+
+
+def new_meta(source: dict[str, Any], params: dict[str, Any], *, device: str, version: str) -> dict[str, Any]:
+    """The ``lplr`` attrs of a store a job has just started (``stage`` "started", not complete).
+
+    Parameters
+    ----------
+    source : dict
+        What the input is (:func:`lplr_dask.sources.describe`) and its ``fingerprint``.
+    params : dict
+        What determines the codes (:meth:`lplr_dask.factorize.Params.as_attrs`).
+    device : str
+        Where the job runs ("cpu" or "cuda").
+    version : str
+        The lplr-dask version that writes it.
+    """
+    return {
+        "format": FORMAT_NAME,
+        "version": FORMAT_VERSION,
+        "source": source,
+        **params,
+        "device": device,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "lplr_dask_version": version,
+        "stage": "started",
+        "timings": {},
+        "complete": False,
+    }
+
+
+def with_old_defaults(meta: dict[str, Any]) -> dict[str, Any]:
+    """The attrs of a store started by an older version, with what it did not record filled in:
+    float64 block products and the paper's sketch of exactly k columns (no range oversampling)."""
+    out = dict(meta)
+    out.setdefault("precision", "float64")
+    if isinstance(out.get("sketch"), dict):
+        out["sketch"] = {"range_oversample": 0, **out["sketch"]}
+    return out
+
+
+def changed_params(meta: dict[str, Any], params: dict[str, Any], shape: tuple[int, int]) -> list[str]:
+    """The keys of ``params`` (and "source shape") in which a started store's attrs differ: what
+    forbids resuming it with these parameters. Empty when it may be resumed."""
+    started = with_old_defaults(meta)
+    changed = [key for key, v in params.items() if started.get(key) != jsonable(v)]
+    if meta.get("source", {}).get("shape") != list(shape):
+        changed.append("source shape")
+    return changed
 
 
 def read_meta(group: zarr.Group, *, require_complete: bool = True, path: str = "") -> dict[str, Any]:
@@ -459,7 +512,7 @@ def write_array(
         dtype=A.dtype, compressors=_checksummed(ZstdCodec(level=1)), zarr_format=3, config=ALL_CHUNKS,
     )
     if attrs:
-        arr.attrs.update(_jsonable(attrs))
+        arr.attrs.update(jsonable(attrs))
     try:
         compute(label, da.store(A, arr, lock=False, compute=False), chunks_of=A)
     except BaseException:
@@ -488,11 +541,12 @@ def _discard(path: str | os.PathLike[str], storage_options: StorageOptions = Non
             return
 
 
-def _jsonable(x: Any) -> Any:
+def jsonable(x: Any) -> Any:
+    """``x`` with numpy scalars and arrays, tuples and non-string keys made plain JSON."""
     if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
+        return {str(k): jsonable(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
+        return [jsonable(v) for v in x]
     if isinstance(x, np.integer):
         return int(x)
     if isinstance(x, np.floating):
@@ -500,6 +554,9 @@ def _jsonable(x: Any) -> Any:
     if isinstance(x, np.ndarray):
         return x.tolist()
     return x
+
+
+_jsonable = jsonable  # the name before issue 17
 
 
 # ---------------------------------------------------------------------------------------------
