@@ -31,7 +31,8 @@ import dask.array as da
 import numpy as np
 
 from lplr_dask.errors import LplrTypeError, LplrValueError
-from lplr_dask.api import resolve_rank
+from lplr_dask.budget import resolve_rank as resolve_size
+from lplr_dask.options import SizeRule
 from lplr_dask.factorize import _derived, basis_hessian, pinv_factor, project, ranges_to_scales
 from lplr_dask.factors import Factors, decode_factor, product_error
 from lplr_dask.factors import relative_error as factors_error
@@ -344,5 +345,5 @@ def _validate(
 ) -> tuple[Any, int, tuple[int, int], tuple[QuantizerSpec, QuantizerSpec]]:
     """A as float64, the rank, (B1, B2) and the quantizers of L and R, each checked."""
     X = _as_matrix(A)
-    k = resolve_rank(X.shape, (1, 1), rank=rank, bits_per_entry=None, match_nq=None)
+    k = resolve_size(X.shape, (1, 1), SizeRule.from_args(rank=rank))
     return X, k, (check_bits(bits[0], "B1"), check_bits(bits[1], "B2")), quantizer_pair(quantizer)

@@ -34,8 +34,10 @@ from typing import TYPE_CHECKING, Callable, NamedTuple, Sequence
 
 from lplr_dask import logs
 from lplr_dask.errors import LplrValueError
+from lplr_dask.options import SizeRule
 from lplr_dask.quantize import QuantizerSpec, parse_quantizer
 from lplr_dask.store import CHECKSUM_BYTES
+from lplr_dask.target import DEFAULT_MAX_RANK, ErrorPlan
 
 if TYPE_CHECKING:
     import dask.array as da
@@ -47,6 +49,7 @@ __all__ = [
     "choose",
     "fair_rank",
     "rank_for_bits_per_entry",
+    "resolve_rank",
     "storage_bytes",
     "theoretical_bits_per_entry",
 ]
@@ -169,6 +172,46 @@ def rank_for_bits_per_entry(
     return k
 
 
+def resolve_rank(
+    shape: tuple[int, int],
+    bits: tuple[int, int],
+    size: SizeRule,
+    *,
+    specs: tuple[QuantizerSpec, QuantizerSpec] = PAPER_SPECS,
+    chunks: tuple[int, int] | None = None,
+) -> int:
+    """The rank that ``size`` (a rank, bits per entry or match-nq rule) sets for a matrix of ``shape``.
+
+    ``bits_per_entry`` gives the largest rank whose store fits the budget on disk with the
+    quantizers ``specs`` (L, R) and A's ``chunks`` (:func:`rank_for_bits_per_entry`);
+    ``match_nq`` the paper's fair rank (:func:`fair_rank`).
+
+    Raises
+    ------
+    LplrValueError
+        If the rank is outside ``1..min(n, d)`` (for ``match_nq``: 0, the matrix is too small to
+        gain), or ``size`` is a target error (:mod:`lplr_dask.target` finds that rank).
+    """
+    n, d = shape
+    if size.kind == "rank":
+        k = int(size.value)
+    elif size.kind == "bits_per_entry":
+        k = rank_for_bits_per_entry(n, d, bits, size.value, specs=specs, chunks=chunks)
+    elif size.kind == "match_nq":
+        k = fair_rank(n, d, bits, size.value)
+        if k < 1:
+            raise LplrValueError(
+                f"The fair rank against {size.value:g}-bit quantization of a {n}x{d} matrix at bits "
+                f"{bits} is 0: the matrix is too small to gain from a factorization. Keep it "
+                "uncompressed or quantize it directly."
+            )
+    else:
+        raise LplrValueError("A target error sets the rank by a search (lplr_dask.target.meet_target), not here.")
+    if not 1 <= k <= min(n, d):
+        raise LplrValueError(f"Expected rank from 1 to min(n, d) = {min(n, d)} for a {n}x{d} matrix. Got {k!r}.")
+    return k
+
+
 class Choice(NamedTuple):
     """What :func:`choose` picked, and what it weighed."""
 
@@ -222,8 +265,6 @@ def choose(
     LplrValueError
         If no pair of the grid fits rank 1 into the budget.
     """
-    from lplr_dask.target import DEFAULT_MAX_RANK, Plan
-
     n, d = A.shape
     chunks = (int(A.chunks[0][0]), int(A.chunks[1][0]))
     fits: dict[tuple[int, int], int] = {}
@@ -238,7 +279,7 @@ def choose(
         rank_for_bits_per_entry(n, d, smallest, budget, specs=specs, chunks=chunks)
     top = min(max(fits.values()), max_rank or DEFAULT_MAX_RANK)
     log(f"bits per entry {budget}: sketch spectrum up to rank {top} (one extra read of A)")
-    plan = Plan(A, bits=next(iter(fits)), spec=specs[0], spec_r=specs[1], seed=seed,
+    plan = ErrorPlan.measure(A, bits=next(iter(fits)), spec=specs[0], spec_r=specs[1], seed=seed,
                 test_columns=max(test_columns, PLAN_TEST_COLUMNS), power_iters=power_iters, passes=passes,
                 max_rank=top, oversample=oversample)
     candidates = []

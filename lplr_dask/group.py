@@ -25,7 +25,12 @@ from typing import Any, Callable
 import numpy as np
 
 from lplr_dask import budget, logs, store
+from lplr_dask.api import evaluate as evaluate_error
+from lplr_dask.cluster import get_client
 from lplr_dask.errors import LplrValueError
+from lplr_dask.guard import check_output
+from lplr_dask.job import compress_at_rank
+from lplr_dask.options import Options, check_job
 from lplr_dask.sources import itemsize, list_arrays, member, read_source, regular
 
 __all__ = ["GROUP_FORMAT_NAME", "GROUP_FORMAT_VERSION", "compress_group", "plan_rank", "format_table"]
@@ -167,14 +172,10 @@ def compress_group(
     OutputExistsError
         If ``out`` exists and neither ``overwrite`` nor ``resume`` is given.
     """
-    from lplr_dask.api import compress
-    from lplr_dask.api import evaluate as evaluate_error
-    from lplr_dask.cluster import get_client
-    from lplr_dask.guard import check_output
-
     rule = _check_rule(rank, bits_per_entry, match_nq)
-    if overwrite and resume:
-        raise LplrValueError("Give at most one of overwrite (--overwrite) and resume (--resume).")
+    options = Options(bits=bits, passes=passes, power_iters=power_iters, oversample=oversample, quantizer=quantizer,
+                      seed=seed, precision=precision, device=device, storage_options=storage_options)
+    check_job(overwrite, resume)
     location = os.fspath(source)
     check_output(out, [location], overwrite=overwrite, storage_options=storage_options)
     arrays = list_arrays(location, storage_options=storage_options)
@@ -194,11 +195,11 @@ def compress_group(
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "complete": False,
     }
-    root.attrs["lplr_group"] = store._jsonable(meta)
+    root.attrs["lplr_group"] = store.jsonable(meta)
     entries = []
     t_start = time.perf_counter()
     widths = (max(map(len, arrays)), max(len("x".join(map(str, shape))) for shape, _ in arrays.values()))
-    with get_client(log=log):
+    with get_client(log=log) as client:
         for i, (name, (shape, dtype)) in enumerate(arrays.items()):
             k, reason = plan_rank(shape, dtype, bits, **rule)  # type: ignore[arg-type]
             log(f"array {i + 1}/{len(arrays)}: {name} ({'x'.join(map(str, shape))} {dtype}): "
@@ -210,12 +211,8 @@ def compress_group(
             t0 = time.perf_counter()
             entry: dict[str, Any] = {"name": name, "shape": list(shape), "dtype": dtype}
             if k:
-                factors = compress(
-                    member(location, name), target, rank=k, bits=bits, passes=passes,
-                    power_iters=power_iters, oversample=oversample, quantizer=quantizer, seed=seed,
-                    overwrite=not resume, resume=resume, device=device, storage_options=storage_options,
-                    precision=precision, log=log,
-                )
+                factors = compress_at_rank(member(location, name), target, k, options, client=client,
+                                           overwrite=not resume, resume=resume, log=log)
                 if evaluate:
                     evaluate_error(member(location, name), factors, storage_options=storage_options)
                 nbytes = factors.nbytes
@@ -254,7 +251,7 @@ def compress_group(
         },
         complete=True,
     )
-    root.attrs["lplr_group"] = store._jsonable(meta)
+    root.attrs["lplr_group"] = store.jsonable(meta)
     return {"store": root_path, **meta}
 
 

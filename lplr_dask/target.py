@@ -47,13 +47,17 @@ import dask
 import dask.array as da
 import numpy as np
 
-from lplr_dask import blocks, logs, store
+from lplr_dask import blocks, guard, logs, store
 from lplr_dask.backend import to_host, to_host_blocks
 from lplr_dask.errors import LplrValueError
+from lplr_dask.factorize import Params, pass1, power_iterate, quantize_basis, resolve_oversample, truncate_sketch
 from lplr_dask.factors import Factors, decode_factor, open_factors
-from lplr_dask.quantize import QuantizerSpec, gptq_factor, quantizer_pair
+from lplr_dask.job import compress_at_rank, open_matrix
+from lplr_dask.options import Options, SizeRule
+from lplr_dask.progress import compute, current_client
+from lplr_dask.quantize import QuantizerSpec, gptq_factor
 
-__all__ = ["Plan", "compress_to_target", "DEFAULT_MAX_RANK", "MAX_ATTEMPTS"]
+__all__ = ["ErrorPlan", "Plan", "compress_to_target", "meet_target", "DEFAULT_MAX_RANK", "MAX_ATTEMPTS"]
 
 #: The largest rank the sketch spectrum covers by default (Y is n × (max_rank + p) float64 on the
 #: workers, p the oversampling: 2·max_rank columns by default).
@@ -76,33 +80,45 @@ def _spread(m: int) -> float:
     return 2.0 * (a - (math.log(math.log(m)) + math.log(4 * math.pi)) / (2 * a))
 
 
-class Plan:
-    """Predicted relative errors of LPLR at any rank up to ``max_rank``, from one read of A.
+class ErrorPlan:
+    """Predicted relative errors of LPLR at any rank up to ``max_rank``, from a measured sketch.
+
+    Made by :meth:`measure` (one read of A); the constructor only holds what was measured.
 
     Parameters
     ----------
-    A : dask array of shape (n, d)
-    bits : (int, int)
-    spec : QuantizerSpec
-        The quantizer of L, and of R unless ``spec_r`` is given.
-    spec_r : QuantizerSpec, optional
-        The quantizer of R.
-    seed, test_columns, power_iters, passes
-        As for :func:`lplr_dask.compress`: the test columns are the same as the compression's.
-    max_rank : int, default=DEFAULT_MAX_RANK
-        The largest rank considered (capped at ``min(n, d)``).
-    oversample : int, optional
-        As for :func:`lplr_dask.compress`: the sketch has ``max_rank`` plus that many columns, and
-        the rank-k basis is made from the top k directions of its first k + p.
+    Y, AG : dask arrays
+        The sketch (n × (max_rank + p)) and the test columns (n × t), on the host, persisted.
+    gram : ndarray
+        ``YᵀY``.
+    tail2 : ndarray of shape (sketch columns + 1,)
+        ``tail2[j]``: the squared relative residual of the span of the first j sketch columns.
+    norm2, ag2 : float
+        ``t·‖A‖²_F`` and ``‖A·G‖²``.
+    params : lplr_dask.factorize.Params
+        The sketch's parameters (at rank = its columns); its bits are the ones predicted for.
+    shape : (int, int)
+    max_rank : int
+    oversample : int or None
+    passes : {1, 2}
 
     Attributes
     ----------
-    tail2 : ndarray of shape (sketch columns + 1,)
-        ``tail2[j]``: the squared relative residual of the span of the first j sketch columns.
+    tail2 : ndarray
     """
 
     def __init__(
-        self,
+        self, *, Y: da.Array, AG: da.Array, gram: np.ndarray, tail2: np.ndarray, norm2: float, ag2: float,
+        params: Params, shape: tuple[int, int], max_rank: int, oversample: int | None, passes: int,
+    ):
+        self.Y, self.AG, self._gram, self.tail2, self.norm2, self.ag2 = Y, AG, gram, tail2, norm2, ag2
+        self._params, self.shape, self.kmax, self.oversample, self.passes = params, shape, max_rank, oversample, passes
+        self.bits, self.spec, self.spec_r, self.seed, self.d = params.bits, params.spec_l, params.spec_r, params.seed, shape[1]
+        self._cache: dict[int, float] = {}
+
+    @classmethod
+    def measure(
+        cls,
         A: da.Array,
         *,
         bits: tuple[int, int],
@@ -114,19 +130,31 @@ class Plan:
         passes: int = 2,
         max_rank: int = DEFAULT_MAX_RANK,
         oversample: int | None = None,
-    ):
-        from lplr_dask.factorize import Params, pass1, power_iterate, resolve_oversample
-        from lplr_dask.progress import compute
+    ) -> ErrorPlan:
+        """The plan of A, from the compression's own pass 1 at rank ``max_rank`` (one read of A).
 
+        Parameters
+        ----------
+        A : dask array of shape (n, d)
+        bits : (int, int)
+        spec : QuantizerSpec
+            The quantizer of L, and of R unless ``spec_r`` is given.
+        spec_r : QuantizerSpec, optional
+            The quantizer of R.
+        seed, test_columns, power_iters, passes
+            As for :func:`lplr_dask.compress`: the test columns are the same as the compression's.
+        max_rank : int, default=DEFAULT_MAX_RANK
+            The largest rank considered (capped at ``min(n, d)``).
+        oversample : int, optional
+            As for :func:`lplr_dask.compress`: the sketch has ``max_rank`` plus that many columns, and
+            the rank-k basis is made from the top k directions of its first k + p.
+        """
         n, d = A.shape
         kmax = int(min(n, d, max_rank))
-        self.kmax, self.oversample, self.shape = kmax, oversample, (n, d)
         width = kmax + resolve_oversample(oversample, kmax, (n, d))  # columns of the sketch
-        self.bits, self.spec, self.seed, self.passes, self.d = bits, spec, seed, passes, d
-        self.spec_r = spec_r or spec
-        self._params = Params(rank=width, bits=bits, quantizer=spec.name, spec_l=spec, spec_r=self.spec_r, seed=seed,
-                              test_columns=test_columns)
-        products = pass1(A, self._params)  # the compression's own first read, at rank max_rank
+        params = Params(rank=width, bits=bits, quantizer=spec.name, spec_l=spec, spec_r=spec_r or spec, seed=seed,
+                        test_columns=test_columns)
+        products = pass1(A, params)  # the compression's own first read, at rank max_rank
         Y, AG, sumsq = compute(
             "target: sketch spectrum", products["Y"], products["AG"], products["sumsq"], persist=True, chunks_of=A
         )
@@ -135,18 +163,18 @@ class Plan:
         tall = blocks.tall_chunks(n, width, Y.chunks[0][0])
         # the rest works on the thin sketches only: on the host, whatever device A is on
         Y, AG = (to_host_blocks(X).rechunk({0: tall, 1: -1}) for X in (Y, AG))
-        self.Y, self.AG = compute("target: sketch spectrum", Y, AG, persist=True)
-        Q, _ = da.linalg.tsqr(self.Y)
-        c, ag2, sumsq = dask.compute(Q.T @ self.AG, (self.AG**2).sum(), sumsq)
+        Y, AG = compute("target: sketch spectrum", Y, AG, persist=True)
+        Q, _ = da.linalg.tsqr(Y)
+        c, ag2, sumsq = dask.compute(Q.T @ AG, (AG**2).sum(), sumsq)
         # errors relative to ‖A‖_F as the free estimate has them: ‖(A − A_k)·G‖² / (t·‖A‖²_F)
-        self.norm2 = float(to_host(sumsq)) * test_columns
-        self.ag2 = float(ag2)
+        norm2 = float(to_host(sumsq)) * test_columns
         captured = np.concatenate([[0.0], np.cumsum((c**2).sum(axis=1))])
-        self.tail2 = np.clip((self.ag2 - captured) / self.norm2, 0.0, None) if self.norm2 > 0 else np.zeros(width + 1)
-        (self._gram,) = dask.compute(self.Y.T @ self.Y)
-        self._cache: dict[int, float] = {}
+        tail2 = np.clip((float(ag2) - captured) / norm2, 0.0, None) if norm2 > 0 else np.zeros(width + 1)
+        (gram,) = dask.compute(Y.T @ Y)
+        return cls(Y=Y, AG=AG, gram=gram, tail2=tail2, norm2=norm2, ag2=float(ag2), params=params, shape=(n, d),
+                   max_rank=kmax, oversample=oversample, passes=passes)
 
-    def with_bits(self, bits: tuple[int, int]) -> Plan:
+    def with_bits(self, bits: tuple[int, int]) -> ErrorPlan:
         """The same sketch spectrum predicting for other bits (B1, B2): no read of A."""
         other = copy.copy(self)
         other.bits, other._params, other._cache = bits, dataclasses.replace(self._params, bits=bits), {}
@@ -159,14 +187,10 @@ class Plan:
     def columns(self, k: int) -> int:
         """Sketch columns ℓ behind the rank-k basis: k plus the oversampling, as far as the plan's
         sketch reaches (beyond, the prediction is for a less oversampled basis: pessimistic)."""
-        from lplr_dask.factorize import resolve_oversample
-
         return min(k + resolve_oversample(self.oversample, k, self.shape), len(self.tail2) - 1)
 
     def basis(self, k: int) -> da.Array:
         """The unquantized rank-k basis as the compression makes it, from the plan's sketch."""
-        from lplr_dask.factorize import truncate_sketch
-
         ell = self.columns(k)
         p = dataclasses.replace(self._params, rank=k, range_oversample=ell - k)
         return truncate_sketch(self.Y[:, :ell], p, gram=self._gram[:ell, :ell])
@@ -180,8 +204,6 @@ class Plan:
             return self._cache[k]
         if self.norm2 == 0.0:
             return 0.0
-        from lplr_dask.factorize import quantize_basis
-
         q = quantize_basis(self.basis(k), dataclasses.replace(self._params, rank=k))
         L = decode_factor(q.codes, q.scale, q.offset, self.spec, channel_axis=1)
         Q, T = da.linalg.tsqr(L)
@@ -252,6 +274,13 @@ class Plan:
         return good, good, self.estimate(good)
 
 
+
+
+def Plan(A: da.Array, **kwargs: Any) -> ErrorPlan:
+    """:meth:`ErrorPlan.measure` of A: the name before issue 17 (a class whose constructor read A)."""
+    return ErrorPlan.measure(A, **kwargs)
+
+
 def compress_to_target(
     source: Any,
     out: str | os.PathLike[str],
@@ -302,17 +331,35 @@ def compress_to_target(
         If ``target`` is not in (0, 1), or no rank up to ``max_rank`` reaches it at these bits
         (the message gives the best estimate and what to change). Nothing is left at ``out``.
     """
-    from lplr_dask.api import compress
-    from lplr_dask.backend import to_device
-    from lplr_dask.sources import open_source
+    size = SizeRule("target_error", target)
+    guard.check_output(out, [source], overwrite=overwrite, storage_options=storage_options)
+    options = Options(bits=bits, quantizer=quantizer, seed=seed, passes=passes, power_iters=power_iters,
+                      oversample=oversample, test_columns=test_columns, device=device, storage_options=storage_options)
+    return meet_target(source, out, size.value, options, client=current_client(), overwrite=overwrite, resume=resume,
+                       max_rank=max_rank, log=log)
 
-    if isinstance(target, bool) or not isinstance(target, (int, float, np.floating)) or not 0 < target < 1:
-        raise LplrValueError(f"Expected a target relative error between 0 and 1 (e.g. 0.05). Got {target!r} instead.")
-    target = float(target)
+
+def meet_target(
+    source: Any,
+    out: str | os.PathLike[str],
+    target: float,
+    options: Options,
+    *,
+    client: Any,
+    overwrite: bool = False,
+    resume: bool = False,
+    max_rank: int = DEFAULT_MAX_RANK,
+    log: Callable[[str], None] = logs.info,
+) -> Factors:
+    """:func:`compress_to_target`'s body, for validated arguments (``options``, ``target`` in (0, 1)).
+
+    ``client`` is the cluster's client (or None) that :func:`lplr_dask.job.compress_at_rank` gets.
+    """
     path = os.fspath(out)
+    storage_options = options.storage_options
     if resume and store.exists(path, storage_options):
         try:
-            done = open_factors(path, storage_options=storage_options)
+            done = open_factors(path, storage_options=storage_options)  # type: ignore[arg-type]
             if done.attrs.get("target_error", {}).get("target") == target:
                 log(f"{path}: already complete for target error {target}; nothing to do")
                 return done
@@ -320,11 +367,12 @@ def compress_to_target(
             pass
         log(f"{path}: not a completed result for target error {target}; starting over")
         overwrite = True
-    spec, spec_r = quantizer_pair(quantizer)
-    test_columns = max(test_columns, MIN_TEST_COLUMNS)
-    A = to_device(open_source(source, storage_options=storage_options, log=log), device)
-    p = Plan(A, bits=bits, spec=spec, spec_r=spec_r, seed=seed, test_columns=test_columns, power_iters=power_iters,
-             passes=passes, max_rank=max_rank, oversample=oversample)
+    options = options.replace(test_columns=max(options.test_columns, MIN_TEST_COLUMNS))
+    _, A = open_matrix(source, options, log=log)
+    spec, spec_r = options.specs
+    p = ErrorPlan.measure(A, bits=options.bits, spec=spec, spec_r=spec_r, seed=options.seed,
+                          test_columns=options.test_columns, power_iters=options.power_iters, passes=options.passes,
+                          max_rank=max_rank, oversample=options.oversample)
     aim, above = target * MARGIN, 0
     attempts: list[dict[str, Any]] = []
     for _ in range(MAX_ATTEMPTS):
@@ -333,26 +381,22 @@ def compress_to_target(
             break
         predicted = p.estimate(k)
         log(f"target error {target}: trying rank {k} (predicted error {predicted:.4g})")
-        factors = compress(
-            source, path, rank=k, bits=bits, quantizer=quantizer, seed=seed, passes=passes,
-            power_iters=power_iters, oversample=oversample, test_columns=test_columns,
-            overwrite=overwrite or bool(attempts),
-            device=device, storage_options=storage_options, log=log,
-        )
+        factors = compress_at_rank(source, path, k, options, client=client, overwrite=overwrite or bool(attempts),
+                                   log=log)
         estimate = float(factors.attrs["error_estimate"])
         attempts.append({"rank": k, "predicted": predicted, "estimate": estimate})
         if estimate <= target:
-            return _record(factors, target, attempts, storage_options)
+            return _record(factors, target, attempts, storage_options)  # type: ignore[arg-type]
         aim *= predicted / estimate  # the prediction was optimistic by this much
         above = k
     if attempts:
-        store.remove(path, storage_options)  # the last attempt missed the target
+        store.remove(path, storage_options)  # type: ignore[arg-type]  # the last attempt missed the target
         best = min(attempts, key=lambda a: a["estimate"])
         kbest, ebest, how = best["rank"], best["estimate"], "measured"
     else:
         how = "predicted"
     raise LplrValueError(
-        f"Target error {target} is out of reach at bits {tuple(bits)} for ranks up to {p.max_rank}: "
+        f"Target error {target} is out of reach at bits {tuple(options.bits)} for ranks up to {p.max_rank}: "
         f"the best {how} error estimate is {ebest:.4g} (rank {kbest}). Raise --bits (quantization "
         "limits the error), allow a larger target, or use --rank directly."
     )

@@ -1,0 +1,173 @@
+"""One compression at a given rank: open the input, start or resume the store, run the stages.
+
+:func:`compress_at_rank` is the worker below :func:`lplr_dask.compress`: its arguments have been
+validated (an :class:`~lplr_dask.options.Options` and a rank), and it does not check them again.
+The sizing (:mod:`lplr_dask.budget`, :mod:`lplr_dask.target`) and :func:`lplr_dask.compress_group`
+call it directly. What it protects:
+
+- the output is locked while the job writes it (:class:`lplr_dask.guard.StoreLock`), and the
+  input's fingerprint is recorded so that ``resume`` refuses an input that changed;
+- a failure leaves the store resumable; a fresh store that *failed* (not was interrupted)
+  before anything worth resuming is removed, and only if this job still owns its lock.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any, Callable
+
+import dask.array as da
+
+from lplr_dask import chunking, factorize, guard, logs, store
+from lplr_dask.backend import to_device
+from lplr_dask.errors import StoreFormatError
+from lplr_dask.factors import Factors, open_factors
+from lplr_dask.options import Options
+from lplr_dask.sources import Source, as_matrix, describe, read_source
+
+__all__ = ["compress_at_rank", "open_matrix", "package_version"]
+
+Log = Callable[[str], None]
+
+
+def package_version() -> str:
+    """The installed distribution's version ("unknown" when run from a source tree not installed)."""
+    try:
+        return version("lplr-dask")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def open_matrix(source: Any, options: Options, *, log: Log = logs.info) -> tuple[Source, da.Array]:
+    """The input as read (:func:`lplr_dask.sources.read_source`) and as a matrix on the options' device."""
+    src = read_source(source, storage_options=options.storage_options)  # type: ignore[arg-type]
+    return src, to_device(as_matrix(src, log=log), options.device)
+
+
+def compress_at_rank(
+    source: Any,
+    out: str | os.PathLike[str],
+    rank: int,
+    options: Options,
+    *,
+    client: Any,
+    overwrite: bool = False,
+    resume: bool = False,
+    matrix: tuple[Source, da.Array] | None = None,
+    log: Log = logs.info,
+) -> Factors:
+    """Compress ``source`` at ``rank`` into the store ``out``; or finish it (``resume``).
+
+    Parameters
+    ----------
+    source
+        As for :func:`lplr_dask.compress`.
+    out : str or os.PathLike
+        The store; the caller has checked that it may be written (:func:`lplr_dask.guard.check_output`).
+    rank : int
+        From 1 to ``min(n, d)``.
+    options : Options
+    client : distributed.Client or None
+        Whose workers' memory the chunking must fit (None: nothing is checked).
+    overwrite, resume : bool
+        Replace an existing store; or finish an interrupted one started with the same parameters.
+    matrix : (Source, dask array), optional
+        ``source`` as :func:`open_matrix` opened it already.
+    log : callable
+
+    Returns
+    -------
+    Factors
+
+    Raises
+    ------
+    OutputExistsError, OutputLockedError, StoreFormatError
+        If the store exists without ``overwrite``/``resume``, another job writes it, or it
+        cannot be resumed with these parameters and this input.
+    """
+    src, A = matrix or open_matrix(source, options, log=log)
+    params = options.params(rank, A.shape, A.dtype)
+    A = chunking.plan(A, params, source=src.path, log=log)
+    path = os.fspath(out)
+    storage_options = options.storage_options
+    if store.exists(path, storage_options) and not (overwrite or resume):
+        store.clear(path, overwrite=False, storage_options=storage_options,  # type: ignore[arg-type]
+                    hint=", or --resume (resume=True) to finish an interrupted job")
+    chunking.check_memory(A, params, client, source=src.path, log=log)
+    lock = guard.StoreLock(path, storage_options)  # type: ignore[arg-type]
+    meta = _start(path, src, A, params, lock, options, overwrite=overwrite, resume=resume)
+    try:
+        if meta.get("complete"):
+            log(f"{path}: already complete; nothing to do")
+        else:
+            _run(A, path, params, meta, lock, resume=resume, storage_options=storage_options, log=log)
+    finally:
+        lock.release()
+    return open_factors(path, storage_options=storage_options)  # type: ignore[arg-type]
+
+
+def _start(
+    path: str, src: Source, A: da.Array, params: factorize.Params, lock: guard.StoreLock, options: Options, *,
+    overwrite: bool, resume: bool,
+) -> dict[str, Any]:
+    """Create the output (or reopen it for ``resume``), take its lock, and return its attrs.
+
+    Raises
+    ------
+    OutputLockedError
+        If another job is writing the output.
+    StoreFormatError
+        If ``resume`` finds a store started with other parameters, or of an input that changed.
+    """
+    storage_options = options.storage_options
+    current = guard.fingerprint(src, A, storage_options=storage_options)  # type: ignore[arg-type]
+    if resume and store.exists(path, storage_options):
+        group = store.open_group(path, mode="r+", storage_options=storage_options)
+        meta = store.read_meta(group, require_complete=False, path=path)
+        changed = store.changed_params(meta, params.as_attrs(), A.shape)
+        if changed:
+            raise StoreFormatError(
+                f"Cannot resume {path!r}: it was started with different {', '.join(changed)}. "
+                "Rerun with the same arguments, or with --overwrite to start over."
+            )
+        guard.check_fingerprint(meta.get("source", {}).get("fingerprint"), current, out=path, source=src.path)
+        lock.acquire()
+        return meta
+    if store.exists(path, storage_options):
+        lock.check_free()  # a running job's output is not replaced under it
+    group = store.create_group(path, overwrite=overwrite, storage_options=storage_options)  # type: ignore[arg-type]
+    lock.acquire()
+    meta = store.new_meta({**describe(src, A), "fingerprint": current}, params.as_attrs(), device=options.device,
+                          version=package_version())
+    store.write_meta(group, meta)
+    return meta
+
+
+def _run(
+    A: da.Array, path: str, params: factorize.Params, meta: dict[str, Any], lock: guard.StoreLock, *, resume: bool,
+    storage_options: Any, log: Log,
+) -> dict[str, Any]:
+    """Run the stages on a started store; on failure leave it resumable, or remove a fresh one
+    that failed (not was interrupted) before anything worth resuming."""
+    n, d = A.shape
+    log(f"compress {n}x{d} {A.dtype} -> {path}: rank {params.rank}, bits {params.bits}, "
+        f"quantizer {params.quantizer}, passes {params.passes}")
+    t0 = time.perf_counter()
+    fresh = meta["stage"] == "started" and not resume
+    try:
+        meta = factorize.run(A, store.locate(path, storage_options), params, meta, log=log)
+    except BaseException as e:
+        if not lock.owned():  # another job replaced the store meanwhile: leave its files alone
+            raise
+        group = store.open_group(path, storage_options=storage_options)
+        started = store.read_meta(group, require_complete=False)["stage"] == "started"
+        if fresh and started and isinstance(e, Exception):
+            store.remove(path, storage_options)  # failed before anything worth resuming: leave nothing behind
+        else:
+            log(f"{path}: incomplete; finish it with --resume (same arguments)")
+        raise
+    meta["timings"]["total"] = round(time.perf_counter() - t0 + meta["timings"].get("total", 0.0), 3)
+    store.write_meta(store.open_group(path, mode="r+", storage_options=storage_options), meta)
+    return meta

@@ -1,0 +1,195 @@
+"""What a compression is asked to do: :class:`Options` (how) and :class:`SizeRule` (how big).
+
+Both are frozen and validated when made, so the code below the public boundary never checks an
+argument again: :func:`lplr_dask.compress` and the CLI build them from what the user gave, the
+sizing (:mod:`lplr_dask.budget`, :mod:`lplr_dask.target`) turns the size rule into a rank, and
+:func:`lplr_dask.job.compress_at_rank` compresses at that rank with these options.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Literal, Mapping
+
+import numpy as np
+
+from lplr_dask.backend import check_device
+from lplr_dask.blocks import compute_dtype
+from lplr_dask.errors import LplrTypeError, LplrValueError
+from lplr_dask.factorize import Params, check_oversample, resolve_oversample
+from lplr_dask.quantize import QuantizerSpec, check_bits, quantizer_pair
+from lplr_dask.validation import at_most_one, parse_float, parse_int
+
+__all__ = ["DEFAULT_BITS", "Options", "SizeRule", "SIZE_FLAGS", "check_job"]
+
+#: (B1, B2) unless given, or chosen for a bits-per-entry budget.
+DEFAULT_BITS = (8, 8)
+
+#: The size keywords and their CLI flags, in the order messages name them.
+SIZE_FLAGS = {
+    "rank": "--rank",
+    "bits_per_entry": "--bits-per-entry",
+    "match_nq": "--match-nq",
+    "target_error": "--target-error",
+}
+
+SizeKind = Literal["rank", "bits_per_entry", "match_nq", "target_error"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """The settings that determine the codes, and where they are computed.
+
+    Parameters
+    ----------
+    bits : (int, int), default=(8, 8)
+        B1 for L and B2 for R, each from 1 to 16.
+    passes : {1, 2}, default=2
+    power_iters : int, default=0
+        Two-pass only.
+    oversample : int, optional
+        Extra range-sketch columns p (default: p = k).
+    quantizer : str or QuantizerSpec, default="default"
+    seed : int, default=0
+    test_columns : int, default=10
+    precision : {"auto", "float32", "float64"}, default="auto"
+    device : {"cpu", "cuda"}, default="cpu"
+    storage_options : mapping, optional
+        fsspec options for a remote source and output.
+
+    See :func:`lplr_dask.compress` for what each means. A bad value raises
+    :class:`~lplr_dask.errors.LplrValueError` (or :class:`~lplr_dask.errors.LplrTypeError`)
+    when the object is made.
+    """
+
+    bits: tuple[int, int] = DEFAULT_BITS
+    passes: int = 2
+    power_iters: int = 0
+    oversample: int | None = None
+    quantizer: Any = "default"
+    seed: int = 0
+    test_columns: int = 10
+    precision: str = "auto"
+    device: str = "cpu"
+    storage_options: Mapping[str, Any] | None = dataclasses.field(default=None, compare=False)
+
+    def __post_init__(self) -> None:
+        bits = self.bits
+        if not isinstance(bits, (tuple, list)) or len(bits) != 2:
+            raise LplrValueError(f"Expected bits to be a pair (B1, B2). Got {bits!r} instead.")
+        object.__setattr__(self, "bits", (check_bits(bits[0], "B1"), check_bits(bits[1], "B2")))
+        if self.passes not in (1, 2) or isinstance(self.passes, bool):
+            raise LplrValueError(f"Expected passes 1 or 2. Got {self.passes!r}.")
+        if isinstance(self.power_iters, bool) or not isinstance(self.power_iters, (int, np.integer)) or self.power_iters < 0:
+            raise LplrValueError(f"Expected power_iters >= 0. Got {self.power_iters!r}.")
+        object.__setattr__(self, "power_iters", int(self.power_iters))
+        if self.passes == 1 and self.power_iters:
+            raise LplrValueError(
+                "One-pass mode (passes=1) cannot use power iterations, which need 2 more reads each. Use passes=2."
+            )
+        check_oversample(self.oversample)
+        object.__setattr__(self, "seed", _seed(self.seed))
+        object.__setattr__(self, "test_columns", parse_int(self.test_columns, "test_columns", minimum=1))
+        compute_dtype(np.float32, self.precision)  # rejects a bad name
+        quantizer_pair(self.quantizer)
+        check_device(self.device)
+
+    @property
+    def specs(self) -> tuple[QuantizerSpec, QuantizerSpec]:
+        """The quantizers of L and R."""
+        return quantizer_pair(self.quantizer)
+
+    @property
+    def quantizer_name(self) -> str:
+        """The quantizer's name as the attrs record it."""
+        return self.quantizer if isinstance(self.quantizer, str) else self.specs[0].name
+
+    def replace(self, **changes: Any) -> Options:
+        """A copy with ``changes`` (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    def params(self, rank: int, shape: tuple[int, int], dtype: Any) -> Params:
+        """What determines the codes of a rank-``rank`` compression of a matrix of ``shape`` and ``dtype``."""
+        spec_l, spec_r = self.specs
+        return Params(
+            rank=rank, bits=self.bits, quantizer=self.quantizer_name, spec_l=spec_l, spec_r=spec_r,
+            seed=self.seed, passes=self.passes, power_iters=self.power_iters, test_columns=self.test_columns,
+            precision=compute_dtype(dtype, self.precision).name,
+            range_oversample=resolve_oversample(self.oversample, rank, shape),
+        )
+
+
+def _seed(seed: Any) -> int:
+    if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise LplrTypeError(f"Expected seed to be a non-negative integer (stored in the attrs). Got {seed!r}.")
+    return int(seed)
+
+
+@dataclasses.dataclass(frozen=True)
+class SizeRule:
+    """How the rank is set: exactly one of a rank, a budget, a fair rank, or a target error.
+
+    Attributes
+    ----------
+    kind : {"rank", "bits_per_entry", "match_nq", "target_error"}
+    value : int or float
+        The rank (an int >= 1); bits per entry of A on disk (> 0); the bits B of naive
+        quantization whose size the factors match (> 0); or the relative error to meet, in (0, 1).
+    """
+
+    kind: SizeKind
+    value: float
+
+    def __post_init__(self) -> None:
+        if self.kind not in SIZE_FLAGS:
+            raise LplrValueError(f"Expected a size rule of {', '.join(SIZE_FLAGS)}. Got {self.kind!r} instead.")
+        v = self.value
+        if self.kind == "rank":
+            v = parse_int(v, "rank (--rank)", minimum=1)
+        elif self.kind == "target_error":
+            if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)) or not 0 < v < 1:
+                raise LplrValueError(f"Expected a target relative error between 0 and 1 (e.g. 0.05). Got {v!r} instead.")
+            v = float(v)
+        elif self.kind == "bits_per_entry":
+            if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)) or not v > 0:
+                raise LplrValueError(f"Expected a positive bits-per-entry budget. Got {v!r} instead.")
+            v = float(v)
+        else:
+            v = parse_float(v, "match_nq (--match-nq)", low=0, inclusive=(False, True))
+        object.__setattr__(self, "value", v)
+
+    @classmethod
+    def from_args(
+        cls,
+        *,
+        rank: int | None = None,
+        bits_per_entry: float | None = None,
+        match_nq: float | None = None,
+        target_error: float | None = None,
+    ) -> SizeRule:
+        """The rule from the one keyword given.
+
+        Raises
+        ------
+        LplrValueError
+            If none or more than one is given, or its value is out of range.
+        """
+        given = {k: v for k, v in (("rank", rank), ("bits_per_entry", bits_per_entry), ("match_nq", match_nq),
+                                   ("target_error", target_error)) if v is not None}
+        if target_error is not None and len(given) > 1:
+            raise LplrValueError("Give target_error (--target-error) alone, without rank, bits_per_entry or match_nq.")
+        if len(given) != 1:
+            names = " or ".join([", ".join(f"{k} ({f})" for k, f in list(SIZE_FLAGS.items())[:-1]),
+                                 f"target_error ({SIZE_FLAGS['target_error']})"])
+            raise LplrValueError(f"Expected exactly one of {names}. Got {', '.join(given) if given else 'none'}.")
+        ((kind, value),) = given.items()
+        return cls(kind, value)  # type: ignore[arg-type]
+
+    def as_kwargs(self) -> dict[str, float]:
+        """``{kind: value}``, the keyword :func:`lplr_dask.compress` takes."""
+        return {self.kind: self.value}
+
+
+def check_job(overwrite: bool, resume: bool) -> None:
+    """Refuse both ``overwrite`` and ``resume``."""
+    at_most_one("overwrite (--overwrite) and resume (--resume)", overwrite=overwrite, resume=resume)
