@@ -20,6 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from lplr_dask.errors import LplrValueError
+
 __all__ = [
     "DEVICES",
     "GPU_EXTRA_HINT",
@@ -83,8 +85,6 @@ def cupy_with_gpu() -> ModuleType:
         If CuPy is not installed, its CUDA libraries do not load, or no GPU is visible; the
         message names the extra to install (:data:`GPU_EXTRA_HINT`).
     """
-    from lplr_dask.errors import LplrValueError
-
     try:
         import cupy
     except ImportError as e:
@@ -112,8 +112,6 @@ def check_device(device: str) -> None:
     LplrValueError
         For an unknown device, or ``"cuda"`` without CuPy or a visible GPU.
     """
-    from lplr_dask.errors import LplrValueError
-
     if device not in DEVICES:
         raise LplrValueError(f"Expected device 'cpu' or 'cuda'. Got {device!r} instead.")
     if device == "cuda":

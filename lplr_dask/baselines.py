@@ -33,7 +33,15 @@ import numpy as np
 from lplr_dask.errors import LplrTypeError, LplrValueError
 from lplr_dask.budget import resolve_rank as resolve_size
 from lplr_dask.options import SizeRule
-from lplr_dask.factorize import _derived, basis_hessian, pinv_factor, project, ranges_to_scales
+from lplr_dask.factorize import (
+    _derived,
+    basis_hessian,
+    pinv_factor,
+    project,
+    ranges_to_scales,
+    resolve_oversample,
+    sketch_rotation,
+)
 from lplr_dask.factors import Factors, decode_factor, product_error
 from lplr_dask.factors import relative_error as factors_error
 from lplr_dask.quantize import (
@@ -225,8 +233,6 @@ def lplr_codes(
     -------
     Reference
     """
-    from lplr_dask.factorize import resolve_oversample, sketch_rotation
-
     if isinstance(A, da.Array):
         raise LplrTypeError("Expected a numpy array for the in-memory reference. Got a dask array; use lplr_dask.compress.")
     X, k, bits, specs = _validate(A, rank, bits, quantizer)
