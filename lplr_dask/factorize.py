@@ -17,9 +17,12 @@ For A (n×d), rank k and bits (B1, B2) [1]_:
 5. the error estimate ``‖AG − L·(R·G)‖ / (√p·‖A‖_F)`` from the stored test columns and the
    Frobenius norm summed in pass 1: no extra read.
 
-The functions here take and return dask arrays; :func:`run` drives them against a store. What a
-later step reuses (Y, AG, Z, ``pinv(L)ᵀ``, W) goes to scratch arrays in the output store, not to
-worker memory, so a worker holds chunks and their products only: its memory is set by the chunk
+The functions here take and return dask arrays; :func:`run` drives them against a store through
+the table :data:`STAGES` of named stages (:func:`sketch_and_code_basis`, :func:`project_onto_basis`,
+:func:`code_r`, :func:`estimate_and_finish`), each resumable: after each, the attrs' ``stage``
+says it is done, and a resumed job starts at the next. What a later stage reuses (Y, AG, Z,
+``pinv(L)ᵀ``, W) goes to scratch arrays in the output store (:data:`lplr_dask.store.SCRATCH`), not
+to worker memory, so a worker holds chunks and their products only: its memory is set by the chunk
 shape, its threads and the rank, not by n or d (``tests/test_memory.py``). Power iterations are
 the exception: they persist their n×k and d×k iterates on the workers.
 
@@ -46,15 +49,17 @@ import dask
 import dask.array as da
 import numpy as np
 import zarr
+from zarr.abc.store import Store
 
 from lplr_dask import blocks, store
-from lplr_dask.backend import like, to_host_blocks
+from lplr_dask.backend import array_namespace, like, to_host, to_host_blocks
 from lplr_dask.errors import LplrValueError
-from lplr_dask.factors import decode_factor
 from lplr_dask.progress import compute
 from lplr_dask.quantize import (
     Quantized,
     QuantizerSpec,
+    block_scales,
+    decode_block,
     encode_blocks,
     gptq_factor,
     ranges,
@@ -62,7 +67,25 @@ from lplr_dask.quantize import (
 )
 from lplr_dask.sketch import SKETCH_BLOCK, SPARSE_NNZ, STREAM_G, STREAM_PSI, STREAM_S
 
-__all__ = ["Params", "pass1", "truncate_sketch", "pinv_factor", "project", "error_estimate", "run"]
+__all__ = [
+    "Params",
+    "pass1",
+    "truncate_sketch",
+    "pinv_factor",
+    "project",
+    "error_estimate",
+    "decode_factor",
+    "derived_seed",
+    "StageContext",
+    "Stage",
+    "STAGES",
+    "STAGE_NAMES",
+    "sketch_and_code_basis",
+    "project_onto_basis",
+    "code_r",
+    "estimate_and_finish",
+    "run",
+]
 
 Log = Callable[[str], None]
 
@@ -207,7 +230,7 @@ def sketch_rotation(gram: Any, rank: int, seed: int) -> np.ndarray:
     ell = gram.shape[0]
     _, V = np.linalg.eigh((gram + gram.T) / 2)
     V = V[:, ::-1][:, :rank]
-    rng = np.random.default_rng(_derived(seed, 3))
+    rng = np.random.default_rng(derived_seed(seed, 3))
     U, _, Wt = np.linalg.svd(V.T @ rng.standard_normal((ell, rank)))
     return V @ (U @ Wt)
 
@@ -221,16 +244,12 @@ def truncate_sketch(Y: da.Array, p: Params, *, gram: Any = None) -> da.Array:
     Y = Y.rechunk({1: -1})
     if gram is None:
         (gram,) = dask.compute(Y.T @ Y)
-    from lplr_dask.backend import to_host
-
     M = sketch_rotation(to_host(gram), p.rank, p.seed)
     return Y.map_blocks(_times, M, chunks=(Y.chunks[0], (p.rank,)), dtype=Y.dtype)
 
 
 def _times(y: Any, m: np.ndarray) -> Any:
     """``y·m`` with m moved to y's device."""
-    from lplr_dask.backend import array_namespace
-
     return y @ array_namespace(y).asarray(m)
 
 
@@ -243,7 +262,7 @@ def ranges_to_scales(X: da.Array, bits: int, spec: QuantizerSpec, channel_axis: 
 def quantize_basis(Y: da.Array, p: Params) -> Quantized:
     """``L = Q_B1(Y)``: scales computed (a small reduction over the persisted Y), codes lazily."""
     scale, offset = dask.compute(*ranges_to_scales(Y, p.bits[0], p.spec_l, 1))
-    codes = encode_blocks(Y, p.bits[0], p.spec_l, scale, offset, channel_axis=1, seed=_derived(p.seed, 1))
+    codes = encode_blocks(Y, p.bits[0], p.spec_l, scale, offset, channel_axis=1, seed=derived_seed(p.seed, 1))
     return Quantized(codes, scale, offset, p.bits[0])
 
 
@@ -318,16 +337,51 @@ def _columns(X: da.Array, todo: list[int]) -> da.Array:
     return da.concatenate([X.blocks[:, j] for j in todo], axis=1)
 
 
-def _derived(seed: int, purpose: int) -> int:
-    """An integer seed for a secondary purpose (stochastic rounding of L or R)."""
+def decode_factor(
+    codes: da.Array, scale: np.ndarray, offset: np.ndarray, spec: QuantizerSpec, channel_axis: int,
+    dtype: Any = np.float64,
+) -> da.Array:
+    """Lazily decode a codes array (dask) with its stored scales: the factor L̂ or R̂, block by block.
+
+    Parameters
+    ----------
+    codes : dask.array.Array
+        The codes, as stored (``L/codes`` n×k, ``R/codes`` k×d).
+    scale, offset : ndarray
+        Their stored scales and offsets, shaped per the quantizer's granularity.
+    spec : QuantizerSpec
+    channel_axis : int
+        1 for L (a channel is a column), 0 for R (a row).
+    dtype : dtype, default=float64
+
+    Returns
+    -------
+    dask.array.Array
+        Chunked like ``codes``; each block decoded with the scales of its rows or columns.
+    """
+    g = spec.group_size if spec.granularity == "group" else 0
+
+    def block(c: Any, block_info: Any = None) -> Any:
+        loc = block_info[0]["array-location"]
+        s = block_scales(scale, loc, g, channel_axis)
+        o = block_scales(offset, loc, g, channel_axis)
+        return decode_block(c, s, o, dtype)
+
+    return codes.map_blocks(block, dtype=dtype, meta=np.empty((0, 0), dtype))
+
+
+def derived_seed(seed: int, purpose: int) -> int:
+    """An integer seed for a secondary purpose of ``seed``: 1 the stochastic rounding of L, 2 that
+    of R, 3 the mixing of an oversampled sketch (:func:`sketch_rotation`)."""
     return int(np.random.SeedSequence(seed, spawn_key=(100 + purpose,)).generate_state(1)[0])
 
 
-# ---------------------------------------------------------------------------------------------
-# Driving the passes against a store
-# ---------------------------------------------------------------------------------------------
+_derived = derived_seed  # the name before issue 17
 
-STAGES = ("started", "basis", "projected", "coded", "complete")
+
+# ---------------------------------------------------------------------------------------------
+# The stages: each reads what the one before left in the store and writes what the next needs
+# ---------------------------------------------------------------------------------------------
 
 
 class _Runner:
@@ -346,6 +400,222 @@ class _Runner:
         return out
 
 
+@dataclasses.dataclass
+class StageContext:
+    """What the stages of :func:`run` share: the input, the output store, the parameters, the
+    attrs written so far and the runner that computes and times each step.
+
+    Attributes
+    ----------
+    A : dask.array.Array
+        The input, n×d.
+    root : str or zarr Store
+        The output store, as workers reopen it (:func:`lplr_dask.store.locate`).
+    group : zarr.Group
+        The output store, open for writing.
+    params : Params
+    meta : dict
+        The attrs so far (read only: a stage returns what it adds).
+    runner : _Runner
+        Computes a labelled step with progress and adds its time to ``runner.timings``.
+    log : callable
+    """
+
+    A: da.Array
+    root: str | Store
+    group: zarr.Group
+    params: Params
+    meta: dict[str, Any]
+    runner: _Runner
+    log: Log
+
+    @classmethod
+    def open(cls, A: da.Array, root: str | Store, params: Params, meta: dict[str, Any], *, log: Log) -> StageContext:
+        """Open the store at ``root`` for the stages; timings go on from those in ``meta``."""
+        runner = _Runner(log, dict(meta.get("timings", {})))
+        return cls(A, root, store.open_group(root, mode="r+"), params, meta, runner, log)
+
+    @property
+    def row_chunk(self) -> int:
+        """Rows of A's chunks: the row chunks of L, Y, AG and PT."""
+        return int(self.A.chunks[0][0])
+
+    @property
+    def col_chunk(self) -> int:
+        """Columns of A's chunks: the column chunks of R, Z and W."""
+        return int(self.A.chunks[1][0])
+
+    def stored_factor(self, name: str) -> da.Array:
+        """The factor ``name`` ("L" or "R") decoded lazily from its codes, scales and offsets."""
+        spec, axis = (self.params.spec_l, 1) if name == "L" else (self.params.spec_r, 0)
+        return decode_factor(
+            da.from_zarr(self.group[f"{name}/codes"]), store.read_small(self.group, f"{name}/scale"),
+            store.read_small(self.group, f"{name}/offset"), spec, channel_axis=axis,
+        )
+
+    def scratch(self, name: str) -> zarr.Array:
+        """The scratch array ``name`` (:data:`lplr_dask.store.SCRATCH_ARRAYS`)."""
+        return self.group[store.scratch_name(name)]
+
+
+def sketch_and_code_basis(job: StageContext) -> dict[str, Any]:
+    """Pass 1 and the basis: the sketches of one read of A, then ``L = Q_B1(Y)``.
+
+    Reads A once (and twice per power iteration). Writes the scratch arrays ``Y``, ``AG`` (and
+    ``Z`` in one-pass mode), then ``L/codes``, ``L/scale``, ``L/offset`` from Y, after the power
+    iterations and the truncation of an oversampled sketch (:func:`truncate_sketch`).
+
+    Returns
+    -------
+    dict
+        ``norm_fro``: ‖A‖_F, summed in the same read (the error estimate's denominator).
+    """
+    A, p = job.A, job.params
+    norm_fro = _write_sketches(job)
+    Y = like(da.from_zarr(job.scratch("Y")), A)
+    if p.power_iters:
+        Y = power_iterate(A, Y, p.power_iters, job.runner, precision=p.precision)
+    qL = quantize_basis(truncate_sketch(Y, p), p)
+    _store_codes(job.group, "L/codes", qL.codes.rechunk((job.row_chunk, p.rank)), p.bits[0], job.runner, "basis: quantize L")
+    store.write_small(job.group, "L/scale", qL.scale)
+    store.write_small(job.group, "L/offset", qL.offset)
+    return {"norm_fro": norm_fro}
+
+
+def _write_sketches(job: StageContext) -> float:
+    """Pass 1 (:func:`pass1`): write Y, AG (and Z) to the scratch, not to worker memory; ‖A‖_F."""
+    A, p = job.A, job.params
+    n, d = A.shape
+    products = pass1(A, p)
+    shapes = {"Y": (n, p.sketch_columns), "AG": (n, p.test_columns), "Z": (p.oversample, d)}
+    writes = []
+    for name, x in products.items():
+        if name in shapes:
+            chunks = (job.row_chunk, x.shape[1]) if name != "Z" else (x.shape[0], job.col_chunk)
+            target = store.create_scratch(job.group, name, shapes[name], chunks)
+            writes.append(da.store(to_host_blocks(x.rechunk(chunks)), target, lock=False, compute=False))
+    *_, sumsq = job.runner("pass 1: sketch", *writes, products["sumsq"], persist=False, chunks_of=A)
+    return math.sqrt(float(sumsq))
+
+
+def project_onto_basis(job: StageContext) -> dict[str, Any]:
+    """Pass 2: ``W = pinv(L)·A`` (one-pass: ``(Ψ·L)^†·Z``), one whole column chunk per task.
+
+    Reads the stored L and A once (one-pass: the scratch ``Z``, not A); two-pass mode first
+    writes ``pinv(L)ᵀ`` to the scratch ``PT``. Writes each column chunk of the scratch ``W`` and
+    then its mark in ``W_done``, so a resumed job computes only the chunks not marked (it logs
+    how many were).
+
+    Returns
+    -------
+    dict
+        Nothing: W stays in the scratch for :func:`code_r`.
+    """
+    ncb = len(job.A.chunks[1])
+    done = np.asarray(_w_marks(job)[...]).astype(bool)
+    todo = [j for j in range(ncb) if not done[j]]
+    if done.any():
+        job.log(f"resume: {int(done.sum())} of {ncb} column chunks of W already written; computing {len(todo)}")
+    if todo:
+        W, label = _projection(job, todo)
+        one_pass = job.params.passes == 1
+        job.runner(label, blocks.map_column_blocks(W, _WWriter(job.root, todo)), persist=False,
+                   chunks_of=None if one_pass else job.A)
+    return {}
+
+
+def _w_marks(job: StageContext) -> zarr.Array:
+    """The scratch ``W_done`` marks; created, with an empty ``W``, when pass 2 first starts."""
+    if store.scratch_name("W_done") in job.group:
+        return job.scratch("W_done")
+    store.create_scratch(job.group, "W", (job.params.rank, job.A.shape[1]), (job.params.rank, job.col_chunk))
+    return store.create_scratch_marks(job.group, "W_done", len(job.A.chunks[1]))
+
+
+def _projection(job: StageContext, todo: list[int]) -> tuple[da.Array, str]:
+    """The lazy column chunks ``todo`` of W, and the progress label of computing them."""
+    A, p = job.A, job.params
+    L_hat = job.stored_factor("L")
+    if p.passes == 1:
+        M = one_pass_projector(L_hat, p)
+        Z = da.from_zarr(job.scratch("Z"))
+        return blocks.left_multiply(da.from_array(M.T), like(_columns(Z, todo), A)), "pass 2: project (one-pass, no read of A)"
+    pt = store.create_scratch(job.group, "PT", (A.shape[0], p.rank), (job.row_chunk, p.rank))
+    PT = to_host_blocks(pinv_factor(L_hat).rechunk({0: A.chunks[0], 1: -1}))
+    job.runner("basis: pinv(L)", da.store(PT, pt, lock=False, compute=False), persist=False)
+    return _columns(project(A, like(da.from_zarr(pt), A), precision=p.precision), todo), "pass 2: project"
+
+
+def code_r(job: StageContext) -> dict[str, Any]:
+    """``R = Q_B2(W)``: the scales from a reduction over the scratch ``W``, then the codes.
+
+    Reads the scratch ``W`` (and, for ``gptq`` rounding, the stored L for ``H = L̂ᵀ·L̂``,
+    :func:`basis_hessian`); not A. Writes ``R/codes``, ``R/scale``, ``R/offset``.
+
+    Returns
+    -------
+    dict
+        Nothing: the error estimate reads R from the store.
+    """
+    p = job.params
+    W = like(da.from_zarr(job.scratch("W")), job.A)
+    gptq = p.spec_r.rounding == "gptq"  # then also the k×k factor on the client, from the stored basis
+    rs, ro, *H = job.runner(
+        "code R (scales)", *ranges_to_scales(W, p.bits[1], p.spec_r, 0),
+        *([basis_hessian(job.stored_factor("L"))] if gptq else []), persist=False,
+    )
+    factor = gptq_factor(H[0]) if gptq else None
+    codes = encode_blocks(W, p.bits[1], p.spec_r, rs, ro, channel_axis=0, seed=derived_seed(p.seed, 2), factor=factor)
+    _store_codes(job.group, "R/codes", codes.rechunk((p.rank, job.col_chunk)), p.bits[1], job.runner, "code R")
+    store.write_small(job.group, "R/scale", rs)
+    store.write_small(job.group, "R/offset", ro)
+    return {}
+
+
+def estimate_and_finish(job: StageContext) -> dict[str, Any]:
+    """The free error estimate (:func:`error_estimate`), then the scratch removed.
+
+    Reads the stored L and R, the scratch ``AG`` and ``norm_fro`` from the attrs; not A.
+    Removes the scratch (:func:`lplr_dask.store.remove_scratch`).
+
+    Returns
+    -------
+    dict
+        ``error_estimate``, and ``complete``: True.
+    """
+    p = job.params
+    rg = blocks.sketch_right(job.stored_factor("R"), p.seed, [(STREAM_G, p.test_columns, 1.0)], check=False)
+    resid = da.from_zarr(job.scratch("AG")) - job.stored_factor("L") @ rg
+    (num,) = job.runner("error estimate", (resid**2).sum(), persist=False)
+    estimate = error_estimate(float(num), job.meta["norm_fro"], p.test_columns)
+    store.remove_scratch(job.group)
+    return {"error_estimate": estimate, "complete": True}
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """One resumable step of :func:`run`: once ``step`` has run, the attrs' ``stage`` is ``name``."""
+
+    name: str
+    step: Callable[[StageContext], dict[str, Any]]
+
+
+#: The stages of a job, in order. A store's ``stage`` attr names the last one done.
+STAGES = (
+    Stage("basis", sketch_and_code_basis),
+    Stage("projected", project_onto_basis),
+    Stage("coded", code_r),
+    Stage("complete", estimate_and_finish),
+)
+#: The values of the ``stage`` attr in order: "started" (nothing done yet), then each stage's name.
+STAGE_NAMES = ("started", *(s.name for s in STAGES))
+
+
+def stages_after(stage: str) -> tuple[Stage, ...]:
+    """The stages still to run for a store whose ``stage`` attr is ``stage`` (one of :data:`STAGE_NAMES`)."""
+    return STAGES[STAGE_NAMES.index(stage):]
+
+
 def run(
     A: da.Array,
     root: str,
@@ -356,105 +626,16 @@ def run(
 ) -> dict[str, Any]:
     """Run (or resume) the passes, writing the store at ``root``; return the final attrs.
 
-    ``meta`` holds the attrs written so far (``stage`` says how far a previous run got).
+    ``meta`` holds the attrs written so far (``stage`` says how far a previous run got); each
+    stage of :data:`STAGES` not yet done runs, then its attrs, its ``stage`` and the timings so
+    far are added to ``meta`` and written to the store.
     """
-    group = store.open_group(root, mode="r+")
-    timings: dict[str, float] = dict(meta.get("timings", {}))
-    runner = _Runner(log, timings)
-    n, d = A.shape
-    k, t = p.rank, p.test_columns
-    row_chunk, col_chunk = A.chunks[0][0], A.chunks[1][0]
-    work = "_work"
-
-    def save(stage: str, **extra: Any) -> None:
-        meta.update(extra)
-        meta["stage"] = stage
-        meta["timings"] = timings
-        store.write_meta(group, meta)
-
-    # -- pass 1 and the basis ------------------------------------------------------------------
-    if STAGES.index(meta.get("stage", "started")) < STAGES.index("basis"):
-        products = pass1(A, p)
-        # the sketches go to scratch arrays, not to worker memory: a worker holds chunks only
-        sketches = {"Y": (n, p.sketch_columns), "AG": (n, t), "Z": (p.oversample, d)}
-        writes = []
-        for name, x in products.items():
-            if name in sketches:
-                chunks = (row_chunk, x.shape[1]) if name != "Z" else (x.shape[0], col_chunk)
-                target = store.create_float(group, f"{work}/{name}", sketches[name], chunks, compress=False)
-                writes.append(da.store(to_host_blocks(x.rechunk(chunks)), target, lock=False, compute=False))
-        *_, sumsq = runner("pass 1: sketch", *writes, products["sumsq"], persist=False, chunks_of=A)
-        meta["norm_fro"] = math.sqrt(float(sumsq))
-        Y = like(da.from_zarr(group[f"{work}/Y"]), A)
-        if p.power_iters:
-            Y = power_iterate(A, Y, p.power_iters, runner, precision=p.precision)
-        Y = truncate_sketch(Y, p)
-        qL = quantize_basis(Y, p)
-        _store_codes(group, "L/codes", qL.codes.rechunk((row_chunk, k)), p.bits[0], runner, "basis: quantize L")
-        store.write_small(group, "L/scale", qL.scale)
-        store.write_small(group, "L/offset", qL.offset)
-        del Y, qL  # release any persisted power iterate: pass 2 needs none of it
-        save("basis")
-
-    # -- pass 2: W, one whole chunk per task, resumable ------------------------------------------
-    L_hat = decode_factor(
-        da.from_zarr(group["L/codes"]), store.read_small(group, "L/scale"),
-        store.read_small(group, "L/offset"), p.spec_l, channel_axis=1,
-    )
-    if STAGES.index(meta["stage"]) < STAGES.index("projected"):
-        ncb = len(A.chunks[1])
-        if f"{work}/W_done" not in group:
-            store.create_float(group, f"{work}/W", (k, d), (k, col_chunk), compress=False)
-            done_arr = group.create_array(f"{work}/W_done", shape=(ncb,), chunks=(1,), dtype=np.uint8, fill_value=0)
-        else:
-            done_arr = group[f"{work}/W_done"]
-        done = np.asarray(done_arr[...]).astype(bool)
-        todo = [j for j in range(ncb) if not done[j]]
-        if done.any():
-            log(f"resume: {int(done.sum())} of {ncb} column chunks of W already written; computing {len(todo)}")
-        if todo:
-            if p.passes == 1:
-                M = one_pass_projector(L_hat, p)
-                Z = da.from_zarr(group[f"{work}/Z"])
-                W = blocks.left_multiply(da.from_array(M.T), like(_columns(Z, todo), A))
-                label = "pass 2: project (one-pass, no read of A)"
-            else:
-                pt = store.create_float(group, f"{work}/PT", (n, k), (row_chunk, k), compress=False)
-                PT = to_host_blocks(pinv_factor(L_hat).rechunk({0: A.chunks[0], 1: -1}))
-                runner("basis: pinv(L)", da.store(PT, pt, lock=False, compute=False), persist=False)
-                W = _columns(project(A, like(da.from_zarr(pt), A), precision=p.precision), todo)
-                label = "pass 2: project"
-            writer = _WWriter(root, work, todo)
-            runner(label, blocks.map_column_blocks(W, writer), persist=False, chunks_of=None if p.passes == 1 else A)
-        save("projected")
-
-    # -- R = Q_B2(W), from the scratch -----------------------------------------------------------
-    if STAGES.index(meta["stage"]) < STAGES.index("coded"):
-        W = like(da.from_zarr(group[f"{work}/W"]), A)
-        gptq = p.spec_r.rounding == "gptq"  # then also the k×k factor on the client, from the stored basis
-        rs, ro, *H = runner(
-            "code R (scales)", *ranges_to_scales(W, p.bits[1], p.spec_r, 0), *([basis_hessian(L_hat)] if gptq else []),
-            persist=False,
-        )
-        factor = gptq_factor(H[0]) if gptq else None
-        codes = encode_blocks(W, p.bits[1], p.spec_r, rs, ro, channel_axis=0, seed=_derived(p.seed, 2), factor=factor)
-        _store_codes(group, "R/codes", codes.rechunk((k, col_chunk)), p.bits[1], runner, "code R")
-        store.write_small(group, "R/scale", rs)
-        store.write_small(group, "R/offset", ro)
-        save("coded")
-
-    # -- the free error estimate -----------------------------------------------------------------
-    R_hat = decode_factor(
-        da.from_zarr(group["R/codes"]), store.read_small(group, "R/scale"),
-        store.read_small(group, "R/offset"), p.spec_r, channel_axis=0,
-    )
-    rg = blocks.sketch_right(R_hat, p.seed, [(STREAM_G, t, 1.0)], check=False)
-    resid = da.from_zarr(group[f"{work}/AG"]) - L_hat @ rg
-    (num,) = runner("error estimate", (resid**2).sum(), persist=False)
-    estimate = error_estimate(float(num), meta["norm_fro"], t)
-    meta["error_estimate"] = estimate
-    del group[work]
-    save("complete", complete=True)
+    job = StageContext.open(A, root, p, meta, log=log)
+    for stage in stages_after(meta.get("stage", "started")):
+        meta.update(stage.step(job))
+        meta["stage"] = stage.name
+        meta["timings"] = job.runner.timings
+        store.write_meta(job.group, meta)
     return meta
 
 
@@ -477,16 +658,14 @@ def _store_codes(group: zarr.Group, name: str, codes: da.Array, bits: int, run: 
 class _WWriter:
     """Writes one column chunk of W to the scratch and marks it done (a picklable callable)."""
 
-    def __init__(self, root: str, work: str, todo: list[int]):
-        self.root, self.work, self.todo = root, work, todo
+    def __init__(self, root: str | Store, todo: list[int]):
+        self.root, self.todo = root, todo
 
     def __call__(self, w: Any, j_local: int, c0_local: int) -> float:
-        from lplr_dask.backend import to_host
-
         j = self.todo[j_local]
         group = zarr.open_group(self.root, mode="r+")
-        arr = group[f"{self.work}/W"]
+        arr = group[store.scratch_name("W")]
         c0 = j * arr.chunks[1]
         arr[:, c0 : c0 + w.shape[1]] = to_host(w)
-        group[f"{self.work}/W_done"][j] = 1
+        group[store.scratch_name("W_done")][j] = 1
         return 1.0

@@ -12,28 +12,13 @@ import numpy as np
 from lplr_dask import schema, store
 from lplr_dask.backend import like
 from lplr_dask.errors import LplrTypeError, LplrValueError
-from lplr_dask.quantize import QuantizerSpec, block_scales, decode_block
+from lplr_dask.factorize import decode_factor
+from lplr_dask.quantize import QuantizerSpec
 
 if TYPE_CHECKING:
     from scipy.sparse.linalg import LinearOperator
 
 __all__ = ["Factors", "open_factors", "relative_error", "product_error", "decode_factor"]
-
-
-def decode_factor(
-    codes: da.Array, scale: np.ndarray, offset: np.ndarray, spec: QuantizerSpec, channel_axis: int,
-    dtype: Any = np.float64,
-) -> da.Array:
-    """Lazily decode a codes array (dask) with its stored scales."""
-    g = spec.group_size if spec.granularity == "group" else 0
-
-    def block(c: Any, block_info: Any = None) -> Any:
-        loc = block_info[0]["array-location"]
-        s = block_scales(scale, loc, g, channel_axis)
-        o = block_scales(offset, loc, g, channel_axis)
-        return decode_block(c, s, o, dtype)
-
-    return codes.map_blocks(block, dtype=dtype, meta=np.empty((0, 0), dtype))
 
 
 def _check_index(index: Any, what: str) -> None:

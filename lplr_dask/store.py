@@ -7,7 +7,13 @@ Layout::
         L/scale   L/offset    float64, shaped per the quantizer granularity
         R/codes   (k, d)  uint8|uint16, column-chunked like the source
         R/scale   R/offset
-        _work/    scratch arrays while a job runs (deleted at completion)
+        _work/    scratch arrays while a job runs (deleted at completion):
+            Y       (n, k + p)  the range sketch A·S, row-chunked like the source
+            AG      (n, t)      the test columns A·G, for the error estimate
+            Z       (ℓ, d)      the co-range sketch Ψ·A (one-pass mode)
+            PT      (n, k)      pinv(L)ᵀ (two-pass mode)
+            W       (k, d)      pinv(L)·A, column-chunked like the source
+            W_done  (d chunks,) uint8, 1 once that column chunk of W is written
 
 Group attrs hold ``lplr``: a JSON dict with the format name and version, the source, the
 parameters, timings and errors, and ``complete``, written last. A reader refuses an incomplete
@@ -18,6 +24,10 @@ values too, so that a missing chunk file is damage, never "all zeros") and ends 
 a crc32c checksum (:data:`CHECKSUM`). Readers list the chunks of a store when they open it
 (:func:`missing_chunks`, no data read) and read codes through :func:`read_chunks`, which names
 the chunk that fails to decode.
+
+The scratch layout is :data:`SCRATCH` and :data:`SCRATCH_ARRAYS`; :func:`scratch_name` names an
+array in it, :func:`create_scratch` and :func:`create_scratch_marks` create one, and
+:func:`remove_scratch` deletes it all when a job completes.
 """
 
 from __future__ import annotations
@@ -35,6 +45,7 @@ from zarr.codecs import BloscCodec, BloscShuffle, Crc32cCodec, ZstdCodec
 from lplr_dask import schema
 from lplr_dask.backend import is_cupy, to_host, to_host_blocks
 from lplr_dask.errors import OutputExistsError, StoreFormatError
+from lplr_dask.validation import parse_choice
 
 __all__ = [
     "FORMAT_NAME",
@@ -54,6 +65,12 @@ __all__ = [
     "codes_compressor",
     "codes_sample",
     "create_codes",
+    "SCRATCH",
+    "SCRATCH_ARRAYS",
+    "scratch_name",
+    "create_scratch",
+    "create_scratch_marks",
+    "remove_scratch",
     "write_small",
     "read_small",
     "bytes_on_disk",
@@ -437,6 +454,56 @@ def create_float(
         overwrite=True,
         config=ALL_CHUNKS,
     )
+
+
+#: The group of scratch arrays in an output store while its job runs (what ``--resume`` picks up);
+#: removed when the job completes, so a complete store has none.
+SCRATCH = "_work"
+#: The scratch arrays, by name, and what each holds (k the rank, p the range oversampling, t the
+#: test columns, ℓ the rows of the one-pass co-range sketch).
+SCRATCH_ARRAYS: dict[str, str] = {
+    "Y": "the range sketch A·S, n × (k + p), row-chunked like the source",
+    "AG": "the test columns A·G, n × t, for the error estimate",
+    "Z": "the co-range sketch Ψ·A, ℓ × d, column-chunked like the source (one-pass mode)",
+    "PT": "pinv(L)ᵀ, n × k, row-chunked like the source (two-pass mode)",
+    "W": "pinv(L)·A, k × d, column-chunked like the source",
+    "W_done": "one uint8 per column chunk of W, 1 once that chunk is written (the resume points of pass 2)",
+}
+
+
+def scratch_name(name: str) -> str:
+    """The path in the store of the scratch array ``name`` (a key of :data:`SCRATCH_ARRAYS`).
+
+    Raises
+    ------
+    LplrValueError
+        If ``name`` is not one of the scratch arrays.
+    """
+    return f"{SCRATCH}/{parse_choice(name, 'a scratch array', tuple(SCRATCH_ARRAYS))}"
+
+
+def create_scratch(group: zarr.Group, name: str, shape: tuple[int, int], chunks: tuple[int, int]) -> zarr.Array:
+    """Create the empty float64 scratch array ``name`` (:func:`scratch_name`), uncompressed.
+
+    Scratch entries are noise-like float64, read back once and deleted at completion: compressing
+    them costs more time than it saves bytes (see :func:`create_float`).
+    """
+    return create_float(group, scratch_name(name), shape, chunks, compress=False)
+
+
+def create_scratch_marks(group: zarr.Group, name: str, count: int) -> zarr.Array:
+    """Create the scratch array ``name`` of ``count`` completion marks (uint8, one per chunk), all 0.
+
+    A worker sets its chunk's mark to 1 once the chunk is written, so a resumed job computes only
+    the chunks not marked.
+    """
+    return group.create_array(scratch_name(name), shape=(count,), chunks=(1,), dtype=np.uint8, fill_value=0)
+
+
+def remove_scratch(group: zarr.Group) -> None:
+    """Delete the scratch group :data:`SCRATCH` and all in it (a job's last step); nothing if absent."""
+    if SCRATCH in group:
+        del group[SCRATCH]
 
 
 def write_small(group: zarr.Group, name: str, value: np.ndarray) -> None:

@@ -13,7 +13,7 @@ import pytest
 import zarr
 
 import lplr_dask
-from lplr_dask import blocks, factorize
+from lplr_dask import blocks, factorize, store
 from lplr_dask.datasets import synthetic
 from lplr_dask.quantize import quantizer_pair
 
@@ -265,3 +265,135 @@ def test_bad_oversample_is_refused_before_anything_is_written(small_matrix, tmp_
     with pytest.raises(lplr_dask.LplrValueError, match="Use 0 for the paper's sketch"):
         lplr_dask.compress(small_matrix, out, rank=4, oversample=-2, log=_quiet)
     assert not out.exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# The stages one by one: each leaves in the store what the next one reads
+# ---------------------------------------------------------------------------------------------
+
+
+def _started(path: Any, A: da.Array, p: factorize.Params) -> dict[str, Any]:
+    """A new store at ``path``, as a job starts it; its attrs."""
+    group = store.create_group(path)
+    meta = store.new_meta({"shape": list(A.shape)}, p.as_attrs(), device="cpu", version="test")
+    store.write_meta(group, meta)
+    return meta
+
+
+def _counting(A: da.Array) -> tuple[da.Array, list[int]]:
+    """A, with every chunk it gives a task counted in the list returned beside it."""
+    reads: list[int] = []
+    return A.map_blocks(lambda b: (reads.append(1), b)[1], dtype=A.dtype, meta=A._meta), reads
+
+
+def _run_stage(job: factorize.StageContext, stage: factorize.Stage) -> dict[str, Any]:
+    """Run one stage and write its attrs as :func:`factorize.run` does after each."""
+    added = stage.step(job)
+    job.meta.update(added, stage=stage.name, timings=job.runner.timings)
+    store.write_meta(job.group, job.meta)
+    return added
+
+
+def test_the_stage_table_names_the_resume_stages():
+    assert factorize.STAGE_NAMES == ("started", "basis", "projected", "coded", "complete")
+    assert tuple(s.name for s in factorize.STAGES) == factorize.STAGE_NAMES[1:]
+    assert [s.step for s in factorize.STAGES] == [
+        factorize.sketch_and_code_basis, factorize.project_onto_basis, factorize.code_r, factorize.estimate_and_finish,
+    ]
+    assert factorize.stages_after("started") == factorize.STAGES
+    assert [s.name for s in factorize.stages_after("projected")] == ["coded", "complete"]
+    assert factorize.stages_after("complete") == ()
+    for s in factorize.STAGES:  # each says what it reads and what it adds to the attrs
+        assert "Reads" in s.step.__doc__ and "Returns" in s.step.__doc__, s.name
+
+
+@pytest.mark.parametrize("passes", [1, 2])
+def test_each_stage_leaves_what_the_next_reads(small_matrix, tmp_path, passes):
+    """Run stage by stage, the store holds after each exactly what the next stage needs, and the
+    codes are those of one call of :func:`factorize.run`."""
+    p = _params(6, passes=passes, range_oversample=3)
+    with dask.config.set(scheduler="sync"):
+        ref = tmp_path / "ref.lplr.zarr"
+        factorize.run(small_matrix, str(ref), p, _started(ref, small_matrix, p), log=_quiet)
+
+        out = tmp_path / "o.lplr.zarr"
+        job = factorize.StageContext.open(small_matrix, str(out), p, _started(out, small_matrix, p), log=_quiet)
+        g = job.group
+        basis, projected, coded, complete = factorize.STAGES
+
+        added = _run_stage(job, basis)
+        A = small_matrix.compute().astype(np.float64)
+        assert added == {"norm_fro": pytest.approx(float(np.linalg.norm(A)), rel=1e-6)}
+        assert g[store.scratch_name("Y")].shape == (600, 9) and g[store.scratch_name("AG")].shape == (600, 10)
+        assert (store.scratch_name("Z") in g) == (passes == 1)
+        assert g["L/codes"].shape == (600, 6) and "L/scale" in g and "L/offset" in g
+        assert "W_done" not in g[store.SCRATCH] and "R" not in g
+
+        assert _run_stage(job, projected) == {}
+        assert np.asarray(g[store.scratch_name("W_done")][...]).tolist() == [1] * 4
+        assert (store.scratch_name("PT") in g) == (passes == 2)
+        W = np.asarray(g[store.scratch_name("W")][...])
+        assert W.shape == (6, 400) and np.abs(W).min(axis=0).max() > 0  # every column chunk written
+
+        assert _run_stage(job, coded) == {}
+        assert g["R/codes"].shape == (6, 400) and "R/scale" in g and "R/offset" in g
+        assert store.SCRATCH in g  # the estimate still needs AG
+
+        added = _run_stage(job, complete)
+    assert set(added) == {"error_estimate", "complete"} and added["complete"] is True
+    assert 0 < added["error_estimate"] < 1
+    assert store.SCRATCH not in zarr.open_group(str(out), mode="r")
+    for got, want in zip(_codes(str(out)), _codes(str(ref))):
+        np.testing.assert_array_equal(got, want)
+    assert zarr.open_group(str(out), mode="r").attrs["lplr"]["error_estimate"] == pytest.approx(
+        zarr.open_group(str(ref), mode="r").attrs["lplr"]["error_estimate"], rel=1e-12
+    )
+
+
+@pytest.mark.parametrize(("stage", "chunk_reads"), [("projected", 0), ("basis", 20), ("started", 40)])
+def test_run_resumes_after_the_last_stage_done(small_matrix, tmp_path, stage, chunk_reads):
+    """On a store whose attrs say ``stage``, :func:`factorize.run` reads A only for the stages
+    after it (two-pass: pass 1 and pass 2 read each of its 20 chunks once), times only their steps,
+    and gives the codes of an uninterrupted run."""
+    p = _params(6, seed=2)
+    with dask.config.set(scheduler="sync"):
+        ref = tmp_path / "ref.lplr.zarr"
+        factorize.run(small_matrix, str(ref), p, _started(ref, small_matrix, p), log=_quiet)
+
+        out = tmp_path / "o.lplr.zarr"
+        job = factorize.StageContext.open(small_matrix, str(out), p, _started(out, small_matrix, p), log=_quiet)
+        for s in factorize.STAGES[: factorize.STAGE_NAMES.index(stage)]:
+            _run_stage(job, s)
+        meta = dict(zarr.open_group(str(out), mode="r").attrs["lplr"])  # as written
+        assert meta["stage"] == stage
+        timings_before = dict(meta["timings"])
+
+        counted, reads = _counting(small_matrix)
+        final = factorize.run(counted, str(out), p, meta, log=_quiet)
+    assert len(reads) == chunk_reads
+    assert final["stage"] == "complete" and final["complete"] is True
+    redone = {k for k in final["timings"] if final["timings"][k] != timings_before.get(k)}
+    assert ("pass 1: sketch" in redone) == (stage == "started")
+    assert ("pass 2: project" in redone) == (stage in ("started", "basis"))
+    assert {"code R", "error estimate"} <= redone
+    for got, want in zip(_codes(str(out)), _codes(str(ref))):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_run_codes_r_from_the_scratch_w_of_a_projected_store(small_matrix, tmp_path):
+    """With ``stage`` "projected", run codes R from the W in the scratch, not a W of its own:
+    doubled there, R's scales come out doubled."""
+    p = _params(6)
+    with dask.config.set(scheduler="sync"):
+        out = tmp_path / "o.lplr.zarr"
+        job = factorize.StageContext.open(small_matrix, str(out), p, _started(out, small_matrix, p), log=_quiet)
+        for s in factorize.STAGES[:2]:
+            _run_stage(job, s)
+        W = job.scratch("W")
+        W[...] = 2 * np.asarray(W[...])
+        ref = tmp_path / "ref.lplr.zarr"
+        factorize.run(small_matrix, str(ref), p, _started(ref, small_matrix, p), log=_quiet)
+        factorize.run(small_matrix, str(out), p, dict(job.meta), log=_quiet)
+    got, want = zarr.open_group(str(out), mode="r"), zarr.open_group(str(ref), mode="r")
+    np.testing.assert_array_equal(got["L/codes"][...], want["L/codes"][...])
+    np.testing.assert_allclose(got["R/scale"][...], 2 * want["R/scale"][...], rtol=1e-12)

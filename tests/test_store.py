@@ -193,3 +193,37 @@ def test_read_chunks_names_a_chunk_that_fails_to_decode(tmp_path):
     chunk.unlink()  # deleted after the store was opened: zarr would read zeros
     with pytest.raises(StoreFormatError, match=r"^s\.lplr\.zarr: chunk R/codes c/0/1 is missing — the store"):
         x.compute(scheduler="sync")
+
+
+# ---------------------------------------------------------------------------------------------
+# The scratch of a running job: its names and its layout on disk (part of the format)
+# ---------------------------------------------------------------------------------------------
+
+
+def test_scratch_names_are_the_work_group_of_the_format():
+    import lplr_dask
+
+    assert store.SCRATCH == "_work"  # on disk: a store left by an older version resumes
+    assert set(store.SCRATCH_ARRAYS) == {"Y", "AG", "Z", "PT", "W", "W_done"}
+    assert [store.scratch_name(n) for n in ("Y", "W_done")] == ["_work/Y", "_work/W_done"]
+    with pytest.raises(lplr_dask.LplrValueError, match=r"Expected a scratch array to be one of 'Y', .* Got 'L' instead"):
+        store.scratch_name("L")
+
+
+def test_scratch_arrays_on_disk_and_their_removal(tmp_path):
+    from zarr.codecs import Crc32cCodec
+
+    group = zarr.open_group(str(tmp_path / "s.zarr"), mode="w", zarr_format=3)
+    store.remove_scratch(group)  # none yet: nothing to do
+    y = store.create_scratch(group, "Y", (40, 3), (20, 3))
+    marks = store.create_scratch_marks(group, "W_done", 5)
+    assert group["_work/Y"].shape == (40, 3) and y.dtype == np.float64 and y.chunks == (20, 3)
+    assert [type(c) for c in y.metadata.codecs[1:]] == [Crc32cCodec]  # uncompressed, checksummed
+    assert marks.dtype == np.uint8 and marks.chunks == (1,) and np.asarray(marks[...]).tolist() == [0] * 5
+    marks[3] = 1
+    assert np.asarray(group[store.scratch_name("W_done")][...]).tolist() == [0, 0, 0, 1, 0]
+    store.create_scratch(group, "W", (3, 40), (3, 20))[...] = 1.0
+    assert store.bytes_on_disk(tmp_path / "s.zarr", "_work/W/c") == 2 * (3 * 20 * 8 + store.CHECKSUM_BYTES)
+    store.remove_scratch(group)
+    assert store.SCRATCH not in zarr.open_group(str(tmp_path / "s.zarr"), mode="r")
+    assert not (tmp_path / "s.zarr" / "_work").exists()
