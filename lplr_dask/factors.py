@@ -13,6 +13,7 @@ from lplr_dask import schema, store
 from lplr_dask.backend import like
 from lplr_dask.errors import LplrTypeError, LplrValueError
 from lplr_dask.factorize import decode_factor
+from lplr_dask.progress import compute
 from lplr_dask.quantize import QuantizerSpec
 
 if TYPE_CHECKING:
@@ -300,8 +301,6 @@ def product_error(A: da.Array, L: da.Array, R: da.Array, *, label: str = "evalua
         block, "ijt", A, "ij", Lh, "ik", Rh, "kj",
         new_axes={"t": 2}, adjust_chunks={"i": 1, "j": 1}, concatenate=True, dtype=np.float64, meta=np.empty((0, 0, 0)),
     )
-    from lplr_dask.progress import compute
-
     (sums,) = compute(label, parts.sum(axis=(0, 1)), chunks_of=A)
     num, den = sums
     return float(np.sqrt(num / den)) if den > 0 else float(np.sqrt(num))

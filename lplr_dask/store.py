@@ -33,10 +33,13 @@ array in it, :func:`create_scratch` and :func:`create_scratch_marks` create one,
 from __future__ import annotations
 
 import datetime
+import itertools
 import os
 import shutil
+import time
 from typing import Any, Optional, Union
 
+import dask.array as da
 import numpy as np
 import zarr
 from zarr.abc.store import Store
@@ -45,6 +48,8 @@ from zarr.codecs import BloscCodec, BloscShuffle, Crc32cCodec, ZstdCodec
 from lplr_dask import schema
 from lplr_dask.backend import is_cupy, to_host, to_host_blocks
 from lplr_dask.errors import OutputExistsError, StoreFormatError
+from lplr_dask.progress import compute
+from lplr_dask.quantize import code_dtype
 from lplr_dask.validation import parse_choice
 
 __all__ = [
@@ -420,8 +425,6 @@ def create_codes(
     ``sample_from``, the lazy codes to be written, lets :func:`codes_compressor` pick the smaller
     codec from a :func:`codes_sample` of them; every chunk then uses that one codec.
     """
-    from lplr_dask.quantize import code_dtype
-
     sample = None if sample_from is None else codes_sample(sample_from, chunks)
     return group.create_array(
         name,
@@ -569,10 +572,6 @@ def write_array(
     OutputExistsError
         If ``out`` exists and ``overwrite`` is false.
     """
-    import dask.array as da
-
-    from lplr_dask.progress import compute
-
     clear(out, overwrite=overwrite, storage_options=storage_options)
     arr = zarr.create_array(
         locate(out, storage_options), shape=A.shape, chunks=tuple(int(c[0]) for c in A.chunks) or None,
@@ -595,8 +594,6 @@ def _discard(path: str | os.PathLike[str], storage_options: StorageOptions = Non
     local ``rmtree`` then meets a directory that fills again, "Directory not empty"), so the
     removal is retried until the path stays gone for one pause, for ``wait`` seconds at most.
     """
-    import time
-
     deadline = time.monotonic() + wait
     while True:
         try:
@@ -662,8 +659,6 @@ def open_arrays(group: zarr.Group, meta: dict[str, Any], where: str) -> dict[str
         If an array is missing, has unreadable metadata, or a shape or dtype other than the
         attrs imply (:func:`lplr_dask.schema.array_shapes`).
     """
-    from lplr_dask.quantize import code_dtype
-
     shapes = schema.array_shapes(meta, where)
     bits = dict(zip("LR", meta["bits"]))
     arrays = {}
@@ -687,8 +682,6 @@ def chunk_key(arr: zarr.Array, coords: tuple[int, ...]) -> str:
 
 def chunk_coords(arr: zarr.Array) -> list[tuple[int, ...]]:
     """The coordinates of every chunk of ``arr``, in C order."""
-    import itertools
-
     return list(itertools.product(*(range(c) for c in arr.cdata_shape)))
 
 
@@ -803,7 +796,6 @@ def read_chunks(arr: zarr.Array, name: str, where: str, *, version: int = FORMAT
     missing from the store when it is read raises :class:`StoreFormatError` naming ``name``,
     the chunk key and the store ``where``, instead of the codec's own error or fill values.
     """
-    import dask.array as da
     from dask.base import tokenize
 
     return da.from_array(
