@@ -618,7 +618,7 @@ def stages_after(stage: str) -> tuple[Stage, ...]:
 
 def run(
     A: da.Array,
-    root: str,
+    root: str | Store,
     p: Params,
     meta: dict[str, Any],
     *,

@@ -42,7 +42,7 @@ def package_version() -> str:
 
 def open_matrix(source: Any, options: Options, *, log: Log = logs.info) -> tuple[Source, da.Array]:
     """The input as read (:func:`lplr_dask.sources.read_source`) and as a matrix on the options' device."""
-    src = read_source(source, storage_options=options.storage_options)  # type: ignore[arg-type]
+    src = read_source(source, storage_options=options.storage_options)
     return src, to_device(as_matrix(src, log=log), options.device)
 
 
@@ -93,10 +93,10 @@ def compress_at_rank(
     path = os.fspath(out)
     storage_options = options.storage_options
     if store.exists(path, storage_options) and not (overwrite or resume):
-        store.clear(path, overwrite=False, storage_options=storage_options,  # type: ignore[arg-type]
+        store.clear(path, overwrite=False, storage_options=storage_options,
                     hint=", or --resume (resume=True) to finish an interrupted job")
     chunking.check_memory(A, params, client, source=src.path, log=log)
-    lock = guard.StoreLock(path, storage_options)  # type: ignore[arg-type]
+    lock = guard.StoreLock(path, storage_options)
     meta = _start(path, src, A, params, lock, options, overwrite=overwrite, resume=resume)
     try:
         if meta.get("complete"):
@@ -105,7 +105,7 @@ def compress_at_rank(
             _run(A, path, params, meta, lock, resume=resume, storage_options=storage_options, log=log)
     finally:
         lock.release()
-    return open_factors(path, storage_options=storage_options)  # type: ignore[arg-type]
+    return open_factors(path, storage_options=storage_options)
 
 
 def _start(
@@ -122,7 +122,7 @@ def _start(
         If ``resume`` finds a store started with other parameters, or of an input that changed.
     """
     storage_options = options.storage_options
-    current = guard.fingerprint(src, A, storage_options=storage_options)  # type: ignore[arg-type]
+    current = guard.fingerprint(src, A, storage_options=storage_options)
     if resume and store.exists(path, storage_options):
         group = store.open_group(path, mode="r+", storage_options=storage_options)
         meta = store.read_meta(group, require_complete=False, path=path)
@@ -137,7 +137,7 @@ def _start(
         return meta
     if store.exists(path, storage_options):
         lock.check_free()  # a running job's output is not replaced under it
-    group = store.create_group(path, overwrite=overwrite, storage_options=storage_options)  # type: ignore[arg-type]
+    group = store.create_group(path, overwrite=overwrite, storage_options=storage_options)
     lock.acquire()
     meta = store.new_meta({**describe(src, A), "fingerprint": current}, params.as_attrs(), device=options.device,
                           version=package_version())

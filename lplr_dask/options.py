@@ -9,7 +9,7 @@ sizing (:mod:`lplr_dask.budget`, :mod:`lplr_dask.target`) turns the size rule in
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Literal, Mapping
+from typing import Any, Literal
 
 import numpy as np
 
@@ -54,7 +54,7 @@ class Options:
     test_columns : int, default=10
     precision : {"auto", "float32", "float64"}, default="auto"
     device : {"cpu", "cuda"}, default="cpu"
-    storage_options : mapping, optional
+    storage_options : dict, optional
         fsspec options for a remote source and output.
 
     See :func:`lplr_dask.compress` for what each means. A bad value raises
@@ -71,7 +71,7 @@ class Options:
     test_columns: int = 10
     precision: str = "auto"
     device: str = "cpu"
-    storage_options: Mapping[str, Any] | None = dataclasses.field(default=None, compare=False)
+    storage_options: dict[str, Any] | None = dataclasses.field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         bits = self.bits

@@ -359,7 +359,7 @@ def meet_target(
     storage_options = options.storage_options
     if resume and store.exists(path, storage_options):
         try:
-            done = open_factors(path, storage_options=storage_options)  # type: ignore[arg-type]
+            done = open_factors(path, storage_options=storage_options)
             if done.attrs.get("target_error", {}).get("target") == target:
                 log(f"{path}: already complete for target error {target}; nothing to do")
                 return done
@@ -386,11 +386,11 @@ def meet_target(
         estimate = float(factors.attrs["error_estimate"])
         attempts.append({"rank": k, "predicted": predicted, "estimate": estimate})
         if estimate <= target:
-            return _record(factors, target, attempts, storage_options)  # type: ignore[arg-type]
+            return _record(factors, target, attempts, storage_options)
         aim *= predicted / estimate  # the prediction was optimistic by this much
         above = k
     if attempts:
-        store.remove(path, storage_options)  # type: ignore[arg-type]  # the last attempt missed the target
+        store.remove(path, storage_options)  # the last attempt missed the target
         best = min(attempts, key=lambda a: a["estimate"])
         kbest, ebest, how = best["rank"], best["estimate"], "measured"
     else:
