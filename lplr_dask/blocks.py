@@ -174,8 +174,8 @@ def _sketch_block(
     if s is not None and s.dtype != dtype:
         s = s.astype(dtype)
     psi = _sparse_sign_map(seed, left[0], r0, rows_, left[1], xp, dtype) if left else None
-    right = xp.empty((rows_, width), dtype=dtype) if width else None
-    out = None
+    right: Any = xp.empty((rows_, width), dtype=dtype) if width else None
+    out: Any = None
     for rows, p in _panels(a, dtype):
         if s is not None:
             right[rows, : s.shape[1]] = p @ s
@@ -372,7 +372,7 @@ def left_multiply(PT: da.Array, A: da.Array, *, precision: str = "float64") -> d
     def block(pt: Any, a: Any) -> Any:
         dtype = compute_dtype(a.dtype, precision)
         ptt = pt.T.astype(dtype, copy=False)
-        part = None
+        part: Any = None
         for rows, p in _panels(a, dtype):
             part = _accumulate(part, ptt[:, rows] @ p)
         return part[None]

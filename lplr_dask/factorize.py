@@ -43,7 +43,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from typing import Any, Callable
+from typing import Any, Callable, cast
 
 import dask
 import dask.array as da
@@ -455,7 +455,7 @@ class StageContext:
 
     def scratch(self, name: str) -> zarr.Array:
         """The scratch array ``name`` (:data:`lplr_dask.store.SCRATCH_ARRAYS`)."""
-        return self.group[store.scratch_name(name)]
+        return cast(zarr.Array, self.group[store.scratch_name(name)])
 
 
 def sketch_and_code_basis(job: StageContext) -> dict[str, Any]:
@@ -664,8 +664,8 @@ class _WWriter:
     def __call__(self, w: Any, j_local: int, c0_local: int) -> float:
         j = self.todo[j_local]
         group = zarr.open_group(self.root, mode="r+")
-        arr = group[store.scratch_name("W")]
+        arr = cast(zarr.Array, group[store.scratch_name("W")])
         c0 = j * arr.chunks[1]
         arr[:, c0 : c0 + w.shape[1]] = to_host(w)
-        group[store.scratch_name("W_done")][j] = 1
+        cast(zarr.Array, group[store.scratch_name("W_done")])[j] = 1
         return 1.0

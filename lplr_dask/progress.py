@@ -193,7 +193,7 @@ class _Watch:
 
     def __init__(self, client: Any, name: str | None):
         self.client, self.chunks_of = client, name
-        self.plugin = f"lplr-progress-{uuid.uuid4().hex}"
+        self.plugin: str | None = f"lplr-progress-{uuid.uuid4().hex}"
 
     def __enter__(self) -> "_Watch":
         try:

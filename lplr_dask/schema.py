@@ -9,7 +9,7 @@ later versions may add optional ones), inside ``quantizer.L`` and ``quantizer.R`
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeGuard
 
 from lplr_dask.errors import StoreFormatError
 from lplr_dask.quantize import ROUNDINGS, QuantizerSpec
@@ -29,7 +29,7 @@ def _fail(where: str, key: str, expected: str, value: Any) -> StoreFormatError:
     )
 
 
-def _is_int(value: Any) -> bool:
+def _is_int(value: Any) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
 
 

@@ -51,9 +51,9 @@ def ranges(x: Any, spec: QuantizerSpec, *, channel_axis: int = 1) -> tuple[Any, 
     """
     if spec.granularity == "group":
         xg = _to_groups(x, spec.group_size, channel_axis)
-        axis = 1 if channel_axis == 1 else 2
-        lo = _squeeze_groups(xg.min(axis=axis, keepdims=True), channel_axis)
-        hi = _squeeze_groups(xg.max(axis=axis, keepdims=True), channel_axis)
+        group_axis = 1 if channel_axis == 1 else 2
+        lo = _squeeze_groups(xg.min(axis=group_axis, keepdims=True), channel_axis)
+        hi = _squeeze_groups(xg.max(axis=group_axis, keepdims=True), channel_axis)
     else:
         axis = None if spec.granularity == "tensor" else 1 - channel_axis
         lo = x.min(axis=axis, keepdims=True)
