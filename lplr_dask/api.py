@@ -119,14 +119,14 @@ def compress(
     precision : {"auto", "float32", "float64"}, default="auto"
         The dtype of each chunk's product with a thin operand (the sums across chunks are always
         float64). ``"auto"``: float32 for float32 (or narrower) input, float64 otherwise, about
-        twice as fast on a CPU as float64 products. ``"float64"`` makes the codes identical for
-        any chunking of A; with float32 products another chunking can move a code of L by one level
-        where a value lies near a rounding boundary (within about 1e-7 of it for the paper's
-        sketch: about 1 in 10⁵; measured 22 in 90,000 with the default oversampling, whose top
-        directions move by the float32 noise over the spectral gap at k), and then R's codes,
-        solved against that L, by one level (nearest rounding: measured 6%) or a few (gptq
-        rounding: measured 39%): the error changes by about 1e-5 of itself. See
-        :mod:`lplr_dask.blocks`.
+        twice as fast per chunk on a CPU as float64 products (measured: benchmarks/RESULTS.md,
+        "Compress vs read pass and svd_compressed"). ``"float64"`` makes the codes identical for
+        any chunking of A; with float32 products another chunking can move a few codes of L by one
+        level where a value lies within about 1e-7 of a rounding boundary (more with the default
+        oversampling, whose top directions move by the float32 noise over the spectral gap at k),
+        and then R's codes, solved against that L, by one level (nearest rounding) or a few (gptq
+        rounding), for a tiny change of the error (measured: benchmarks/RESULTS.md, "Figures
+        behind the code's comments"). See :mod:`lplr_dask.blocks`.
     log : callable, default=lplr_dask.logs.info
         Receives what the compression chose and did; each step's progress goes to the ``lplr_dask``
         logger (:mod:`lplr_dask.progress`).

@@ -9,13 +9,14 @@ blocks are always float64. Each block's own product runs in the *precision* aske
   A chunk of a narrower dtype is cast :data:`PANEL_ROWS` rows at a time, so a task's float64
   working copy is a fixed slice of a chunk (32 MiB for 4096-wide chunks).
 - ``"float32"``: the chunk is used as it is read (no cast, no copy) and the thin operand is cast
-  to float32: the GEMM costs half as much, which on a CPU is most of a pass (one float64 GEMM of
-  a 4096² chunk with k = 256 takes twice as long as reading and decoding the chunk). Results
+  to float32: the GEMM costs about half as much, which on a CPU is about half of a pass (one
+  float64 GEMM of a 4096² chunk with k = 256 takes about as long as reading and decoding the
+  chunk; measured: benchmarks/RESULTS.md, "Compress vs read pass and svd_compressed"). Results
   move at the 1e-7 level with the chunking: a code of L can move by one level where a value
-  lies near a rounding boundary (about 1 in 10⁵ with the paper's sketch; more with the default
+  lies near a rounding boundary (rarely with the paper's sketch; more with the default
   range oversampling, whose top directions move by that noise over the spectral gap), and R,
-  solved against that L, then moves in some of its codes (measured in :func:`lplr_dask.compress`'s
-  ``precision``); the error changes by about 1e-5 of itself (``tests/test_api.py``).
+  solved against that L, then moves in some of its codes; the error barely changes (measured:
+  benchmarks/RESULTS.md, "Figures behind the code's comments", from ``tests/test_api.py``).
 
 :func:`compute_dtype` turns ``"auto"`` into float32 for float32 (and narrower) input and float64
 otherwise: a float32 matrix carries no more than float32's precision into the products anyway.

@@ -5,15 +5,15 @@ offsets and metadata. :func:`storage_bytes` bounds what a store takes from above
 allows never exceeds the budget:
 
 - **codes**: at most ``SLACK × entries × B/8`` bytes plus :data:`CHUNK_OVERHEAD` per chunk. Bit-shuffled
-  Blosc stores B-bit codes in B/8 of their uint8 size whatever their values (measured 1.00–1.02,
-  plus about 45 bytes of headers and the 4-byte crc32c of format version 2 per chunk; every chunk
-  is stored); the store switches to Zstd only where a sample of
-  the codes comes out smaller (:func:`lplr_dask.store.codes_compressor`), so the bound holds and
-  a store usually comes in under it;
+  Blosc stores B-bit codes in B/8 of their uint8 size whatever their values (plus headers and
+  the 4-byte crc32c of format version 2 per chunk; every chunk is stored; measured:
+  benchmarks/RESULTS.md, "Figures behind the code's comments"); the store switches to Zstd only
+  where a sample of the codes comes out smaller (:func:`lplr_dask.store.codes_compressor`), so
+  the bound holds and a store usually comes in under it;
 - **scales and offsets**: 8 bytes per value (float64), one value for ``tensor``, k for
   ``channel``, k per group for ``group``, plus :data:`CHUNK_OVERHEAD` per array;
 - **metadata**: :data:`METADATA_BYTES`, about three times what a store's ``zarr.json`` documents
-  and attrs take (5 KB).
+  and attrs take (measured: benchmarks/RESULTS.md, "Figures behind the code's comments").
 
 :func:`choose` picks the rank k *and* the bits (B1, B2) for a budget: for each pair of a small grid
 (:data:`BITS_GRID`) the ranks that fit are scored by the error :class:`lplr_dask.target.Plan`
@@ -56,16 +56,18 @@ __all__ = [
 
 #: Codes may take this much more than ``entries × B / 8`` bytes (issue 5's bound).
 SLACK = 1.05
-#: Bytes of headers per stored chunk, an upper bound: Blosc and Zstd headers (about 45 measured)
-#: and the chunk's crc32c checksum (:data:`lplr_dask.store.CHECKSUM_BYTES`).
+#: Bytes of headers per stored chunk, an upper bound: Blosc and Zstd headers (measured:
+#: benchmarks/RESULTS.md, "Figures behind the code's comments") and the chunk's crc32c checksum
+#: (:data:`lplr_dask.store.CHECKSUM_BYTES`).
 CHUNK_OVERHEAD = 64 + CHECKSUM_BYTES
-#: Bytes of Zarr metadata documents and attrs, an upper bound (about 5 KB measured).
+#: Bytes of Zarr metadata documents and attrs, an upper bound (measured: as above).
 METADATA_BYTES = 16 * 1024
 #: The (B1, B2) pairs :func:`choose` considers. Mostly B1 ≤ B2: least squares onto the quantized
 #: basis absorbs part of L's rounding, and nearest rounding of R nothing of R's; but gptq rounding
 #: of R (the default's) feeds R's rounding errors back through L̂ᵀL̂, and then (8, 6) and (6, 4)
-#: won cells of the equal-bytes benchmark (benchmarks/RESULTS.md, "Quantizers"). Above 8 bits
-#: (uint16 codes) for matrices of low rank and little noise, where 8-bit rounding is the larger error.
+#: won cells of the equal-bytes benchmark (benchmarks/RESULTS.md, "Quantizers", "A wider grid of
+#: bit pairs"). Above 8 bits (uint16 codes) for matrices of low rank and little noise, where 8-bit
+#: rounding is the larger error.
 BITS_GRID: tuple[tuple[int, int], ...] = (
     (12, 12), (10, 10), (8, 8), (6, 8), (8, 6), (4, 8), (6, 6), (4, 6), (6, 4), (4, 4), (3, 3), (2, 2)
 )

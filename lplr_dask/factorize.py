@@ -221,10 +221,11 @@ def sketch_rotation(gram: Any, rank: int, seed: int) -> np.ndarray:
     estimate of A's than k sketch columns: the oversampling of Halko, Martinsson, Tropp 2011),
     and the k×k orthogonal polar factor of ``V_kᵀ·Ω`` (Ω ℓ×k Gaussian, seeded) mixes those
     directions so that every column of the basis has about the same spread, as a Gaussian
-    sketch's columns do: the unmixed columns, one singular direction each, quantize far worse (measured in numpy on the
-    issue-5 matrices at 2 to 8 bits: up to ×3.4 the error). ``M`` depends on the top-k subspace
-    only, not on which eigenvectors span it (a rotation ``V_k·Q`` gives the same M), so repeated
-    singular values and the eigenvectors' signs cannot change the codes.
+    sketch's columns do: the unmixed columns, one singular direction each, quantize far worse
+    (measured: benchmarks/RESULTS.md, "Quantizers", "In numpy on the same matrices"). ``M``
+    depends on the top-k subspace only, not on which eigenvectors span it (a rotation ``V_k·Q``
+    gives the same M), so repeated singular values and the eigenvectors' signs cannot change the
+    codes.
     """
     gram = np.asarray(gram, dtype=np.float64)
     ell = gram.shape[0]

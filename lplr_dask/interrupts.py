@@ -3,11 +3,12 @@
 A signal handler's exception is raised wherever the main thread happens to be. When that is a
 garbage-collector callback or a ``__del__`` (distributed installs a gc callback in every process
 that runs a scheduler), Python prints "Exception ignored in …" and carries on: measured here, a
-Ctrl-C in the first second of pass 1 was dropped in 2 of 4 runs and the job ran to completion
-with exit status 0. So the command line's handlers (:func:`request`) also record the signal, and
-while a step computes (:func:`redelivered`, used by :func:`lplr_dask.progress.compute`) a
-recorded signal is delivered to the main thread again every :data:`REDELIVER_SECONDS` until the
-step stops. The library itself installs no handler: :func:`request` is only called by the CLI's.
+Ctrl-C in the first second of pass 1 was dropped in some runs and the job ran to completion
+with exit status 0 (benchmarks/RESULTS.md, "Figures behind the code's comments"). So the
+command line's handlers (:func:`request`) also record the signal, and while a step computes
+(:func:`redelivered`, used by :func:`lplr_dask.progress.compute`) a recorded signal is delivered
+to the main thread again every :data:`REDELIVER_SECONDS` until the step stops. The library
+itself installs no handler: :func:`request` is only called by the CLI's.
 """
 
 from __future__ import annotations

@@ -53,8 +53,9 @@ STREAM_PSI = 2
 SPARSE_NNZ = 8
 
 #: Generated blocks a process keeps for reuse, per kind: a bound on the cache's memory
-#: (``CACHED_BLOCKS × SKETCH_BLOCK × width × 8`` bytes, 35 MiB at k + p = 266) that does not
-#: grow with the number of columns of A.
+#: (``CACHED_BLOCKS × SKETCH_BLOCK × width × 8`` bytes, 64 MiB for blocks of S at k + p = 512,
+#: the default's for k = 256) that does not grow with the number of columns of A (its effect on
+#: peak memory: benchmarks/RESULTS.md, "Compress vs read pass and svd_compressed").
 CACHED_BLOCKS = 4
 
 

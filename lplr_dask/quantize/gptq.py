@@ -116,7 +116,8 @@ def encode_gptq_block(x: Any, scale: Any, offset: Any, bits: int, factor: Any) -
     The updates are applied lazily, as GPTQ does: within a batch of :data:`GPTQ_BATCH` rows
     they go to the batch's own rows only, and the rows after it get the batch's errors at once,
     in one GEMM. The arithmetic is the same; the memory traffic falls from k²·m/2 to about
-    k·m·GPTQ_BATCH/2 entries (at k = 1024 and m = 4096, 0.13 s instead of 0.84 s).
+    k·m·GPTQ_BATCH/2 entries (several times faster at k = 1024 and m = 4096; measured:
+    benchmarks/RESULTS.md, "Figures behind the code's comments").
 
     Every column is coded independently (each output column of those GEMMs is computed from the
     same column alone), so a column's codes do not depend on which other columns share the

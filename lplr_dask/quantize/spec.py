@@ -87,12 +87,12 @@ class QuantizerSpec:
 
 #: Named presets: a name :func:`quantizer_pair` reads. ``paper`` reproduces the reference
 #: semantics exactly. ``default`` — per-channel min-max ranges (columns of L, rows of R), nearest
-#: rounding for L and gptq rounding against L̂ for R — had the lowest error at equal bytes on disk
-#: over every cell measured with and without a power iteration (×0.71 of the paper's without
-#: one, geometric mean over four matrices at 0.5, 1 and 2 bits per entry; ×0.85 without power
-#: iterations alone, where ``channel:tensor-gptq``'s ×0.84 is within 1.4% but one range for R
-#: breaks down on an ill-conditioned basis: relative errors up to 7·10⁶ with one power iteration):
-#: benchmarks/RESULTS.md, "Quantizers".
+#: rounding for L and gptq rounding against L̂ for R — had, on the paper's sketch, the lowest error
+#: at equal bytes on disk over every cell measured with and without a power iteration (without
+#: power iterations alone ``channel:tensor-gptq`` is a little lower, but its one range for R breaks
+#: down on an ill-conditioned basis), and on the default's range-oversampled sketch a lower error
+#: than the paper's method in every cell: benchmarks/RESULTS.md, "Quantizers" (its paragraphs
+#: "The default now" and "The quantizer, on the paper's sketch").
 PRESETS: dict[str, str] = {
     "paper": "tensor",
     "default": "channel:channel-gptq",
