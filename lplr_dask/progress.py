@@ -37,11 +37,10 @@ import dask
 from dask.callbacks import Callback
 from distributed.diagnostics.plugin import SchedulerPlugin
 
+import lplr_dask.config  # noqa: F401  (the lplr.progress.interval default in dask.config)
 from lplr_dask import interrupts, logs
 
 __all__ = ["compute", "current_client", "set_quiet", "reads_chunk", "ChunkCounter", "interval"]
-
-dask.config.update_defaults({"lplr": {"progress": {"interval": "30s"}}})
 
 _QUIET = False
 
