@@ -101,3 +101,23 @@ def test_dask_config_set_wins():
         assert dask.config.get("lplr.cluster.connect-timeout") == "7s"
     before = os.environ.get("DASK_LPLR__CLUSTER__CONNECT_TIMEOUT", "30s")
     assert dask.config.get("lplr.cluster.connect-timeout") == before
+
+
+def test_dask_config_get_lplr_from_the_dask_command():
+    """`dask config get lplr` in a fresh process: Dask's CLI loads the ``dask_cli`` entry point,
+    which imports the package and so its defaults; ``dask lplr`` is the lplr command."""
+    import importlib.metadata
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    if not any(ep.name == "lplr" for ep in importlib.metadata.entry_points(group="dask_cli")):
+        pytest.skip("lplr-dask is not installed (pip install -e .): its dask_cli entry point is absent")
+    dask_exe = Path(sys.executable).parent / "dask"
+    exe = str(dask_exe) if dask_exe.exists() else shutil.which("dask")
+    assert exe, "the dask command comes with dask"
+    r = subprocess.run([exe, "config", "get", "lplr.progress.interval"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "30s", (r.stdout, r.stderr)
+    r = subprocess.run([exe, "lplr", "--version"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.startswith("lplr "), (r.stdout, r.stderr)

@@ -23,7 +23,7 @@ LAYERS: list[set[str]] = [
     {"job"},
     {"budget", "target"},
     {"api", "group", "baselines", "datasets", "convert", "verify"},
-    {"cli", "__main__", "__init__"},
+    {"cli", "__main__", "dask_cli", "__init__"},
 ]
 
 #: Modules allowed to import lplr_dask modules inside functions, and why.
