@@ -21,12 +21,15 @@ import signal
 import sys
 import threading
 import time
-from typing import Any, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import numpy as np
 
 from lplr_dask import interrupts, logs
-from lplr_dask.errors import LplrError, LplrValueError, OutputExistsError, StoreFormatError
+from lplr_dask.errors import LplrError, LplrValueError, StoreFormatError
+
+if TYPE_CHECKING:
+    from lplr_dask.options import Options
 
 __all__ = ["main", "build_parser", "Terminated", "EXIT_INTERRUPTED", "EXIT_TERMINATED"]
 
@@ -378,56 +381,45 @@ def _emit(result: dict[str, Any], as_json: bool) -> None:
         print(f"{key.replace('_', ' '):<{width}}  {_fmt(value)}")
 
 
-# Checks that run before a cluster starts: a usage error costs no cluster start, and prints
-# one line.
+# Checks that run before a cluster starts, so that a usage error costs no cluster start and
+# prints one line. Each is the API's own check, called early; the API makes it again.
 
 
 def _check_output(args: argparse.Namespace, *, inputs: Sequence[str | None] = (), resume_store: bool = False) -> None:
-    """Refuse an output that would replace an input, or that exists without --overwrite/--resume.
+    """Refuse an output that would destroy an input (:func:`lplr_dask.guard.check_output`), or
+    that exists without --overwrite or --resume (:func:`lplr_dask.store.clear`).
 
-    With ``resume_store``, what ``--resume`` finds there must be an lplr store (complete or not).
+    With ``resume_store``, what ``--resume`` finds there must be an lplr store (complete or not),
+    as :func:`lplr_dask.compress` reads it to resume.
     """
-    from lplr_dask import store
-    from lplr_dask.guard import check_output
+    from lplr_dask import guard, store
 
-    check_output(args.out, inputs, overwrite=getattr(args, "overwrite", False),
-                 storage_options=getattr(args, "storage_options", None), what=f"output of lplr {args.command}")
-    opts = getattr(args, "storage_options", None)
-    if not store.exists(args.out, opts):
-        return
+    opts = args.storage_options
     resume = getattr(args, "resume", False)
+    guard.check_output(args.out, inputs, overwrite=args.overwrite, storage_options=opts,
+                       what=f"output of lplr {args.command}")
     if not (args.overwrite or resume):
-        hint = ", or --resume to finish an interrupted job" if args.command in _RESUMABLE else ""
-        raise OutputExistsError(f"Output {args.out!r} already exists. Pass --overwrite to replace it{hint}.")
-    if resume and resume_store:
-        import zarr
-
+        hint = ", or --resume (resume=True) to finish an interrupted job" if args.command in _RESUMABLE else ""
+        store.clear(args.out, overwrite=False, storage_options=opts, hint=hint)  # refuses, removes nothing
+    elif resume and resume_store and store.exists(args.out, opts):
         try:
-            group = zarr.open_group(store.locate(args.out, opts), mode="r")
-        except (zarr.errors.ContainsArrayError, zarr.errors.GroupNotFoundError, FileNotFoundError) as e:
+            store.read_meta(store.open_group(args.out, storage_options=opts), require_complete=False, path=args.out)
+        except StoreFormatError as e:
             raise StoreFormatError(
-                f"Cannot resume {args.out!r}: it is not an lplr store (a Zarr group) but "
-                f"{'a Zarr array' if isinstance(e, zarr.errors.ContainsArrayError) else 'something else'}. "
-                "Give another output path, or --overwrite to replace it."
+                f"Cannot resume {args.out!r}: {e} Give another output path, or --overwrite to replace it."
             ) from e
-        store.read_meta(group, require_complete=False, path=args.out)
 
 
-def _check_compression(args: argparse.Namespace) -> tuple[int, int]:
-    """The options compress and compress-group share; returns (B1, B2)."""
-    from lplr_dask.api import DEFAULT_BITS
-    from lplr_dask.backend import check_device
-    from lplr_dask.quantize import check_bits, quantizer_pair
+def _options(args: argparse.Namespace) -> Options:
+    """The flags that compress and compress-group share, as the API validates them
+    (:class:`lplr_dask.options.Options`)."""
+    from lplr_dask.options import DEFAULT_BITS, Options
 
-    bits = tuple(args.bits) if args.bits else DEFAULT_BITS
-    bits = (check_bits(bits[0], "B1"), check_bits(bits[1], "B2"))
-    if args.passes == 1 and args.power_iters:
-        raise UsageError(
-            f"lplr {args.command}: --passes 1 cannot be combined with --power-iters (each power iteration reads A twice more)"
-        )
-    quantizer_pair(args.quantizer)
-    check_device(args.device)  # --device cuda without CuPy or a GPU
-    return bits
+    return Options(
+        bits=tuple(args.bits) if args.bits else DEFAULT_BITS, passes=args.passes, power_iters=args.power_iters,
+        oversample=args.oversample, quantizer=args.quantizer, seed=args.seed, precision=args.precision,
+        device=args.device, storage_options=args.storage_options,
+    )
 
 
 @contextlib.contextmanager
@@ -447,7 +439,7 @@ def _cluster(args: argparse.Namespace, log: Callable[[str], None]) -> Iterator[A
             if outcome is None:
                 raise
             code, line = outcome
-            print(line, file=sys.stderr, flush=True)
+            logs.report(line)
             if args.verbose < 1:
                 _hide_distributed_logs()
             raise _Reported(code) from e
@@ -487,7 +479,7 @@ def _logging(verbosity: int) -> Iterator[None]:
 
 def _cmd_generate(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
     from lplr_dask.datasets import generate, parse_shape, synthetic
-    from lplr_dask.sources import is_remote
+    from lplr_dask.store import is_remote
 
     shape = parse_shape(args.shape)
     if args.storage_options and is_remote(args.out):
@@ -509,16 +501,18 @@ def _cmd_generate(args: argparse.Namespace, log: Callable[[str], None]) -> dict[
 
 
 def _cmd_compress(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
-    from lplr_dask.api import compress, evaluate, resolve_rank
-    from lplr_dask.quantize import quantizer_pair
+    from lplr_dask import budget
+    from lplr_dask.api import compress, evaluate
+    from lplr_dask.options import SizeRule
     from lplr_dask.sources import open_source
 
-    bits = _check_compression(args)
+    size = SizeRule.from_args(rank=args.rank, bits_per_entry=args.bits_per_entry, match_nq=args.match_nq,
+                              target_error=args.target_error)
+    options = _options(args)
     opts = args.storage_options
     A = open_source(args.input, storage_options=opts)
-    if args.rank is not None or args.match_nq is not None:
-        resolve_rank(A.shape, bits, rank=args.rank, bits_per_entry=None, match_nq=args.match_nq,
-                     specs=quantizer_pair(args.quantizer))
+    if size.kind in ("rank", "match_nq"):  # the rank compress will take: one out of range fails here
+        budget.resolve_rank(A.shape, options.bits, size, specs=options.specs)
     _check_output(args, inputs=[args.input], resume_store=True)
     with _cluster(args, log):
         factors = compress(
@@ -554,12 +548,12 @@ def _cmd_compress_group(args: argparse.Namespace, log: Callable[[str], None]) ->
     from lplr_dask.group import compress_group
     from lplr_dask.sources import list_arrays
 
-    bits = _check_compression(args)
+    options = _options(args)
     list_arrays(args.input, storage_options=args.storage_options)  # bad input fails before a cluster starts
     _check_output(args, inputs=[args.input])
     with _cluster(args, log):
         return compress_group(
-            args.input, args.out, rank=args.rank, bits=bits, bits_per_entry=args.bits_per_entry,
+            args.input, args.out, rank=args.rank, bits=options.bits, bits_per_entry=args.bits_per_entry,
             match_nq=args.match_nq, passes=args.passes, power_iters=args.power_iters, oversample=args.oversample,
             quantizer=args.quantizer,
             seed=args.seed, overwrite=args.overwrite, resume=args.resume, device=args.device,
@@ -757,12 +751,12 @@ def _main(argv: list[str]) -> int:
         outcome = _outcome(e, args)
         if outcome is None:
             raise
-        print(outcome[1], file=sys.stderr, flush=True)
+        logs.report(outcome[1])
         return outcome[0]
     stopped = interrupts.requested()
     if stopped is not None:  # the signal's exception was dropped and the command finished anyway
         outcome = _outcome(KeyboardInterrupt() if stopped == signal.SIGINT else Terminated(), args)
-        print(f"{outcome[1]} (the command had finished: its output is complete)", file=sys.stderr, flush=True)
+        logs.report(f"{outcome[1]} (the command had finished: its output is complete)")
         return outcome[0]
     _emit(result, args.json)
     return 0

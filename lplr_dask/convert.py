@@ -11,7 +11,7 @@ from typing import Any, Callable
 
 import zarr
 
-from lplr_dask import logs, store
+from lplr_dask import guard, logs, store
 from lplr_dask.sources import read_source, regular
 
 __all__ = ["convert"]
@@ -61,9 +61,7 @@ def convert(
         If ``out`` is, contains or lies inside the source, or ``overwrite`` would replace
         something this tool did not write (:func:`lplr_dask.guard.check_output`).
     """
-    from lplr_dask.guard import check_output
-
-    check_output(out, [source], overwrite=overwrite, storage_options=storage_options)
+    guard.check_output(out, [source], overwrite=overwrite, storage_options=storage_options)
     src = read_source(source, storage_options=storage_options, chunks=chunks)
     A = src.array
     if src.format in ("zarr", "dask") and chunks != "auto":

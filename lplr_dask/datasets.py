@@ -21,9 +21,10 @@ import dask.array as da
 import numpy as np
 import zarr
 
-from lplr_dask import store
+from lplr_dask import guard, store
 from lplr_dask.errors import LplrValueError
 from lplr_dask.sketch import sketch_rows
+from lplr_dask.validation import parse_choice, parse_float, parse_int
 
 __all__ = ["KINDS", "spectrum", "synthetic", "generate", "parse_shape"]
 
@@ -66,15 +67,13 @@ def synthetic(
     Raises
     ------
     LplrValueError
-        For an unknown kind, a rank above ``min(shape)``, or a negative noise level.
+        For an unknown kind, a rank that is not an integer from 1 to ``min(shape)``, or a noise
+        level that is negative or not finite.
     """
-    if kind not in KINDS:
-        raise LplrValueError(f"Expected kind one of {KINDS}. Got {kind!r} instead.")
+    parse_choice(kind, "kind (--kind)", KINDS)
     n, d = shape
-    if not 1 <= rank <= min(n, d):
-        raise LplrValueError(f"Expected rank from 1 to {min(n, d)} for shape {n}x{d}. Got {rank}.")
-    if noise < 0:
-        raise LplrValueError(f"Expected noise >= 0. Got {noise}.")
+    rank = parse_int(rank, f"rank (--rank) of a {n}x{d} matrix", minimum=1, maximum=min(n, d))
+    noise = parse_float(noise, "noise (--noise)", low=0)
     s = spectrum(kind, rank, decay)
     sigma = noise * float(np.linalg.norm(s)) / math.sqrt(n * d)
     chunks = (min(chunks[0], n), min(chunks[1], d))
@@ -114,9 +113,7 @@ def generate(
     LplrValueError
         If ``overwrite`` would replace something this tool did not write.
     """
-    from lplr_dask.guard import check_output
-
-    check_output(out, [], overwrite=overwrite)
+    guard.check_output(out, [], overwrite=overwrite)
     A = synthetic(shape, chunks=chunks, **kwargs)
     attrs = {"lplr_generate": {k: str(v) if k == "dtype" else v for k, v in kwargs.items()}}
     return store.write_array(A, out, overwrite=overwrite, attrs=attrs, label=f"generate {shape[0]}x{shape[1]}")

@@ -26,7 +26,9 @@ from typing import Any
 
 import numpy as np
 
+from lplr_dask import store
 from lplr_dask.errors import LplrValueError, OutputLockedError, StoreFormatError
+from lplr_dask.sources import _InputArray, _open_zarr, parse_location
 
 __all__ = [
     "TOOL_ATTRS",
@@ -80,9 +82,7 @@ def location_key(location: Any, storage_options: dict[str, Any] | None = None) -
 
 def _local_path(text: str) -> str | None:
     """The local path a location names (``file://`` stripped), or None for an fsspec URL."""
-    from lplr_dask.sources import is_remote
-
-    return None if is_remote(text) else text.removeprefix("file://")
+    return None if store.is_remote(text) else text.removeprefix("file://")
 
 
 def _zarr_array_location(obj: Any) -> str | None:
@@ -98,8 +98,6 @@ def _zarr_array_location(obj: Any) -> str | None:
 def _input_path(source: Any) -> Any:
     """The location whose bytes an input occupies: a file for ``FILE.h5:/x``, else the path itself."""
     if isinstance(source, (str, os.PathLike)):
-        from lplr_dask.sources import parse_location
-
         _, path, _ = parse_location(os.fspath(source))
         return path
     return source
@@ -167,8 +165,6 @@ def check_output(
 
 
 def _check_replaceable(out: Any, storage_options: dict[str, Any] | None, what: str) -> None:
-    from lplr_dask import store
-
     if not store.exists(out, storage_options) or is_tool_output(out, storage_options):
         return
     raise LplrValueError(
@@ -185,8 +181,6 @@ def is_tool_output(path: Any, storage_options: dict[str, Any] | None = None) -> 
     lock file (a job that was interrupted before it wrote any attrs).
     """
     import zarr
-
-    from lplr_dask import store
 
     text = os.fspath(path)
     local = _local_path(text)
@@ -255,8 +249,6 @@ class StoreLock:
         return self.path.rstrip("/") + "/" + LOCK_NAME
 
     def _fs(self) -> tuple[Any, str]:
-        from lplr_dask import store
-
         fs, root = store.filesystem(self.path, self.storage_options)
         return fs, root.rstrip("/") + "/" + LOCK_NAME
 
@@ -377,14 +369,10 @@ def _zarr_of(source: Any, storage_options: dict[str, Any] | None) -> Any:
     import zarr
 
     if source.path is None:  # an open zarr.Array: da.from_zarr keeps it as the graph's one input
-        from lplr_dask.sources import _InputArray
-
         found = [v.arr if isinstance(v, _InputArray) else v for v in source.array.dask.values()
                  if isinstance(v, (zarr.Array, _InputArray))]
         if found:
             return found[0]
-    from lplr_dask.sources import _open_zarr, parse_location
-
     return _open_zarr(parse_location(source.path)[1], storage_options)
 
 

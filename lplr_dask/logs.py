@@ -4,7 +4,8 @@ A program that wants the messages configures logging as usual (``logging.basicCo
 logging.INFO)``); the ``lplr`` command installs one stderr handler with :func:`configure`.
 Unconfigured, nothing is printed at all, warnings included: the package's
 :class:`logging.NullHandler` keeps Python's last-resort handler out, as the logging HOWTO
-advises for libraries (the command line's own errors are printed by the command line).
+advises for libraries. The command line's own outcome line (an error, a stop) is printed with
+:func:`report`, the one other writer to stderr.
 
 What goes through the logger: the steps' progress (heartbeat lines and a final ``done`` or
 ``failed`` line per step, :mod:`lplr_dask.progress`), the dashboard address, what a command
@@ -17,7 +18,7 @@ import logging
 import sys
 from typing import Any
 
-__all__ = ["logger", "info", "warning", "configure", "live_console"]
+__all__ = ["logger", "info", "warning", "report", "configure", "live_console"]
 
 #: The name of the handler :func:`configure` installs.
 CLI_HANDLER = "lplr-cli"
@@ -35,6 +36,16 @@ def info(message: str) -> None:
 def warning(message: str) -> None:
     """Log ``message`` at WARNING level."""
     logger.warning(message)
+
+
+def report(line: str) -> None:
+    """Print ``line`` on stderr at once: the command line's one-line outcome (an error, a stop).
+
+    Not through the logger: the line is printed whatever logging's configuration, ``--quiet``
+    included, and also before :func:`configure` has run (a usage error) or after the command's
+    handler is removed.
+    """
+    print(line, file=sys.stderr, flush=True)
 
 
 def configure(verbosity: int = 0) -> None:

@@ -31,7 +31,9 @@ import dask.array as da
 import numpy as np
 import zarr
 
+from lplr_dask import store
 from lplr_dask.errors import LplrTypeError, LplrValueError, SourceNotFoundError
+from lplr_dask.store import is_remote  # re-exported: the one URL test lives in store
 
 __all__ = [
     "Source",
@@ -87,11 +89,6 @@ class Source(NamedTuple):
     dtype: str
     path: str | None
     format: str
-
-
-def is_remote(path: str) -> bool:
-    """Whether ``path`` is an fsspec URL (``s3://…``, ``gs://…``) rather than a local path."""
-    return "://" in path and not path.startswith("file://")
 
 
 def read_source(
@@ -150,8 +147,6 @@ class _InputArray:
         self.shape, self.dtype, self.ndim = arr.shape, arr.dtype, arr.ndim
 
     def __getitem__(self, index: Any) -> np.ndarray:
-        from lplr_dask import store
-
         try:
             return np.asarray(self.arr[index])
         except store.DECODE_ERRORS as e:

@@ -55,6 +55,7 @@ from lplr_dask.validation import parse_choice
 __all__ = [
     "FORMAT_NAME",
     "FORMAT_VERSION",
+    "is_remote",
     "locate",
     "filesystem",
     "exists",
@@ -219,8 +220,9 @@ def _store_path(path: str | os.PathLike[str]) -> str:
     return os.fspath(path)
 
 
-def _remote(p: str) -> bool:
-    return "://" in p and not p.startswith("file://")
+def is_remote(path: str) -> bool:
+    """Whether ``path`` is an fsspec URL (``s3://…``, ``gs://…``) rather than a local path (``file://`` is local)."""
+    return "://" in path and not path.startswith("file://")
 
 
 def locate(path: Location, storage_options: StorageOptions = None) -> str | Store:
@@ -234,7 +236,7 @@ def locate(path: Location, storage_options: StorageOptions = None) -> str | Stor
     if isinstance(path, Store):
         return path
     p = _store_path(path)
-    if _remote(p):
+    if is_remote(p):
         from zarr.storage import FsspecStore
 
         return FsspecStore.from_url(p, storage_options=dict(storage_options or {}), read_only=False)
@@ -246,14 +248,14 @@ def filesystem(path: str | os.PathLike[str], storage_options: StorageOptions = N
     import fsspec
 
     p = _store_path(path)
-    options = dict(storage_options or {}) if _remote(p) else {}
+    options = dict(storage_options or {}) if is_remote(p) else {}
     return fsspec.core.url_to_fs(p, **options)
 
 
 def exists(path: str | os.PathLike[str], storage_options: StorageOptions = None) -> bool:
     """Whether anything (a Zarr node or a plain file) exists at ``path``."""
     p = _store_path(path)
-    if _remote(p):
+    if is_remote(p):
         fs, root = filesystem(p, storage_options)
         return bool(fs.exists(root))
     return os.path.exists(p)
@@ -262,7 +264,7 @@ def exists(path: str | os.PathLike[str], storage_options: StorageOptions = None)
 def remove(path: str | os.PathLike[str], storage_options: StorageOptions = None) -> None:
     """Delete a store (a local directory or an fsspec URL)."""
     p = _store_path(path)
-    if _remote(p):
+    if is_remote(p):
         fs, root = filesystem(p, storage_options)
         if fs.exists(root):
             fs.rm(root, recursive=True)
@@ -532,7 +534,7 @@ def read_small(group: zarr.Group, name: str, *, where: str = "", version: int = 
 def bytes_on_disk(path: str | os.PathLike[str], prefix: str = "", storage_options: StorageOptions = None) -> int:
     """Sum of the file sizes under the store (metadata included), or under ``prefix`` in it."""
     p = _store_path(path)
-    if _remote(p):
+    if is_remote(p):
         fs, root = filesystem(p, storage_options)
         root = root.rstrip("/") + ("/" + prefix if prefix else "")
         return int(sum(fs.du(root, total=False).values())) if fs.exists(root) else 0

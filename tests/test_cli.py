@@ -235,3 +235,80 @@ def test_no_workers_left_fails_with_advice(source, tmp_path):
     assert "--memory-limit" in last and "--chunks 2048x2048" in last and "--resume" in last
     assert "exceeded 95% memory budget" in r.stderr  # distributed's warnings are shown
     assert "Traceback" not in r.stderr
+
+
+# --------------------------------------------------------------------------------------------
+# The CLI's early checks are the API's own (lplr_dask.options, guard, store), run in-process
+
+
+def _main_error(capsys, *argv: str) -> str:
+    """Run ``lplr`` in this process; assert exit 2 with one stderr line and no cluster; return the line."""
+    from lplr_dask.cli import main
+
+    assert main([*map(str, argv), *CLUSTER]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: "), err
+    assert "Dask dashboard" not in err
+    return err.strip()
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["--rank", "2", "--bits", "0", "8"], "B1"),
+        (["--rank", "2", "--quantizer", "fancy"], "fancy"),
+        (["--rank", "2", "--passes", "1", "--power-iters", "2"], "passes"),
+    ],
+)
+def test_compression_flags_are_checked_by_the_options_object(bad_inputs, tmp_path, capsys, args, expected):
+    from lplr_dask.errors import LplrError
+    from lplr_dask.options import Options
+
+    kwargs = {"bits": (0, 8)} if "--bits" in args else {"quantizer": "fancy"} if "--quantizer" in args else {
+        "passes": 1, "power_iters": 2}
+    with pytest.raises(LplrError) as e:
+        Options(**kwargs)
+    for command in ("compress", "compress-group"):
+        line = _main_error(capsys, command, bad_inputs / "plain.zarr", tmp_path / "o", *args)
+        assert line == f"error: {e.value}" and expected in line  # the API's message, word for word
+    assert not (tmp_path / "o").exists()
+
+
+def test_size_rule_is_checked_by_the_api(bad_inputs, tmp_path, capsys):
+    line = _main_error(capsys, "compress", bad_inputs / "plain.zarr", tmp_path / "o", "--target-error", "1.5")
+    assert "target relative error between 0 and 1" in line and "1.5" in line
+    line = _main_error(capsys, "compress", bad_inputs / "plain.zarr", tmp_path / "o", "--match-nq", "0.01")
+    assert "fair rank" in line and "too small" in line  # budget.resolve_rank, before the cluster
+
+
+def test_existing_output_is_refused_with_the_api_message(bad_inputs, tmp_path, capsys):
+    out = tmp_path / "o.lplr.zarr"
+    out.mkdir()
+    line = _main_error(capsys, "compress", bad_inputs / "plain.zarr", out, "--rank", "2")
+    assert line == (f"error: Output {str(out)!r} already exists. Pass --overwrite (overwrite=True) to replace it, "
+                    "or --resume (resume=True) to finish an interrupted job.")
+    line = _main_error(capsys, "convert", bad_inputs / "plain.zarr", out)
+    assert line.endswith("already exists. Pass --overwrite (overwrite=True) to replace it.")  # no --resume to convert
+
+
+def test_resume_of_something_that_is_not_a_store(bad_inputs, tmp_path, capsys):
+    zarr.open_group(str(tmp_path / "g.zarr"), mode="w")
+    line = _main_error(capsys, "compress", bad_inputs / "plain.zarr", tmp_path / "g.zarr", "--rank", "2", "--resume")
+    assert line.startswith(f"error: Cannot resume {str(tmp_path / 'g.zarr')!r}: ") and "is not an lplr store" in line
+    assert line.endswith("Give another output path, or --overwrite to replace it.")
+
+
+def test_resume_of_a_missing_store_starts_it(bad_inputs, tmp_path, capsys):
+    from lplr_dask.cli import main
+
+    out = tmp_path / "o.lplr.zarr"
+    assert main(["compress", str(bad_inputs / "plain.zarr"), str(out), "--rank", "2", "--resume", "--quiet", *CLUSTER]) == 0
+    assert zarr.open_group(str(out), mode="r").attrs["lplr"]["complete"]
+
+
+def test_generate_parameters_are_checked_by_synthetic(tmp_path, capsys):
+    line = _main_error(capsys, "generate", tmp_path / "g.zarr", "--shape", "10x10", "--rank", "2", "--noise", "-1")
+    assert line == "error: Expected noise (--noise) to be a number >= 0. Got -1.0 instead."
+    line = _main_error(capsys, "generate", tmp_path / "g.zarr", "--shape", "10x10", "--rank", "11")
+    assert line == "error: Expected rank (--rank) of a 10x10 matrix to be an integer from 1 to 10. Got 11 instead."
+    assert not (tmp_path / "g.zarr").exists()
