@@ -188,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                         help="where each chunk is computed: cpu, or cuda (CuPy on one worker per GPU; default cpu)")
         sp.add_argument("--precision", default="auto", choices=["auto", "float32", "float64"],
-                        help="dtype of each chunk's products (auto: float32 for float32 input, about 2x faster; "
+                        help="dtype of each chunk's products (auto: float32 for float32 input, faster; "
                         "float64: codes identical for any chunking)")
         sp.add_argument("--evaluate", action="store_true", help="also measure the exact error (one more read of A)")
         mode = sp.add_mutually_exclusive_group()

@@ -85,7 +85,9 @@ class Options:
         object.__setattr__(self, "power_iters", int(self.power_iters))
         if self.passes == 1 and self.power_iters:
             raise LplrValueError(
-                "One-pass mode (passes=1) cannot use power iterations, which need 2 more reads each. Use passes=2."
+                "Expected no power iterations (power_iters=0) with one pass (passes=1, --passes 1): each power "
+                f"iteration reads A twice more. Got power_iters={self.power_iters} (--power-iters) instead. "
+                "Use passes=2 (--passes 2)."
             )
         check_oversample(self.oversample)
         object.__setattr__(self, "seed", _seed(self.seed))
@@ -145,7 +147,7 @@ class SizeRule:
             raise LplrValueError(f"Expected a size rule of {', '.join(SIZE_FLAGS)}. Got {self.kind!r} instead.")
         v = self.value
         if self.kind == "rank":
-            v = parse_int(v, "rank (--rank)", minimum=1)
+            v = parse_int(v, "rank (--rank)", minimum=1, hint="A rank is from 1 to min(n, d).")
         elif self.kind == "target_error":
             if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)) or not 0 < v < 1:
                 raise LplrValueError(f"Expected a target relative error between 0 and 1 (e.g. 0.05). Got {v!r} instead.")

@@ -113,9 +113,8 @@ ALL_CHUNKS: dict[str, Any] = {"write_empty_chunks": True}
 NAMED_DAMAGE = 5
 
 
-#: Zstd level of the entropy-coding candidate for codes. Measured on LPLR codes (benchmarks/RESULTS.md,
-#: "Storage of the codes"): levels 9 and 15 store about 5% and 16% fewer bytes than 3, but encode 15×
-#: and 80× slower.
+#: Zstd level of the entropy-coding candidate for codes: higher levels store a little fewer bytes
+#: but encode far slower (measured on LPLR codes: benchmarks/RESULTS.md, "Storage of the codes").
 CODES_ZSTD_LEVEL = 3
 #: Contiguous runs a codes sample is cut into (see :func:`codes_sample`).
 SAMPLE_RUNS = 8
@@ -130,11 +129,13 @@ def codes_compressor(bits: int, sample: np.ndarray | None = None) -> Any:
       the ``8 - bits`` planes that are always zero cost almost nothing: ``bits/8`` of the uint8 size
       for any codes, whatever their distribution. This is the bound the bit budget relies on. It
       holds when a chunk's entry count is a multiple of 8; c-blosc leaves a block of any other size
-      un-shuffled, which costs up to 35% at 1 bit.
+      un-shuffled, which costs bytes, the most at 1 bit (benchmarks/RESULTS.md, "Storage of the
+      codes").
     - **Zstd** entropy-codes the bytes: codes that use few of their levels often (Gaussian-like
       codes under a min-max range, background rows of an image, small rows of R under one range
       for the whole matrix) take well under ``bits/8``; codes spread over all levels take more
-      (1.5× at 1 bit, since Huffman codes spend at least a bit a byte).
+      (at 1 bit more than ``bits/8``, since Huffman codes spend at least a bit a byte: the table of
+      benchmarks/RESULTS.md, "Storage of the codes").
 
     Parameters
     ----------
@@ -446,8 +447,9 @@ def create_float(
     """Create an empty float64 array ``name`` (scratch and scales).
 
     ``compress=False`` stores raw bytes: for the scratch sketches, whose float64 entries are
-    noise-like (zstd saves a few percent of their bytes for about 4 CPU-seconds per GB written
-    and read back) and which are deleted when the job completes.
+    noise-like (zstd saves only a few percent of their bytes, for CPU time at every write and
+    read; measured: benchmarks/RESULTS.md, "Figures behind the code's comments") and which are
+    deleted when the job completes.
     """
     return group.create_array(
         name,
