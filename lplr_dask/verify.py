@@ -19,6 +19,7 @@ import zarr
 
 from lplr_dask import store
 from lplr_dask.errors import StoreFormatError
+from lplr_dask.progress import compute
 
 __all__ = ["verify"]
 
@@ -109,7 +110,6 @@ def verify(
         :func:`lplr_dask.store.damage_message`); its ``problems`` attribute lists them all as
         dicts of ``array``, ``chunk`` and ``problem``.
     """
-    from lplr_dask.progress import compute
 
     where = os.fspath(path)
     group = store.open_group(where, storage_options=storage_options)
