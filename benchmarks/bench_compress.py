@@ -31,8 +31,9 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import dask
 import dask.array as da
@@ -158,12 +159,12 @@ def chunk_costs(path: str, rank: int, test_columns: int = 10) -> dict[str, float
         pt = da.from_array(np.ones((r, rank)), chunks=(r, rank))
         costs = {"read": best(lambda: z[r : 2 * r, :c])}
         for precision in ("float32", "float64"):
-            costs[f"pass 1 {precision}"] = best(lambda: blocks.sketch_right(
+            costs[f"pass 1 {precision}"] = best(lambda precision=precision: blocks.sketch_right(
                 a, 0, [(STREAM_S, rank, 1.0), (STREAM_G, test_columns, 1.0)], sumsq=True, precision=precision,
             ).compute(scheduler="sync"))
             costs[f"pass 2 {precision}"] = best(
-                lambda: blocks.left_multiply(pt, a, precision=precision).compute(scheduler="sync"))
-            costs[f"Ψ·A {precision}"] = best(lambda: blocks.sketch_left(
+                lambda precision=precision: blocks.left_multiply(pt, a, precision=precision).compute(scheduler="sync"))
+            costs[f"Ψ·A {precision}"] = best(lambda precision=precision: blocks.sketch_left(
                 a, 0, STREAM_PSI, 4 * rank + 1, precision=precision).compute(scheduler="sync"))
         # the default range oversampling sketches 2k columns in pass 1
         costs["pass 1 float32 2k"] = best(lambda: blocks.sketch_right(

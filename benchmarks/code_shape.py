@@ -71,7 +71,8 @@ def analyse(package: Path = PACKAGE) -> dict:
             docs |= _docstring_lines(node)
         edges = graph.setdefault(module, set())
 
-        def visit(node: ast.AST, in_function: bool, skip: bool = False) -> None:
+        def visit(node: ast.AST, in_function: bool, module: str = module, code: set[int] = code,
+                  docs: set[int] = docs, path: Path = path, edges: set[str] = edges) -> None:
             nonlocal local_imports
             for child in ast.iter_child_nodes(node):
                 if isinstance(child, ast.If) and _is_type_checking(child):

@@ -4,8 +4,7 @@
 chunked Zarr matrix on Dask (Saha, Srivastava, Pilanci, NeurIPS 2023).
 """
 
-from lplr_dask.api import _version
-from lplr_dask.api import compress, evaluate
+from lplr_dask.api import _version, compress, evaluate
 from lplr_dask.baselines import dsvd, lplr_reference, lsvd, naive_quantize, relative_error
 from lplr_dask.budget import fair_rank
 from lplr_dask.convert import convert

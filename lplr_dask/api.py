@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 from lplr_dask import budget, guard, job, logs, store, target
 from lplr_dask.cluster import get_client

@@ -30,9 +30,8 @@ import dask
 import dask.array as da
 import numpy as np
 
-from lplr_dask.errors import LplrTypeError, LplrValueError
 from lplr_dask.budget import resolve_rank as resolve_size
-from lplr_dask.options import SizeRule
+from lplr_dask.errors import LplrTypeError, LplrValueError
 from lplr_dask.factorize import (
     _derived,
     basis_hessian,
@@ -44,6 +43,7 @@ from lplr_dask.factorize import (
 )
 from lplr_dask.factors import Factors, decode_factor, product_error
 from lplr_dask.factors import relative_error as factors_error
+from lplr_dask.options import SizeRule
 from lplr_dask.quantize import (
     Quantized,
     QuantizerSpec,

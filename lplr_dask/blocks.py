@@ -25,8 +25,9 @@ otherwise: a float32 matrix carries no more than float32's precision into the pr
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable, Iterator, Sequence
 from types import ModuleType
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import dask.array as da
 import numpy as np

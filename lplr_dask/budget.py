@@ -30,7 +30,8 @@ and a TSQR of an n × k basis per candidate, and nothing is written.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Callable, NamedTuple, Sequence
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, NamedTuple
 
 from lplr_dask import logs
 from lplr_dask.errors import LplrValueError

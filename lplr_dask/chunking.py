@@ -22,7 +22,8 @@ the tests that prove the bound).
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import dask.array as da
 import numpy as np

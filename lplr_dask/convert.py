@@ -7,7 +7,8 @@ as one whole chunk of the output, so memory holds a few blocks whatever the sour
 from __future__ import annotations
 
 import os
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import zarr
 

@@ -43,7 +43,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from typing import Any, Callable, cast
+from collections.abc import Callable
+from typing import Any, cast
 
 import dask
 import dask.array as da

@@ -31,7 +31,8 @@ import logging
 import threading
 import time
 import uuid
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import dask
 from dask.callbacks import Callback
@@ -194,7 +195,7 @@ class _Watch:
         self.client, self.chunks_of = client, name
         self.plugin: str | None = f"lplr-progress-{uuid.uuid4().hex}"
 
-    def __enter__(self) -> "_Watch":
+    def __enter__(self) -> _Watch:
         try:
             self.client.register_plugin(ChunkCounter(self.client.id, self.chunks_of), name=self.plugin)
         except Exception as e:  # noqa: BLE001 - e.g. a scheduler without lplr_dask: report time only
@@ -348,7 +349,14 @@ def _heartbeats(line: _Line, counts: Callable[[], tuple[int, int]], stop: thread
 def _bar(line: _Line, counts: Callable[[], tuple[int, int]], stop: threading.Event,
          last: list[int], console: Any) -> None:
     """A live rich bar on the terminal, removed when the step ends (its final line stays)."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn(line.unit),
                TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn()]

@@ -37,7 +37,7 @@ import itertools
 import os
 import shutil
 import time
-from typing import Any, Optional, Union
+from typing import Any, Union
 
 import dask.array as da
 import numpy as np
@@ -214,7 +214,7 @@ def _checksummed(compressor: Any) -> list[Any]:
 #: Where a store is: a local path or fsspec URL, or a zarr Store (see :func:`locate`).
 Location = Union[str, "os.PathLike[str]", Store]
 #: fsspec options for remote stores (``endpoint_url``, ``key``, ``secret``, …).
-StorageOptions = Optional[dict[str, Any]]
+StorageOptions = dict[str, Any] | None
 
 
 def _store_path(path: str | os.PathLike[str]) -> str:

@@ -41,7 +41,8 @@ import copy
 import dataclasses
 import math
 import os
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import dask
 import dask.array as da

@@ -12,7 +12,8 @@ Names are given as a user knows them: ``"rank (--rank)"`` names both the keyword
 from __future__ import annotations
 
 import numbers
-from typing import Any, Sequence, TypeVar
+from collections.abc import Sequence
+from typing import Any, TypeVar
 
 import numpy as np
 

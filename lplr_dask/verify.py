@@ -12,7 +12,8 @@ copied array (present and decodes).
 from __future__ import annotations
 
 import os
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import zarr

@@ -172,9 +172,8 @@ def fake_cupy(monkeypatch):
     """
     import gc
 
-    from dask.utils import Dispatch
-
     import dask.array.backends  # noqa: F401 - registers the lazy cupy lookups we save
+    from dask.utils import Dispatch
 
     dispatchers = [o for o in gc.get_objects() if isinstance(o, Dispatch) and {"cupy", "cupyx"} & set(o._lazy)]
     saved = [(d, dict(d._lookup), dict(d._lazy)) for d in dispatchers]

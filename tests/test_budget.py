@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 import lplr_dask
-from lplr_dask.baselines import relative_error
 from lplr_dask import budget, store
+from lplr_dask.baselines import relative_error
 from lplr_dask.datasets import synthetic
 from lplr_dask.errors import LplrValueError
 from lplr_dask.quantize import quantizer_pair

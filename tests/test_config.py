@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import dask
+import pytest
 import yaml
 
 import lplr_dask  # noqa: F401  (loads the defaults, as any use of the package does)

@@ -13,7 +13,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from _services import require_service
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from test_backend import fake_cupy, guarded_zarr_writes  # noqa: F401  (fixtures: the strict CuPy stand-in)
 
 import lplr_dask
 from lplr_dask import cli
@@ -12,7 +13,6 @@ from lplr_dask.errors import LplrValueError
 from lplr_dask.quantize import quantizer_pair
 from lplr_dask.sources import open_source
 from lplr_dask.target import Plan
-from test_backend import fake_cupy, guarded_zarr_writes  # noqa: F401  (fixtures: the strict CuPy stand-in)
 
 SPECTRA = {
     "geometric": dict(kind="lowrank", decay=0.9, noise=0.01),

@@ -5,8 +5,8 @@ verify`` (exit 2, one line); a clean store verifies (exit 0)."""
 from __future__ import annotations
 
 import json
-import re
 import os
+import re
 import shutil
 import subprocess
 import sys
