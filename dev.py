@@ -47,12 +47,29 @@ def demo() -> None:
     src = data / "demo.zarr"
     lplr = BIN / "lplr"
     if not (src / "zarr.json").exists():
-        _run(lplr, "generate", src, "--shape", "32768x16384", "--rank", "64", "--decay", "0.95",
-             "--noise", "0.05", "--chunks", "4096x4096", "--seed", "0", "--overwrite")
+        _run(
+            lplr,
+            "generate",
+            src,
+            "--shape",
+            "32768x16384",
+            "--rank",
+            "64",
+            "--decay",
+            "0.95",
+            "--noise",
+            "0.05",
+            "--chunks",
+            "4096x4096",
+            "--seed",
+            "0",
+            "--overwrite",
+        )
     else:
         print(f"reusing {src}", file=sys.stderr)
-    _run(lplr, "compress", src, data / "demo.lplr.zarr", "--rank", "128", "--bits", "4", "4",
-         "--evaluate", "--overwrite")
+    _run(
+        lplr, "compress", src, data / "demo.lplr.zarr", "--rank", "128", "--bits", "4", "4", "--evaluate", "--overwrite"
+    )
 
 
 def test(args: list[str]) -> None:

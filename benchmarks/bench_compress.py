@@ -102,11 +102,22 @@ def run_compare(client: Any, path: str, out_dir: str, rank: int) -> list[Step]:
     # arithmetic (float64 products) and the paper's sketch of exactly k columns
     for passes, precision, oversample in ((2, "auto", None), (1, "auto", None), (2, "float64", None), (2, "auto", 0)):
         mode = "two-pass" if passes == 2 else "one-pass"
-        step = Step(f"lplr compress {mode}" + (" --precision float64" if precision == "float64" else "")
-                    + (" --oversample 0" if oversample == 0 else ""))
+        step = Step(
+            f"lplr compress {mode}"
+            + (" --precision float64" if precision == "float64" else "")
+            + (" --oversample 0" if oversample == 0 else "")
+        )
         with measure(client, step):
-            f = lplr_dask.compress(path, os.path.join(out_dir, f"p{passes}.lplr.zarr"), rank=rank, passes=passes,
-                                   precision=precision, oversample=oversample, overwrite=True, log=lambda _: None)
+            f = lplr_dask.compress(
+                path,
+                os.path.join(out_dir, f"p{passes}.lplr.zarr"),
+                rank=rank,
+                passes=passes,
+                precision=precision,
+                oversample=oversample,
+                overwrite=True,
+                log=lambda _: None,
+            )
         step.error, step.estimate = lplr_dask.evaluate(path, f), f.attrs["error_estimate"]
         step.stages = {k: v for k, v in f.attrs["timings"].items() if k != "total"}
         steps.append(step)
@@ -159,17 +170,33 @@ def chunk_costs(path: str, rank: int, test_columns: int = 10) -> dict[str, float
         pt = da.from_array(np.ones((r, rank)), chunks=(r, rank))
         costs = {"read": best(lambda: z[r : 2 * r, :c])}
         for precision in ("float32", "float64"):
-            costs[f"pass 1 {precision}"] = best(lambda precision=precision: blocks.sketch_right(
-                a, 0, [(STREAM_S, rank, 1.0), (STREAM_G, test_columns, 1.0)], sumsq=True, precision=precision,
-            ).compute(scheduler="sync"))
+            costs[f"pass 1 {precision}"] = best(
+                lambda precision=precision: blocks.sketch_right(
+                    a,
+                    0,
+                    [(STREAM_S, rank, 1.0), (STREAM_G, test_columns, 1.0)],
+                    sumsq=True,
+                    precision=precision,
+                ).compute(scheduler="sync")
+            )
             costs[f"pass 2 {precision}"] = best(
-                lambda precision=precision: blocks.left_multiply(pt, a, precision=precision).compute(scheduler="sync"))
-            costs[f"Ψ·A {precision}"] = best(lambda precision=precision: blocks.sketch_left(
-                a, 0, STREAM_PSI, 4 * rank + 1, precision=precision).compute(scheduler="sync"))
+                lambda precision=precision: blocks.left_multiply(pt, a, precision=precision).compute(scheduler="sync")
+            )
+            costs[f"Ψ·A {precision}"] = best(
+                lambda precision=precision: blocks.sketch_left(
+                    a, 0, STREAM_PSI, 4 * rank + 1, precision=precision
+                ).compute(scheduler="sync")
+            )
         # the default range oversampling sketches 2k columns in pass 1
-        costs["pass 1 float32 2k"] = best(lambda: blocks.sketch_right(
-            a, 0, [(STREAM_S, 2 * rank, 1.0), (STREAM_G, test_columns, 1.0)], sumsq=True, precision="float32",
-        ).compute(scheduler="sync"))
+        costs["pass 1 float32 2k"] = best(
+            lambda: blocks.sketch_right(
+                a,
+                0,
+                [(STREAM_S, 2 * rank, 1.0), (STREAM_G, test_columns, 1.0)],
+                sumsq=True,
+                precision="float32",
+            ).compute(scheduler="sync")
+        )
         return costs
 
 
@@ -194,8 +221,11 @@ def machine(args: argparse.Namespace) -> list[str]:
     with contextlib.suppress(ImportError):
         import threadpoolctl
 
-        found = {f"{i['internal_api']} {i['version']} ({i.get('architecture', '?')} kernels)"
-                 for i in threadpoolctl.threadpool_info() if i["user_api"] == "blas"}
+        found = {
+            f"{i['internal_api']} {i['version']} ({i.get('architecture', '?')} kernels)"
+            for i in threadpoolctl.threadpool_info()
+            if i["user_api"] == "blas"
+        }
         blas = "; BLAS " + ", ".join(sorted(found)) if found else ""
     import distributed
     import zarr
@@ -213,16 +243,21 @@ def machine(args: argparse.Namespace) -> list[str]:
 
 def table_costs(costs: dict[str, float]) -> list[str]:
     read = costs["read"]
-    lines = ["Per chunk, one thread, best of 7: " + ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in costs.items()) + ".",
-             "", "The floor these set (CPU per chunk, before any scheduling or central step, in read passes):"]
+    lines = [
+        "Per chunk, one thread, best of 7: " + ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in costs.items()) + ".",
+        "",
+        "The floor these set (CPU per chunk, before any scheduling or central step, in read passes):",
+    ]
     for precision in ("float32", "float64"):
         two = 2 * read + costs[f"pass 1 {precision}"] + costs[f"pass 2 {precision}"]
         one = read + costs[f"pass 1 {precision}"] + costs[f"Ψ·A {precision}"]
         lines.append(f"- {precision} products: two-pass ≥ {two / read:.2f}×, one-pass ≥ {one / read:.2f}×")
     two = 2 * read + costs["pass 1 float32 2k"] + costs["pass 2 float32"]
     one = read + costs["pass 1 float32 2k"] + costs["Ψ·A float32"]
-    lines.append(f"- float32 products with the default oversampling (2k sketch columns in pass 1): two-pass ≥ "
-                 f"{two / read:.2f}×, one-pass ≥ {one / read:.2f}×")
+    lines.append(
+        f"- float32 products with the default oversampling (2k sketch columns in pass 1): two-pass ≥ "
+        f"{two / read:.2f}×, one-pass ≥ {one / read:.2f}×"
+    )
     lines.append(
         "- the pass-2 product alone is a dense k×n by n×d GEMM (2·n·d·k flops) whatever the sketch: two-pass ≥ "
         f"{(2 * read + costs['pass 2 float32']) / read:.2f}× with float32 products even if pass 1 cost no more than its read"
@@ -241,13 +276,19 @@ def table_compare(steps: list[Step], shape: tuple[int, int], chunk: int, rank: i
     ]
     for s in steps:
         err = "" if s.error is None else f"{s.error:.4f}" + ("" if s.estimate is None else f" ({s.estimate:.4f})")
-        lines.append(f"| {s.name} | {s.seconds:.1f} | {s.seconds / read:.2f} | {s.cpu:.1f} | {s.cpu / read_cpu:.2f} "
-                     f"| {s.peak / MiB:.0f} | {err} |")
+        lines.append(
+            f"| {s.name} | {s.seconds:.1f} | {s.seconds / read:.2f} | {s.cpu:.1f} | {s.cpu / read_cpu:.2f} "
+            f"| {s.peak / MiB:.0f} | {err} |"
+        )
     by = {s.name: s for s in steps}
     two, one = by["lplr compress two-pass"], by["lplr compress one-pass"]
-    lines += ["", "Worker CPU seconds move less with the machine's load than wall seconds do: where other "
-              "processes share the cores, the CPU ratios are the steadier comparison.", "",
-              "Stages of compress (seconds):"]
+    lines += [
+        "",
+        "Worker CPU seconds move less with the machine's load than wall seconds do: where other "
+        "processes share the cores, the CPU ratios are the steadier comparison.",
+        "",
+        "Stages of compress (seconds):",
+    ]
     for s in steps:
         if not s.stages:
             continue
@@ -255,13 +296,17 @@ def table_compare(steps: list[Step], shape: tuple[int, int], chunk: int, rank: i
     lines += ["", "Targets (wall seconds; CPU seconds in brackets):"]
     for s, limit in ((two, TARGETS["two-pass"]), (one, TARGETS["one-pass"])):
         ratio = s.seconds / read
-        lines.append(f"- {s.name}: {ratio:.2f}× the read pass ({s.cpu / read_cpu:.2f}×) (target ≤ {limit}×): "
-                     f"{'met' if ratio <= limit else 'MISSED'}")
+        lines.append(
+            f"- {s.name}: {ratio:.2f}× the read pass ({s.cpu / read_cpu:.2f}×) (target ≤ {limit}×): "
+            f"{'met' if ratio <= limit else 'MISSED'}"
+        )
     for name, factor in FASTER_THAN.items():
         for s in (two, one):
             speedup = by[name].seconds / s.seconds
-            lines.append(f"- speed-up of {s.name.removeprefix('lplr compress ')} over {name}: {speedup:.2f}× "
-                         f"({by[name].cpu / s.cpu:.2f}×) (target ≥ {factor}×): {'met' if speedup >= factor else 'MISSED'}")
+            lines.append(
+                f"- speed-up of {s.name.removeprefix('lplr compress ')} over {name}: {speedup:.2f}× "
+                f"({by[name].cpu / s.cpu:.2f}×) (target ≥ {factor}×): {'met' if speedup >= factor else 'MISSED'}"
+            )
     return lines
 
 
@@ -276,8 +321,11 @@ def table_memory(rows: list[tuple[tuple[int, int], Step]], chunk: int, rank: int
         lines.append(f"| {shape[0]}×{shape[1]} | {shape[0] * shape[1]:,} | {s.seconds:.1f} | {s.peak / MiB:.0f} |")
     (_, small), (_, large) = rows[0], rows[-1]
     growth = large.peak / small.peak - 1
-    lines += ["", f"- n·d × {rows[-1][0][0] * rows[-1][0][1] / (rows[0][0][0] * rows[0][0][1]):.0f}: peak "
-              f"{growth:+.1%} (target within ±10%): {'met' if abs(growth) <= 0.10 else 'MISSED'}"]
+    lines += [
+        "",
+        f"- n·d × {rows[-1][0][0] * rows[-1][0][1] / (rows[0][0][0] * rows[0][0][1]):.0f}: peak "
+        f"{growth:+.1%} (target within ±10%): {'met' if abs(growth) <= 0.10 else 'MISSED'}",
+    ]
     return lines
 
 
@@ -311,11 +359,22 @@ def main(argv: list[str] | None = None) -> int:
     os.makedirs(args.data, exist_ok=True)
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     n, d = args.shape
-    out: list[str] = [f"Run {datetime.datetime.now().isoformat(timespec='minutes')} with "
-                      f"`python benchmarks/bench_compress.py {' '.join(argv if argv is not None else sys.argv[1:])}`".rstrip() + ":", ""]
+    out: list[str] = [
+        f"Run {datetime.datetime.now().isoformat(timespec='minutes')} with "
+        f"`python benchmarks/bench_compress.py {' '.join(argv if argv is not None else sys.argv[1:])}`".rstrip()
+        + ":",
+        "",
+    ]
+
     def cluster() -> Any:
-        return LocalCluster(n_workers=args.workers, threads_per_worker=args.threads, memory_limit=args.memory_limit,
-                            processes=True, host="127.0.0.1", dashboard_address=None)
+        return LocalCluster(
+            n_workers=args.workers,
+            threads_per_worker=args.threads,
+            memory_limit=args.memory_limit,
+            processes=True,
+            host="127.0.0.1",
+            dashboard_address=None,
+        )
 
     main_path = ensure_matrix(args.data, args.shape, args.chunk, log)
     if args.mode in ("compare", "all"):

@@ -37,7 +37,12 @@ def _docstring_lines(node: ast.AST) -> set[int]:
     if not isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
         return set()
     body = node.body
-    if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) and isinstance(body[0].value.value, str):
+    if (
+        body
+        and isinstance(body[0], ast.Expr)
+        and isinstance(body[0].value, ast.Constant)
+        and isinstance(body[0].value.value, str)
+    ):
         return set(range(body[0].lineno, body[0].end_lineno + 1))  # type: ignore[operator]
     return set()
 
@@ -71,18 +76,30 @@ def analyse(package: Path = PACKAGE) -> dict:
             docs |= _docstring_lines(node)
         edges = graph.setdefault(module, set())
 
-        def visit(node: ast.AST, in_function: bool, module: str = module, code: set[int] = code,
-                  docs: set[int] = docs, path: Path = path, edges: set[str] = edges) -> None:
+        def visit(
+            node: ast.AST,
+            in_function: bool,
+            module: str = module,
+            code: set[int] = code,
+            docs: set[int] = docs,
+            path: Path = path,
+            edges: set[str] = edges,
+        ) -> None:
             nonlocal local_imports
             for child in ast.iter_child_nodes(node):
                 if isinstance(child, ast.If) and _is_type_checking(child):
                     continue
                 if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)):
                     span = set(range(child.lineno, child.end_lineno + 1))  # type: ignore[operator]
-                    functions.append({
-                        "module": module, "name": child.name, "line": child.lineno,
-                        "code_lines": len((span & code) - docs), "params": len(child.args.args) + len(child.args.kwonlyargs),
-                    })
+                    functions.append(
+                        {
+                            "module": module,
+                            "name": child.name,
+                            "line": child.lineno,
+                            "code_lines": len((span & code) - docs),
+                            "params": len(child.args.args) + len(child.args.kwonlyargs),
+                        }
+                    )
                     visit(child, True)
                     continue
                 if isinstance(child, (ast.Import, ast.ImportFrom)):
@@ -90,7 +107,11 @@ def analyse(package: Path = PACKAGE) -> dict:
                     if isinstance(child, ast.ImportFrom) and child.module:
                         base = child.module
                         if child.level:
-                            pkg = module.split(".")[: -child.level] if not path.name == "__init__.py" else module.split(".")
+                            pkg = (
+                                module.split(".")[: -child.level]
+                                if not path.name == "__init__.py"
+                                else module.split(".")
+                            )
                             base = ".".join(pkg + ([child.module] if child.module else []))
                         names = [f"{base}.{a.name}" for a in child.names]  # a submodule, or a name of base
                     elif isinstance(child, ast.Import):

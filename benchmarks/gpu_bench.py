@@ -55,8 +55,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--gb", type=float, default=8.0, help="size of the device-resident A in GB (default 8)")
     p.add_argument("--zarr-gb", type=float, default=4.0, help="size of the host Zarr A in GB (default 4)")
     p.add_argument("--rank", type=int, default=256, help="rank k (default 256)")
-    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
-                   help="the device under test; 'cpu' runs this script without a GPU (a smoke test)")
+    p.add_argument(
+        "--device",
+        default="cuda",
+        choices=["cuda", "cpu"],
+        help="the device under test; 'cpu' runs this script without a GPU (a smoke test)",
+    )
     p.add_argument("--workdir", default=None, help="where the Zarr array and outputs go (default: a temporary folder)")
     return p.parse_args(argv)
 
@@ -129,8 +133,13 @@ def make_matrix(xp: ModuleType, rows: int, *, rank: int = 64, noise: float = 0.0
 
     zeros = da.zeros((rows, COLUMNS), chunks=CHUNKS, dtype=np.float32)
     return zeros.map_blocks(
-        _low_rank_block, xp=xp, rank=rank, noise=noise, seed=seed,
-        dtype=np.float32, meta=xp.empty((0, 0), dtype=np.float32),
+        _low_rank_block,
+        xp=xp,
+        rank=rank,
+        noise=noise,
+        seed=seed,
+        dtype=np.float32,
+        meta=xp.empty((0, 0), dtype=np.float32),
     )
 
 
@@ -153,9 +162,18 @@ def compress_run(A: Any, out: Path, device: str, rank: int, passes: int) -> dict
     """Compress A (timed), then measure the exact error; the result's figures as a dict."""
     import lplr_dask
 
-    f, seconds = timed(lambda: lplr_dask.compress(
-        A, out, rank=rank, bits=(8, 8), passes=passes, device=device, overwrite=True, log=lambda _: None,
-    ))
+    f, seconds = timed(
+        lambda: lplr_dask.compress(
+            A,
+            out,
+            rank=rank,
+            bits=(8, 8),
+            passes=passes,
+            device=device,
+            overwrite=True,
+            log=lambda _: None,
+        )
+    )
     return {"device": device, "passes": passes, "seconds": seconds, "stages": f.attrs["timings"], "factors": f}
 
 
@@ -206,8 +224,12 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.workdir or tempfile.mkdtemp(prefix="lplr-gpu-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {"machine": machine, "rank": args.rank, "notes": notes}
-    with LocalCluster(n_workers=1, threads_per_worker=os.cpu_count(), processes=False,
-                      dashboard_address=":0", memory_limit=None) as cluster, Client(cluster):
+    with (
+        LocalCluster(
+            n_workers=1, threads_per_worker=os.cpu_count(), processes=False, dashboard_address=":0", memory_limit=None
+        ) as cluster,
+        Client(cluster),
+    ):
         # -- warm-up: compiles the device kernels on a small matrix, both modes ----------------------
         small = make_matrix(xp, 2 * CHUNKS[0])
         for passes in (2, 1):
@@ -220,31 +242,49 @@ def main(argv: list[str] | None = None) -> int:
         A_host = to_device(A_dev, "cpu").persist()
         wait(A_host)
         nbytes = rows * COLUMNS * 4
-        print(f"(a) A on the device: {rows}x{COLUMNS} float32 ({nbytes / 1e9:.2f} GB), chunks "
-              f"{CHUNKS[0]}x{CHUNKS[1]}, rank {args.rank}, two passes")
+        print(
+            f"(a) A on the device: {rows}x{COLUMNS} float32 ({nbytes / 1e9:.2f} GB), chunks "
+            f"{CHUNKS[0]}x{CHUNKS[1]}, rank {args.rank}, two passes"
+        )
         gpu = compress_run(A_dev, work / "a-gpu.lplr.zarr", args.device, args.rank, 2)
         cpu = compress_run(A_host, work / "a-cpu.lplr.zarr", "cpu", args.rank, 2)
         add_errors([gpu, cpu], A_dev, nbytes)
         show_run(f'device="{args.device}"', gpu)
         show_run('device="cpu"', cpu)
         agree_a = agreement(gpu, cpu)
-        print(f"    GPU/CPU speed {gpu['gbps'] / cpu['gbps']:.2f}x; errors differ by {100 * agree_a:.3f}% "
-              f"(limit {100 * ERROR_AGREEMENT:g}%): {'OK' if agree_a <= ERROR_AGREEMENT else 'FAIL'}; "
-              f"target >= {TARGET_DEVICE_GBPS:g} GB/s: {'MET' if gpu['gbps'] >= TARGET_DEVICE_GBPS else 'MISSED'}")
-        results["device_resident"] = {"shape": [rows, COLUMNS], "gb": nbytes / 1e9, "gpu": gpu, "cpu": cpu,
-                                      "error_difference": agree_a}
+        print(
+            f"    GPU/CPU speed {gpu['gbps'] / cpu['gbps']:.2f}x; errors differ by {100 * agree_a:.3f}% "
+            f"(limit {100 * ERROR_AGREEMENT:g}%): {'OK' if agree_a <= ERROR_AGREEMENT else 'FAIL'}; "
+            f"target >= {TARGET_DEVICE_GBPS:g} GB/s: {'MET' if gpu['gbps'] >= TARGET_DEVICE_GBPS else 'MISSED'}"
+        )
+        results["device_resident"] = {
+            "shape": [rows, COLUMNS],
+            "gb": nbytes / 1e9,
+            "gpu": gpu,
+            "cpu": cpu,
+            "error_difference": agree_a,
+        }
 
         # -- (b) A read once from host Zarr -----------------------------------------------------------
         zrows = rows_for(args.zarr_gb)
         path = str(work / "a.zarr")
-        arr = zarr.create_array(path, shape=(zrows, COLUMNS), chunks=CHUNKS, dtype=np.float32,
-                                compressors=zarr.codecs.ZstdCodec(level=1), zarr_format=3, overwrite=True)
+        arr = zarr.create_array(
+            path,
+            shape=(zrows, COLUMNS),
+            chunks=CHUNKS,
+            dtype=np.float32,
+            compressors=zarr.codecs.ZstdCodec(level=1),
+            zarr_format=3,
+            overwrite=True,
+        )
         da.store(A_host[:zrows], arr, lock=False)
         del A_host
         znbytes, read_s = timed(lambda: plain_read(path))
         read_gbps = znbytes / read_s / 1e9
-        print(f"(b) A read once from host Zarr: {zrows}x{COLUMNS} float32 ({znbytes / 1e9:.2f} GB, zstd level 1, "
-              f"{sum(p.stat().st_size for p in Path(path).rglob('*')) / 1e9:.2f} GB on disk), rank {args.rank}, one pass")
+        print(
+            f"(b) A read once from host Zarr: {zrows}x{COLUMNS} float32 ({znbytes / 1e9:.2f} GB, zstd level 1, "
+            f"{sum(p.stat().st_size for p in Path(path).rglob('*')) / 1e9:.2f} GB on disk), rank {args.rank}, one pass"
+        )
         print(f"    {'plain read':<28} {read_s:8.3f} s  {read_gbps:8.2f} GB/s")
         zgpu = compress_run(path, work / "b-gpu.lplr.zarr", args.device, args.rank, 1)
         zcpu = compress_run(path, work / "b-cpu.lplr.zarr", "cpu", args.rank, 1)
@@ -253,13 +293,22 @@ def main(argv: list[str] | None = None) -> int:
         show_run('device="cpu"', zcpu)
         agree_b = agreement(zgpu, zcpu)
         fraction = zgpu["gbps"] / read_gbps
-        print(f"    GPU/plain read {fraction:.2f} (target >= {TARGET_READ_FRACTION:g}: "
-              f"{'MET' if fraction >= TARGET_READ_FRACTION else 'MISSED'}); GPU/CPU speed "
-              f"{zgpu['gbps'] / zcpu['gbps']:.2f}x; errors differ by {100 * agree_b:.3f}%: "
-              f"{'OK' if agree_b <= ERROR_AGREEMENT else 'FAIL'}")
-        results["host_zarr"] = {"shape": [zrows, COLUMNS], "gb": znbytes / 1e9, "read_seconds": read_s,
-                                "read_gbps": read_gbps, "gpu": zgpu, "cpu": zcpu,
-                                "fraction_of_read": fraction, "error_difference": agree_b}
+        print(
+            f"    GPU/plain read {fraction:.2f} (target >= {TARGET_READ_FRACTION:g}: "
+            f"{'MET' if fraction >= TARGET_READ_FRACTION else 'MISSED'}); GPU/CPU speed "
+            f"{zgpu['gbps'] / zcpu['gbps']:.2f}x; errors differ by {100 * agree_b:.3f}%: "
+            f"{'OK' if agree_b <= ERROR_AGREEMENT else 'FAIL'}"
+        )
+        results["host_zarr"] = {
+            "shape": [zrows, COLUMNS],
+            "gb": znbytes / 1e9,
+            "read_seconds": read_s,
+            "read_gbps": read_gbps,
+            "gpu": zgpu,
+            "cpu": zcpu,
+            "fraction_of_read": fraction,
+            "error_difference": agree_b,
+        }
     ok = agree_a <= ERROR_AGREEMENT and agree_b <= ERROR_AGREEMENT
     results["errors_agree"] = ok
     text = json.dumps(results, default=float)

@@ -64,8 +64,17 @@ SAME_CONFIGS = (((4, 4), 1.8), ((8, 8), 1.8))
 def quantizer_names() -> list[str]:
     """The paper's; the nearest-rounding quantizers that came closest to it in the full sweep of
     granularity × symmetry × rounding (benchmarks/RESULTS.md); gptq rounding of R with each range."""
-    return ["tensor", "channel", "channel-sym", "tensor:channel", "group256",
-            "channel:channel-gptq", "channel:tensor-gptq", "tensor:tensor-gptq", "tensor:channel-gptq"]
+    return [
+        "tensor",
+        "channel",
+        "channel-sym",
+        "tensor:channel",
+        "group256",
+        "channel:channel-gptq",
+        "channel:tensor-gptq",
+        "tensor:tensor-gptq",
+        "tensor:channel-gptq",
+    ]
 
 
 def matrices(names: list[str]) -> dict[str, np.ndarray]:
@@ -89,7 +98,12 @@ def matrices(names: list[str]) -> dict[str, np.ndarray]:
 
 
 def run_one(
-    A: np.ndarray, quantizer: str, bits: tuple[int, int], rank: int, path: str, power_iters: int = 0,
+    A: np.ndarray,
+    quantizer: str,
+    bits: tuple[int, int],
+    rank: int,
+    path: str,
+    power_iters: int = 0,
     oversample: int | None = 0,
 ) -> dict[str, Any]:
     import lplr_dask
@@ -97,8 +111,15 @@ def run_one(
 
     t0 = time.perf_counter()
     f = lplr_dask.compress(
-        da.from_array(A, chunks=CHUNKS), path, rank=rank, bits=bits, quantizer=quantizer, overwrite=True,
-        power_iters=power_iters, oversample=oversample, log=lambda m: None,
+        da.from_array(A, chunks=CHUNKS),
+        path,
+        rank=rank,
+        bits=bits,
+        quantizer=quantizer,
+        overwrite=True,
+        power_iters=power_iters,
+        oversample=oversample,
+        log=lambda m: None,
     )
     seconds = time.perf_counter() - t0
     recon = f.to_dask(np.float64).compute()
@@ -106,11 +127,17 @@ def run_one(
     n, d = A.shape
     total = store.bytes_on_disk(path)
     return {
-        "quantizer": quantizer, "power_iters": power_iters, "bits": list(bits), "rank": rank, "bytes": total,
+        "quantizer": quantizer,
+        "power_iters": power_iters,
+        "bits": list(bits),
+        "rank": rank,
+        "bytes": total,
         "oversample": "k" if oversample is None else oversample,
-        "bytes_codes": store.codes_bytes(path), "bits_per_entry": total * 8 / (n * d),
+        "bytes_codes": store.codes_bytes(path),
+        "bits_per_entry": total * 8 / (n * d),
         "nominal_bits_per_entry": rank * (n * bits[0] + d * bits[1]) / (n * d),
-        "error": float(np.linalg.norm(a64 - recon) / np.linalg.norm(a64)), "seconds": round(seconds, 2),
+        "error": float(np.linalg.norm(a64 - recon) / np.linalg.norm(a64)),
+        "seconds": round(seconds, 2),
     }
 
 
@@ -168,7 +195,9 @@ def _geo(ratios: list[float]) -> float:
     return math.exp(float(np.mean(np.log(ratios))))
 
 
-def _budget_table(runs: list[dict[str, Any]], datasets: list[str], rows: list[str], budget: float, ref: str) -> list[str]:
+def _budget_table(
+    runs: list[dict[str, Any]], datasets: list[str], rows: list[str], budget: float, ref: str
+) -> list[str]:
     lines = ["| quantizer | " + " | ".join(datasets) + " |", "|---|" + "---|" * len(datasets)]
     for row in rows:
         cells = []
@@ -189,10 +218,16 @@ def tables(runs: list[dict[str, Any]]) -> str:
     compared = [q for q in plain if "stochastic" not in q]
     lines = []
     for budget in BUDGETS:
-        lines += [f"\n**{budget:g} bit{'s' * (budget != 1)} per entry on disk** (relative error, best bit pair; × paper's error)\n"]
+        lines += [
+            f"\n**{budget:g} bit{'s' * (budget != 1)} per entry on disk** (relative error, best bit pair; × paper's error)\n"
+        ]
         lines += _budget_table(runs, datasets, compared, budget, "paper")
-    lines += ["\n**Summary at equal bytes**: geometric mean of × paper over every (matrix, budget) cell, "
-              "the best and the worst cell\n", "| quantizer | geometric mean | best | worst | cells |", "|---|---|---|---|---|"]
+    lines += [
+        "\n**Summary at equal bytes**: geometric mean of × paper over every (matrix, budget) cell, "
+        "the best and the worst cell\n",
+        "| quantizer | geometric mean | best | worst | cells |",
+        "|---|---|---|---|---|",
+    ]
     means = {}
     for q in compared:
         ratios = _ratios(runs, datasets, q, "paper")
@@ -200,14 +235,23 @@ def tables(runs: list[dict[str, Any]]) -> str:
             means[q] = _geo(ratios)
             lines.append(f"| {q} | ×{means[q]:.3f} | ×{min(ratios):.2f} | ×{max(ratios):.2f} | {len(ratios)} |")
     for pair, nominal in SAME_CONFIGS:
-        lines += [f"\n**Same configuration**: bits {pair}, rank for {nominal:g} nominal bits per entry "
-                  "(relative error / bits per entry on disk)\n",
-                  "| quantizer | " + " | ".join(datasets) + " |", "|---|" + "---|" * len(datasets)]
+        lines += [
+            f"\n**Same configuration**: bits {pair}, rank for {nominal:g} nominal bits per entry "
+            "(relative error / bits per entry on disk)\n",
+            "| quantizer | " + " | ".join(datasets) + " |",
+            "|---|" + "---|" * len(datasets),
+        ]
         for q in plain:
             cells = []
             for ds in datasets:
-                r = [r for r in runs if r["dataset"] == ds and label(r) == q and tuple(r["bits"]) == pair
-                     and math.isclose(r["nominal_bits_per_entry"], nominal, rel_tol=0.05)]
+                r = [
+                    r
+                    for r in runs
+                    if r["dataset"] == ds
+                    and label(r) == q
+                    and tuple(r["bits"]) == pair
+                    and math.isclose(r["nominal_bits_per_entry"], nominal, rel_tol=0.05)
+                ]
                 cells.append(f"{r[0]['error']:.4f} / {r[0]['bits_per_entry']:.2f}" if r else "–")
             lines.append(f"| {q} | " + " | ".join(cells) + " |")
     powered = [q for q in rows if _basis(q)]
@@ -215,16 +259,24 @@ def tables(runs: list[dict[str, Any]]) -> str:
         lines += _basis_tables(runs, datasets, powered)
     if means:
         best = min(means, key=means.__getitem__)
-        lines.append(f"\nLowest geometric mean at equal bytes (no power iterations): {best} (×{means[best]:.3f} of paper).")
+        lines.append(
+            f"\nLowest geometric mean at equal bytes (no power iterations): {best} (×{means[best]:.3f} of paper)."
+        )
     # with power iterations too: every cell of the quantizers run with and without them, × paper at q=0
-    both = {q: _ratios(runs, datasets, q, "paper") + [x for row in powered if row.split(", ")[0] == q
-                                                        for x in _ratios(runs, datasets, row, "paper")]
-            for q in compared if any(row.split(", ")[0] == q for row in powered)}
+    both = {
+        q: _ratios(runs, datasets, q, "paper")
+        + [x for row in powered if row.split(", ")[0] == q for x in _ratios(runs, datasets, row, "paper")]
+        for q in compared
+        if any(row.split(", ")[0] == q for row in powered)
+    }
     if both:
         best = min(both, key=lambda q: _geo(both[q]))
-        lines.append(f"Lowest geometric mean over every cell with and without a better basis: {best} "
-                     f"(×{_geo(both[best]):.3f} of paper without it; " +
-                     ", ".join(f"{q} ×{_geo(r):.3f}" for q, r in both.items() if q != best) + ").")
+        lines.append(
+            f"Lowest geometric mean over every cell with and without a better basis: {best} "
+            f"(×{_geo(both[best]):.3f} of paper without it; "
+            + ", ".join(f"{q} ×{_geo(r):.3f}" for q, r in both.items() if q != best)
+            + ")."
+        )
     return "\n".join(lines)
 
 
@@ -233,20 +285,27 @@ def _basis_tables(runs: list[dict[str, Any]], datasets: list[str], powered: list
     (its sketch of exactly k columns, no power iterations) and the paper's quantizer on the same basis."""
     lines = []
     for budget in BUDGETS:
-        lines += [f"\n**A better basis, {budget:g} bit{'s' * (budget != 1)} per entry on disk** "
-                  "(relative error, best bit pair; × the paper's method: its sketch and quantizer)\n"]
+        lines += [
+            f"\n**A better basis, {budget:g} bit{'s' * (budget != 1)} per entry on disk** "
+            "(relative error, best bit pair; × the paper's method: its sketch and quantizer)\n"
+        ]
         lines += _budget_table(runs, datasets, ["paper"] + powered, budget, "paper")
-    lines += ["\n**Summary, a better basis at equal bytes**: geometric mean (best, worst cell) of × the "
-              "paper's method, and of × the paper's quantizer on the same basis; the largest relative "
-              "error of any run (every bit pair and rank of the ladder)\n",
-              "| quantizer | × paper's method | × paper, same basis | largest error of a run |", "|---|---|---|---|"]
+    lines += [
+        "\n**Summary, a better basis at equal bytes**: geometric mean (best, worst cell) of × the "
+        "paper's method, and of × the paper's quantizer on the same basis; the largest relative "
+        "error of any run (every bit pair and rank of the ladder)\n",
+        "| quantizer | × paper's method | × paper, same basis | largest error of a run |",
+        "|---|---|---|---|",
+    ]
     for row in powered:
         same = "paper" + _basis(row)
         r0, rq = _ratios(runs, datasets, row, "paper"), _ratios(runs, datasets, row, same)
         cells = [f"×{_geo(r):.3f} (×{min(r):.2f}, ×{max(r):.2f}; {len(r)} cells)" if r else "–" for r in (r0, rq)]
         worst = max(runs, key=lambda r: r["error"] if label(r) == row else -1.0)
-        lines.append(f"| {row} | {cells[0]} | {cells[1] if row != same else '–'} | {worst['error']:.4g} "
-                     f"({worst['dataset']}, {tuple(worst['bits'])}, rank {worst['rank']}) |")
+        lines.append(
+            f"| {row} | {cells[0]} | {cells[1] if row != same else '–'} | {worst['error']:.4g} "
+            f"({worst['dataset']}, {tuple(worst['bits'])}, rank {worst['rank']}) |"
+        )
     return lines
 
 
@@ -266,13 +325,19 @@ def measure_codecs(path: str, bits: int) -> list[dict[str, Any]]:
     for name in ("L", "R"):
         arr = group[f"{name}/codes"]
         rows, cols = arr.chunks
-        chunks = [np.ascontiguousarray(arr[i : i + rows, j : j + cols])
-                  for i in range(0, arr.shape[0], rows) for j in range(0, arr.shape[1], cols)]
+        chunks = [
+            np.ascontiguousarray(arr[i : i + rows, j : j + cols])
+            for i in range(0, arr.shape[0], rows)
+            for j in range(0, arr.shape[1], cols)
+        ]
         budget = arr.size * bits / 8
         codecs = {"bitshuffle": numcodecs.Blosc(cname="zstd", clevel=5, shuffle=numcodecs.Blosc.BITSHUFFLE)}
         codecs.update({f"zstd{lv}": numcodecs.Zstd(level=lv) for lv in ZSTD_LEVELS})
-        row: dict[str, Any] = {"factor": name, "chosen": type(arr.metadata.codecs[-1]).__name__.replace("Codec", ""),
-                               "on_disk": store.bytes_on_disk(path, f"{name}/codes/c") / budget}
+        row: dict[str, Any] = {
+            "factor": name,
+            "chosen": type(arr.metadata.codecs[-1]).__name__.replace("Codec", ""),
+            "on_disk": store.bytes_on_disk(path, f"{name}/codes/c") / budget,
+        }
         for cname, codec in codecs.items():
             t0 = time.perf_counter()
             size = sum(len(codec.encode(c)) for c in chunks)
@@ -284,20 +349,30 @@ def measure_codecs(path: str, bits: int) -> list[dict[str, Any]]:
 
 def codec_table(rows: list[dict[str, Any]]) -> str:
     """Means over matrices and factors, per quantizer and B."""
-    head = ["quantizer", "B", "bit-shuffle", "zstd 3", "chosen", "on disk"] + [f"zstd {lv}" for lv in ZSTD_LEVELS if lv != 3]
+    head = ["quantizer", "B", "bit-shuffle", "zstd 3", "chosen", "on disk"] + [
+        f"zstd {lv}" for lv in ZSTD_LEVELS if lv != 3
+    ]
     lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     keys = list(dict.fromkeys((r["quantizer"], r["bits"]) for r in rows))
     for q, b in keys:
         sel = [r for r in rows if (r["quantizer"], r["bits"]) == (q, b)]
         mean = {k: float(np.mean([r[k] for r in sel])) for k in sel[0] if isinstance(sel[0][k], float)}
         chosen = "/".join(sorted({r["chosen"] for r in sel}))
-        cells = [q if q != "tensor" else "paper", str(b), f"{mean['bitshuffle']:.3f}", f"{mean['zstd3']:.3f}", chosen,
-                 f"{mean['on_disk']:.3f}"] + [f"{mean[f'zstd{lv}']:.3f}" for lv in ZSTD_LEVELS if lv != 3]
+        cells = [
+            q if q != "tensor" else "paper",
+            str(b),
+            f"{mean['bitshuffle']:.3f}",
+            f"{mean['zstd3']:.3f}",
+            chosen,
+            f"{mean['on_disk']:.3f}",
+        ] + [f"{mean[f'zstd{lv}']:.3f}" for lv in ZSTD_LEVELS if lv != 3]
         lines.append("| " + " | ".join(cells) + " |")
     speed = {lv: float(np.median([r[f"zstd{lv}_mb_s"] for r in rows])) for lv in ZSTD_LEVELS}
     speed_bs = float(np.median([r["bitshuffle_mb_s"] for r in rows]))
-    lines.append("\nEncoding speed, median over arrays (MB of codes per second, one thread): bit-shuffle "
-                 f"{speed_bs:.0f}; " + ", ".join(f"zstd {lv} {v:.0f}" for lv, v in speed.items()) + ".")
+    lines.append(
+        "\nEncoding speed, median over arrays (MB of codes per second, one thread): bit-shuffle "
+        f"{speed_bs:.0f}; " + ", ".join(f"zstd {lv} {v:.0f}" for lv, v in speed.items()) + "."
+    )
     return "\n".join(lines)
 
 
@@ -328,11 +403,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quantizers", default=",".join(quantizer_names()), help="comma-separated names")
     parser.add_argument("--pairs", default=",".join(f"{a}x{b}" for a, b in PAIRS), help="B1xB2,...")
     parser.add_argument("--power-iters", type=int, default=0, help="power iterations of every compression")
-    parser.add_argument("--oversample", default="0",
-                        help="extra range-sketch columns of every compression: an integer, or k for the "
-                        "library's default (as many as the rank); default 0, the paper's sketch")
-    parser.add_argument("--ladder", default=",".join(f"{x:g}" for x in LADDER),
-                        help="nominal bits per entry of the ranks run, comma-separated")
+    parser.add_argument(
+        "--oversample",
+        default="0",
+        help="extra range-sketch columns of every compression: an integer, or k for the "
+        "library's default (as many as the rank); default 0, the paper's sketch",
+    )
+    parser.add_argument(
+        "--ladder",
+        default=",".join(f"{x:g}" for x in LADDER),
+        help="nominal bits per entry of the ranks run, comma-separated",
+    )
     parser.add_argument("--json", help="write every run here")
     parser.add_argument("--from-json", help="only print the tables of saved runs (comma-separated files, merged)")
     parser.add_argument("--codecs", action="store_true", help="measure the codecs of the codes instead")
@@ -360,9 +441,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=None) as cluster, Client(cluster):
             for ds, A in matrices(args.datasets.split(",")).items():
-                configs = [(q, bits, nominal) for q, bits, nominal in itertools.product(quantizers, pairs, ladder)
-                           if "stochastic" not in q]
-                configs += [(q, bits, nominal) for q in quantizers for bits, nominal in SAME_CONFIGS if "stochastic" in q]
+                configs = [
+                    (q, bits, nominal)
+                    for q, bits, nominal in itertools.product(quantizers, pairs, ladder)
+                    if "stochastic" not in q
+                ]
+                configs += [
+                    (q, bits, nominal) for q in quantizers for bits, nominal in SAME_CONFIGS if "stochastic" in q
+                ]
                 for q, bits, nominal in configs:
                     rank = min(n, d, max(2, round(nominal * n * d / (n * bits[0] + d * bits[1]))))
                     oversample = None if args.oversample == "k" else int(args.oversample)

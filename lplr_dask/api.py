@@ -147,41 +147,75 @@ def compress(
     """
     size = SizeRule.from_args(rank=rank, bits_per_entry=bits_per_entry, match_nq=match_nq, target_error=target_error)
     options = Options(
-        bits=DEFAULT_BITS if bits is None else bits, passes=passes, power_iters=power_iters, oversample=oversample,
-        quantizer=quantizer, seed=seed, test_columns=test_columns, precision=precision, device=device,
+        bits=DEFAULT_BITS if bits is None else bits,
+        passes=passes,
+        power_iters=power_iters,
+        oversample=oversample,
+        quantizer=quantizer,
+        seed=seed,
+        test_columns=test_columns,
+        precision=precision,
+        device=device,
         storage_options=storage_options,
     )
     check_job(overwrite, resume)
     guard.check_output(out, [source], overwrite=overwrite, storage_options=storage_options)
     with _client(log, device) as client:
-        return _compress(source, out, size, options, choose_bits=bits is None, client=client, overwrite=overwrite,
-                         resume=resume, log=log)
+        return _compress(
+            source,
+            out,
+            size,
+            options,
+            choose_bits=bits is None,
+            client=client,
+            overwrite=overwrite,
+            resume=resume,
+            log=log,
+        )
 
 
 def _compress(
-    source: Any, out: str | os.PathLike[str], size: SizeRule, options: Options, *, choose_bits: bool, client: Any,
-    overwrite: bool, resume: bool, log: Callable[[str], None],
+    source: Any,
+    out: str | os.PathLike[str],
+    size: SizeRule,
+    options: Options,
+    *,
+    choose_bits: bool,
+    client: Any,
+    overwrite: bool,
+    resume: bool,
+    log: Callable[[str], None],
 ) -> Factors:
     """:func:`compress`'s body, for validated arguments: the rank from ``size``, then the worker.
 
     ``choose_bits``: no bits were given, so a bits-per-entry budget chooses them with the rank.
     """
     if size.kind == "target_error":
-        return target.meet_target(source, out, size.value, options, client=client, overwrite=overwrite, resume=resume,
-                                  log=log)
+        return target.meet_target(
+            source, out, size.value, options, client=client, overwrite=overwrite, resume=resume, log=log
+        )
     matrix = job.open_matrix(source, options, log=log)
     A = matrix[1]
     if size.kind == "bits_per_entry" and choose_bits:
         choice = budget.choose(
-            A, size.value, specs=options.specs, seed=options.seed, passes=options.passes,
-            power_iters=options.power_iters, oversample=options.oversample, test_columns=options.test_columns, log=log,
+            A,
+            size.value,
+            specs=options.specs,
+            seed=options.seed,
+            passes=options.passes,
+            power_iters=options.power_iters,
+            oversample=options.oversample,
+            test_columns=options.test_columns,
+            log=log,
         )
         k, options = choice.rank, options.replace(bits=choice.bits)
     else:
-        k = budget.resolve_rank(A.shape, options.bits, size, specs=options.specs,
-                                chunks=(int(A.chunks[0][0]), int(A.chunks[1][0])))
-    return job.compress_at_rank(source, out, k, options, client=client, overwrite=overwrite, resume=resume,
-                                matrix=matrix, log=log)
+        k = budget.resolve_rank(
+            A.shape, options.bits, size, specs=options.specs, chunks=(int(A.chunks[0][0]), int(A.chunks[1][0]))
+        )
+    return job.compress_at_rank(
+        source, out, k, options, client=client, overwrite=overwrite, resume=resume, matrix=matrix, log=log
+    )
 
 
 def evaluate(

@@ -98,8 +98,7 @@ def cupy_with_gpu() -> ModuleType:
         ) from e
     if count < 1:
         raise LplrValueError(
-            "--device cuda: CuPy sees no CUDA GPU (check nvidia-smi and CUDA_VISIBLE_DEVICES). "
-            f"{GPU_EXTRA_HINT}"
+            f"--device cuda: CuPy sees no CUDA GPU (check nvidia-smi and CUDA_VISIBLE_DEVICES). {GPU_EXTRA_HINT}"
         )
     return cupy
 

@@ -234,7 +234,9 @@ def lplr_codes(
     Reference
     """
     if isinstance(A, da.Array):
-        raise LplrTypeError("Expected a numpy array for the in-memory reference. Got a dask array; use lplr_dask.compress.")
+        raise LplrTypeError(
+            "Expected a numpy array for the in-memory reference. Got a dask array; use lplr_dask.compress."
+        )
     X, k, bits, specs = _validate(A, rank, bits, quantizer)
     p = resolve_oversample(oversample, k, X.shape)
     S = sketch_matrix(seed, STREAM_S, X.shape[1], k + p, scale=1.0 / math.sqrt(k + p))

@@ -64,9 +64,7 @@ def compute_dtype(dtype: Any, precision: str = "float64") -> np.dtype:
     ``"auto"`` gives float32 for floating input of at most 4 bytes, float64 otherwise.
     """
     if precision not in PRECISIONS:
-        raise LplrValueError(
-            f"Expected precision 'auto', 'float32' or 'float64'. Got {precision!r} instead."
-        )
+        raise LplrValueError(f"Expected precision 'auto', 'float32' or 'float64'. Got {precision!r} instead.")
     if precision == "auto":
         dt = np.dtype(dtype)
         return np.dtype(np.float32 if dt.kind == "f" and dt.itemsize <= 4 else np.float64)
@@ -215,10 +213,14 @@ def _sketches(
         return _sketch_block(a, int(r0[0]), int(c0[0]), **options)  # type: ignore[arg-type]
 
     both = da.blockwise(
-        block, "ij",
-        A, "ij",
-        starts(A.chunks[0]), "i",
-        starts(A.chunks[1]), "j",
+        block,
+        "ij",
+        A,
+        "ij",
+        starts(A.chunks[0]),
+        "i",
+        starts(A.chunks[1]),
+        "j",
         align_arrays=False,
         dtype=np.float64,
         meta=np.empty((0, 0), dtype=object),  # each chunk is a (right, left) pair
@@ -232,7 +234,14 @@ def _sketches(
         right = _sum_blocks(parts)
     if left:
         parts = da.blockwise(
-            _second, "ikj", both, "ij", new_axes={"k": left[1]}, adjust_chunks={"i": 1}, dtype=dtype, meta=_meta3(A, dtype)
+            _second,
+            "ikj",
+            both,
+            "ij",
+            new_axes={"k": left[1]},
+            adjust_chunks={"i": 1},
+            dtype=dtype,
+            meta=_meta3(A, dtype),
         )
         left_ = _sum_blocks(parts)
     return right, left_
@@ -254,7 +263,13 @@ def _sum_blocks(parts: da.Array) -> da.Array:
     it first would double the bytes moved between workers and add nothing); every sum is float64.
     """
     return da.reduction(
-        parts, _keep, _add64, combine=_add64, axis=0, split_every=2, dtype=np.float64,
+        parts,
+        _keep,
+        _add64,
+        combine=_add64,
+        axis=0,
+        split_every=2,
+        dtype=np.float64,
         meta=_meta3(parts, np.float64),
     )
 
@@ -380,9 +395,7 @@ def left_multiply(PT: da.Array, A: da.Array, *, precision: str = "float64") -> d
         return part[None]
 
     dtype = compute_dtype(A.dtype, precision)
-    parts = da.blockwise(
-        block, "ikj", PT, "ik", A, "ij", adjust_chunks={"i": 1}, dtype=dtype, meta=_meta3(A, dtype)
-    )
+    parts = da.blockwise(block, "ikj", PT, "ik", A, "ij", adjust_chunks={"i": 1}, dtype=dtype, meta=_meta3(A, dtype))
     return _sum_blocks(parts)
 
 
@@ -407,9 +420,7 @@ def right_multiply(A: da.Array, M: da.Array, *, precision: str = "float64") -> d
         return part[None]
 
     dtype = compute_dtype(A.dtype, precision)
-    parts = da.blockwise(
-        block, "jik", A, "ij", M, "jk", adjust_chunks={"j": 1}, dtype=dtype, meta=_meta3(A, dtype)
-    )
+    parts = da.blockwise(block, "jik", A, "ij", M, "jk", adjust_chunks={"j": 1}, dtype=dtype, meta=_meta3(A, dtype))
     return _sum_blocks(parts)
 
 

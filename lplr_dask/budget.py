@@ -70,7 +70,18 @@ METADATA_BYTES = 16 * 1024
 #: bit pairs"). Above 8 bits (uint16 codes) for matrices of low rank and little noise, where 8-bit
 #: rounding is the larger error.
 BITS_GRID: tuple[tuple[int, int], ...] = (
-    (12, 12), (10, 10), (8, 8), (6, 8), (8, 6), (4, 8), (6, 6), (4, 6), (6, 4), (4, 4), (3, 3), (2, 2)
+    (12, 12),
+    (10, 10),
+    (8, 8),
+    (6, 8),
+    (8, 6),
+    (4, 8),
+    (6, 6),
+    (4, 6),
+    (6, 4),
+    (4, 4),
+    (3, 3),
+    (2, 2),
 )
 #: Ranks tried per pair, as fractions of the largest that fits: more rank lowers the tail but can
 #: raise the rounding noise (a worse-conditioned basis), so the best may be below the largest.
@@ -282,9 +293,18 @@ def choose(
         rank_for_bits_per_entry(n, d, smallest, budget, specs=specs, chunks=chunks)
     top = min(max(fits.values()), max_rank or DEFAULT_MAX_RANK)
     log(f"bits per entry {budget}: sketch spectrum up to rank {top} (one extra read of A)")
-    plan = ErrorPlan.measure(A, bits=next(iter(fits)), spec=specs[0], spec_r=specs[1], seed=seed,
-                test_columns=max(test_columns, PLAN_TEST_COLUMNS), power_iters=power_iters, passes=passes,
-                max_rank=top, oversample=oversample)
+    plan = ErrorPlan.measure(
+        A,
+        bits=next(iter(fits)),
+        spec=specs[0],
+        spec_r=specs[1],
+        seed=seed,
+        test_columns=max(test_columns, PLAN_TEST_COLUMNS),
+        power_iters=power_iters,
+        passes=passes,
+        max_rank=top,
+        oversample=oversample,
+    )
     candidates = []
     for bits, k_fit in fits.items():
         scored = plan.with_bits(bits)
@@ -293,4 +313,3 @@ def choose(
     k, bits, predicted = min(candidates, key=lambda c: c[2])
     log(f"bits per entry {budget}: rank {k}, bits {bits} (predicted error {predicted:.4g})")
     return Choice(k, bits, predicted, candidates)
-

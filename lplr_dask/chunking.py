@@ -59,7 +59,11 @@ _MiB = 2**20
 
 
 def task_bytes(
-    chunk: tuple[int, int], itemsize: int, rank: int, test_columns: int, oversample: int | None = None,
+    chunk: tuple[int, int],
+    itemsize: int,
+    rank: int,
+    test_columns: int,
+    oversample: int | None = None,
     range_oversample: int = 0,
 ) -> int:
     """Estimated peak bytes of the largest task of a pass over chunks of shape ``chunk``.
@@ -133,9 +137,7 @@ def _rechunk_hint(source: str | None, chunks: tuple[int, int]) -> str:
     return f"A = A.rechunk({chunks}) before compressing A"
 
 
-def plan(
-    A: da.Array, params: Params, *, source: str | None = None, log: Callable[[str], None] = logs.info
-) -> da.Array:
+def plan(A: da.Array, params: Params, *, source: str | None = None, log: Callable[[str], None] = logs.info) -> da.Array:
     """A read with sensible task sizes; warn through ``log`` when the chunking forces bad ones.
 
     Parameters
@@ -225,7 +227,9 @@ def check_memory(
     need = task_bytes(chunk, *args)
     if need <= TASK_SHARE * share:
         if need > TASK_SHARE * share / 2:
-            log(f"note: each task needs about {need / _MiB:,.0f} MiB of the {share / _MiB:,.0f} MiB a worker thread has")
+            log(
+                f"note: each task needs about {need / _MiB:,.0f} MiB of the {share / _MiB:,.0f} MiB a worker thread has"
+            )
         return
     fit = _fitting_chunks(chunk, lambda c: task_bytes(c, *args) <= TASK_SHARE * share / 2)
     where = source or "IN"

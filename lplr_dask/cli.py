@@ -86,7 +86,9 @@ def _storage_options(text: str) -> dict[str, Any]:
     except ValueError as e:
         raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r} ({e})") from None
     if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError(f"expected a JSON object such as '{{\"endpoint_url\": \"http://...\"}}', got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f'expected a JSON object such as \'{{"endpoint_url": "http://..."}}\', got {text!r}'
+        )
     return value
 
 
@@ -140,64 +142,110 @@ def build_parser() -> argparse.ArgumentParser:
 
     formatter = argparse.RawDescriptionHelpFormatter
     p = _Parser(
-        prog="lplr", description="Low-rank, low-precision compression of large matrices on Dask.",
+        prog="lplr",
+        description="Low-rank, low-precision compression of large matrices on Dask.",
         formatter_class=formatter,
         epilog=_examples(
             "lplr generate A.zarr --shape 20000x10000 --rank 64",
             "lplr compress A.zarr A.lplr.zarr --bits-per-entry 2 --evaluate",
             "lplr info A.lplr.zarr",
-        ) + "\n\nRun 'lplr COMMAND --help' for a command's options and examples. Exit status: 0 success, "
+        )
+        + "\n\nRun 'lplr COMMAND --help' for a command's options and examples. Exit status: 0 success, "
         "2 bad input or usage,\n1 any other error, 130 interrupted (Ctrl-C), 143 terminated (SIGTERM).",
     )
     p.add_argument("--version", action="version", version=f"lplr {__version__}")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser, metavar="COMMAND")
 
     def command(name: str, help: str, *examples: str) -> argparse.ArgumentParser:
-        return sub.add_parser(name, help=help, description=help[0].upper() + help[1:] + ".",
-                              epilog=_examples(*examples), formatter_class=formatter)
+        return sub.add_parser(
+            name,
+            help=help,
+            description=help[0].upper() + help[1:] + ".",
+            epilog=_examples(*examples),
+            formatter_class=formatter,
+        )
 
     def common(sp: argparse.ArgumentParser, *, cluster: bool = True) -> None:
         sp.add_argument("--json", action="store_true", help="print one JSON object on stdout and nothing else")
-        sp.add_argument("-q", "--quiet", action="store_true", help="no progress bars or progress lines; warnings and errors only")
-        sp.add_argument("-v", "--verbose", action="count", default=0,
-                        help="more messages: debug lines, distributed's INFO, and its log after an error (-vv: more)")
         sp.add_argument(
-            "--storage-options", type=_storage_options, metavar="JSON",
+            "-q", "--quiet", action="store_true", help="no progress bars or progress lines; warnings and errors only"
+        )
+        sp.add_argument(
+            "-v",
+            "--verbose",
+            action="count",
+            default=0,
+            help="more messages: debug lines, distributed's INFO, and its log after an error (-vv: more)",
+        )
+        sp.add_argument(
+            "--storage-options",
+            type=_storage_options,
+            metavar="JSON",
             default=os.environ.get("LPLR_STORAGE_OPTIONS"),  # argparse parses a string default with `type`
-            help="fsspec options for s3://… and other URLs, e.g. '{\"endpoint_url\": \"http://host:9000\"}' "
+            help='fsspec options for s3://… and other URLs, e.g. \'{"endpoint_url": "http://host:9000"}\' '
             "(default: $LPLR_STORAGE_OPTIONS, else the usual AWS_* environment)",
         )
         if cluster:
             add_cluster_arguments(sp)
 
     def seed(sp: argparse.ArgumentParser, what: str) -> None:
-        sp.add_argument("--seed", type=_count(0), default=0, metavar="N",
-                        help=f"seed of {what}; the same seed gives the same result (default 0)")
+        sp.add_argument(
+            "--seed",
+            type=_count(0),
+            default=0,
+            metavar="N",
+            help=f"seed of {what}; the same seed gives the same result (default 0)",
+        )
 
     def compression(sp: argparse.ArgumentParser) -> None:  # compress and compress-group
-        sp.add_argument("--bits", type=int, nargs=2, metavar=("B1", "B2"),
-                        help="bits for L and R (default 8 8; for compress with --bits-per-entry, chosen with the rank)")
+        sp.add_argument(
+            "--bits",
+            type=int,
+            nargs=2,
+            metavar=("B1", "B2"),
+            help="bits for L and R (default 8 8; for compress with --bits-per-entry, chosen with the rank)",
+        )
         sp.add_argument("--passes", type=int, default=2, choices=[1, 2], help="reads of A (default 2)")
-        sp.add_argument("--power-iters", type=_count(0), default=0, metavar="N", help="power iterations (2 more reads each)")
-        sp.add_argument("--oversample", type=_oversample, default=None, metavar="P",
-                        help="extra range-sketch columns: L comes from the top k directions of k+P sketch columns "
-                        "(default: P = rank; 0: the paper's sketch of exactly k columns)")
-        sp.add_argument("--quantizer", default="default", metavar="NAME",
-                        help="paper | default | tensor|channel|groupN[-sym][-stochastic|-gptq], or L_NAME:R_NAME "
-                        "(-gptq: R only, e.g. channel:channel-gptq)")
+        sp.add_argument(
+            "--power-iters", type=_count(0), default=0, metavar="N", help="power iterations (2 more reads each)"
+        )
+        sp.add_argument(
+            "--oversample",
+            type=_oversample,
+            default=None,
+            metavar="P",
+            help="extra range-sketch columns: L comes from the top k directions of k+P sketch columns "
+            "(default: P = rank; 0: the paper's sketch of exactly k columns)",
+        )
+        sp.add_argument(
+            "--quantizer",
+            default="default",
+            metavar="NAME",
+            help="paper | default | tensor|channel|groupN[-sym][-stochastic|-gptq], or L_NAME:R_NAME "
+            "(-gptq: R only, e.g. channel:channel-gptq)",
+        )
         seed(sp, "every random sketch matrix, stored in the attrs")
-        sp.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
-                        help="where each chunk is computed: cpu, or cuda (CuPy on one worker per GPU; default cpu)")
-        sp.add_argument("--precision", default="auto", choices=["auto", "float32", "float64"],
-                        help="dtype of each chunk's products (auto: float32 for float32 input, faster; "
-                        "float64: codes identical for any chunking)")
+        sp.add_argument(
+            "--device",
+            default="cpu",
+            choices=["cpu", "cuda"],
+            help="where each chunk is computed: cpu, or cuda (CuPy on one worker per GPU; default cpu)",
+        )
+        sp.add_argument(
+            "--precision",
+            default="auto",
+            choices=["auto", "float32", "float64"],
+            help="dtype of each chunk's products (auto: float32 for float32 input, faster; "
+            "float64: codes identical for any chunking)",
+        )
         sp.add_argument("--evaluate", action="store_true", help="also measure the exact error (one more read of A)")
         mode = sp.add_mutually_exclusive_group()
         mode.add_argument("--overwrite", action="store_true", help="replace an existing output")
         mode.add_argument("--resume", action="store_true", help="finish an interrupted job (same arguments)")
 
     g = command(
-        "generate", "write a synthetic low-rank-plus-noise matrix to Zarr",
+        "generate",
+        "write a synthetic low-rank-plus-noise matrix to Zarr",
         "lplr generate A.zarr --shape 20000x10000 --rank 64",
         "lplr generate big.zarr --shape 200000x20000 --chunks 8192x4096 --dtype float16 --workers 8",
         "lplr generate heavy.zarr --shape 50000x5000 --kind student-t --noise 0.1 --seed 3",
@@ -206,50 +254,81 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--shape", required=True, metavar="NxD", help="NxD, e.g. 200000x20000")
     g.add_argument("--rank", type=int, default=64, metavar="K", help="rank of the low-rank part (default 64)")
     g.add_argument("--decay", type=float, default=0.9, metavar="Q", help="spectral decay (default 0.9)")
-    g.add_argument("--noise", type=float, default=0.01, metavar="SIGMA", help="relative Frobenius noise level (default 0.01)")
-    g.add_argument("--kind", default="lowrank", choices=["lowrank", "poly", "student-t"],
-                   help="singular values Q^i with Gaussian noise (lowrank), (i+1)^-Q with Gaussian noise (poly), or Q^i "
-                   "with heavy-tailed Student-t noise (student-t); default lowrank")
-    g.add_argument("--chunks", default="4096x4096", type=_chunks, metavar="RxC", help="chunk shape RxC (default 4096x4096)")
-    g.add_argument("--dtype", default="float32", choices=["float32", "float64", "float16"], help="dtype written (default float32)")
+    g.add_argument(
+        "--noise", type=float, default=0.01, metavar="SIGMA", help="relative Frobenius noise level (default 0.01)"
+    )
+    g.add_argument(
+        "--kind",
+        default="lowrank",
+        choices=["lowrank", "poly", "student-t"],
+        help="singular values Q^i with Gaussian noise (lowrank), (i+1)^-Q with Gaussian noise (poly), or Q^i "
+        "with heavy-tailed Student-t noise (student-t); default lowrank",
+    )
+    g.add_argument(
+        "--chunks", default="4096x4096", type=_chunks, metavar="RxC", help="chunk shape RxC (default 4096x4096)"
+    )
+    g.add_argument(
+        "--dtype", default="float32", choices=["float32", "float64", "float16"], help="dtype written (default float32)"
+    )
     seed(g, "the matrix")
     g.add_argument("--overwrite", action="store_true", help="replace an existing output")
     common(g)
 
     v = command(
-        "convert", "stream a .npy, HDF5 dataset or safetensors tensor into chunked Zarr",
+        "convert",
+        "stream a .npy, HDF5 dataset or safetensors tensor into chunked Zarr",
         "lplr convert W.npy W.zarr",
         "lplr convert model.safetensors:lm_head.weight W.zarr --chunks 2048x2048",
-        "lplr convert data.h5:/matrix s3://bucket/A.zarr --storage-options '{\"endpoint_url\": \"http://host:9000\"}'",
+        'lplr convert data.h5:/matrix s3://bucket/A.zarr --storage-options \'{"endpoint_url": "http://host:9000"}\'',
     )
     v.add_argument("input", help="W.npy, FILE.h5:/dataset, FILE.safetensors:name, or a Zarr array")
     v.add_argument("out", help="output Zarr array (path or URL)")
-    v.add_argument("--chunks", type=_chunks, metavar="RxC", help="chunk shape RxC (default: about 128 MiB blocks, or the Zarr input's)")
+    v.add_argument(
+        "--chunks",
+        type=_chunks,
+        metavar="RxC",
+        help="chunk shape RxC (default: about 128 MiB blocks, or the Zarr input's)",
+    )
     v.add_argument("--overwrite", action="store_true", help="replace an existing output")
     common(v)
 
     c = command(
-        "compress", "compress a matrix into an *.lplr.zarr store",
+        "compress",
+        "compress a matrix into an *.lplr.zarr store",
         "lplr compress A.zarr A.lplr.zarr --rank 64",
         "lplr compress A.zarr A.lplr.zarr --bits-per-entry 2 --evaluate",
         "lplr compress s3://bucket/A.zarr s3://bucket/A.lplr.zarr --target-error 0.05 --scheduler tcp://10.0.0.5:8786",
         "lplr compress A.zarr A.lplr.zarr --rank 64 --resume    # finish an interrupted job",
     )
-    c.add_argument("input", help="input matrix: a Zarr array (path or URL, IN.zarr/path/in/group), W.npy, "
-                   "FILE.h5:/dataset or FILE.safetensors:name")
+    c.add_argument(
+        "input",
+        help="input matrix: a Zarr array (path or URL, IN.zarr/path/in/group), W.npy, "
+        "FILE.h5:/dataset or FILE.safetensors:name",
+    )
     c.add_argument("out", help="output *.lplr.zarr path")
     size = c.add_argument_group("size (exactly one)").add_mutually_exclusive_group(required=True)
     size.add_argument("--rank", type=int, metavar="K", help="target rank k")
-    size.add_argument("--bits-per-entry", type=_positive, metavar="X",
-                      help="storage budget in bits per entry of A: the bytes on disk, scales and metadata included")
-    size.add_argument("--match-nq", type=_positive, metavar="B", help="the paper's fair rank against B-bit naive quantization")
-    size.add_argument("--target-error", type=_positive, metavar="E",
-                      help="the smallest rank whose estimated relative error is at most E (one more read of A)")
+    size.add_argument(
+        "--bits-per-entry",
+        type=_positive,
+        metavar="X",
+        help="storage budget in bits per entry of A: the bytes on disk, scales and metadata included",
+    )
+    size.add_argument(
+        "--match-nq", type=_positive, metavar="B", help="the paper's fair rank against B-bit naive quantization"
+    )
+    size.add_argument(
+        "--target-error",
+        type=_positive,
+        metavar="E",
+        help="the smallest rank whose estimated relative error is at most E (one more read of A)",
+    )
     compression(c)
     common(c)
 
     cg = command(
-        "compress-group", "compress every matrix of a Zarr group, HDF5 or safetensors file",
+        "compress-group",
+        "compress every matrix of a Zarr group, HDF5 or safetensors file",
         "lplr compress-group model.safetensors model.lplr.zarr --match-nq 4",
         "lplr compress-group weights.zarr weights.lplr.zarr --bits-per-entry 2 --bits 4 4",
         "lplr compress-group layers.h5 layers.lplr.zarr --rank 128 --resume",
@@ -258,9 +337,13 @@ def build_parser() -> argparse.ArgumentParser:
     cg.add_argument("out", help="output group: one *.lplr.zarr subgroup per compressed matrix")
     rule = cg.add_argument_group("rule for each matrix (exactly one)").add_mutually_exclusive_group(required=True)
     rule.add_argument("--rank", type=_count(1), metavar="K", help="rank k (capped at min(n, d))")
-    rule.add_argument("--bits-per-entry", type=_positive, metavar="X",
-                      help="budget in bits per entry counting the codes only, k·(n·B1 + d·B2)/(n·d) "
-                      "(not the bytes on disk, as compress counts)")
+    rule.add_argument(
+        "--bits-per-entry",
+        type=_positive,
+        metavar="X",
+        help="budget in bits per entry counting the codes only, k·(n·B1 + d·B2)/(n·d) "
+        "(not the bytes on disk, as compress counts)",
+    )
     rule.add_argument("--match-nq", type=_positive, metavar="B", help="the fair rank against B-bit naive quantization")
     compression(cg)
     common(cg)
@@ -270,7 +353,8 @@ def build_parser() -> argparse.ArgumentParser:
     common(i, cluster=False)
 
     e = command(
-        "evaluate", "exact relative Frobenius error, one read of A",
+        "evaluate",
+        "exact relative Frobenius error, one read of A",
         "lplr evaluate A.zarr A.lplr.zarr",
         "lplr evaluate s3://bucket/A.zarr A.lplr.zarr --json --workers 8",
     )
@@ -279,19 +363,25 @@ def build_parser() -> argparse.ArgumentParser:
     common(e)
 
     d = command(
-        "decompress", "write the reconstruction L·R to a Zarr array",
+        "decompress",
+        "write the reconstruction L·R to a Zarr array",
         "lplr decompress A.lplr.zarr A_approx.zarr",
         "lplr decompress A.lplr.zarr A_approx.zarr --dtype float32 --overwrite",
     )
     d.add_argument("store", help="the *.lplr.zarr store (path or URL)")
     d.add_argument("out", help="output Zarr array (path or URL), chunked as the source was")
-    d.add_argument("--dtype", default="source", choices=["source", "float16", "float32", "float64"],
-                   help="dtype written (default: the source's; bfloat16 sources are written as float32)")
+    d.add_argument(
+        "--dtype",
+        default="source",
+        choices=["source", "float16", "float32", "float64"],
+        help="dtype written (default: the source's; bfloat16 sources are written as float32)",
+    )
     d.add_argument("--overwrite", action="store_true", help="replace an existing output")
     common(d)
 
     vf = sub.add_parser(
-        "verify", help="read every chunk of a store once: present, checksum, codes in range, finite scales",
+        "verify",
+        help="read every chunk of a store once: present, checksum, codes in range, finite scales",
         description="Read every chunk of an *.lplr.zarr store (or of a compress-group output) once and check "
         "it: present, decodes with its checksum, codes below 2^bits, scales finite. Exit 0 when clean; "
         "exit 2 with one line naming the damaged chunks.",
@@ -397,8 +487,9 @@ def _check_output(args: argparse.Namespace, *, inputs: Sequence[str | None] = ()
 
     opts = args.storage_options
     resume = getattr(args, "resume", False)
-    guard.check_output(args.out, inputs, overwrite=args.overwrite, storage_options=opts,
-                       what=f"output of lplr {args.command}")
+    guard.check_output(
+        args.out, inputs, overwrite=args.overwrite, storage_options=opts, what=f"output of lplr {args.command}"
+    )
     if not (args.overwrite or resume):
         hint = ", or --resume (resume=True) to finish an interrupted job" if args.command in _RESUMABLE else ""
         store.clear(args.out, overwrite=False, storage_options=opts, hint=hint)  # refuses, removes nothing
@@ -417,9 +508,15 @@ def _options(args: argparse.Namespace) -> Options:
     from lplr_dask.options import DEFAULT_BITS, Options
 
     return Options(
-        bits=tuple(args.bits) if args.bits else DEFAULT_BITS, passes=args.passes, power_iters=args.power_iters,
-        oversample=args.oversample, quantizer=args.quantizer, seed=args.seed, precision=args.precision,
-        device=args.device, storage_options=args.storage_options,
+        bits=tuple(args.bits) if args.bits else DEFAULT_BITS,
+        passes=args.passes,
+        power_iters=args.power_iters,
+        oversample=args.oversample,
+        quantizer=args.quantizer,
+        seed=args.seed,
+        precision=args.precision,
+        device=args.device,
+        storage_options=args.storage_options,
     )
 
 
@@ -464,9 +561,11 @@ def _logging(verbosity: int) -> Iterator[None]:
     that :func:`_hide_distributed_logs` raises.
     """
     saved = [(logs.logger, logs.logger.level, logs.logger.propagate, logs.logger.handlers[:])]
-    saved += [(logging.getLogger(name), logging.getLogger(name).level, None, None)
-              for name in [*logging.root.manager.loggerDict, *_HIDDEN_AFTER_AN_ERROR]
-              if name.split(".")[0] in _HIDDEN_AFTER_AN_ERROR]
+    saved += [
+        (logging.getLogger(name), logging.getLogger(name).level, None, None)
+        for name in [*logging.root.manager.loggerDict, *_HIDDEN_AFTER_AN_ERROR]
+        if name.split(".")[0] in _HIDDEN_AFTER_AN_ERROR
+    ]
     logs.configure(verbosity)
     try:
         yield
@@ -488,16 +587,27 @@ def _cmd_generate(args: argparse.Namespace, log: Callable[[str], None]) -> dict[
             "lplr generate: --storage-options is not supported for a remote output (the environment's "
             "configuration is); generate locally and upload with `lplr convert LOCAL.zarr URL --storage-options ...`"
         )
-    options = dict(rank=args.rank, decay=args.decay, noise=args.noise, kind=args.kind, chunks=args.chunks,
-                   seed=args.seed, dtype=np.dtype(args.dtype))
+    options = dict(
+        rank=args.rank,
+        decay=args.decay,
+        noise=args.noise,
+        kind=args.kind,
+        chunks=args.chunks,
+        seed=args.seed,
+        dtype=np.dtype(args.dtype),
+    )
     synthetic(shape, **options)  # checks rank and noise; lazy
     _check_output(args)
     t0 = time.perf_counter()
     with _cluster(args, log):
         arr = generate(args.out, shape, overwrite=args.overwrite, **options)
     return {
-        "out": args.out, "shape": list(arr.shape), "dtype": str(arr.dtype), "chunks": list(arr.chunks),
-        "bytes": int(np.prod(arr.shape)) * arr.dtype.itemsize, "seconds": round(time.perf_counter() - t0, 3),
+        "out": args.out,
+        "shape": list(arr.shape),
+        "dtype": str(arr.dtype),
+        "chunks": list(arr.chunks),
+        "bytes": int(np.prod(arr.shape)) * arr.dtype.itemsize,
+        "seconds": round(time.perf_counter() - t0, 3),
     }
 
 
@@ -507,8 +617,9 @@ def _cmd_compress(args: argparse.Namespace, log: Callable[[str], None]) -> dict[
     from lplr_dask.options import SizeRule
     from lplr_dask.sources import open_source
 
-    size = SizeRule.from_args(rank=args.rank, bits_per_entry=args.bits_per_entry, match_nq=args.match_nq,
-                              target_error=args.target_error)
+    size = SizeRule.from_args(
+        rank=args.rank, bits_per_entry=args.bits_per_entry, match_nq=args.match_nq, target_error=args.target_error
+    )
     options = _options(args)
     opts = args.storage_options
     A = open_source(args.input, storage_options=opts)
@@ -517,11 +628,24 @@ def _cmd_compress(args: argparse.Namespace, log: Callable[[str], None]) -> dict[
     _check_output(args, inputs=[args.input], resume_store=True)
     with _cluster(args, log):
         factors = compress(
-            args.input, args.out, rank=args.rank, bits=tuple(args.bits) if args.bits else None,
-            bits_per_entry=args.bits_per_entry, match_nq=args.match_nq, target_error=args.target_error, passes=args.passes,
-            power_iters=args.power_iters, oversample=args.oversample, quantizer=args.quantizer, seed=args.seed,
-            overwrite=args.overwrite, resume=args.resume, device=args.device, storage_options=opts,
-            precision=args.precision, log=log,
+            args.input,
+            args.out,
+            rank=args.rank,
+            bits=tuple(args.bits) if args.bits else None,
+            bits_per_entry=args.bits_per_entry,
+            match_nq=args.match_nq,
+            target_error=args.target_error,
+            passes=args.passes,
+            power_iters=args.power_iters,
+            oversample=args.oversample,
+            quantizer=args.quantizer,
+            seed=args.seed,
+            overwrite=args.overwrite,
+            resume=args.resume,
+            device=args.device,
+            storage_options=opts,
+            precision=args.precision,
+            log=log,
         )
         if args.evaluate:
             evaluate(args.input, factors, storage_options=opts)
@@ -536,11 +660,21 @@ def _cmd_convert(args: argparse.Namespace, log: Callable[[str], None]) -> dict[s
     _check_output(args, inputs=[args.input])
     t0 = time.perf_counter()
     with _cluster(args, log):
-        arr = convert(args.input, args.out, chunks=args.chunks or "auto", overwrite=args.overwrite,
-                      storage_options=args.storage_options, log=log)
+        arr = convert(
+            args.input,
+            args.out,
+            chunks=args.chunks or "auto",
+            overwrite=args.overwrite,
+            storage_options=args.storage_options,
+            log=log,
+        )
     return {
-        "input": args.input, "out": args.out, "shape": list(arr.shape), "dtype": str(arr.dtype),
-        "source_dtype": arr.attrs["lplr_convert"]["source_dtype"], "chunks": list(arr.chunks),
+        "input": args.input,
+        "out": args.out,
+        "shape": list(arr.shape),
+        "dtype": str(arr.dtype),
+        "source_dtype": arr.attrs["lplr_convert"]["source_dtype"],
+        "chunks": list(arr.chunks),
         "seconds": round(time.perf_counter() - t0, 3),
     }
 
@@ -554,11 +688,24 @@ def _cmd_compress_group(args: argparse.Namespace, log: Callable[[str], None]) ->
     _check_output(args, inputs=[args.input])
     with _cluster(args, log):
         return compress_group(
-            args.input, args.out, rank=args.rank, bits=options.bits, bits_per_entry=args.bits_per_entry,
-            match_nq=args.match_nq, passes=args.passes, power_iters=args.power_iters, oversample=args.oversample,
+            args.input,
+            args.out,
+            rank=args.rank,
+            bits=options.bits,
+            bits_per_entry=args.bits_per_entry,
+            match_nq=args.match_nq,
+            passes=args.passes,
+            power_iters=args.power_iters,
+            oversample=args.oversample,
             quantizer=args.quantizer,
-            seed=args.seed, overwrite=args.overwrite, resume=args.resume, device=args.device,
-            evaluate=args.evaluate, storage_options=args.storage_options, precision=args.precision, log=log,
+            seed=args.seed,
+            overwrite=args.overwrite,
+            resume=args.resume,
+            device=args.device,
+            evaluate=args.evaluate,
+            storage_options=args.storage_options,
+            precision=args.precision,
+            log=log,
         )
 
 
@@ -582,7 +729,12 @@ def _cmd_evaluate(args: argparse.Namespace, log: Callable[[str], None]) -> dict[
         )
     with _cluster(args, log):
         err = evaluate(args.input, factors, storage_options=args.storage_options)
-    return {"store": args.store, "input": args.input, "error_exact": err, "error_estimate": factors.attrs.get("error_estimate")}
+    return {
+        "store": args.store,
+        "input": args.input,
+        "error_exact": err,
+        "error_estimate": factors.attrs.get("error_estimate"),
+    }
 
 
 def _cmd_decompress(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
@@ -601,10 +753,21 @@ def _cmd_decompress(args: argparse.Namespace, log: Callable[[str], None]) -> dic
     t0 = time.perf_counter()
     with _cluster(args, log):
         recon = cast_to(factors.to_dask(dtype=np.float64), dtype).rechunk(chunks)
-        store.write_array(recon, args.out, overwrite=args.overwrite, label="decompress", storage_options=opts,
-                          attrs={"lplr_decompress": {"store": args.store, "dtype": str(dtype)}})
-    return {"store": args.store, "out": args.out, "shape": list(recon.shape), "dtype": str(dtype),
-            "seconds": round(time.perf_counter() - t0, 3)}
+        store.write_array(
+            recon,
+            args.out,
+            overwrite=args.overwrite,
+            label="decompress",
+            storage_options=opts,
+            attrs={"lplr_decompress": {"store": args.store, "dtype": str(dtype)}},
+        )
+    return {
+        "store": args.store,
+        "out": args.out,
+        "shape": list(recon.shape),
+        "dtype": str(dtype),
+        "seconds": round(time.perf_counter() - t0, 3),
+    }
 
 
 def _cmd_verify(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
@@ -688,7 +851,9 @@ def _outcome(e: BaseException, args: argparse.Namespace | None) -> tuple[int, st
     """The exit status and the one stderr line for the exception ``e``; None to let it propagate."""
     command = getattr(args, "command", None)
     if isinstance(e, (KeyboardInterrupt, Terminated)):
-        what, code = ("interrupted", EXIT_INTERRUPTED) if isinstance(e, KeyboardInterrupt) else ("terminated", EXIT_TERMINATED)
+        what, code = (
+            ("interrupted", EXIT_INTERRUPTED) if isinstance(e, KeyboardInterrupt) else ("terminated", EXIT_TERMINATED)
+        )
         if command in _RESUMABLE:
             return code, f"{what}: rerun with --resume to finish: {_resume_command(args)}"
         return code, what

@@ -71,7 +71,11 @@ def convert(
     shape = "x".join(map(str, A.shape))
     log(f"convert {src.format} {shape} {src.dtype} -> {os.fspath(out)} (chunks {'x'.join(map(str, A.chunksize))})")
     arr = store.write_array(
-        A, out, overwrite=overwrite, label=f"convert {shape}", storage_options=storage_options,
+        A,
+        out,
+        overwrite=overwrite,
+        label=f"convert {shape}",
+        storage_options=storage_options,
         attrs={"lplr_convert": {"source": src.path, "format": src.format, "source_dtype": src.dtype}},
     )
     return arr

@@ -93,7 +93,9 @@ def synthetic(
             out += sigma * e
         return out.astype(dtype)
 
-    return da.map_blocks(block, chunks=da.core.normalize_chunks(chunks, shape), dtype=dtype, meta=np.empty((0, 0), dtype))
+    return da.map_blocks(
+        block, chunks=da.core.normalize_chunks(chunks, shape), dtype=dtype, meta=np.empty((0, 0), dtype)
+    )
 
 
 def generate(

@@ -202,9 +202,7 @@ def orth(X: da.Array) -> da.Array:
     return q
 
 
-def power_iterate(
-    A: da.Array, Y: da.Array, q: int, run: Callable[..., Any], *, precision: str = "float64"
-) -> da.Array:
+def power_iterate(A: da.Array, Y: da.Array, q: int, run: Callable[..., Any], *, precision: str = "float64") -> da.Array:
     """``Y ← A·orth(Aᵀ·orth(Y))`` q times (two reads of A each), persisting between steps."""
     for i in range(q):
         step = f"power iteration ({i + 1} of {q}"
@@ -340,7 +338,11 @@ def _columns(X: da.Array, todo: list[int]) -> da.Array:
 
 
 def decode_factor(
-    codes: da.Array, scale: np.ndarray, offset: np.ndarray, spec: QuantizerSpec, channel_axis: int,
+    codes: da.Array,
+    scale: np.ndarray,
+    offset: np.ndarray,
+    spec: QuantizerSpec,
+    channel_axis: int,
     dtype: Any = np.float64,
 ) -> da.Array:
     """Lazily decode a codes array (dask) with its stored scales: the factor L̂ or R̂, block by block.
@@ -451,8 +453,11 @@ class StageContext:
         """The factor ``name`` ("L" or "R") decoded lazily from its codes, scales and offsets."""
         spec, axis = (self.params.spec_l, 1) if name == "L" else (self.params.spec_r, 0)
         return decode_factor(
-            da.from_zarr(self.group[f"{name}/codes"]), store.read_small(self.group, f"{name}/scale"),
-            store.read_small(self.group, f"{name}/offset"), spec, channel_axis=axis,
+            da.from_zarr(self.group[f"{name}/codes"]),
+            store.read_small(self.group, f"{name}/scale"),
+            store.read_small(self.group, f"{name}/offset"),
+            spec,
+            channel_axis=axis,
         )
 
     def scratch(self, name: str) -> zarr.Array:
@@ -478,7 +483,9 @@ def sketch_and_code_basis(job: StageContext) -> dict[str, Any]:
     if p.power_iters:
         Y = power_iterate(A, Y, p.power_iters, job.runner, precision=p.precision)
     qL = quantize_basis(truncate_sketch(Y, p), p)
-    _store_codes(job.group, "L/codes", qL.codes.rechunk((job.row_chunk, p.rank)), p.bits[0], job.runner, "basis: quantize L")
+    _store_codes(
+        job.group, "L/codes", qL.codes.rechunk((job.row_chunk, p.rank)), p.bits[0], job.runner, "basis: quantize L"
+    )
     store.write_small(job.group, "L/scale", qL.scale)
     store.write_small(job.group, "L/offset", qL.offset)
     return {"norm_fro": norm_fro}
@@ -521,8 +528,12 @@ def project_onto_basis(job: StageContext) -> dict[str, Any]:
     if todo:
         W, label = _projection(job, todo)
         one_pass = job.params.passes == 1
-        job.runner(label, blocks.map_column_blocks(W, _WWriter(job.root, todo)), persist=False,
-                   chunks_of=None if one_pass else job.A)
+        job.runner(
+            label,
+            blocks.map_column_blocks(W, _WWriter(job.root, todo)),
+            persist=False,
+            chunks_of=None if one_pass else job.A,
+        )
     return {}
 
 
@@ -541,7 +552,9 @@ def _projection(job: StageContext, todo: list[int]) -> tuple[da.Array, str]:
     if p.passes == 1:
         M = one_pass_projector(L_hat, p)
         Z = da.from_zarr(job.scratch("Z"))
-        return blocks.left_multiply(da.from_array(M.T), like(_columns(Z, todo), A)), "pass 2: project (one-pass, no read of A)"
+        return blocks.left_multiply(
+            da.from_array(M.T), like(_columns(Z, todo), A)
+        ), "pass 2: project (one-pass, no read of A)"
     pt = store.create_scratch(job.group, "PT", (A.shape[0], p.rank), (job.row_chunk, p.rank))
     PT = to_host_blocks(pinv_factor(L_hat).rechunk({0: A.chunks[0], 1: -1}))
     job.runner("basis: pinv(L)", da.store(PT, pt, lock=False, compute=False), persist=False)
@@ -563,8 +576,10 @@ def code_r(job: StageContext) -> dict[str, Any]:
     W = like(da.from_zarr(job.scratch("W")), job.A)
     gptq = p.spec_r.rounding == "gptq"  # then also the k×k factor on the client, from the stored basis
     rs, ro, *H = job.runner(
-        "code R (scales)", *ranges_to_scales(W, p.bits[1], p.spec_r, 0),
-        *([basis_hessian(job.stored_factor("L"))] if gptq else []), persist=False,
+        "code R (scales)",
+        *ranges_to_scales(W, p.bits[1], p.spec_r, 0),
+        *([basis_hessian(job.stored_factor("L"))] if gptq else []),
+        persist=False,
     )
     factor = gptq_factor(H[0]) if gptq else None
     codes = encode_blocks(W, p.bits[1], p.spec_r, rs, ro, channel_axis=0, seed=derived_seed(p.seed, 2), factor=factor)
@@ -615,7 +630,7 @@ STAGE_NAMES = ("started", *(s.name for s in STAGES))
 
 def stages_after(stage: str) -> tuple[Stage, ...]:
     """The stages still to run for a store whose ``stage`` attr is ``stage`` (one of :data:`STAGE_NAMES`)."""
-    return STAGES[STAGE_NAMES.index(stage):]
+    return STAGES[STAGE_NAMES.index(stage) :]
 
 
 def run(
@@ -652,7 +667,12 @@ def _store_codes(group: zarr.Group, name: str, codes: da.Array, bits: int, run: 
     if codes.nbytes <= PERSIST_CODES_BYTES:
         (codes,) = run(f"{label} (codes)", codes)
     target = store.create_codes(
-        group, name, codes.shape, tuple(int(c[0]) for c in codes.chunks), bits, sample_from=codes  # type: ignore[arg-type]
+        group,
+        name,
+        codes.shape,
+        tuple(int(c[0]) for c in codes.chunks),
+        bits,
+        sample_from=codes,  # type: ignore[arg-type]
     )
     run(f"{label} (write)", da.store(to_host_blocks(codes), target, lock=False, compute=False), persist=False)
 

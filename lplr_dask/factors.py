@@ -82,7 +82,8 @@ class Factors:
         store.check_chunks_present(self._arrays, self.path, version=self._version)
         self._small = {
             name: store.read_small(self._group, name, where=self.path, version=self._version)
-            for name in self._arrays if not name.endswith("/codes")
+            for name in self._arrays
+            if not name.endswith("/codes")
         }
 
     def __repr__(self) -> str:
@@ -177,8 +178,12 @@ class Factors:
         from scipy.sparse.linalg import LinearOperator
 
         return LinearOperator(
-            self.shape, matvec=self.matvec, rmatvec=self.rmatvec, matmat=self.matmat,
-            rmatmat=self.rmatmat, dtype=np.float64,
+            self.shape,
+            matvec=self.matvec,
+            rmatvec=self.rmatvec,
+            matmat=self.matmat,
+            rmatmat=self.rmatmat,
+            dtype=np.float64,
         )
 
     def nearest_rows(
@@ -298,8 +303,19 @@ def product_error(A: da.Array, L: da.Array, R: da.Array, *, label: str = "evalua
         return np.array([[[float((diff * diff).sum()), float((a64 * a64).sum())]]])
 
     parts = da.blockwise(
-        block, "ijt", A, "ij", Lh, "ik", Rh, "kj",
-        new_axes={"t": 2}, adjust_chunks={"i": 1, "j": 1}, concatenate=True, dtype=np.float64, meta=np.empty((0, 0, 0)),
+        block,
+        "ijt",
+        A,
+        "ij",
+        Lh,
+        "ik",
+        Rh,
+        "kj",
+        new_axes={"t": 2},
+        adjust_chunks={"i": 1, "j": 1},
+        concatenate=True,
+        dtype=np.float64,
+        meta=np.empty((0, 0, 0)),
     )
     (sums,) = compute(label, parts.sum(axis=(0, 1)), chunks_of=A)
     num, den = sums

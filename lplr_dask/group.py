@@ -78,18 +78,25 @@ def plan_rank(
         return 0, f"too small to gain (rank {k} is full rank)"
     factor_bits = budget.theoretical_bits_per_entry(n, d, k, bits)
     if factor_bits >= 8 * itemsize(dtype):
-        return 0, f"too small to gain (rank {k} needs {factor_bits:.3g} bits per entry, the array {8 * itemsize(dtype)})"
+        return (
+            0,
+            f"too small to gain (rank {k} needs {factor_bits:.3g} bits per entry, the array {8 * itemsize(dtype)})",
+        )
     return k, ""
 
 
 def _check_rule(rank: int | None, bits_per_entry: float | None, match_nq: float | None) -> dict[str, float]:
-    given = {name: v for name, v in (("rank", rank), ("bits_per_entry", bits_per_entry), ("match_nq", match_nq)) if v is not None}
+    given = {
+        name: v
+        for name, v in (("rank", rank), ("bits_per_entry", bits_per_entry), ("match_nq", match_nq))
+        if v is not None
+    }
     if len(given) != 1:
         raise LplrValueError(
             "Expected exactly one rule for every matrix of the group: rank (--rank), bits_per_entry "
             f"(--bits-per-entry) or match_nq (--match-nq). Got {', '.join(given) or 'none'}."
         )
-    (name, value), = given.items()
+    ((name, value),) = given.items()
     if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) or not value > 0:
         raise LplrValueError(f"Expected a positive {name}. Got {value!r} instead.")
     if name == "rank" and int(value) != value:
@@ -102,11 +109,15 @@ def _row(i: int, total: int, entry: dict[str, Any], widths: tuple[int, int]) -> 
     shape = "x".join(map(str, entry["shape"]))
     if entry["action"] == "lplr":
         error = entry["error_exact"] if entry.get("error_exact") is not None else entry["error_estimate"]
-        what = f"lplr  rank {entry['rank']:<5}  error {error:.3g}" + (" (exact)" if entry.get("error_exact") is not None else "")
+        what = f"lplr  rank {entry['rank']:<5}  error {error:.3g}" + (
+            " (exact)" if entry.get("error_exact") is not None else ""
+        )
     else:
         what = f"copy  {entry['reason']}"
-    return (f"array {i:>{len(str(total))}}/{total}  {entry['name']:<{widths[0]}}  {shape:<{widths[1]}}  "
-            f"{entry['dtype']:<8}  {entry['bits_per_entry']:6.3g} bits/entry  {entry['seconds']:7.1f} s  {what}")
+    return (
+        f"array {i:>{len(str(total))}}/{total}  {entry['name']:<{widths[0]}}  {shape:<{widths[1]}}  "
+        f"{entry['dtype']:<8}  {entry['bits_per_entry']:6.3g} bits/entry  {entry['seconds']:7.1f} s  {what}"
+    )
 
 
 def compress_group(
@@ -174,8 +185,17 @@ def compress_group(
         If ``out`` exists and neither ``overwrite`` nor ``resume`` is given.
     """
     rule = _check_rule(rank, bits_per_entry, match_nq)
-    options = Options(bits=bits, passes=passes, power_iters=power_iters, oversample=oversample, quantizer=quantizer,
-                      seed=seed, precision=precision, device=device, storage_options=storage_options)
+    options = Options(
+        bits=bits,
+        passes=passes,
+        power_iters=power_iters,
+        oversample=oversample,
+        quantizer=quantizer,
+        seed=seed,
+        precision=precision,
+        device=device,
+        storage_options=storage_options,
+    )
     check_job(overwrite, resume)
     location = os.fspath(source)
     check_output(out, [location], overwrite=overwrite, storage_options=storage_options)
@@ -203,8 +223,10 @@ def compress_group(
     with get_client(log=log) as client:
         for i, (name, (shape, dtype)) in enumerate(arrays.items()):
             k, reason = plan_rank(shape, dtype, bits, **rule)  # type: ignore[arg-type]
-            log(f"array {i + 1}/{len(arrays)}: {name} ({'x'.join(map(str, shape))} {dtype}): "
-                + (f"rank {k}" if k else f"copy, {reason}"))
+            log(
+                f"array {i + 1}/{len(arrays)}: {name} ({'x'.join(map(str, shape))} {dtype}): "
+                + (f"rank {k}" if k else f"copy, {reason}")
+            )
             parent = name.rpartition("/")[0]
             if parent:
                 root.require_group(parent)
@@ -212,18 +234,35 @@ def compress_group(
             t0 = time.perf_counter()
             entry: dict[str, Any] = {"name": name, "shape": list(shape), "dtype": dtype}
             if k:
-                factors = compress_at_rank(member(location, name), target, k, options, client=client,
-                                           overwrite=not resume, resume=resume, log=log)
+                factors = compress_at_rank(
+                    member(location, name),
+                    target,
+                    k,
+                    options,
+                    client=client,
+                    overwrite=not resume,
+                    resume=resume,
+                    log=log,
+                )
                 if evaluate:
                     evaluate_error(member(location, name), factors, storage_options=storage_options)
                 nbytes = factors.nbytes
-                entry.update(action="lplr", reason="", rank=k, bits=list(bits),
-                             error_estimate=factors.attrs.get("error_estimate"),
-                             error_exact=factors.attrs.get("error_exact"))
+                entry.update(
+                    action="lplr",
+                    reason="",
+                    rank=k,
+                    bits=list(bits),
+                    error_estimate=factors.attrs.get("error_estimate"),
+                    error_exact=factors.attrs.get("error_exact"),
+                )
             else:
                 src = read_source(member(location, name), storage_options=storage_options)
                 store.write_array(
-                    regular(src.array), target, overwrite=True, label=f"copy {name}", storage_options=storage_options,
+                    regular(src.array),
+                    target,
+                    overwrite=True,
+                    label=f"copy {name}",
+                    storage_options=storage_options,
                     attrs={"lplr_copy": {"reason": reason, "source_dtype": dtype}},
                 )
                 nbytes = store.bytes_on_disk(target, storage_options=storage_options)
@@ -261,13 +300,21 @@ def format_table(result: dict[str, Any]) -> str:
     head = ["name", "shape", "dtype", "action", "rank", "bits", "bytes", "bits/entry", "ratio", "err est", "err exact"]
     rows = [head]
     for e in result["arrays"]:
-        rows.append([
-            e["name"], "x".join(map(str, e["shape"])), e["dtype"], e["action"],
-            str(e["rank"] or "-"), "/".join(map(str, e["bits"])) if e["bits"] else "-",
-            str(e["bytes_on_disk"]), f"{e['bits_per_entry']:.3g}", f"{e['compression_ratio']:.3g}",
-            "-" if e["error_estimate"] is None else f"{e['error_estimate']:.3g}",
-            "-" if e["error_exact"] is None else f"{e['error_exact']:.3g}",
-        ])
+        rows.append(
+            [
+                e["name"],
+                "x".join(map(str, e["shape"])),
+                e["dtype"],
+                e["action"],
+                str(e["rank"] or "-"),
+                "/".join(map(str, e["bits"])) if e["bits"] else "-",
+                str(e["bytes_on_disk"]),
+                f"{e['bits_per_entry']:.3g}",
+                f"{e['compression_ratio']:.3g}",
+                "-" if e["error_estimate"] is None else f"{e['error_estimate']:.3g}",
+                "-" if e["error_exact"] is None else f"{e['error_exact']:.3g}",
+            ]
+        )
     widths = [max(len(r[c]) for r in rows) for c in range(len(head))]
     lines = ["  ".join(v.ljust(w) for v, w in zip(r, widths)) for r in rows]
     t = result["totals"]

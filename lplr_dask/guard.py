@@ -76,7 +76,10 @@ def location_key(location: Any, storage_options: dict[str, Any] | None = None) -
     if local is not None:
         return "", os.path.realpath(os.path.abspath(local)).rstrip(os.sep) or os.sep
     protocol, rest = text.split("://", 1)
-    endpoint = str((storage_options or {}).get("endpoint_url") or (storage_options or {}).get("client_kwargs", {}).get("endpoint_url", ""))
+    endpoint = str(
+        (storage_options or {}).get("endpoint_url")
+        or (storage_options or {}).get("client_kwargs", {}).get("endpoint_url", "")
+    )
     return f"{protocol.lower()}|{endpoint.rstrip('/')}", "/".join(p for p in rest.split("/") if p not in ("", "."))
 
 
@@ -369,8 +372,11 @@ def _zarr_of(source: Any, storage_options: dict[str, Any] | None) -> Any:
     import zarr
 
     if source.path is None:  # an open zarr.Array: da.from_zarr keeps it as the graph's one input
-        found = [v.arr if isinstance(v, _InputArray) else v for v in source.array.dask.values()
-                 if isinstance(v, (zarr.Array, _InputArray))]
+        found = [
+            v.arr if isinstance(v, _InputArray) else v
+            for v in source.array.dask.values()
+            if isinstance(v, (zarr.Array, _InputArray))
+        ]
         if found:
             return found[0]
     return _open_zarr(parse_location(source.path)[1], storage_options)
@@ -408,7 +414,9 @@ def _hash_file(h: Any, path: str) -> None:
             h.update(f.read(FINGERPRINT_WINDOW))
 
 
-def check_fingerprint(recorded: dict[str, Any] | None, current: dict[str, Any], *, out: str, source: str | None) -> None:
+def check_fingerprint(
+    recorded: dict[str, Any] | None, current: dict[str, Any], *, out: str, source: str | None
+) -> None:
     """Refuse to resume when the input changed since the job started.
 
     A store started by a version that recorded no fingerprint is resumed without the check.
@@ -422,7 +430,9 @@ def check_fingerprint(recorded: dict[str, Any] | None, current: dict[str, Any], 
         return
     if recorded == current:
         return
-    what = "shape or dtype" if (recorded["shape"], recorded["dtype"]) != (current["shape"], current["dtype"]) else "data"
+    what = (
+        "shape or dtype" if (recorded["shape"], recorded["dtype"]) != (current["shape"], current["dtype"]) else "data"
+    )
     raise StoreFormatError(
         f"Cannot resume {out!r}: its input {source or '(in-memory array)'!r} changed since the job started "
         f"(its {what} differs: {current['method']} fingerprint {current['sha256'][:12]} instead of "

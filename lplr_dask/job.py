@@ -94,8 +94,12 @@ def compress_at_rank(
     path = os.fspath(out)
     storage_options = options.storage_options
     if store.exists(path, storage_options) and not (overwrite or resume):
-        store.clear(path, overwrite=False, storage_options=storage_options,
-                    hint=", or --resume (resume=True) to finish an interrupted job")
+        store.clear(
+            path,
+            overwrite=False,
+            storage_options=storage_options,
+            hint=", or --resume (resume=True) to finish an interrupted job",
+        )
     chunking.check_memory(A, params, client, source=src.path, log=log)
     lock = guard.StoreLock(path, storage_options)
     meta = _start(path, src, A, params, lock, options, overwrite=overwrite, resume=resume)
@@ -110,8 +114,15 @@ def compress_at_rank(
 
 
 def _start(
-    path: str, src: Source, A: da.Array, params: factorize.Params, lock: guard.StoreLock, options: Options, *,
-    overwrite: bool, resume: bool,
+    path: str,
+    src: Source,
+    A: da.Array,
+    params: factorize.Params,
+    lock: guard.StoreLock,
+    options: Options,
+    *,
+    overwrite: bool,
+    resume: bool,
 ) -> dict[str, Any]:
     """Create the output (or reopen it for ``resume``), take its lock, and return its attrs.
 
@@ -140,21 +151,34 @@ def _start(
         lock.check_free()  # a running job's output is not replaced under it
     group = store.create_group(path, overwrite=overwrite, storage_options=storage_options)
     lock.acquire()
-    meta = store.new_meta({**describe(src, A), "fingerprint": current}, params.as_attrs(), device=options.device,
-                          version=package_version())
+    meta = store.new_meta(
+        {**describe(src, A), "fingerprint": current},
+        params.as_attrs(),
+        device=options.device,
+        version=package_version(),
+    )
     store.write_meta(group, meta)
     return meta
 
 
 def _run(
-    A: da.Array, path: str, params: factorize.Params, meta: dict[str, Any], lock: guard.StoreLock, *, resume: bool,
-    storage_options: Any, log: Log,
+    A: da.Array,
+    path: str,
+    params: factorize.Params,
+    meta: dict[str, Any],
+    lock: guard.StoreLock,
+    *,
+    resume: bool,
+    storage_options: Any,
+    log: Log,
 ) -> dict[str, Any]:
     """Run the stages on a started store; on failure leave it resumable, or remove a fresh one
     that failed (not was interrupted) before anything worth resuming."""
     n, d = A.shape
-    log(f"compress {n}x{d} {A.dtype} -> {path}: rank {params.rank}, bits {params.bits}, "
-        f"quantizer {params.quantizer}, passes {params.passes}")
+    log(
+        f"compress {n}x{d} {A.dtype} -> {path}: rank {params.rank}, bits {params.bits}, "
+        f"quantizer {params.quantizer}, passes {params.passes}"
+    )
     t0 = time.perf_counter()
     fresh = meta["stage"] == "started" and not resume
     try:

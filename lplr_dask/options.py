@@ -80,7 +80,11 @@ class Options:
         object.__setattr__(self, "bits", (check_bits(bits[0], "B1"), check_bits(bits[1], "B2")))
         if self.passes not in (1, 2) or isinstance(self.passes, bool):
             raise LplrValueError(f"Expected passes 1 or 2. Got {self.passes!r}.")
-        if isinstance(self.power_iters, bool) or not isinstance(self.power_iters, (int, np.integer)) or self.power_iters < 0:
+        if (
+            isinstance(self.power_iters, bool)
+            or not isinstance(self.power_iters, (int, np.integer))
+            or self.power_iters < 0
+        ):
             raise LplrValueError(f"Expected power_iters >= 0. Got {self.power_iters!r}.")
         object.__setattr__(self, "power_iters", int(self.power_iters))
         if self.passes == 1 and self.power_iters:
@@ -114,8 +118,15 @@ class Options:
         """What determines the codes of a rank-``rank`` compression of a matrix of ``shape`` and ``dtype``."""
         spec_l, spec_r = self.specs
         return Params(
-            rank=rank, bits=self.bits, quantizer=self.quantizer_name, spec_l=spec_l, spec_r=spec_r,
-            seed=self.seed, passes=self.passes, power_iters=self.power_iters, test_columns=self.test_columns,
+            rank=rank,
+            bits=self.bits,
+            quantizer=self.quantizer_name,
+            spec_l=spec_l,
+            spec_r=spec_r,
+            seed=self.seed,
+            passes=self.passes,
+            power_iters=self.power_iters,
+            test_columns=self.test_columns,
             precision=compute_dtype(dtype, self.precision).name,
             range_oversample=resolve_oversample(self.oversample, rank, shape),
         )
@@ -150,7 +161,9 @@ class SizeRule:
             v = parse_int(v, "rank (--rank)", minimum=1, hint="A rank is from 1 to min(n, d).")
         elif self.kind == "target_error":
             if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)) or not 0 < v < 1:
-                raise LplrValueError(f"Expected a target relative error between 0 and 1 (e.g. 0.05). Got {v!r} instead.")
+                raise LplrValueError(
+                    f"Expected a target relative error between 0 and 1 (e.g. 0.05). Got {v!r} instead."
+                )
             v = float(v)
         elif self.kind == "bits_per_entry":
             if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)) or not v > 0:
@@ -176,13 +189,25 @@ class SizeRule:
         LplrValueError
             If none or more than one is given, or its value is out of range.
         """
-        given = {k: v for k, v in (("rank", rank), ("bits_per_entry", bits_per_entry), ("match_nq", match_nq),
-                                   ("target_error", target_error)) if v is not None}
+        given = {
+            k: v
+            for k, v in (
+                ("rank", rank),
+                ("bits_per_entry", bits_per_entry),
+                ("match_nq", match_nq),
+                ("target_error", target_error),
+            )
+            if v is not None
+        }
         if target_error is not None and len(given) > 1:
             raise LplrValueError("Give target_error (--target-error) alone, without rank, bits_per_entry or match_nq.")
         if len(given) != 1:
-            names = " or ".join([", ".join(f"{k} ({f})" for k, f in list(SIZE_FLAGS.items())[:-1]),
-                                 f"target_error ({SIZE_FLAGS['target_error']})"])
+            names = " or ".join(
+                [
+                    ", ".join(f"{k} ({f})" for k, f in list(SIZE_FLAGS.items())[:-1]),
+                    f"target_error ({SIZE_FLAGS['target_error']})",
+                ]
+            )
             raise LplrValueError(f"Expected exactly one of {names}. Got {', '.join(given) if given else 'none'}.")
         ((kind, value),) = given.items()
         return cls(kind, value)  # type: ignore[arg-type]

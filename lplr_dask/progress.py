@@ -285,8 +285,7 @@ class _Line:
 
     def failed(self, done: int, total: int, now: float, error: BaseException) -> str:
         why = "interrupted" if isinstance(error, KeyboardInterrupt) else type(error).__name__
-        return (f"{self.label}: failed after {_duration(now - self.t0)} "
-                f"({done}/{total} {self.unit} done; {why})")
+        return f"{self.label}: failed after {_duration(now - self.t0)} ({done}/{total} {self.unit} done; {why})"
 
 
 @contextlib.contextmanager
@@ -327,8 +326,9 @@ def _finish(stop: threading.Event, reporter: threading.Thread | None) -> None:
         reporter.join()
 
 
-def _heartbeats(line: _Line, counts: Callable[[], tuple[int, int]], stop: threading.Event,
-                last: list[int], console: Any) -> None:
+def _heartbeats(
+    line: _Line, counts: Callable[[], tuple[int, int]], stop: threading.Event, last: list[int], console: Any
+) -> None:
     """Log a heartbeat at least every :func:`interval` seconds and at each 10 % (also at 100 %
     while the step's last tasks, after those counted, still run)."""
     every = interval()
@@ -346,8 +346,9 @@ def _heartbeats(line: _Line, counts: Callable[[], tuple[int, int]], stop: thread
             emitted, decile = now, max(decile, tenth)
 
 
-def _bar(line: _Line, counts: Callable[[], tuple[int, int]], stop: threading.Event,
-         last: list[int], console: Any) -> None:
+def _bar(
+    line: _Line, counts: Callable[[], tuple[int, int]], stop: threading.Event, last: list[int], console: Any
+) -> None:
     """A live rich bar on the terminal, removed when the step ends (its final line stays)."""
     from rich.progress import (
         BarColumn,
@@ -358,8 +359,16 @@ def _bar(line: _Line, counts: Callable[[], tuple[int, int]], stop: threading.Eve
         TimeRemainingColumn,
     )
 
-    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn(line.unit),
-               TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn()]
+    columns = [
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn(line.unit),
+        TextColumn("{task.fields[rate]}"),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+    ]
     with Progress(*columns, console=console, transient=True) as bar:
         task = bar.add_task(line.label, total=None, rate="")
         while not stop.wait(POLL):
@@ -368,5 +377,4 @@ def _bar(line: _Line, counts: Callable[[], tuple[int, int]], stop: threading.Eve
             except Exception:  # noqa: BLE001 - the scheduler went away: the computation will say why
                 return
             last[:] = done, total
-            bar.update(task, completed=done, total=total or None,
-                       rate=line.rate(done, time.perf_counter() - line.t0))
+            bar.update(task, completed=done, total=total or None, rate=line.rate(done, time.perf_counter() - line.t0))

@@ -24,9 +24,7 @@ _FIX = "The store is damaged or was not written by lplr-dask; recompress or rest
 
 
 def _fail(where: str, key: str, expected: str, value: Any) -> StoreFormatError:
-    return StoreFormatError(
-        f"Expected attrs 'lplr.{key}' of {where!r} to be {expected}. Got {value!r} instead. {_FIX}"
-    )
+    return StoreFormatError(f"Expected attrs 'lplr.{key}' of {where!r} to be {expected}. Got {value!r} instead. {_FIX}")
 
 
 def _is_int(value: Any) -> TypeGuard[int]:
@@ -43,8 +41,12 @@ def _int(meta: dict[str, Any], key: str, where: str, *, low: int = 0, high: int 
 
 def _int_pair(value: Any, where: str, key: str, *, low: int, high: int | None = None) -> list[int]:
     span = f"{low} to {high}" if high is not None else f">= {low}"
-    if not (isinstance(value, list) and len(value) == 2 and all(_is_int(v) and v >= low for v in value)
-            and (high is None or all(v <= high for v in value))):
+    if not (
+        isinstance(value, list)
+        and len(value) == 2
+        and all(_is_int(v) and v >= low for v in value)
+        and (high is None or all(v <= high for v in value))
+    ):
         raise _fail(where, key, f"a list of two integers {span}", value)
     return [int(v) for v in value]
 
@@ -72,8 +74,9 @@ def parse_quantizer_spec(value: Any, where: str, key: str) -> QuantizerSpec:
         raise _fail(where, f"{key}.granularity", "'tensor', 'channel' or 'group'", q.get("granularity"))
     fields["granularity"] = q["granularity"]
     if "group_size" in q or q["granularity"] == "group":
-        fields["group_size"] = _int(q, "group_size", where, low=1 if q["granularity"] == "group" else 0,
-                                    path=f"{key}.group_size")
+        fields["group_size"] = _int(
+            q, "group_size", where, low=1 if q["granularity"] == "group" else 0, path=f"{key}.group_size"
+        )
     if "symmetric" in q:
         if not isinstance(q["symmetric"], bool):
             raise _fail(where, f"{key}.symmetric", "true or false", q["symmetric"])

@@ -145,9 +145,7 @@ def _sparse_block(seed: int, stream: int, block: int, width: int, nnz: int) -> t
     return pos, signs
 
 
-def sparse_sign_rows(
-    seed: int, stream: int, start: int, stop: int, width: int
-) -> tuple[np.ndarray, np.ndarray]:
+def sparse_sign_rows(seed: int, stream: int, start: int, stop: int, width: int) -> tuple[np.ndarray, np.ndarray]:
     """Rows ``start:stop`` of a sparse sign matrix with ``width`` columns [3]_.
 
     Each row holds ``min(SPARSE_NNZ, width)`` entries ±1 in distinct, uniformly random columns

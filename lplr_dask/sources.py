@@ -65,9 +65,19 @@ FILE_FORMATS = {
 
 #: safetensors dtype codes and the NumPy dtype their bytes are read as.
 _SAFETENSORS_DTYPES = {
-    "F64": "<f8", "F32": "<f4", "F16": "<f2", "BF16": "<u2",
-    "I64": "<i8", "I32": "<i4", "I16": "<i2", "I8": "i1",
-    "U64": "<u8", "U32": "<u4", "U16": "<u2", "U8": "u1", "BOOL": "?",
+    "F64": "<f8",
+    "F32": "<f4",
+    "F16": "<f2",
+    "BF16": "<u2",
+    "I64": "<i8",
+    "I32": "<i4",
+    "I16": "<i2",
+    "I8": "i1",
+    "U64": "<u8",
+    "U32": "<u4",
+    "U16": "<u2",
+    "U8": "u1",
+    "BOOL": "?",
 }
 
 
@@ -164,7 +174,9 @@ def zarr_to_dask(arr: zarr.Array, where: str) -> da.Array:
     from dask.base import tokenize
 
     return da.from_array(
-        _InputArray(arr, where), chunks=arr.chunks, name="from-zarr-" + tokenize(arr, where),
+        _InputArray(arr, where),
+        chunks=arr.chunks,
+        name="from-zarr-" + tokenize(arr, where),
         meta=np.empty((0,) * arr.ndim, arr.dtype),
     )
 
@@ -255,9 +267,13 @@ def _open_zarr(path: str, storage_options: dict[str, Any] | None) -> zarr.Array:
             + (" Check the URL and the storage options (--storage-options)." if remote else "")
         ) from e
     if isinstance(node, zarr.Group):
-        listing = [f"{path.rstrip('/')}/{name} ({'x'.join(map(str, shape))} {dtype})"
-                   for name, (shape, dtype) in _zarr_arrays(node).items()]
-        shown = ", ".join(repr(x) for x in listing[:20]) + (f" and {len(listing) - 20} more" if len(listing) > 20 else "")
+        listing = [
+            f"{path.rstrip('/')}/{name} ({'x'.join(map(str, shape))} {dtype})"
+            for name, (shape, dtype) in _zarr_arrays(node).items()
+        ]
+        shown = ", ".join(repr(x) for x in listing[:20]) + (
+            f" and {len(listing) - 20} more" if len(listing) > 20 else ""
+        )
         raise LplrValueError(
             f"{path!r} is a Zarr group, not an array. Name an array inside it, one of: "
             f"{shown or '(none: the group holds no arrays)'}. To compress every matrix of the "
@@ -274,7 +290,9 @@ def _zarr_arrays(group: zarr.Group) -> dict[str, tuple[tuple[int, ...], str]]:
     }
 
 
-def list_arrays(location: str, *, storage_options: dict[str, Any] | None = None) -> dict[str, tuple[tuple[int, ...], str]]:
+def list_arrays(
+    location: str, *, storage_options: dict[str, Any] | None = None
+) -> dict[str, tuple[tuple[int, ...], str]]:
     """Every array in a Zarr group, HDF5 file or safetensors file: ``{name: (shape, dtype)}``.
 
     Names are relative paths (``encoder/layer0/weight``) or tensor names; :func:`member` turns
@@ -295,25 +313,35 @@ def list_arrays(location: str, *, storage_options: dict[str, Any] | None = None)
         try:
             node = zarr.open(path, mode="r", storage_options=storage_options if remote else None)
         except Exception as e:
-            raise SourceNotFoundError(f"Expected a Zarr group at {path!r}. Could not open one: {type(e).__name__}: {e}") from e
+            raise SourceNotFoundError(
+                f"Expected a Zarr group at {path!r}. Could not open one: {type(e).__name__}: {e}"
+            ) from e
         if not isinstance(node, zarr.Group):
             raise LplrValueError(f"Expected a Zarr group at {path!r}. Got an array; use `lplr compress` for one array.")
         return _zarr_arrays(node)
     if fmt == "npy" or key:
-        raise LplrValueError(f"Expected a group of arrays (a Zarr group, an HDF5 or safetensors file). Got the single array {location!r}.")
+        raise LplrValueError(
+            f"Expected a group of arrays (a Zarr group, an HDF5 or safetensors file). Got the single array {location!r}."
+        )
     _check_file(path)
     if fmt == "hdf5":
         import h5py
 
         found: dict[str, tuple[tuple[int, ...], str]] = {}
         with h5py.File(path, "r") as f:
-            f.visititems(lambda name, obj: found.__setitem__(name, (tuple(obj.shape), str(obj.dtype)))
-                         if isinstance(obj, h5py.Dataset) else None)
+            f.visititems(
+                lambda name, obj: (
+                    found.__setitem__(name, (tuple(obj.shape), str(obj.dtype)))
+                    if isinstance(obj, h5py.Dataset)
+                    else None
+                )
+            )
         return dict(sorted(found.items()))
     header, _ = _safetensors_header(path)
     return {
         name: (tuple(info["shape"]), _safetensors_dtype_name(info["dtype"]))
-        for name, info in sorted(header.items()) if name != "__metadata__"
+        for name, info in sorted(header.items())
+        if name != "__metadata__"
     }
 
 
@@ -405,8 +433,17 @@ class FileArray:
         The file's own dtype name.
     """
 
-    def __init__(self, fmt: str, path: str, key: str | None, shape: tuple[int, ...], dtype: str,
-                 offset: int = 0, source_dtype: str | None = None, block: tuple[int, ...] | None = None):
+    def __init__(
+        self,
+        fmt: str,
+        path: str,
+        key: str | None,
+        shape: tuple[int, ...],
+        dtype: str,
+        offset: int = 0,
+        source_dtype: str | None = None,
+        block: tuple[int, ...] | None = None,
+    ):
         self.fmt, self.path, self.key = fmt, path, key
         self.shape = tuple(int(s) for s in shape)
         self.source_dtype = source_dtype or str(np.dtype(dtype))
@@ -458,8 +495,15 @@ class FileArray:
         header, start = _safetensors_header(path)
         info = header[name]
         _check_safetensors_extent(path, name, info, start)
-        return cls("safetensors", path, name, info["shape"], _SAFETENSORS_DTYPES[info["dtype"]],
-                   offset=start + int(info["data_offsets"][0]), source_dtype=names[name][1])
+        return cls(
+            "safetensors",
+            path,
+            name,
+            info["shape"],
+            _SAFETENSORS_DTYPES[info["dtype"]],
+            offset=start + int(info["data_offsets"][0]),
+            source_dtype=names[name][1],
+        )
 
     def __getitem__(self, index: Any) -> np.ndarray:
         if self.fmt == "hdf5":

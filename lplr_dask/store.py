@@ -162,8 +162,10 @@ def _codes_candidates() -> list[tuple[Any, Any]]:
     import numcodecs
 
     return [
-        (BloscCodec(cname="zstd", clevel=5, shuffle=BloscShuffle.bitshuffle),
-         numcodecs.Blosc(cname="zstd", clevel=5, shuffle=numcodecs.Blosc.BITSHUFFLE)),
+        (
+            BloscCodec(cname="zstd", clevel=5, shuffle=BloscShuffle.bitshuffle),
+            numcodecs.Blosc(cname="zstd", clevel=5, shuffle=numcodecs.Blosc.BITSHUFFLE),
+        ),
         (ZstdCodec(level=CODES_ZSTD_LEVEL), numcodecs.Zstd(level=CODES_ZSTD_LEVEL)),
     ]
 
@@ -303,8 +305,12 @@ def create_group(
     OutputExistsError
         If ``path`` exists and ``overwrite`` is false.
     """
-    clear(path, overwrite=overwrite, storage_options=storage_options,
-          hint=", or --resume (resume=True) to finish an interrupted job")
+    clear(
+        path,
+        overwrite=overwrite,
+        storage_options=storage_options,
+        hint=", or --resume (resume=True) to finish an interrupted job",
+    )
     return zarr.open_group(locate(path, storage_options), mode="w", zarr_format=3)
 
 
@@ -320,13 +326,9 @@ def open_group(path: Location, mode: str = "r", *, storage_options: StorageOptio
     try:
         return zarr.open_group(locate(path, storage_options), mode=mode, zarr_format=3)
     except (FileNotFoundError, zarr.errors.GroupNotFoundError) as e:  # type: ignore[attr-defined]
-        raise StoreFormatError(
-            f"Expected an lplr store (a Zarr v3 group) at {where!r}. Found none."
-        ) from e
+        raise StoreFormatError(f"Expected an lplr store (a Zarr v3 group) at {where!r}. Found none.") from e
     except zarr.errors.ContainsArrayError as e:  # type: ignore[attr-defined]
-        raise StoreFormatError(
-            f"Expected an lplr store (a Zarr v3 group) at {where!r}. Found a Zarr array."
-        ) from e
+        raise StoreFormatError(f"Expected an lplr store (a Zarr v3 group) at {where!r}. Found a Zarr array.") from e
     except (ValueError, TypeError, KeyError) as e:  # a corrupt zarr.json: JSON or metadata errors
         raise _damaged(os.fspath(where), f"its zarr.json is unreadable ({error_text(e)})") from e
 
@@ -578,8 +580,13 @@ def write_array(
     """
     clear(out, overwrite=overwrite, storage_options=storage_options)
     arr = zarr.create_array(
-        locate(out, storage_options), shape=A.shape, chunks=tuple(int(c[0]) for c in A.chunks) or None,
-        dtype=A.dtype, compressors=_checksummed(ZstdCodec(level=1)), zarr_format=3, config=ALL_CHUNKS,
+        locate(out, storage_options),
+        shape=A.shape,
+        chunks=tuple(int(c[0]) for c in A.chunks) or None,
+        dtype=A.dtype,
+        compressors=_checksummed(ZstdCodec(level=1)),
+        zarr_format=3,
+        config=ALL_CHUNKS,
     )
     if attrs:
         arr.attrs.update(jsonable(attrs))
@@ -633,8 +640,10 @@ _jsonable = jsonable  # the name before issue 17
 
 
 def _damaged(where: str, what: str, *, version: int = FORMAT_VERSION) -> StoreFormatError:
-    fix = "the store is damaged; recompress or restore it" if version >= 2 else (
-        "most likely the store is damaged; recompress or restore it"
+    fix = (
+        "the store is damaged; recompress or restore it"
+        if version >= 2
+        else ("most likely the store is damaged; recompress or restore it")
     )
     return StoreFormatError(f"{where}: {what} — {fix}")
 
@@ -695,7 +704,7 @@ def missing_chunks(arr: zarr.Array) -> list[str]:
 
     prefix = arr.store_path.path.rstrip("/")
     prefix = prefix + "/" if prefix else ""
-    present = {key[len(prefix):] for key in collect_aiterator(arr.store_path.store.list_prefix(prefix))}
+    present = {key[len(prefix) :] for key in collect_aiterator(arr.store_path.store.list_prefix(prefix))}
     return [key for key in map(lambda c: chunk_key(arr, c), chunk_coords(arr)) if key not in present]
 
 
@@ -726,8 +735,11 @@ def check_chunks_present(arrays: dict[str, zarr.Array], where: str, *, version: 
     StoreFormatError
         Naming the missing chunks (:func:`damage_message`).
     """
-    problems = [{"array": name, "chunk": key, "problem": "is missing"}
-                for name, arr in arrays.items() for key in missing_chunks(arr)]
+    problems = [
+        {"array": name, "chunk": key, "problem": "is missing"}
+        for name, arr in arrays.items()
+        for key in missing_chunks(arr)
+    ]
     if problems:
         raise StoreFormatError(damage_message(where, problems, version=version))
 
@@ -803,6 +815,8 @@ def read_chunks(arr: zarr.Array, name: str, where: str, *, version: int = FORMAT
     from dask.base import tokenize
 
     return da.from_array(
-        _CheckedArray(arr, name, where, version), chunks=arr.chunks, name=f"read-{name}-" + tokenize(arr, name, where),
+        _CheckedArray(arr, name, where, version),
+        chunks=arr.chunks,
+        name=f"read-{name}-" + tokenize(arr, name, where),
         meta=np.empty((0,) * arr.ndim, arr.dtype),
     )

@@ -109,12 +109,29 @@ class ErrorPlan:
     """
 
     def __init__(
-        self, *, Y: da.Array, AG: da.Array, gram: np.ndarray, tail2: np.ndarray, norm2: float, ag2: float,
-        params: Params, shape: tuple[int, int], max_rank: int, oversample: int | None, passes: int,
+        self,
+        *,
+        Y: da.Array,
+        AG: da.Array,
+        gram: np.ndarray,
+        tail2: np.ndarray,
+        norm2: float,
+        ag2: float,
+        params: Params,
+        shape: tuple[int, int],
+        max_rank: int,
+        oversample: int | None,
+        passes: int,
     ):
         self.Y, self.AG, self._gram, self.tail2, self.norm2, self.ag2 = Y, AG, gram, tail2, norm2, ag2
         self._params, self.shape, self.kmax, self.oversample, self.passes = params, shape, max_rank, oversample, passes
-        self.bits, self.spec, self.spec_r, self.seed, self.d = params.bits, params.spec_l, params.spec_r, params.seed, shape[1]
+        self.bits, self.spec, self.spec_r, self.seed, self.d = (
+            params.bits,
+            params.spec_l,
+            params.spec_r,
+            params.seed,
+            shape[1],
+        )
         self._cache: dict[int, float] = {}
 
     @classmethod
@@ -153,8 +170,15 @@ class ErrorPlan:
         n, d = A.shape
         kmax = int(min(n, d, max_rank))
         width = kmax + resolve_oversample(oversample, kmax, (n, d))  # columns of the sketch
-        params = Params(rank=width, bits=bits, quantizer=spec.name, spec_l=spec, spec_r=spec_r or spec, seed=seed,
-                        test_columns=test_columns)
+        params = Params(
+            rank=width,
+            bits=bits,
+            quantizer=spec.name,
+            spec_l=spec,
+            spec_r=spec_r or spec,
+            seed=seed,
+            test_columns=test_columns,
+        )
         products = pass1(A, params)  # the compression's own first read, at rank max_rank
         Y, AG, sumsq = compute(
             "target: sketch spectrum", products["Y"], products["AG"], products["sumsq"], persist=True, chunks_of=A
@@ -172,8 +196,19 @@ class ErrorPlan:
         captured = np.concatenate([[0.0], np.cumsum((c**2).sum(axis=1))])
         tail2 = np.clip((float(ag2) - captured) / norm2, 0.0, None) if norm2 > 0 else np.zeros(width + 1)
         (gram,) = dask.compute(Y.T @ Y)
-        return cls(Y=Y, AG=AG, gram=gram, tail2=tail2, norm2=norm2, ag2=float(ag2), params=params, shape=(n, d),
-                   max_rank=kmax, oversample=oversample, passes=passes)
+        return cls(
+            Y=Y,
+            AG=AG,
+            gram=gram,
+            tail2=tail2,
+            norm2=norm2,
+            ag2=float(ag2),
+            params=params,
+            shape=(n, d),
+            max_rank=kmax,
+            oversample=oversample,
+            passes=passes,
+        )
 
     def with_bits(self, bits: tuple[int, int]) -> ErrorPlan:
         """The same sketch spectrum predicting for other bits (B1, B2): no read of A."""
@@ -275,8 +310,6 @@ class ErrorPlan:
         return good, good, self.estimate(good)
 
 
-
-
 def Plan(A: da.Array, **kwargs: Any) -> ErrorPlan:
     """:meth:`ErrorPlan.measure` of A: the name before issue 17 (a class whose constructor read A)."""
     return ErrorPlan.measure(A, **kwargs)
@@ -334,10 +367,28 @@ def compress_to_target(
     """
     size = SizeRule("target_error", target)
     guard.check_output(out, [source], overwrite=overwrite, storage_options=storage_options)
-    options = Options(bits=bits, quantizer=quantizer, seed=seed, passes=passes, power_iters=power_iters,
-                      oversample=oversample, test_columns=test_columns, device=device, storage_options=storage_options)
-    return meet_target(source, out, size.value, options, client=current_client(), overwrite=overwrite, resume=resume,
-                       max_rank=max_rank, log=log)
+    options = Options(
+        bits=bits,
+        quantizer=quantizer,
+        seed=seed,
+        passes=passes,
+        power_iters=power_iters,
+        oversample=oversample,
+        test_columns=test_columns,
+        device=device,
+        storage_options=storage_options,
+    )
+    return meet_target(
+        source,
+        out,
+        size.value,
+        options,
+        client=current_client(),
+        overwrite=overwrite,
+        resume=resume,
+        max_rank=max_rank,
+        log=log,
+    )
 
 
 def meet_target(
@@ -371,9 +422,18 @@ def meet_target(
     options = options.replace(test_columns=max(options.test_columns, MIN_TEST_COLUMNS))
     _, A = open_matrix(source, options, log=log)
     spec, spec_r = options.specs
-    p = ErrorPlan.measure(A, bits=options.bits, spec=spec, spec_r=spec_r, seed=options.seed,
-                          test_columns=options.test_columns, power_iters=options.power_iters, passes=options.passes,
-                          max_rank=max_rank, oversample=options.oversample)
+    p = ErrorPlan.measure(
+        A,
+        bits=options.bits,
+        spec=spec,
+        spec_r=spec_r,
+        seed=options.seed,
+        test_columns=options.test_columns,
+        power_iters=options.power_iters,
+        passes=options.passes,
+        max_rank=max_rank,
+        oversample=options.oversample,
+    )
     aim, above = target * MARGIN, 0
     attempts: list[dict[str, Any]] = []
     for _ in range(MAX_ATTEMPTS):
@@ -382,8 +442,9 @@ def meet_target(
             break
         predicted = p.estimate(k)
         log(f"target error {target}: trying rank {k} (predicted error {predicted:.4g})")
-        factors = compress_at_rank(source, path, k, options, client=client, overwrite=overwrite or bool(attempts),
-                                   log=log)
+        factors = compress_at_rank(
+            source, path, k, options, client=client, overwrite=overwrite or bool(attempts), log=log
+        )
         estimate = float(factors.attrs["error_estimate"])
         attempts.append({"rank": k, "predicted": predicted, "estimate": estimate})
         if estimate <= target:
@@ -403,7 +464,9 @@ def meet_target(
     )
 
 
-def _record(factors: Factors, target: float, attempts: list[dict[str, Any]], storage_options: dict[str, Any] | None) -> Factors:
+def _record(
+    factors: Factors, target: float, attempts: list[dict[str, Any]], storage_options: dict[str, Any] | None
+) -> Factors:
     """Store the target and the attempts in the attrs; return the reopened factors."""
     group = store.open_group(factors.path, mode="r+", storage_options=storage_options)
     meta = store.read_meta(group, path=factors.path)

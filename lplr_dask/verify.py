@@ -27,9 +27,7 @@ __all__ = ["verify"]
 Problem = dict[str, str]
 
 
-def _check_chunk(
-    arr: zarr.Array, name: str, coords: tuple[int, ...], limit: int | None, finite: bool
-) -> list[Problem]:
+def _check_chunk(arr: zarr.Array, name: str, coords: tuple[int, ...], limit: int | None, finite: bool) -> list[Problem]:
     """The problems of one chunk: it fails to decode, holds codes >= ``limit`` (if given), or
     (if ``finite``) NaN or Inf."""
     key = store.chunk_key(arr, coords)

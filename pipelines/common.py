@@ -90,8 +90,15 @@ def build_parser(module: str, description: str) -> argparse.ArgumentParser:
 
     p = _Parser(prog=f"python -m pipelines.{module}", description=description)
     p.add_argument("--quick", action="store_true", help="reduced sizes and settings (runs in the test suite)")
-    p.add_argument("--out", type=Path, default=Path("results") / module, help=f"results folder (default results/{module})")
-    p.add_argument("--work", type=Path, default=None, help="folder for the Zarr inputs and outputs (default: a new temporary folder)")
+    p.add_argument(
+        "--out", type=Path, default=Path("results") / module, help=f"results folder (default results/{module})"
+    )
+    p.add_argument(
+        "--work",
+        type=Path,
+        default=None,
+        help="folder for the Zarr inputs and outputs (default: a new temporary folder)",
+    )
     p.add_argument("--keep-work", action="store_true", help="keep the work folder (default: delete it at the end)")
     p.add_argument("--verbose", action="store_true", help="show lplr_dask's per-pass progress lines")
     add_cluster_arguments(p)
@@ -131,9 +138,13 @@ class Context:
         ``results`` holds the measured numbers behind the tables, for tests and further plots.
         """
         elapsed = time.perf_counter() - self.started
-        text = self.header(title) + "\n" + "\n\n".join(s.strip() for s in sections) + f"\n\nWall time: {elapsed:.1f} s.\n"
+        text = (
+            self.header(title) + "\n" + "\n\n".join(s.strip() for s in sections) + f"\n\nWall time: {elapsed:.1f} s.\n"
+        )
         (self.out / "results.json").write_text(
-            json.dumps({"command": self.command, "quick": self.args.quick, "seconds": round(elapsed, 1), **results}, indent=1)
+            json.dumps(
+                {"command": self.command, "quick": self.args.quick, "seconds": round(elapsed, 1), **results}, indent=1
+            )
         )
         path = self.out / "report.md"
         path.write_text(text)
@@ -224,8 +235,15 @@ def lplr_factors(
 ) -> lplr_dask.Factors:
     """Compress the Zarr array ``source`` at the fair rank against ``match_nq``-bit NQ."""
     lplr_dask.compress(
-        source, out, bits=bits, match_nq=match_nq, quantizer=quantizer, oversample=oversample, seed=seed,
-        overwrite=True, log=_stderr if verbose else _silent,
+        source,
+        out,
+        bits=bits,
+        match_nq=match_nq,
+        quantizer=quantizer,
+        oversample=oversample,
+        seed=seed,
+        overwrite=True,
+        log=_stderr if verbose else _silent,
     )
     return lplr_dask.open_factors(out)
 
@@ -258,8 +276,14 @@ def lplr_reconstruct(
     p = "k" if oversample is None else oversample
     tag = f"{name}-b{bits[0]}-{bits[1]}-nq{match_nq:g}-{quantizer}-p{p}-s{seed}"
     factors = lplr_factors(
-        os.fspath(source), work / f"{tag}.lplr.zarr", bits=bits, match_nq=match_nq, quantizer=quantizer,
-        oversample=oversample, seed=seed, verbose=verbose,
+        os.fspath(source),
+        work / f"{tag}.lplr.zarr",
+        bits=bits,
+        match_nq=match_nq,
+        quantizer=quantizer,
+        oversample=oversample,
+        seed=seed,
+        verbose=verbose,
     )
     return factors.to_dask(dtype=A.dtype).compute()
 

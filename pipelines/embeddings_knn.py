@@ -87,7 +87,12 @@ def digits(*, classes: int = 10) -> Dataset:
     X_train, X_test, y_train, y_test = _split(X[keep].astype(np.float32), y[keep])
     groups = [np.flatnonzero(y_train == c) for c in np.unique(y_train)]
     return Dataset(
-        "digits", X_train, y_train, X_test, y_test, groups,
+        "digits",
+        X_train,
+        y_train,
+        X_test,
+        y_test,
+        groups,
         f"scikit-learn digits, {classes} classes, {len(X_train)} train / {len(X_test)} test, "
         f"64 pixels; compressed per class ({len(groups)} matrices)",
     )
@@ -161,7 +166,12 @@ def stdlib_text(*, packages: Sequence[str], per_class: int, max_tokens: int) -> 
     X_train, X_test, y_train, y_test = _split(X, labels)
     counts = np.bincount(labels)
     return Dataset(
-        "stdlib docstrings", X_train, y_train, X_test, y_test, [np.arange(len(X_train))],
+        "stdlib docstrings",
+        X_train,
+        y_train,
+        X_test,
+        y_test,
+        [np.arange(len(X_train))],
         f"docstrings of Python {sys.version_info.major}.{sys.version_info.minor} standard-library "
         f"functions and methods from {len(packages)} packages ({', '.join(f'{p} {c}' for p, c in zip(packages, counts))}), "
         f"embedded with all-MiniLM-L6-v2 (first {max_tokens} tokens; 384 dims), "
@@ -186,8 +196,14 @@ def _compress(ctx: Context, data: Dataset, method: str, b_nq: int) -> tuple[np.n
             M_hat = L @ R
         else:
             M_hat = lplr_reconstruct(
-                M, ctx.work, f"{data.name.split()[0]}-{g}", bits=BITS, match_nq=b_nq, seed=0,
-                verbose=ctx.args.verbose, **LPLR_METHODS[method],
+                M,
+                ctx.work,
+                f"{data.name.split()[0]}-{g}",
+                bits=BITS,
+                match_nq=b_nq,
+                seed=0,
+                verbose=ctx.args.verbose,
+                **LPLR_METHODS[method],
             )
         if M_hat is None:  # fair rank 0: too small to gain from a factorization
             M_hat = M
@@ -217,9 +233,13 @@ def _body(ctx: Context) -> Path:
     datasets = [digits(classes=5 if quick else 10)]
     ctx.log(f"digits: {len(datasets[0].X_train)} train rows")
     if not ctx.args.no_text:
-        datasets.append(stdlib_text(
-            packages=PACKAGES[:6] if quick else PACKAGES, per_class=30 if quick else 120, max_tokens=128,
-        ))
+        datasets.append(
+            stdlib_text(
+                packages=PACKAGES[:6] if quick else PACKAGES,
+                per_class=30 if quick else 120,
+                max_tokens=128,
+            )
+        )
         ctx.log(f"text: {datasets[1].X_train.shape} train embeddings")
     rows = []
     results: dict[str, dict[str, list[float]]] = {}

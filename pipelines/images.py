@@ -78,12 +78,19 @@ def _reconstructions(
     return out
 
 
-def _figure(ctx: Context, name: str, A: np.ndarray, shown: dict[tuple[tuple[int, int], int], dict[str, np.ndarray]]) -> Path:
+def _figure(
+    ctx: Context, name: str, A: np.ndarray, shown: dict[tuple[tuple[int, int], int], dict[str, np.ndarray]]
+) -> Path:
     """A grid: one row per setting, the original and each method's reconstruction (seed 0)."""
     plt = pyplot()
     settings = list(shown)
     cols = ("original", *METHODS)
-    fig, axes = plt.subplots(len(settings), len(cols), figsize=(1.7 * len(cols), 1.7 * len(settings) * A.shape[0] / A.shape[1]), squeeze=False)
+    fig, axes = plt.subplots(
+        len(settings),
+        len(cols),
+        figsize=(1.7 * len(cols), 1.7 * len(settings) * A.shape[0] / A.shape[1]),
+        squeeze=False,
+    )
     lo, hi = float(A.min()), float(A.max())
     for i, (bits, b_nq) in enumerate(settings):
         for j, col in enumerate(cols):
@@ -123,9 +130,15 @@ def _body(ctx: Context) -> Path:
                         errors[m].append(relative_error(A, recon[m]))
                     if seed == seeds[0]:
                         shown[(bits, b_nq)] = recon
-                ctx.log(f"{name} B=({bits[0]},{bits[1]}) B_nq={b_nq} k={k}: " + ", ".join(f"{m} {np.median(e):.4f}" for m, e in errors.items()))
+                ctx.log(
+                    f"{name} B=({bits[0]},{bits[1]}) B_nq={b_nq} k={k}: "
+                    + ", ".join(f"{m} {np.median(e):.4f}" for m, e in errors.items())
+                )
                 results.append({"image": name, "bits": list(bits), "b_nq": b_nq, "rank": k, "errors": errors})
-                rows.append([name, bits[0], bits[1], b_nq, k] + [fmt_spread(errors[m]) if m in _RANDOMIZED else fmt(errors[m][0]) for m in METHODS])
+                rows.append(
+                    [name, bits[0], bits[1], b_nq, k]
+                    + [fmt_spread(errors[m]) if m in _RANDOMIZED else fmt(errors[m][0]) for m in METHODS]
+                )
         figures.append(_figure(ctx, name, A, shown))
     table = markdown_table(["image", "B1", "B2", "B_nq", "rank k", *METHODS], rows)
     notes = (
@@ -141,13 +154,19 @@ def _body(ctx: Context) -> Path:
         + " (scikit-image's shepp_logan_phantom, resized; hubble_deep_field, grayscale)."
     )
     figs = "\n".join(f"![{p.stem}]({p.name})" for p in figures)
-    return ctx.write_report("Images: LPLR against NQ, DSVD and LSVD", [notes, table, "## Reconstructions (first seed)", figs], {"settings": results})
+    return ctx.write_report(
+        "Images: LPLR against NQ, DSVD and LSVD",
+        [notes, table, "## Reconstructions (first seed)", figs],
+        {"settings": results},
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the image pipeline; return the exit status."""
     parser = build_parser("images", __doc__.split("\n\n")[0])
-    parser.add_argument("--seeds", type=int, default=None, help="seeds per randomized method (default 5; 1 with --quick)")
+    parser.add_argument(
+        "--seeds", type=int, default=None, help="seeds per randomized method (default 5; 1 with --quick)"
+    )
     return run_pipeline("images", parser, _body, argv)
 
 

@@ -162,10 +162,25 @@ def _body(ctx: Context) -> Path:
     _with_weights(model, originals)
 
     summary_table = markdown_table(
-        ["method", "mean ± std of relative error", "matrices", "paper, LLaMA-7b", "sentence cosine (mean, min)", f"{NEIGHBOURS}-NN kept"],
-        [[m, f"{summary[m]['mean']:.3f} ± {summary[m]['std']:.3f}", summary[m]["matrices"], PAPER_LLAMA.get(m, "—"),
-          f"{behaviour[m]['cosine_mean']:.4f}, {behaviour[m]['cosine_min']:.4f}", f"{100 * behaviour[m]['neighbours_kept']:.1f}%"]
-         for m in METHODS],
+        [
+            "method",
+            "mean ± std of relative error",
+            "matrices",
+            "paper, LLaMA-7b",
+            "sentence cosine (mean, min)",
+            f"{NEIGHBOURS}-NN kept",
+        ],
+        [
+            [
+                m,
+                f"{summary[m]['mean']:.3f} ± {summary[m]['std']:.3f}",
+                summary[m]["matrices"],
+                PAPER_LLAMA.get(m, "—"),
+                f"{behaviour[m]['cosine_mean']:.4f}, {behaviour[m]['cosine_min']:.4f}",
+                f"{100 * behaviour[m]['neighbours_kept']:.1f}%",
+            ]
+            for m in METHODS
+        ],
     )
     matrix_table = markdown_table(["parameter", "shape", "rank k", *METHODS], rows)
     figure = _figure(ctx, per_matrix)
@@ -177,8 +192,12 @@ def _body(ctx: Context) -> Path:
         "LPLR (paper) is the paper's method, its sketch of k columns (oversample=0) and its quantizer; "
         "LPLR (default) keeps the library's defaults, k extra sketch columns (L from their top k "
         "directions) and per-channel scales with GPTQ rounding of R (channel:channel-gptq). "
-        + (f"Left uncompressed (fair rank 0, too small to gain from a factorization): {', '.join(left)}; "
-           "they are excluded from the means (NQ still quantizes them). " if left else "")
+        + (
+            f"Left uncompressed (fair rank 0, too small to gain from a factorization): {', '.join(left)}; "
+            "they are excluded from the means (NQ still quantizes them). "
+            if left
+            else ""
+        )
         + f"Sentence cosine: {len(texts)} sentences (the summary lines of Python's builtins' "
         "docstrings), the compressed model's embedding against the original's. "
         f"{NEIGHBOURS}-NN kept: for {len(tokens)} {'sampled ' if len(tokens) < len(table) else ''}tokens, the "
@@ -201,7 +220,9 @@ def _figure(ctx: Context, per_matrix: dict[str, dict[str, Any]]) -> Path:
         y = [np.nan if per_matrix[n]["errors"][m] is None else per_matrix[n]["errors"][m] for n in names]
         ax.plot(x, y, marker="o", markersize=3, linewidth=1, label=m)
     ax.set_xticks(x)
-    ax.set_xticklabels([n.replace("encoder.layer.", "L").replace(".weight", "") for n in names], rotation=90, fontsize=6)
+    ax.set_xticklabels(
+        [n.replace("encoder.layer.", "L").replace(".weight", "") for n in names], rotation=90, fontsize=6
+    )
     ax.set_ylabel("relative Frobenius error")
     ax.set_yscale("log")
     ax.set_title(f"all-MiniLM-L6-v2 weights at B1 = B2 = {BITS[0]}, B_nq = {B_NQ}", fontsize=9)
@@ -214,7 +235,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the transformer-weights pipeline; return the exit status."""
     parser = build_parser("transformer_weights", __doc__.split("\n\n")[0])
     parser.add_argument(
-        "--nn-tokens", type=int, default=0,
+        "--nn-tokens",
+        type=int,
+        default=0,
         help="tokens sampled for the nearest-neighbour check (default: all; 500 with --quick)",
     )
     return run_pipeline("transformer_weights", parser, _body, argv)

@@ -97,8 +97,12 @@ def test_same_codes_for_one_and_two_workers(small_matrix, tmp_path):
 
     paths = []
     for workers in (1, 2):
-        with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0",
-                          host="127.0.0.1") as c, Client(c):
+        with (
+            LocalCluster(
+                n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0", host="127.0.0.1"
+            ) as c,
+            Client(c),
+        ):
             f = lplr_dask.compress(small_matrix, tmp_path / f"w{workers}.lplr.zarr", rank=10, bits=(3, 5), seed=11)
             paths.append(f.path)
     for c1, c2 in zip(_codes(paths[0]), _codes(paths[1])):
@@ -118,7 +122,10 @@ def test_zarr_path_source_and_attrs(client, tmp_path):
     assert f.rank == lplr_dask.fair_rank(500, 300, (8, 8), 2)
     src_attrs = f.attrs["source"]
     assert {k: src_attrs[k] for k in ("path", "shape", "dtype", "chunks")} == {
-        "path": str(src), "shape": [500, 300], "dtype": "float32", "chunks": [128, 128]
+        "path": str(src),
+        "shape": [500, 300],
+        "dtype": "float32",
+        "chunks": [128, 128],
     }
     assert f.attrs["format"] == "lplr-zarr" and f.attrs["version"] == 2 and f.attrs["seed"] == 0
     assert 0 < f.attrs["error_estimate"] < 1
@@ -152,6 +159,7 @@ def test_resume_with_other_arguments_is_refused(client, small_matrix, tmp_store)
 
 # ---- bad input: one exception of our own, nothing complete left behind -----------------------
 
+
 def test_missing_input(tmp_path, tmp_store):
     with pytest.raises(SourceNotFoundError, match="does not exist"):
         lplr_dask.compress(tmp_path / "nope.zarr", tmp_store, rank=2)
@@ -183,9 +191,7 @@ def test_bits_out_of_range(small_matrix, tmp_store, bits):
         lplr_dask.compress(small_matrix, tmp_store, rank=4, bits=bits)
 
 
-@pytest.mark.parametrize(
-    "kwargs", [{}, {"rank": 4, "match_nq": 2}, {"rank": 4, "bits_per_entry": 1.0}]
-)
+@pytest.mark.parametrize("kwargs", [{}, {"rank": 4, "match_nq": 2}, {"rank": 4, "bits_per_entry": 1.0}])
 def test_exactly_one_size_argument(small_matrix, tmp_store, kwargs):
     with pytest.raises(LplrValueError, match="exactly one of rank"):
         lplr_dask.compress(small_matrix, tmp_store, **kwargs)

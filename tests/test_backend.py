@@ -238,7 +238,9 @@ def test_gptq_rounding_on_backend(xp):
     assert isinstance(q.codes, xp.ndarray)
     # one elementwise operation per kernel (no fused multiply-add): IEEE arithmetic gives the
     # host's codes on either device
-    np.testing.assert_array_equal(to_host(q.codes), quantize(W_host, 3, spec="tensor-gptq", channel_axis=0, hessian=L.T @ L).codes)
+    np.testing.assert_array_equal(
+        to_host(q.codes), quantize(W_host, 3, spec="tensor-gptq", channel_axis=0, hessian=L.T @ L).codes
+    )
 
 
 def test_sketch_rows_on_backend(xp):
@@ -399,7 +401,9 @@ def guarded_zarr_writes(monkeypatch):
     ],
     ids=["two-pass-paper", "power-stochastic", "one-pass"],
 )
-def test_cuda_pipeline_keeps_device_and_host_apart(fake_cupy, guarded_zarr_writes, monkeypatch, small_matrix, tmp_path, kw):
+def test_cuda_pipeline_keeps_device_and_host_apart(
+    fake_cupy, guarded_zarr_writes, monkeypatch, small_matrix, tmp_path, kw
+):
     # in this process with dask's threaded scheduler, where the stand-in module is importable
     monkeypatch.setattr(lplr_dask.api, "_client", lambda *a, **k: contextlib.nullcontext())
     args = dict(rank=8, bits=(4, 6), seed=2, **kw)
@@ -479,6 +483,8 @@ def test_gpu_cluster_workers_see_their_gpu():
     from distributed import Client
 
     with gpu_local_cluster(1, dashboard_address=":0") as c, Client(c) as client:
-        seen = client.run(lambda: (os.environ["CUDA_VISIBLE_DEVICES"], __import__("cupy").cuda.runtime.getDeviceCount()))
+        seen = client.run(
+            lambda: (os.environ["CUDA_VISIBLE_DEVICES"], __import__("cupy").cuda.runtime.getDeviceCount())
+        )
     # the first visible GPU, and only it
     assert list(seen.values()) == [(visible_gpus(1)[0], 1)]

@@ -48,8 +48,9 @@ def _unrounded(x: np.ndarray, bits: int, quantizer: str, channel_axis: int) -> n
 def test_compress_equals_in_memory_reference(client, small_matrix, tmp_store, quantizer):
     bits = (4, 8)
     # float64 products, as the reference computes: codes then differ only at exact ties
-    lplr_dask.compress(small_matrix, tmp_store, rank=12, bits=bits, quantizer=quantizer, seed=5, precision="float64",
-                       log=_quiet)
+    lplr_dask.compress(
+        small_matrix, tmp_store, rank=12, bits=bits, quantizer=quantizer, seed=5, precision="float64", log=_quiet
+    )
     group = zarr.open_group(tmp_store, mode="r")
     ref = lplr_codes(small_matrix.compute(), 12, bits, quantizer=quantizer, seed=5)
     _assert_codes_equal_except_ties(group["L/codes"][...], ref.L.codes, _unrounded(ref.Y, bits[0], quantizer, 1))
@@ -64,8 +65,9 @@ def test_compress_equals_in_memory_reference(client, small_matrix, tmp_store, qu
 
 
 def test_reference_decodes_to_what_compress_reconstructs(client, small_matrix, tmp_store):
-    f = lplr_dask.compress(small_matrix, tmp_store, rank=8, bits=(6, 6), quantizer="paper", precision="float64",
-                           log=_quiet)
+    f = lplr_dask.compress(
+        small_matrix, tmp_store, rank=8, bits=(6, 6), quantizer="paper", precision="float64", log=_quiet
+    )
     L, R = lplr_reference(small_matrix.compute(), 8, (6, 6), quantizer="paper")
     np.testing.assert_allclose(f.L().compute(), L, rtol=0, atol=1e-12)
     np.testing.assert_allclose(f.R().compute(), R, rtol=0, atol=1e-9 * np.abs(R).max())
@@ -85,8 +87,10 @@ def test_shepp_logan_lplr_beats_nq_and_dsvd(client, tmp_store):
     e_nq = relative_error(A, naive_quantize(A, b_nq))
     e_dsvd = relative_error(A, dsvd(A, k, bits))
     e_lsvd = relative_error(A, lsvd(A, k, bits))
-    print(f"\nShepp-Logan 1000x1000, rank {k}, bits {bits}, B_nq {b_nq}: LPLR {e_lplr:.4f}  NQ {e_nq:.4f}  "
-          f"DSVD {e_dsvd:.4f}  LSVD {e_lsvd:.4f}")
+    print(
+        f"\nShepp-Logan 1000x1000, rank {k}, bits {bits}, B_nq {b_nq}: LPLR {e_lplr:.4f}  NQ {e_nq:.4f}  "
+        f"DSVD {e_dsvd:.4f}  LSVD {e_lsvd:.4f}"
+    )
     assert e_lplr < e_nq
     assert e_lplr < e_dsvd
 

@@ -89,8 +89,12 @@ def test_left_and_right_multiply(A, chunks):
     PT, M = rng.standard_normal((2000, 6)), rng.standard_normal((1500, 5))
     dA = da.from_array(A, chunks=chunks)
     A64 = A.astype(np.float64)
-    np.testing.assert_allclose(blocks.left_multiply(da.from_array(PT, chunks=(700, 6)), dA).compute(), PT.T @ A64, rtol=1e-12, atol=1e-10)
-    np.testing.assert_allclose(blocks.right_multiply(dA, da.from_array(M, chunks=(600, 5))).compute(), A64 @ M, rtol=1e-12, atol=1e-10)
+    np.testing.assert_allclose(
+        blocks.left_multiply(da.from_array(PT, chunks=(700, 6)), dA).compute(), PT.T @ A64, rtol=1e-12, atol=1e-10
+    )
+    np.testing.assert_allclose(
+        blocks.right_multiply(dA, da.from_array(M, chunks=(600, 5))).compute(), A64 @ M, rtol=1e-12, atol=1e-10
+    )
 
 
 def test_products_agree_across_chunkings_to_rounding(A):
@@ -150,21 +154,29 @@ def test_float32_products_match_float64_to_float32_rounding(A, chunks):
     )
     right, left = dask.compute(right, left)
     assert right.dtype == left.dtype == np.float64
+
     # a float32 dot product of m terms is within about m·2⁻²⁴ of ‖x‖‖y‖ (here ≤ 1500·6e-8 = 1e-4);
     # the scale of each entry is ‖row‖·‖column‖, so compare against that, not entry by entry
     def close(got, want, scale):
         assert np.abs(got - want).max() <= 1e-4 * scale
         assert np.abs(got - want).max() > 0  # float32 products really were used
+
     row_norms = np.linalg.norm(A64, axis=1)
     close(right[:, :16], A64 @ S, row_norms.max() * np.linalg.norm(S, axis=0).max())
     close(right[:, 16:19], A64 @ G, row_norms.max() * np.linalg.norm(G, axis=0).max())
     np.testing.assert_allclose(right[:, 19], (A64**2).sum(axis=1), rtol=1e-5)
     psi = _dense_psi(0, STREAM_PSI, 2000, 9)
     close(left, psi @ A64, np.sqrt(SPARSE_NNZ) * np.linalg.norm(A64, axis=0).max())
-    close(blocks.left_multiply(da.from_array(PT, chunks=(700, 6)), dA, precision="float32").compute(), PT.T @ A64,
-          np.linalg.norm(PT, axis=0).max() * np.linalg.norm(A64, axis=0).max())
-    close(blocks.right_multiply(dA, da.from_array(M, chunks=(600, 5)), precision="float32").compute(), A64 @ M,
-          row_norms.max() * np.linalg.norm(M, axis=0).max())
+    close(
+        blocks.left_multiply(da.from_array(PT, chunks=(700, 6)), dA, precision="float32").compute(),
+        PT.T @ A64,
+        np.linalg.norm(PT, axis=0).max() * np.linalg.norm(A64, axis=0).max(),
+    )
+    close(
+        blocks.right_multiply(dA, da.from_array(M, chunks=(600, 5)), precision="float32").compute(),
+        A64 @ M,
+        row_norms.max() * np.linalg.norm(M, axis=0).max(),
+    )
 
 
 def test_float32_products_do_not_copy_a_float32_chunk(A):

@@ -26,11 +26,14 @@ def _specs(name: str):
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("shape, bits, quantizer, chunks", [
-    ((1000, 600), (8, 8), "paper", None),
-    ((4096, 300), (4, 6), "channel", (512, 300)),
-    ((300, 5000), (2, 2), "group64", (300, 1000)),
-])
+@pytest.mark.parametrize(
+    "shape, bits, quantizer, chunks",
+    [
+        ((1000, 600), (8, 8), "paper", None),
+        ((4096, 300), (4, 6), "channel", (512, 300)),
+        ((300, 5000), (2, 2), "group64", (300, 1000)),
+    ],
+)
 def test_rank_for_bits_per_entry_is_the_largest_that_fits(shape, bits, quantizer, chunks):
     n, d = shape
     specs = _specs(quantizer)
@@ -87,8 +90,15 @@ def test_bits_per_entry_on_disk_never_exceeds_the_budget(client, tmp_store, shap
 @pytest.mark.parametrize("kind, x", [("lowrank", 0.5), ("poly", 1.0), ("student-t", 2.0)])
 def test_bits_per_entry_chooses_rank_and_bits_within_the_budget(client, tmp_store, kind, x):
     n, d = 1024, 768
-    A = synthetic((n, d), kind=kind, rank=16 if kind != "poly" else 400, decay=0.8 if kind != "poly" else 0.5,
-                  noise=0.001 if kind == "lowrank" else 0.05, chunks=(256, 256), seed=5)
+    A = synthetic(
+        (n, d),
+        kind=kind,
+        rank=16 if kind != "poly" else 400,
+        decay=0.8 if kind != "poly" else 0.5,
+        noise=0.001 if kind == "lowrank" else 0.05,
+        chunks=(256, 256),
+        seed=5,
+    )
     choice = budget.choose(A, x, specs=_specs("default"))
     assert tuple(choice.bits) in budget.BITS_GRID
     # the winner is the lowest predicted error among candidates that all fit

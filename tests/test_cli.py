@@ -98,7 +98,9 @@ def test_bad_arguments(source, tmp_path, args, words):
 
 
 def test_missing_input(tmp_path):
-    assert_usage_error(lplr("compress", tmp_path / "nope.zarr", tmp_path / "o.lplr.zarr", "--rank", "2"), "does not exist")
+    assert_usage_error(
+        lplr("compress", tmp_path / "nope.zarr", tmp_path / "o.lplr.zarr", "--rank", "2"), "does not exist"
+    )
 
 
 def test_not_2d_and_non_numeric(tmp_path):
@@ -154,7 +156,16 @@ def test_version_and_python_m_lplr_dask():
 def test_every_subcommand_has_examples_and_help_for_every_argument(monkeypatch):
     monkeypatch.setenv("COLUMNS", "200")
     _, commands = _subparsers()
-    assert set(commands) == {"generate", "convert", "compress", "compress-group", "info", "evaluate", "decompress", "verify"}
+    assert set(commands) == {
+        "generate",
+        "convert",
+        "compress",
+        "compress-group",
+        "info",
+        "evaluate",
+        "decompress",
+        "verify",
+    }
     for name, sub in commands.items():
         text = sub.format_help()
         assert "Examples:" in text and f"\n  lplr {name} " in text, text
@@ -197,9 +208,26 @@ def bad_inputs(tmp_path_factory):
         (["compress", "{d}/plain.zarr", "{d}/o", "--bits-per-entry", "inf"], ["--bits-per-entry", "finite", "'inf'"]),
         (["compress", "{d}/plain.zarr", "{d}/o", "--bits-per-entry", "nan"], ["--bits-per-entry", "finite"]),
         (["compress", "{d}/plain.zarr", "{d}/o", "--bits-per-entry", "-1"], ["--bits-per-entry", "> 0"]),
-        (["compress", "{d}/plain.zarr", "{d}/o", "--rank", "2", "--tls-ca-file", "{d}/junk.pem",
-          "--tls-cert", "{d}/junk.pem", "--tls-key", "{d}/junk.pem"], ["--tls-ca-file", "PEM"]),
-        (["compress", "{d}/huge.safetensors:w", "{d}/o", "--rank", "2"], ["safetensors", "header of 4611686018427387904 bytes"]),
+        (
+            [
+                "compress",
+                "{d}/plain.zarr",
+                "{d}/o",
+                "--rank",
+                "2",
+                "--tls-ca-file",
+                "{d}/junk.pem",
+                "--tls-cert",
+                "{d}/junk.pem",
+                "--tls-key",
+                "{d}/junk.pem",
+            ],
+            ["--tls-ca-file", "PEM"],
+        ),
+        (
+            ["compress", "{d}/huge.safetensors:w", "{d}/o", "--rank", "2"],
+            ["safetensors", "header of 4611686018427387904 bytes"],
+        ),
         (["compress-group", "{d}/huge.safetensors", "{d}/o", "--rank", "2"], ["safetensors", "header"]),
         (["compress", "{d}/plain.zarr", "{d}/other.zarr", "--rank", "2", "--resume"], ["Cannot resume", "Zarr array"]),
         (["compress", "{d}/plain.zarr", "{d}/plain.zarr", "--rank", "2", "--overwrite"], ["would destroy the input"]),
@@ -212,7 +240,11 @@ def bad_inputs(tmp_path_factory):
         (["convert", "{d}/plain.zarr", "{d}/plain.zarr", "--overwrite"], ["would destroy the input"]),
         (["evaluate", "{d}/plain.zarr", "{d}/none.lplr.zarr"], ["lplr store", "Found none"]),
     ],
-    ids=lambda v: " ".join(v[:1] + v[3:5]) if isinstance(v, list) and v and v[0] in ("compress", "compress-group", "generate", "convert", "evaluate") else None,
+    ids=lambda v: (
+        " ".join(v[:1] + v[3:5])
+        if isinstance(v, list) and v and v[0] in ("compress", "compress-group", "generate", "convert", "evaluate")
+        else None
+    ),
 )
 def test_bad_input_fails_before_the_cluster_starts(bad_inputs, argv, words):
     if "other.zarr" in " ".join(argv):
@@ -227,8 +259,24 @@ def test_bad_input_fails_before_the_cluster_starts(bad_inputs, argv, words):
 def test_no_workers_left_fails_with_advice(source, tmp_path):
     # 40 MiB is less than a worker process needs: the nanny kills each one as it starts
     env = {**os.environ, "DASK_LPLR__CLUSTER__NO_WORKERS_TIMEOUT": "2s"}
-    r = subprocess.run([*LPLR, "compress", str(source), str(tmp_path / "o.lplr.zarr"), "--rank", "2",
-                        "--workers", "1", "--memory-limit", "40MiB"], capture_output=True, text=True, env=env, timeout=300)
+    r = subprocess.run(
+        [
+            *LPLR,
+            "compress",
+            str(source),
+            str(tmp_path / "o.lplr.zarr"),
+            "--rank",
+            "2",
+            "--workers",
+            "1",
+            "--memory-limit",
+            "40MiB",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert r.returncode == 1, r.stderr
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith("error: no workers left") or last.startswith("error: workers kept dying"), r.stderr
@@ -264,8 +312,13 @@ def test_compression_flags_are_checked_by_the_options_object(bad_inputs, tmp_pat
     from lplr_dask.errors import LplrError
     from lplr_dask.options import Options
 
-    kwargs = {"bits": (0, 8)} if "--bits" in args else {"quantizer": "fancy"} if "--quantizer" in args else {
-        "passes": 1, "power_iters": 2}
+    kwargs = (
+        {"bits": (0, 8)}
+        if "--bits" in args
+        else {"quantizer": "fancy"}
+        if "--quantizer" in args
+        else {"passes": 1, "power_iters": 2}
+    )
     with pytest.raises(LplrError) as e:
         Options(**kwargs)
     for command in ("compress", "compress-group"):
@@ -285,8 +338,10 @@ def test_existing_output_is_refused_with_the_api_message(bad_inputs, tmp_path, c
     out = tmp_path / "o.lplr.zarr"
     out.mkdir()
     line = _main_error(capsys, "compress", bad_inputs / "plain.zarr", out, "--rank", "2")
-    assert line == (f"error: Output {str(out)!r} already exists. Pass --overwrite (overwrite=True) to replace it, "
-                    "or --resume (resume=True) to finish an interrupted job.")
+    assert line == (
+        f"error: Output {str(out)!r} already exists. Pass --overwrite (overwrite=True) to replace it, "
+        "or --resume (resume=True) to finish an interrupted job."
+    )
     line = _main_error(capsys, "convert", bad_inputs / "plain.zarr", out)
     assert line.endswith("already exists. Pass --overwrite (overwrite=True) to replace it.")  # no --resume to convert
 
@@ -302,7 +357,10 @@ def test_resume_of_a_missing_store_starts_it(bad_inputs, tmp_path, capsys):
     from lplr_dask.cli import main
 
     out = tmp_path / "o.lplr.zarr"
-    assert main(["compress", str(bad_inputs / "plain.zarr"), str(out), "--rank", "2", "--resume", "--quiet", *CLUSTER]) == 0
+    assert (
+        main(["compress", str(bad_inputs / "plain.zarr"), str(out), "--rank", "2", "--resume", "--quiet", *CLUSTER])
+        == 0
+    )
     assert zarr.open_group(str(out), mode="r").attrs["lplr"]["complete"]
 
 

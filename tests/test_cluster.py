@@ -80,9 +80,7 @@ def _stop(processes: list[subprocess.Popen]) -> None:
 
 
 @contextlib.contextmanager
-def _dask_processes(
-    directory: Path, *, n_workers: int = 2, tls: TLSFiles | None = None
-) -> Iterator[DaskProcesses]:
+def _dask_processes(directory: Path, *, n_workers: int = 2, tls: TLSFiles | None = None) -> Iterator[DaskProcesses]:
     """Run a scheduler and `n_workers` one-thread workers on 127.0.0.1 until the context ends."""
     directory.mkdir(parents=True, exist_ok=True)
     scheduler_file = directory / "scheduler.json"
@@ -110,9 +108,7 @@ def _dask_processes(
         deadline = time.monotonic() + START_TIMEOUT
         while not scheduler_file.exists():
             if processes[-1].poll() is not None or time.monotonic() > deadline:
-                pytest.fail(
-                    "dask scheduler did not start:\n" + (directory / "scheduler.log").read_text()
-                )
+                pytest.fail("dask scheduler did not start:\n" + (directory / "scheduler.log").read_text())
             time.sleep(0.1)
         address = json.loads(scheduler_file.read_text())["address"]
         for i in range(n_workers):
@@ -146,9 +142,7 @@ def _security(tls: TLSFiles) -> distributed.Security:
 def _make_tls_files(directory: Path, name: str) -> TLSFiles:
     """A fresh CA and a certificate it signs for 127.0.0.1/localhost (PEM files)."""
     directory.mkdir(parents=True, exist_ok=True)
-    files = TLSFiles(
-        directory / f"{name}-ca.pem", directory / f"{name}.pem", directory / f"{name}.key"
-    )
+    files = TLSFiles(directory / f"{name}-ca.pem", directory / f"{name}.pem", directory / f"{name}.key")
     try:
         _make_tls_files_cryptography(files, name)
     except ImportError:  # cryptography is optional; the openssl CLI does the same
@@ -207,8 +201,7 @@ def _make_tls_files_openssl(files: TLSFiles, name: str) -> None:
     ca_key, csr, ext = (files.ca.with_suffix(s) for s in (".cakey", ".csr", ".ext"))
     ext.write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
     for command in (
-        ["req", "-x509", *ec, "-keyout", ca_key, "-out", files.ca, "-days", "1"]
-        + ["-subj", f"/CN={name} test CA"],
+        ["req", "-x509", *ec, "-keyout", ca_key, "-out", files.ca, "-days", "1"] + ["-subj", f"/CN={name} test CA"],
         ["req", *ec, "-keyout", files.key, "-out", csr, "-subj", "/CN=localhost"],
         ["x509", "-req", "-in", csr, "-CA", files.ca, "-CAkey", ca_key, "-CAcreateserial"]
         + ["-out", files.cert, "-days", "1", "-extfile", ext],
@@ -256,9 +249,7 @@ def tls_files(tmp_path_factory: pytest.TempPathFactory) -> TLSFiles:
 
 
 @pytest.fixture(scope="module")
-def tls_cluster(
-    tmp_path_factory: pytest.TempPathFactory, tls_files: TLSFiles
-) -> Iterator[DaskProcesses]:
+def tls_cluster(tmp_path_factory: pytest.TempPathFactory, tls_files: TLSFiles) -> Iterator[DaskProcesses]:
     with _dask_processes(tmp_path_factory.mktemp("tls-cluster"), tls=tls_files) as processes:
         yield processes
 
@@ -326,12 +317,8 @@ def test_tls_with_certificates(tls_cluster: DaskProcesses, tls_files: TLSFiles) 
         _check_runs_on_two_workers(client)
 
 
-def test_tls_scheduler_file_with_certificates(
-    tls_cluster: DaskProcesses, tls_files: TLSFiles
-) -> None:
-    args = _parser().parse_args(
-        ["--scheduler-file", str(tls_cluster.scheduler_file), *tls_files.flags()]
-    )
+def test_tls_scheduler_file_with_certificates(tls_cluster: DaskProcesses, tls_files: TLSFiles) -> None:
+    args = _parser().parse_args(["--scheduler-file", str(tls_cluster.scheduler_file), *tls_files.flags()])
     with client_from_args(args, log=lambda line: None) as client:
         assert len(client.scheduler_info()["workers"]) == 2
 
@@ -349,9 +336,7 @@ def test_tls_scheduler_over_tcp_fails_clearly(tls_cluster: DaskProcesses) -> Non
             pass
 
 
-def test_tls_with_certificates_of_another_ca_fails(
-    tls_cluster: DaskProcesses, tmp_path: Path
-) -> None:
+def test_tls_with_certificates_of_another_ca_fails(tls_cluster: DaskProcesses, tmp_path: Path) -> None:
     stranger = _make_tls_files(tmp_path, "stranger")
     with dask.config.set(SHORT_CONNECT), pytest.raises(ClusterError, match="signed by its CA"):
         with get_client(scheduler=tls_cluster.address, security=_security(stranger)):
@@ -368,9 +353,7 @@ def test_tls_needs_all_three_files(tls_files: TLSFiles, missing: str) -> None:
 
 
 def test_tls_file_must_exist(tls_files: TLSFiles, tmp_path: Path) -> None:
-    args = _parser().parse_args(
-        [*tls_files.flags()[:4], "--tls-key", str(tmp_path / "nothing.key")]
-    )
+    args = _parser().parse_args([*tls_files.flags()[:4], "--tls-key", str(tmp_path / "nothing.key")])
     with pytest.raises(ClusterError, match=r"--tls-key .*nothing\.key: no such file"):
         security_from_args(args)
 
@@ -400,9 +383,7 @@ def test_no_tls_flags_means_dask_config() -> None:
 
 
 def test_local_cluster_from_flags() -> None:
-    args = _parser().parse_args(
-        ["--workers", "2", "--threads-per-worker", "1", "--memory-limit", "700MiB"]
-    )
+    args = _parser().parse_args(["--workers", "2", "--threads-per-worker", "1", "--memory-limit", "700MiB"])
     lines: list[str] = []
     with client_from_args(args, log=lines.append) as client:
         assert client.scheduler.address.startswith("tcp://127.0.0.1:")
@@ -516,9 +497,7 @@ def test_flags_parse() -> None:
     parser = _parser()
     args = parser.parse_args(["--cluster", "slurm", "--jobs", "4"])
     assert (args.cluster, args.jobs, args.scheduler, args.workers) == ("slurm", 4, None, None)
-    args = parser.parse_args(
-        ["--workers", "3", "--threads-per-worker", "2", "--memory-limit", "2GiB"]
-    )
+    args = parser.parse_args(["--workers", "3", "--threads-per-worker", "2", "--memory-limit", "2GiB"])
     assert (args.workers, args.threads_per_worker, args.memory_limit) == (3, 2, "2GiB")
     args = parser.parse_args(["--scheduler", "tcp://10.0.0.5:8786"])
     assert args.scheduler == "tcp://10.0.0.5:8786"
@@ -561,8 +540,20 @@ def test_jobqueue_defaults_ship_in_the_wheel(tmp_path: Path) -> None:
 
     repo = Path(__file__).resolve().parent.parent
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(repo)],
-        check=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+            str(repo),
+        ],
+        check=True,
+        timeout=300,
     )
     (wheel,) = tmp_path.glob("lplr_dask-*.whl")
     with zipfile.ZipFile(wheel) as z:
@@ -585,9 +576,7 @@ def test_jobqueue_processes_above_cores_is_an_error() -> None:
             _jobqueue_options("pbs")
 
 
-def test_jobqueue_config_file_from_environment(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> None:
+def test_jobqueue_config_file_from_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     path = tmp_path / "site.yaml"
     path.write_text("jobqueue:\n  pbs:\n    queue: workq\n")
     monkeypatch.setenv("LPLR_JOBQUEUE_CONFIG", str(path))

@@ -44,8 +44,9 @@ def _python(code: str, tmp_path: Path, **env: str) -> str:
     clean = {k: v for k, v in os.environ.items() if not k.startswith("DASK_")}
     clean["PYTHONPATH"] = os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
     clean["DASK_CONFIG"] = str(tmp_path)  # the user's config directory: only what a test puts there
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                       env={**clean, **env}, cwd=tmp_path)
+    r = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env={**clean, **env}, cwd=tmp_path
+    )
     assert r.returncode == 0, r.stderr
     return r.stdout
 
@@ -67,10 +68,7 @@ def test_the_yaml_keys_are_dask_defaults_after_import(tmp_path):
 
 def test_the_dask_cli_shows_them_once_lplr_dask_is_imported(tmp_path):
     code = (
-        "import sys, lplr_dask\n"
-        "from dask.cli import run_cli\n"
-        "sys.argv = ['dask', 'config', 'get', 'lplr']\n"
-        "run_cli()\n"
+        "import sys, lplr_dask\nfrom dask.cli import run_cli\nsys.argv = ['dask', 'config', 'get', 'lplr']\nrun_cli()\n"
     )
     assert yaml.safe_load(_python(code, tmp_path)) == YAML["lplr"]
 

@@ -26,7 +26,10 @@ def _write_safetensors(path, tensors):
     import torch
     from safetensors.torch import save_file
 
-    save_file({k: torch.from_numpy(np.ascontiguousarray(v)) if isinstance(v, np.ndarray) else v for k, v in tensors.items()}, path)
+    save_file(
+        {k: torch.from_numpy(np.ascontiguousarray(v)) if isinstance(v, np.ndarray) else v for k, v in tensors.items()},
+        path,
+    )
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64", "float16", "int16", "uint8"])
@@ -66,12 +69,19 @@ def test_safetensors_tensors_including_bfloat16(tmp_path, a):
     from safetensors import safe_open
 
     bf = torch.from_numpy(a).to(torch.bfloat16)
-    _write_safetensors(tmp_path / "m.safetensors", {"w.bf16": bf, "w.f16": a.astype(np.float16), "w.f32": a,
-                                                    "n.i32": np.arange(6, dtype=np.int32).reshape(2, 3)})
+    _write_safetensors(
+        tmp_path / "m.safetensors",
+        {"w.bf16": bf, "w.f16": a.astype(np.float16), "w.f32": a, "n.i32": np.arange(6, dtype=np.int32).reshape(2, 3)},
+    )
     assert list_arrays(tmp_path / "m.safetensors")["w.bf16"] == ((300, 200), "bfloat16")
     with safe_open(tmp_path / "m.safetensors", framework="numpy") as f:
         for name in ("w.f16", "w.f32", "n.i32"):
-            z = convert(f"{tmp_path}/m.safetensors:{name}", tmp_path / "o.zarr", overwrite=True, chunks=(64, 64) if name[0] == "w" else "auto")
+            z = convert(
+                f"{tmp_path}/m.safetensors:{name}",
+                tmp_path / "o.zarr",
+                overwrite=True,
+                chunks=(64, 64) if name[0] == "w" else "auto",
+            )
             np.testing.assert_array_equal(z[...], f.get_tensor(name))
             assert z.dtype == f.get_tensor(name).dtype
     z = convert(f"{tmp_path}/m.safetensors:w.bf16", tmp_path / "o.zarr", overwrite=True, chunks=(64, 64))
@@ -108,13 +118,17 @@ def test_compress_reads_files_directly_like_their_zarr_copy(client, tmp_path, sm
         f["w"] = m
     _write_safetensors(tmp_path / "m.safetensors", {"w": m})
     kw = dict(rank=10, bits=(8, 8), seed=2, precision="float64")  # float64 products: codes identical for any chunking
-    reference = lplr_dask.compress(open_source(tmp_path / "m.npy").rechunk((128, 128)), tmp_path / "ref.lplr.zarr", **kw)
+    reference = lplr_dask.compress(
+        open_source(tmp_path / "m.npy").rechunk((128, 128)), tmp_path / "ref.lplr.zarr", **kw
+    )
     for loc in (f"{tmp_path}/m.npy", f"{tmp_path}/m.h5:/w", f"{tmp_path}/m.safetensors:w"):
         out = tmp_path / (os.path.basename(loc).replace(":", "_").replace("/", "") + ".lplr.zarr")
         f = lplr_dask.compress(loc, out, **kw)
         assert f.attrs["source"]["path"] == loc
         # results do not depend on chunking: the file's own blocks give the same codes
-        np.testing.assert_array_equal(zarr.open_group(out)["R/codes"][...], zarr.open_group(reference.path)["R/codes"][...])
+        np.testing.assert_array_equal(
+            zarr.open_group(out)["R/codes"][...], zarr.open_group(reference.path)["R/codes"][...]
+        )
         assert f.attrs["error_estimate"] == pytest.approx(reference.attrs["error_estimate"], rel=1e-9)
 
 
@@ -165,8 +179,12 @@ def test_convert_memory_stays_far_below_a_source_larger_than_the_worker(tmp_path
     source_bytes = shape[0] * shape[1] * 4
     limit = 256 * 2**20
     assert source_bytes > limit
-    with LocalCluster(n_workers=1, threads_per_worker=1, memory_limit=limit, host="127.0.0.1",
-                      dashboard_address=":0") as cluster, Client(cluster) as c:
+    with (
+        LocalCluster(
+            n_workers=1, threads_per_worker=1, memory_limit=limit, host="127.0.0.1", dashboard_address=":0"
+        ) as cluster,
+        Client(cluster) as c,
+    ):
         c.run(_start_rss_sampler)
         z = convert(loc, tmp_path / "big.zarr", chunks=(rows, 2048))
         ((base, peak),) = c.run(_stop_rss_sampler).values()
@@ -183,8 +201,23 @@ def test_convert_memory_stays_far_below_a_source_larger_than_the_worker(tmp_path
 
 def test_cli_convert_json(tmp_path, a, capsys):
     np.save(tmp_path / "a.npy", a)
-    assert cli.main(["convert", str(tmp_path / "a.npy"), str(tmp_path / "o.zarr"), "--chunks", "100x100", "--json",
-                     "--workers", "1", "--threads-per-worker", "1"]) == 0
+    assert (
+        cli.main(
+            [
+                "convert",
+                str(tmp_path / "a.npy"),
+                str(tmp_path / "o.zarr"),
+                "--chunks",
+                "100x100",
+                "--json",
+                "--workers",
+                "1",
+                "--threads-per-worker",
+                "1",
+            ]
+        )
+        == 0
+    )
     out = json.loads(capsys.readouterr().out)
     assert out["shape"] == [300, 200] and out["chunks"] == [100, 100] and out["source_dtype"] == "float32"
     assert cli.main(["convert", str(tmp_path / "nope.npy"), str(tmp_path / "x.zarr")]) == 2

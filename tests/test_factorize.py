@@ -80,7 +80,9 @@ def test_pass1_products(small_matrix):
     p = _params(8, test_columns=5)
     out = dask.compute(factorize.pass1(small_matrix, p), scheduler="sync")[0]
     A = small_matrix.compute().astype(np.float64)
-    np.testing.assert_allclose(out["Y"], A @ sketch_matrix(0, STREAM_S, 400, 8, scale=1 / math.sqrt(8)), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(
+        out["Y"], A @ sketch_matrix(0, STREAM_S, 400, 8, scale=1 / math.sqrt(8)), rtol=1e-10, atol=1e-12
+    )
     np.testing.assert_allclose(out["AG"], A @ sketch_matrix(0, STREAM_G, 400, 5), rtol=1e-10, atol=1e-12)
     assert float(out["sumsq"]) == pytest.approx(float((A**2).sum()), rel=1e-12)
 
@@ -100,7 +102,9 @@ def test_one_pass_error_within_1_3_of_two_pass(client, tmp_path):
         A = synthetic((900, 600), rank=40, decay=0.9, noise=0.05, chunks=(256, 256), seed=seed)
         err = {}
         for passes in (1, 2):
-            f = lplr_dask.compress(A, tmp_path / f"{seed}-{passes}.lplr.zarr", rank=20, passes=passes, seed=seed, log=_quiet)
+            f = lplr_dask.compress(
+                A, tmp_path / f"{seed}-{passes}.lplr.zarr", rank=20, passes=passes, seed=seed, log=_quiet
+            )
             err[passes] = lplr_dask.evaluate(A, f)
         ratios.append(err[1] / err[2])
     # the two-pass W is the least-squares optimum for its basis: one pass cannot do much better
@@ -299,7 +303,10 @@ def test_the_stage_table_names_the_resume_stages():
     assert factorize.STAGE_NAMES == ("started", "basis", "projected", "coded", "complete")
     assert tuple(s.name for s in factorize.STAGES) == factorize.STAGE_NAMES[1:]
     assert [s.step for s in factorize.STAGES] == [
-        factorize.sketch_and_code_basis, factorize.project_onto_basis, factorize.code_r, factorize.estimate_and_finish,
+        factorize.sketch_and_code_basis,
+        factorize.project_onto_basis,
+        factorize.code_r,
+        factorize.estimate_and_finish,
     ]
     assert factorize.stages_after("started") == factorize.STAGES
     assert [s.name for s in factorize.stages_after("projected")] == ["coded", "complete"]

@@ -148,7 +148,10 @@ def test_slicing_reads_only_the_chunks_it_needs(stored, tmp_path, key, l_chunks,
     assert _corrupt_all_chunks_but(root, "R/codes", r_chunks) == 4 - len(r_chunks)
     g = lplr_dask.open_factors(root)
     np.testing.assert_allclose(
-        g[key].compute(scheduler="threads"), _orthogonal(dense.astype(np.float32), key), rtol=1e-6, atol=1e-6 * np.abs(dense).max()
+        g[key].compute(scheduler="threads"),
+        _orthogonal(dense.astype(np.float32), key),
+        rtol=1e-6,
+        atol=1e-6 * np.abs(dense).max(),
     )
     # the corruption bites: the whole of L·R reads the corrupted chunks
     with pytest.raises(StoreFormatError, match=r"chunk [LR]/codes c/\d/\d fails its crc32c checksum"):
@@ -159,7 +162,9 @@ def test_slicing_reads_only_the_chunks_it_needs(stored, tmp_path, key, l_chunks,
 def test_nearest_rows_match_brute_force(stored, metric):
     f, _, dense = stored
     rng = np.random.default_rng(2)
-    queries = np.vstack([dense[[3, 311]] + 1e-3 * rng.standard_normal((2, SHAPE[1])), rng.standard_normal((5, SHAPE[1]))])
+    queries = np.vstack(
+        [dense[[3, 311]] + 1e-3 * rng.standard_normal((2, SHAPE[1])), rng.standard_normal((5, SHAPE[1]))]
+    )
     idx, scores = f.nearest_rows(queries, k=6, metric=metric, batch_size=3)
     assert idx.shape == scores.shape == (7, 6) and idx.dtype == np.int64
     if metric == "cosine":
@@ -238,15 +243,23 @@ def _write(path: str, text: str) -> None:
         fh.write(text)
 
 
-@pytest.mark.parametrize("damage, message", [
-    (lambda p: _write(os.path.join(p, "zarr.json"), "{"), "its zarr.json is unreadable (JSONDecodeError: "),
-    (lambda p: _write(os.path.join(p, "L", "codes", "zarr.json"), '{"zarr_format": 3'),
-     "array L/codes has unreadable metadata (L/codes/zarr.json: JSONDecodeError: "),
-    (lambda p: shutil.rmtree(os.path.join(p, "L", "scale")), "array L/scale is missing — "),
-    (lambda p: os.remove(os.path.join(p, "R", "offset", "c", "0", "0")), "chunk R/offset c/0/0 is missing — "),
-    (lambda p: _write(os.path.join(p, "L", "scale", "c", "0", "0"), "xx"),
-     "chunk L/scale c/0/0 fails its crc32c checksum"),
-], ids=["root zarr.json", "array zarr.json", "no L/scale", "no R/offset chunk", "bad L/scale chunk"])
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda p: _write(os.path.join(p, "zarr.json"), "{"), "its zarr.json is unreadable (JSONDecodeError: "),
+        (
+            lambda p: _write(os.path.join(p, "L", "codes", "zarr.json"), '{"zarr_format": 3'),
+            "array L/codes has unreadable metadata (L/codes/zarr.json: JSONDecodeError: ",
+        ),
+        (lambda p: shutil.rmtree(os.path.join(p, "L", "scale")), "array L/scale is missing — "),
+        (lambda p: os.remove(os.path.join(p, "R", "offset", "c", "0", "0")), "chunk R/offset c/0/0 is missing — "),
+        (
+            lambda p: _write(os.path.join(p, "L", "scale", "c", "0", "0"), "xx"),
+            "chunk L/scale c/0/0 fails its crc32c checksum",
+        ),
+    ],
+    ids=["root zarr.json", "array zarr.json", "no L/scale", "no R/offset chunk", "bad L/scale chunk"],
+)
 def test_open_factors_names_damaged_metadata_and_small_arrays(tmp_path, damage, message):
     path = _damaged_copy(tmp_path, damage)
     with pytest.raises(StoreFormatError, match="^" + re.escape(f"{path}: {message}") + f".*{DAMAGED}$"):
@@ -255,10 +268,15 @@ def test_open_factors_names_damaged_metadata_and_small_arrays(tmp_path, damage, 
 
 def test_a_missing_chunk_of_a_version_1_store_is_refused_as_likely_damage(tmp_path):
     path = _damaged_copy(tmp_path, lambda p: os.remove(os.path.join(p, "L", "codes", "c", "2", "0")), "v1-default")
-    with pytest.raises(StoreFormatError, match="^" + re.escape(
-        f"{path}: chunk L/codes c/2/0 is missing (a version-1 store leaves out a chunk whose values are all 0, "
-        "which codes almost never are) — most likely the store is damaged; recompress or restore it"
-    ) + "$"):
+    with pytest.raises(
+        StoreFormatError,
+        match="^"
+        + re.escape(
+            f"{path}: chunk L/codes c/2/0 is missing (a version-1 store leaves out a chunk whose values are all 0, "
+            "which codes almost never are) — most likely the store is damaged; recompress or restore it"
+        )
+        + "$",
+    ):
         lplr_dask.open_factors(path)
 
 

@@ -56,9 +56,13 @@ def test_the_documented_reader_decodes_every_fixture(path, read_lplr):
     np.testing.assert_allclose(L @ R, np.load(path.replace(".lplr.zarr", ".expected.npy")), rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("quantizer, bits", [("paper", (3, 5)), ("default", (8, 8)), ("group48-sym", (4, 4)),
-                                             ("channel-stochastic", (2, 12))])
-def test_the_documented_reader_matches_factors_on_fresh_stores(client, tmp_store, small_matrix, read_lplr, quantizer, bits):
+@pytest.mark.parametrize(
+    "quantizer, bits",
+    [("paper", (3, 5)), ("default", (8, 8)), ("group48-sym", (4, 4)), ("channel-stochastic", (2, 12))],
+)
+def test_the_documented_reader_matches_factors_on_fresh_stores(
+    client, tmp_store, small_matrix, read_lplr, quantizer, bits
+):
     f = lplr_dask.compress(small_matrix, tmp_store, rank=9, bits=bits, quantizer=quantizer)
     L, R = read_lplr(tmp_store)
     np.testing.assert_allclose(L, f.L().compute(), rtol=1e-12, atol=1e-12)

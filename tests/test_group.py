@@ -85,8 +85,14 @@ def test_compress_group_from_a_safetensors_file_with_bfloat16(client, tmp_path):
     from safetensors.torch import save_file
 
     w = synthetic((256, 192), rank=8, decay=0.8, noise=0.01, chunks=(128, 128), seed=2).compute()
-    save_file({"layer.0.weight": torch.from_numpy(w).to(torch.bfloat16), "layer.0.bias": torch.zeros(192),
-               "embed.pos": torch.randn(2, 384)}, tmp_path / "m.safetensors")
+    save_file(
+        {
+            "layer.0.weight": torch.from_numpy(w).to(torch.bfloat16),
+            "layer.0.bias": torch.zeros(192),
+            "embed.pos": torch.randn(2, 384),
+        },
+        tmp_path / "m.safetensors",
+    )
     out = tmp_path / "m.lplr.zarr"
     result = lplr_dask.compress_group(tmp_path / "m.safetensors", out, bits_per_entry=2, log=lambda m: None)
     by_name = {e["name"]: e for e in result["arrays"]}
@@ -112,8 +118,18 @@ def test_compress_group_refuses_bad_rules_and_existing_output(client, tmp_path, 
 def test_cli_compress_group_table_then_resume(client, tmp_path, model, capsys):
     src, _ = model
     out = tmp_path / "m.lplr.zarr"
-    args = ["compress-group", str(src), str(out), "--rank", "12", "--bits", "4", "4",
-            "--scheduler", client.scheduler.address]
+    args = [
+        "compress-group",
+        str(src),
+        str(out),
+        "--rank",
+        "12",
+        "--bits",
+        "4",
+        "4",
+        "--scheduler",
+        client.scheduler.address,
+    ]
     assert cli.main(args) == 0
     captured = capsys.readouterr()
     table = captured.out.splitlines()

@@ -31,7 +31,8 @@ def tree_digest(root: Path) -> dict[str, str]:
     """sha256 of every file under ``root``, by relative path."""
     return {
         os.path.relpath(os.path.join(d, f), root): hashlib.sha256(Path(d, f).read_bytes()).hexdigest()
-        for d, _, files in os.walk(root) for f in files
+        for d, _, files in os.walk(root)
+        for f in files
     }
 
 
@@ -52,8 +53,10 @@ def source(tmp_path) -> Path:
 )
 def test_location_relations_are_refused(source, case):
     out = {"same": source, "parent": source.parent, "inside": source / "x.lplr.zarr"}[case]
-    with pytest.raises(LplrValueError, match={"same": " is the input", "parent": "contains the input",
-                                              "inside": "lies inside the input"}[case]):
+    with pytest.raises(
+        LplrValueError,
+        match={"same": " is the input", "parent": "contains the input", "inside": "lies inside the input"}[case],
+    ):
         guard.check_output(out, [source], overwrite=True)
 
 
@@ -91,8 +94,15 @@ def test_sibling_outputs_are_allowed(source):
         lambda s: ["compress-group", s.parent / "g.zarr", s.parent / "g.zarr", "--rank", "4", "--overwrite"],
         lambda s: ["compress-group", s.parent / "g.zarr", s.parent / "g.zarr" / "m", "--rank", "4"],
     ],
-    ids=["compress-same", "compress-parent", "compress-inside", "convert-same", "convert-parent", "group-same",
-         "group-inside"],
+    ids=[
+        "compress-same",
+        "compress-parent",
+        "compress-inside",
+        "convert-same",
+        "convert-parent",
+        "group-same",
+        "group-inside",
+    ],
 )
 def test_cli_refuses_and_leaves_input_byte_identical(source, argv):
     group = zarr.open_group(str(source.parent / "g.zarr"), mode="w")

@@ -17,7 +17,10 @@ def lplr(*args: str) -> tuple[dict, str]:
     """Run the ``lplr`` command in a fresh process; return its parsed stdout and its stderr."""
     proc = subprocess.run(
         [sys.executable, "-m", "lplr_dask.cli", *args, "--json"],
-        capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONWARNINGS": "default"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONWARNINGS": "default"},
     )
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
@@ -33,11 +36,37 @@ def test_every_command_prints_one_json_object(cluster, tmp_path):
     assert gen["shape"] == [500, 300] and gen["chunks"] == [128, 128] and "generate 500x300" in err
 
     # the embedded cluster: its dashboard address and the workers' logs go to stderr, not stdout
-    comp, err = lplr("compress", m, out, "--rank", "10", "--bits", "6", "8", "--evaluate", "--workers", "1",
-                     "--threads-per-worker", "1")
-    for key in ("store", "shape", "source_dtype", "rank", "bits", "quantizer", "passes", "bytes_on_disk",
-                "bits_per_entry", "bits_per_entry_theoretical", "compression_ratio", "timings",
-                "error_estimate", "error_exact"):
+    comp, err = lplr(
+        "compress",
+        m,
+        out,
+        "--rank",
+        "10",
+        "--bits",
+        "6",
+        "8",
+        "--evaluate",
+        "--workers",
+        "1",
+        "--threads-per-worker",
+        "1",
+    )
+    for key in (
+        "store",
+        "shape",
+        "source_dtype",
+        "rank",
+        "bits",
+        "quantizer",
+        "passes",
+        "bytes_on_disk",
+        "bits_per_entry",
+        "bits_per_entry_theoretical",
+        "compression_ratio",
+        "timings",
+        "error_estimate",
+        "error_exact",
+    ):
         assert comp[key] is not None, key
     assert comp["shape"] == [500, 300] and comp["rank"] == 10 and comp["bits"] == [6, 8]
     assert {"pass 1: sketch", "pass 2: project", "error estimate", "total"} <= set(comp["timings"])
@@ -63,7 +92,9 @@ def test_every_command_prints_one_json_object(cluster, tmp_path):
     g = zarr.open_group(tmp_path / "g.zarr", mode="w")
     g.create_array("w", data=zarr.open_array(m, mode="r")[...], chunks=(128, 128))
     g.create_array("pos", data=np.ones((2, 384), np.float32))
-    grp, err = lplr("compress-group", str(tmp_path / "g.zarr"), str(tmp_path / "g.lplr.zarr"), "--match-nq", "4", *sched)
+    grp, err = lplr(
+        "compress-group", str(tmp_path / "g.zarr"), str(tmp_path / "g.lplr.zarr"), "--match-nq", "4", *sched
+    )
     assert [e["action"] for e in grp["arrays"]] == ["copy", "lplr"] and grp["totals"]["arrays"] == 2
     assert "array 2/2" in err  # compress-group's row per array
 

@@ -47,7 +47,10 @@ def _imports(path: Path, package: Path = PACKAGE) -> list[tuple[str, bool]]:
 
     def visit(node: ast.AST, in_function: bool) -> None:
         for child in ast.iter_child_nodes(node):
-            if isinstance(child, ast.If) and getattr(child.test, "id", getattr(child.test, "attr", None)) == "TYPE_CHECKING":
+            if (
+                isinstance(child, ast.If)
+                and getattr(child.test, "id", getattr(child.test, "attr", None)) == "TYPE_CHECKING"
+            ):
                 continue
             inner = in_function or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda))
             if isinstance(child, ast.ImportFrom):
@@ -59,7 +62,9 @@ def _imports(path: Path, package: Path = PACKAGE) -> list[tuple[str, bool]]:
                     for alias in child.names:
                         found.append((_module(f"{base}.{alias.name}", package), in_function))
             elif isinstance(child, ast.Import):
-                found.extend((_module(a.name, package), in_function) for a in child.names if a.name.split(".")[0] == "lplr_dask")
+                found.extend(
+                    (_module(a.name, package), in_function) for a in child.names if a.name.split(".")[0] == "lplr_dask"
+                )
             visit(child, inner)
 
     visit(tree, False)
@@ -120,17 +125,18 @@ def test_no_import_cycle_between_modules():
     graph: dict[str, set[str]] = {}
     for module, path in _modules().items():
         src = _top(module)
-        graph.setdefault(src, set()).update(
-            _top(t) for t, _ in _imports(path) if t != "lplr_dask" and _top(t) != src
-        )
+        graph.setdefault(src, set()).update(_top(t) for t, _ in _imports(path) if t != "lplr_dask" and _top(t) != src)
     seen: dict[str, int] = {}  # 1: on the path, 2: done
 
     def walk(node: str, path: list[str]) -> None:
         seen[node] = 1
         for nxt in sorted(graph.get(node, ())):
             if seen.get(nxt) == 1:
-                pytest.fail("import cycle: " + " → ".join(path[path.index(nxt):] + [node, nxt]) if nxt in path
-                            else f"import cycle through {node} → {nxt}")
+                pytest.fail(
+                    "import cycle: " + " → ".join(path[path.index(nxt) :] + [node, nxt])
+                    if nxt in path
+                    else f"import cycle through {node} → {nxt}"
+                )
             if nxt not in seen:
                 walk(nxt, path + [node])
         seen[node] = 2

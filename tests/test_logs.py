@@ -32,7 +32,8 @@ def test_messages_reach_a_callers_logging(logger, caplog):
     logs.info("pass 1: sketch: done")
     logs.warning("careful")
     assert [(r.name, r.levelno, r.getMessage()) for r in caplog.records] == [
-        ("lplr_dask", logging.INFO, "pass 1: sketch: done"), ("lplr_dask", logging.WARNING, "careful"),
+        ("lplr_dask", logging.INFO, "pass 1: sketch: done"),
+        ("lplr_dask", logging.WARNING, "careful"),
     ]
 
 

@@ -42,16 +42,25 @@ def test_compress_matrix_four_times_larger_than_cluster_memory(tmp_path, record_
     src = os.fspath(tmp_path / "A.zarr")
     nbytes = SHAPE[0] * SHAPE[1] * 4
     assert nbytes >= 4 * WORKERS * LIMIT
-    with LocalCluster(
-        n_workers=WORKERS, threads_per_worker=1, processes=True, memory_limit=LIMIT, host="127.0.0.1",
-        dashboard_address=None,
-    ) as cluster, Client(cluster) as client:
+    with (
+        LocalCluster(
+            n_workers=WORKERS,
+            threads_per_worker=1,
+            processes=True,
+            memory_limit=LIMIT,
+            host="127.0.0.1",
+            dashboard_address=None,
+        ) as cluster,
+        Client(cluster) as client,
+    ):
         lplr_dask.generate(src, SHAPE, rank=50, decay=0.9, noise=0.1, chunks=CHUNKS)
         workers = {addr: w["id"] for addr, w in client.scheduler_info()["workers"].items()}
         factors = {}
         for passes in (2, 1):
             chunking.worker_memory_peaks(client, reset=True)  # measure each compression alone
-            factors[passes] = lplr_dask.compress(src, tmp_path / f"A-{passes}.lplr.zarr", rank=32, passes=passes, log=lambda _: None)
+            factors[passes] = lplr_dask.compress(
+                src, tmp_path / f"A-{passes}.lplr.zarr", rank=32, passes=passes, log=lambda _: None
+            )
             peaks = {a: round(v / 2**20) for a, v in chunking.worker_memory_peaks(client).items()}
             record_property(f"worker_peak_MiB_passes_{passes}", peaks)
             print(f"passes={passes}: worker peak memory (MiB):", peaks)

@@ -23,9 +23,13 @@ from lplr_dask.datasets import synthetic
 from lplr_dask.quantize import quantizer_pair
 
 #: A heartbeat line: ``pass 1: sketch: 37% (6/16 chunks, 614 MiB/s, ETA 12 s)``.
-HEARTBEAT = re.compile(r"^(?P<step>.+?): (?P<pct>\d+)% \((?P<done>\d+)/(?P<total>\d+) (?P<unit>chunks|tasks)(?:, [\d.]+ [KMG]iB/s)?, ETA .+\)$")
+HEARTBEAT = re.compile(
+    r"^(?P<step>.+?): (?P<pct>\d+)% \((?P<done>\d+)/(?P<total>\d+) (?P<unit>chunks|tasks)(?:, [\d.]+ [KMG]iB/s)?, ETA .+\)$"
+)
 #: A final line: ``pass 1: sketch: done: 16 chunks in 9.5 s (1.1 GiB/s)``.
-DONE = re.compile(r"^(?P<step>.+?): done: (?P<total>\d+) (?P<unit>chunks|tasks) in [\d.]+ (?:s|min \d+ s|h \d+ min)(?: \([\d.]+ [KMG]iB/s\))?$")
+DONE = re.compile(
+    r"^(?P<step>.+?): done: (?P<total>\d+) (?P<unit>chunks|tasks) in [\d.]+ (?:s|min \d+ s|h \d+ min)(?: \([\d.]+ [KMG]iB/s\))?$"
+)
 
 
 def _zarr(path, shape, chunks, seed=0):
@@ -67,9 +71,26 @@ def test_cli_heartbeats_in_a_batch_log(tmp_path):
     env = {**os.environ, "DASK_LPLR__PROGRESS__INTERVAL": "0.1s"}
     with open(log, "w") as err:
         subprocess.run(
-            [sys.executable, "-m", "lplr_dask.cli", "compress", src, str(tmp_path / "A.lplr.zarr"), "--rank", "32",
-             "--workers", "1", "--threads-per-worker", "1", "--json"],
-            stdout=subprocess.DEVNULL, stderr=err, env=env, check=True, timeout=300,
+            [
+                sys.executable,
+                "-m",
+                "lplr_dask.cli",
+                "compress",
+                src,
+                str(tmp_path / "A.lplr.zarr"),
+                "--rank",
+                "32",
+                "--workers",
+                "1",
+                "--threads-per-worker",
+                "1",
+                "--json",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+            env=env,
+            check=True,
+            timeout=300,
         )
     lines = log.read_text().splitlines()
     assert lines[0].startswith("Dask dashboard: http")  # the link stays, first
@@ -94,8 +115,12 @@ def test_totals_are_the_chunks_of_a(client, tmp_path, caplog, lplr_logger):
     lines = [r.getMessage() for r in caplog.records if r.name == "lplr_dask"]
     steps = _steps(lines)
     reads = [s for s, (_, final) in steps.items() if final["unit"] == "chunks"]
-    assert reads == ["pass 1: sketch", "power iteration (1 of 1: Aᵀ·Q)", "power iteration (1 of 1: A·Z)",
-                     "pass 2: project"]
+    assert reads == [
+        "pass 1: sketch",
+        "power iteration (1 of 1: Aᵀ·Q)",
+        "power iteration (1 of 1: A·Z)",
+        "pass 2: project",
+    ]
     assert all(steps[s][1]["total"] == "24" for s in reads)
     assert all(r.levelno == logging.INFO for r in caplog.records if r.name == "lplr_dask")
     assert any(line.startswith("compress 768x512 float32 -> ") for line in lines)  # the summary too
@@ -160,10 +185,15 @@ def test_reads_chunk_finds_one_task_per_chunk(tmp_path):
     # whatever blockwise fusion makes of pass 1's graph, one task per chunk of A computes it
     src = _zarr(tmp_path / "A.zarr", (512, 768), (128, 128))
     spec_l, spec_r = quantizer_pair("default")
-    for passes, A in [(2, da.from_zarr(src)), (1, da.from_zarr(src)), (2, da.from_zarr(src).rechunk((256, 128))),
-                      (2, synthetic((512, 768), rank=4, chunks=(128, 128)))]:
-        p = factorize.Params(rank=8, bits=(8, 8), quantizer="default", spec_l=spec_l, spec_r=spec_r,
-                             passes=passes, range_oversample=8)
+    for passes, A in [
+        (2, da.from_zarr(src)),
+        (1, da.from_zarr(src)),
+        (2, da.from_zarr(src).rechunk((256, 128))),
+        (2, synthetic((512, 768), rank=4, chunks=(128, 128))),
+    ]:
+        p = factorize.Params(
+            rank=8, bits=(8, 8), quantizer="default", spec_l=spec_l, spec_r=spec_r, passes=passes, range_oversample=8
+        )
         products = factorize.pass1(A, p)
         # the graph as a distributed client builds it (Client.compute)
         dsk = dict(FinalizeCompute(collections_to_expr(list(products.values()), True)).optimize().__dask_graph__())
@@ -204,8 +234,12 @@ def test_heartbeats_at_the_default_interval_on_a_long_pass(tmp_path, caplog, lpl
     A = A.map_blocks(lambda b: (time.sleep(31), b)[1], meta=A._meta)  # meta given: no call to infer it
     caplog.set_level(logging.INFO, logger="lplr_dask")
     # silence_logs=False: distributed's default would set the level of caplog's handlers to WARNING
-    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=":0",
-                      silence_logs=False) as cluster, Client(cluster):
+    with (
+        LocalCluster(
+            n_workers=1, threads_per_worker=1, processes=False, dashboard_address=":0", silence_logs=False
+        ) as cluster,
+        Client(cluster),
+    ):
         start = time.time()
         lplr_dask.compress(A, tmp_path / "o.lplr.zarr", rank=4, passes=1)  # one read of A
     records = [r for r in caplog.records if r.getMessage().startswith("pass 1: sketch")]

@@ -43,7 +43,8 @@ specs = st.builds(
 # from overflow that max - min is finite.
 matrices = st.tuples(st.integers(1, 12), st.integers(1, 12)).flatmap(
     lambda shape: arrays(
-        np.float64, shape,
+        np.float64,
+        shape,
         # magnitudes of at least 1e-30 (float32 data's range): a range near 1e-307 would give a
         # subnormal step (range / (2^B - 1)) whose rounding is coarser than the bounds below
         elements=st.one_of(st.just(0.0), st.floats(1e-30, 1e6), st.floats(-1e6, -1e-30)),
@@ -189,8 +190,13 @@ def _decoded_r(q, spec: QuantizerSpec) -> np.ndarray:
 
 @settings(max_examples=150, deadline=None)
 @given(
-    k=st.integers(1, 9), m=st.integers(1, 12), bits=st.integers(1, 16), spec=gptq_specs,
-    seed=st.integers(0, 2**32), scale=st.sampled_from([1e-6, 1.0, 1e6]), chunk=st.integers(1, 12),
+    k=st.integers(1, 9),
+    m=st.integers(1, 12),
+    bits=st.integers(1, 16),
+    spec=gptq_specs,
+    seed=st.integers(0, 2**32),
+    scale=st.sampled_from([1e-6, 1.0, 1e6]),
+    chunk=st.integers(1, 12),
 )
 def test_gptq_codes_in_range_and_independent_of_column_chunks(k, m, bits, spec, seed, scale, chunk):
     rng = np.random.default_rng(seed)
@@ -223,7 +229,9 @@ def test_gptq_lowers_the_error_through_the_basis(name, bits):
         L = _basis(rng, 120, 16, 6)
         W = rng.standard_normal((16, 80)) * rng.uniform(0.1, 3.0, (16, 1))
         e_near = np.linalg.norm(L @ (W - _decoded_r(quantize(W, bits, spec=nearest, channel_axis=0), nearest)))
-        e_gptq = np.linalg.norm(L @ (W - _decoded_r(quantize(W, bits, spec=gptq, channel_axis=0, hessian=L.T @ L), gptq)))
+        e_gptq = np.linalg.norm(
+            L @ (W - _decoded_r(quantize(W, bits, spec=gptq, channel_axis=0, hessian=L.T @ L), gptq))
+        )
         ratios.append(e_gptq / e_near)
     assert np.mean(ratios) < 0.8, ratios
 
@@ -276,8 +284,9 @@ def test_encode_gptq_block_on_a_block_of_columns():
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["paper", "channel", "group16-sym", "tensor-stochastic", "channel-stochastic",
-                                  "group24-sym-stochastic"])
+@pytest.mark.parametrize(
+    "name", ["paper", "channel", "group16-sym", "tensor-stochastic", "channel-stochastic", "group24-sym-stochastic"]
+)
 @pytest.mark.parametrize("axis", [0, 1])
 @pytest.mark.parametrize("chunks", [(64, 64), (37, 150), (300, 11)])
 def test_dask_and_numpy_give_the_same_codes(name, axis, chunks):

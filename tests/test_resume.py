@@ -80,8 +80,12 @@ def test_client_killed_in_pass2_then_resume(source, reference, tmp_path):
     script = tmp_path / "job.py"
     script.write_text(JOB)
     total = 2400 // CHUNK
-    proc = subprocess.Popen([sys.executable, str(script), str(source), str(out), "0.15", "0"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(source), str(out), "0.15", "0"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
     try:
         _wait_for_pass2(out, total, alive=lambda: proc.poll() is None)
     finally:
@@ -92,8 +96,9 @@ def test_client_killed_in_pass2_then_resume(source, reference, tmp_path):
     with pytest.raises(lplr_dask.StoreFormatError, match="incomplete"):
         lplr_dask.open_factors(out)
 
-    r = subprocess.run([sys.executable, str(script), str(source), str(out), "0", "1"],
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, str(script), str(source), str(out), "0", "1"], capture_output=True, text=True, timeout=300
+    )
     assert r.returncode == 0, r.stderr
     m = re.search(r"resume: (\d+) of (\d+) column chunks of W already written; computing (\d+)", r.stderr)
     assert m, r.stderr
@@ -110,8 +115,12 @@ def test_worker_killed_in_pass2(source, reference, tmp_path):
 
     out = tmp_path / "o.lplr.zarr"
     total = 2400 // CHUNK
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0",
-                      host="127.0.0.1") as cluster, Client(cluster) as client:
+    with (
+        LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0", host="127.0.0.1"
+        ) as cluster,
+        Client(cluster) as client,
+    ):
         pids = list(client.run(os.getpid).values())
         A = da.from_zarr(str(source)).map_blocks(lambda b: (time.sleep(0.1), b)[1], dtype="f4")
         errors: list[BaseException] = []

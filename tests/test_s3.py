@@ -25,8 +25,11 @@ s3fs = pytest.importorskip("s3fs")
 def s3():
     """A moto S3 server on 127.0.0.1 (a real HTTP server on its own port) and a bucket in it."""
     mp = pytest.MonkeyPatch()
-    for name, value in (("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing"),
-                        ("AWS_DEFAULT_REGION", "us-east-1")):
+    for name, value in (
+        ("AWS_ACCESS_KEY_ID", "testing"),
+        ("AWS_SECRET_ACCESS_KEY", "testing"),
+        ("AWS_DEFAULT_REGION", "us-east-1"),
+    ):
         mp.setenv(name, value)
     server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
@@ -115,7 +118,10 @@ def test_cli_storage_options_on_every_command(client, tmp_path, s3, small_matrix
     g.create_array("pos", data=np.ones((2, 384), np.float32))
     result = run("compress-group", "s3://lplr-test/model.zarr", "s3://lplr-test/model.lplr.zarr", "--match-nq", "4")
     assert [e["action"] for e in result["arrays"]] == ["copy", "lplr"]
-    assert lplr_dask.open_factors("s3://lplr-test/model.lplr.zarr/w", storage_options=s3).rank == result["arrays"][1]["rank"]
+    assert (
+        lplr_dask.open_factors("s3://lplr-test/model.lplr.zarr/w", storage_options=s3).rank
+        == result["arrays"][1]["rank"]
+    )
     assert cli.main(["generate", "s3://lplr-test/g.zarr", "--shape", "10x10", *opts]) == 2
     assert "generate locally and upload with `lplr convert" in capsys.readouterr().err
     assert cli.main(["info", out, "--storage-options", "not json"]) == 2

@@ -41,22 +41,25 @@ def _set(key: str, value):
     return edit
 
 
-@pytest.mark.parametrize("key, value, expected", [
-    ("complete", "no", "true or false"),
-    ("version", True, "a positive integer"),
-    ("version", "2", "a positive integer"),
-    ("rank", 0, "an integer >= 1"),
-    ("bits", [4, 17], "a list of two integers 1 to 16"),
-    ("bits", [4], "a list of two integers 1 to 16"),
-    ("passes", 3, "an integer from 1 to 2"),
-    ("quantizer.L.granularity", "row", "'tensor', 'channel' or 'group'"),
-    ("quantizer.L.group_size", 0, "an integer >= 1"),
-    ("quantizer.R.symmetric", "yes", "true or false"),
-    ("quantizer.R.rounding", "up", "'nearest' or 'stochastic' or 'gptq'"),
-    ("source.shape", [24, -16], "a list of two integers >= 1"),
-    ("source.shape", [24], "a list of two integers >= 1"),
-    ("source.dtype", 4, "a dtype name"),
-])
+@pytest.mark.parametrize(
+    "key, value, expected",
+    [
+        ("complete", "no", "true or false"),
+        ("version", True, "a positive integer"),
+        ("version", "2", "a positive integer"),
+        ("rank", 0, "an integer >= 1"),
+        ("bits", [4, 17], "a list of two integers 1 to 16"),
+        ("bits", [4], "a list of two integers 1 to 16"),
+        ("passes", 3, "an integer from 1 to 2"),
+        ("quantizer.L.granularity", "row", "'tensor', 'channel' or 'group'"),
+        ("quantizer.L.group_size", 0, "an integer >= 1"),
+        ("quantizer.R.symmetric", "yes", "true or false"),
+        ("quantizer.R.rounding", "up", "'nearest' or 'stochastic' or 'gptq'"),
+        ("source.shape", [24, -16], "a list of two integers >= 1"),
+        ("source.shape", [24], "a list of two integers >= 1"),
+        ("source.dtype", 4, "a dtype name"),
+    ],
+)
 def test_attrs_of_the_wrong_type_are_refused_naming_the_key(tmp_path, key, value, expected):
     path = _with_attrs(tmp_path, _set(key, value))
     message = f"Expected attrs 'lplr.{key}' of {path!r} to be {expected}"
@@ -77,8 +80,10 @@ def test_unknown_keys_are_ignored_inside_the_quantizer_too(tmp_path, client):
 
 def test_a_shape_that_disagrees_with_the_arrays_is_refused(tmp_path):
     path = _with_attrs(tmp_path, _set("source.shape", [24, 17]))  # R/codes holds 16 columns
-    message = (f"Expected array R/codes of {path!r} of shape (3, 17) and dtype uint8 (from its attrs 'lplr': "
-               "source.shape, rank, bits, quantizer). Got shape (3, 16) and dtype uint8 instead.")
+    message = (
+        f"Expected array R/codes of {path!r} of shape (3, 17) and dtype uint8 (from its attrs 'lplr': "
+        "source.shape, rank, bits, quantizer). Got shape (3, 16) and dtype uint8 instead."
+    )
     with pytest.raises(StoreFormatError, match="^" + re.escape(message)):
         lplr_dask.open_factors(path)
     path = _with_attrs(tmp_path / "b", _set("quantizer.R.group_size", 4))  # R/scale holds ceil(16/8) groups
@@ -95,10 +100,17 @@ def test_parse_quantizer_spec_uses_known_fields_and_defaults():
 
 
 def test_array_shapes_follow_the_format_table():
-    meta = {"source": {"shape": [100, 30]}, "rank": 5, "quantizer": {
-        "L": {"granularity": "group", "group_size": 32}, "R": {"granularity": "channel"}}}
+    meta = {
+        "source": {"shape": [100, 30]},
+        "rank": 5,
+        "quantizer": {"L": {"granularity": "group", "group_size": 32}, "R": {"granularity": "channel"}},
+    }
     assert schema.array_shapes(meta) == {
-        "L/codes": (100, 5), "R/codes": (5, 30), "L/scale": (4, 5), "L/offset": (4, 5), "R/scale": (5, 1),
+        "L/codes": (100, 5),
+        "R/codes": (5, 30),
+        "L/scale": (4, 5),
+        "L/offset": (4, 5),
+        "R/scale": (5, 1),
         "R/offset": (5, 1),
     }
     meta["quantizer"]["R"] = {"granularity": "tensor"}

@@ -56,7 +56,9 @@ def _codes(path) -> tuple[np.ndarray, np.ndarray]:
 def reference(source, tmp_path_factory):
     """Codes of an undisturbed run with the same arguments."""
     out = tmp_path_factory.mktemp("reference") / "o.lplr.zarr"
-    r = subprocess.run([*LPLR, "compress", str(source), str(out), *ARGS, "-q"], capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [*LPLR, "compress", str(source), str(out), *ARGS, "-q"], capture_output=True, text=True, timeout=300
+    )
     assert r.returncode == 0, r.stderr
     return _codes(out)
 
@@ -72,8 +74,14 @@ def _interrupt(source, out, *, stage: str, signum: int, group: bool) -> subproce
     """Start ``lplr compress``, wait until the store is at `stage`, send `signum`; the finished run."""
     command = [*LPLR, "compress", str(source), str(out), *ARGS, "--overwrite"]
     # a background child of a script ignores SIGINT; Ctrl-C at a terminal is a SIGINT to the group
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    proc = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     try:
         t0 = time.monotonic()
         while _stage(out) != stage:

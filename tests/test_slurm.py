@@ -35,9 +35,7 @@ def slurm() -> None:
     for command in ("sbatch", "sinfo", "squeue", "scancel"):
         if shutil.which(command) is None:
             require_service(f"`{command}` not found: SLURM is not installed here; run {START}")
-    result = subprocess.run(
-        ["sinfo", "--noheader", "--format=%T"], capture_output=True, text=True, timeout=30
-    )
+    result = subprocess.run(["sinfo", "--noheader", "--format=%T"], capture_output=True, text=True, timeout=30)
     if result.returncode != 0:
         require_service(f"sinfo failed ({result.stderr.strip()}): slurmctld is not up; run {START}")
     states = {state.rstrip("*~#!%$@^-") for state in result.stdout.split()}
@@ -177,9 +175,7 @@ def test_sbatch_compress(tmp_path: Path) -> None:
     assert lplr_dask.evaluate(source, factors) < 0.05
 
 
-def test_sbatch_without_input_fails_clearly(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_sbatch_without_input_fails_clearly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("IN", raising=False)
     status, log = _sbatch(tmp_path, OUT=str(tmp_path / "x.lplr.zarr"))
     assert status != 0

@@ -113,8 +113,15 @@ def test_list_arrays_and_member(tmp_path):
 
 @pytest.mark.parametrize(
     "dtype, expected",
-    [("float16", "float32"), ("bfloat16", "float32"), ("float32", "float32"), ("float64", "float64"),
-     ("int8", "float32"), ("uint16", "float32"), ("int64", "float32")],
+    [
+        ("float16", "float32"),
+        ("bfloat16", "float32"),
+        ("float32", "float32"),
+        ("float64", "float64"),
+        ("int8", "float32"),
+        ("uint16", "float32"),
+        ("int64", "float32"),
+    ],
 )
 def test_compute_dtype_policy(dtype, expected):
     assert compute_dtype(dtype) == np.dtype(expected)
@@ -209,6 +216,18 @@ def test_decompress_writes_the_source_dtype_back_unless_told(client, tmp_path, m
     assert recon.dtype == np.dtype(dtype)
     ref = (matrix * scale).astype(dtype).astype(np.float64)
     assert np.linalg.norm(recon[...] - ref) / np.linalg.norm(ref) < 0.05
-    assert cli.main(["decompress", str(tmp_path / "o.lplr.zarr"), str(tmp_path / "r64.zarr"), "--dtype", "float64",
-                     "--quiet", *sched]) == 0
+    assert (
+        cli.main(
+            [
+                "decompress",
+                str(tmp_path / "o.lplr.zarr"),
+                str(tmp_path / "r64.zarr"),
+                "--dtype",
+                "float64",
+                "--quiet",
+                *sched,
+            ]
+        )
+        == 0
+    )
     assert zarr.open_array(tmp_path / "r64.zarr", mode="r").dtype == np.float64

@@ -128,7 +128,9 @@ def _chunk_files(root, name: str) -> list[str]:
     import os
 
     base = os.path.join(root, *name.split("/"))
-    return sorted(os.path.relpath(os.path.join(d, f), base) for d, _, fs in os.walk(base) for f in fs if f != "zarr.json")
+    return sorted(
+        os.path.relpath(os.path.join(d, f), base) for d, _, fs in os.walk(base) for f in fs if f != "zarr.json"
+    )
 
 
 def test_every_array_written_stores_all_its_chunks_with_a_checksum(tmp_path):
@@ -206,7 +208,9 @@ def test_scratch_names_are_the_work_group_of_the_format():
     assert store.SCRATCH == "_work"  # on disk: a store left by an older version resumes
     assert set(store.SCRATCH_ARRAYS) == {"Y", "AG", "Z", "PT", "W", "W_done"}
     assert [store.scratch_name(n) for n in ("Y", "W_done")] == ["_work/Y", "_work/W_done"]
-    with pytest.raises(lplr_dask.LplrValueError, match=r"Expected a scratch array to be one of 'Y', .* Got 'L' instead"):
+    with pytest.raises(
+        lplr_dask.LplrValueError, match=r"Expected a scratch array to be one of 'Y', .* Got 'L' instead"
+    ):
         store.scratch_name("L")
 
 

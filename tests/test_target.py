@@ -95,7 +95,9 @@ def test_cli_reports_target_and_refuses_with_exit_2(client, tmp_path, small_matr
     src = tmp_path / "m.zarr"
     zarr.create_array(src, data=small_matrix.compute(), chunks=(128, 128))
     sched = ["--scheduler", client.scheduler.address, "--quiet"]
-    assert cli.main(["compress", str(src), str(tmp_path / "o.lplr.zarr"), "--target-error", "0.05", "--json", *sched]) == 0
+    assert (
+        cli.main(["compress", str(src), str(tmp_path / "o.lplr.zarr"), "--target-error", "0.05", "--json", *sched]) == 0
+    )
     import json
 
     out = json.loads(capsys.readouterr().out)
@@ -105,7 +107,6 @@ def test_cli_reports_target_and_refuses_with_exit_2(client, tmp_path, small_matr
     assert len(errors) == 1 and errors[0].startswith("error: Target error 0.0001 is out of reach")
     assert cli.main(["compress", str(src), str(tmp_path / "y.lplr.zarr"), "--target-error", "0.1", "--rank", "3"]) == 2
     assert "exactly one of" in capsys.readouterr().err
-
 
 
 def test_device_cuda_plans_on_the_host(fake_cupy, guarded_zarr_writes, monkeypatch, tmp_path, small_matrix):

@@ -80,8 +80,15 @@ def test_parse_float_refuses_what_is_not_a_finite_number(value):
 
 @pytest.mark.parametrize(
     "inclusive, value, ok",
-    [((True, True), 0.0, True), ((True, True), 1.0, True), ((False, True), 0.0, False), ((True, False), 1.0, False),
-     ((False, False), 0.5, True), ((True, True), -0.1, False), ((True, True), 1.1, False)],
+    [
+        ((True, True), 0.0, True),
+        ((True, True), 1.0, True),
+        ((False, True), 0.0, False),
+        ((True, False), 1.0, False),
+        ((False, False), 0.5, True),
+        ((True, True), -0.1, False),
+        ((True, True), 1.1, False),
+    ],
 )
 def test_parse_float_bounds(inclusive, value, ok):
     if ok:
@@ -107,7 +114,9 @@ def test_parse_float_names_the_bounds():
 
 def test_parse_choice():
     assert parse_choice("poly", "kind", ("lowrank", "poly")) == "poly"
-    with pytest.raises(LplrValueError, match=r"^Expected kind to be one of 'lowrank', 'poly'\. Got 'nope' instead\. See --help\.$"):
+    with pytest.raises(
+        LplrValueError, match=r"^Expected kind to be one of 'lowrank', 'poly'\. Got 'nope' instead\. See --help\.$"
+    ):
         parse_choice("nope", "kind", ("lowrank", "poly"), "See --help.")
     with pytest.raises(LplrValueError, match=r"one of 1, 2\. Got 3 instead"):
         parse_choice(3, "passes", [1, 2])
@@ -117,7 +126,9 @@ def test_parse_bool():
     assert parse_bool(True, "overwrite") is True
     assert parse_bool(np.bool_(False), "overwrite") is False
     for value in (0, 1, "yes", None):
-        with pytest.raises(LplrTypeError, match=re.escape(f"Expected overwrite to be True or False. Got {value!r} instead.")):
+        with pytest.raises(
+            LplrTypeError, match=re.escape(f"Expected overwrite to be True or False. Got {value!r} instead.")
+        ):
             parse_bool(value, "overwrite")
 
 

@@ -105,8 +105,12 @@ def test_verify_names_the_damaged_chunk(client, damaged):
 def _lplr_verify(client, *args: str) -> subprocess.CompletedProcess[str]:
     """``lplr verify ...`` in a subprocess, on the test cluster (no cluster of its own to start)."""
     address = client.scheduler.address
-    return subprocess.run([sys.executable, "-m", "lplr_dask.cli", "verify", *args, "--scheduler", address],
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "lplr_dask.cli", "verify", *args, "--scheduler", address],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_cli_verify_exits_2_naming_the_chunk(client, damaged):
@@ -123,8 +127,14 @@ def test_cli_verify_a_clean_store(client, stored):
     assert r.returncode == 0, r.stderr
     report = json.loads(r.stdout)
     # 5 + 4 codes chunks, and one chunk each for the four scales and offsets
-    assert report == {"store": stored, "version": 2, "arrays_checked": 6, "chunks_checked": 13,
-                      "bytes_on_disk": lplr_dask.open_factors(stored).nbytes, "problems": []}
+    assert report == {
+        "store": stored,
+        "version": 2,
+        "arrays_checked": 6,
+        "chunks_checked": 13,
+        "bytes_on_disk": lplr_dask.open_factors(stored).nbytes,
+        "problems": [],
+    }
 
 
 def test_verify_lists_several_damaged_chunks_and_counts_the_rest(client, stored, tmp_path):
@@ -194,5 +204,7 @@ def test_cli_decompress_of_a_damaged_store_is_one_line_exit_2(client, stored, tm
     assert main(["decompress", root, os.fspath(out), "--quiet"]) == 2  # the test's client is current
     err = capsys.readouterr().err
     errors = [line for line in err.splitlines() if line.startswith("error")]
-    assert errors == [f"error: {root}: chunk R/codes c/0/1 fails its crc32c checksum (truncated or altered) — {FIX}"], err
+    assert errors == [f"error: {root}: chunk R/codes c/0/1 fails its crc32c checksum (truncated or altered) — {FIX}"], (
+        err
+    )
     assert not out.exists()  # nothing half-written left behind

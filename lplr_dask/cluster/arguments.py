@@ -212,8 +212,7 @@ def _check_options(
     chosen = [flag for flag, value in modes.items() if value is not None]
     if len(chosen) > 1:
         raise ClusterError(
-            f"Expected at most one of --scheduler, --scheduler-file and --cluster. "
-            f"Got {' and '.join(chosen)} instead."
+            f"Expected at most one of --scheduler, --scheduler-file and --cluster. Got {' and '.join(chosen)} instead."
         )
     local = {
         "--workers": workers,
@@ -228,8 +227,7 @@ def _check_options(
             else "size the workers where the scheduler's workers are started"
         )
         raise ClusterError(
-            f"{', '.join(local_given)} size the local cluster only and cannot be combined with "
-            f"{chosen[0]}; {how}."
+            f"{', '.join(local_given)} size the local cluster only and cannot be combined with {chosen[0]}; {how}."
         )
     if cluster is not None and cluster not in _CLUSTER_KINDS:
         kinds = sorted(_CLUSTER_KINDS)
@@ -239,9 +237,7 @@ def _check_options(
         "--workers": workers,
         "--threads-per-worker": threads_per_worker,
     }.items():
-        if value is not None and (
-            isinstance(value, bool) or not isinstance(value, int) or value < 1
-        ):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise expected(f"{flag} to be a positive integer", value, error=ClusterError)
     if memory_limit is not None:
         _check_memory_limit(memory_limit)
@@ -253,8 +249,6 @@ def _check_memory_limit(value: str | int) -> None:
     try:
         nbytes = parse_bytes(value) if isinstance(value, str) else int(value)
     except (ValueError, TypeError) as e:
-        raise expected(
-            "--memory-limit to be a size like 2GiB or 500MB, or 'auto'", value, error=ClusterError
-        ) from e
+        raise expected("--memory-limit to be a size like 2GiB or 500MB, or 'auto'", value, error=ClusterError) from e
     if nbytes <= 0:
         raise expected("--memory-limit to be positive", value, error=ClusterError)

@@ -120,9 +120,7 @@ def _jobqueue_options(kind: str) -> dict[str, Any]:
         # cores, processes and memory only make sense together: the user's choice of any of
         # them replaces lplr's job size (else cores=1 with our processes=2 gives 0 threads).
         ours = {key: value for key, value in ours.items() if key not in _JOB_SIZE_KEYS}
-    job = dask.config.update(
-        copy.deepcopy(current), ours, priority="new-defaults", defaults=package
-    )
+    job = dask.config.update(copy.deepcopy(current), ours, priority="new-defaults", defaults=package)
     cores, processes = job.get("cores"), job.get("processes")
     if cores is not None and processes is not None and processes > cores:
         raise ClusterError(
@@ -238,9 +236,7 @@ def _check_job_accepted(script: str, kind: str, system: _BatchSystem) -> None:
         )
 
 
-def _close_quietly(
-    close: Callable[[], object], what: str, hint: str, log: Callable[[str], None]
-) -> None:
+def _close_quietly(close: Callable[[], object], what: str, hint: str, log: Callable[[str], None]) -> None:
     """Close `what`, reporting rather than raising a failure (cleanup must not mask an error)."""
     try:
         close()

@@ -67,8 +67,7 @@ def client_from_args(
     cluster = getattr(args, "cluster", None)
     if jobs is not None and cluster is None:
         raise ClusterError(
-            "--jobs applies to --cluster slurm|pbs only. Add --cluster, or size a local "
-            "cluster with --workers."
+            "--jobs applies to --cluster slurm|pbs only. Add --cluster, or size a local cluster with --workers."
         )
     with get_client(
         scheduler=getattr(args, "scheduler", None),
@@ -176,19 +175,21 @@ def get_client(
             stack.callback(client.close)
         elif scheduler_file is not None:
             address = _read_scheduler_file(scheduler_file)
-            client = _connect(
-                address, security=security, source=f"from scheduler file {scheduler_file}"
-            )
+            client = _connect(address, security=security, source=f"from scheduler file {scheduler_file}")
             stack.callback(client.close)
         elif cluster is not None:
             client = _start_jobqueue(stack, cluster, jobs=jobs, security=security, log=log)
         elif device == "cuda":
             with _no_workers_timeout():
-                local = stack.enter_context(gpu_local_cluster(
-                    workers, threads_per_worker=threads_per_worker, security=security,
-                    memory_limit="auto" if memory_limit is None else memory_limit,
-                    dashboard_address="127.0.0.1:8787",
-                ))
+                local = stack.enter_context(
+                    gpu_local_cluster(
+                        workers,
+                        threads_per_worker=threads_per_worker,
+                        security=security,
+                        memory_limit="auto" if memory_limit is None else memory_limit,
+                        dashboard_address="127.0.0.1:8787",
+                    )
+                )
             client = stack.enter_context(distributed.Client(local, security=security))
             _set_up_local_workers(stack, client)
         else:
@@ -230,15 +231,12 @@ def _read_scheduler_file(path: str | os.PathLike[str]) -> str:
         ) from e
     if not isinstance(address, str):
         raise ClusterError(
-            f"Scheduler file {str(path)!r} has address {address!r}; expected a string like "
-            "tcp://HOST:PORT."
+            f"Scheduler file {str(path)!r} has address {address!r}; expected a string like tcp://HOST:PORT."
         )
     return address
 
 
-def _connect(
-    address: str, *, security: distributed.Security | None, source: str
-) -> distributed.Client:
+def _connect(address: str, *, security: distributed.Security | None, source: str) -> distributed.Client:
     timeout = _timeout("lplr.cluster.connect-timeout")
     if address.startswith("tls://") and security is None:
         security = distributed.Security()  # from Dask's config
@@ -261,8 +259,7 @@ def _connect(
             + ". Wait longer with DASK_LPLR__CLUSTER__CONNECT_TIMEOUT=120s."
         )
         raise ClusterError(
-            f"Could not connect to the Dask scheduler at {address} ({source}) within "
-            f"{timeout:g} s: {e}. {hint}"
+            f"Could not connect to the Dask scheduler at {address} ({source}) within {timeout:g} s: {e}. {hint}"
         ) from e
 
 
@@ -344,8 +341,9 @@ class _RepeatFilter(logging.Filter):
 
 def _filter_repeats() -> Callable[[], None]:
     """Add a :class:`_RepeatFilter` to distributed's handlers here; returns what removes it."""
-    handlers = [h for h in logging.getLogger("distributed").handlers
-                if not any(isinstance(f, _RepeatFilter) for f in h.filters)]
+    handlers = [
+        h for h in logging.getLogger("distributed").handlers if not any(isinstance(f, _RepeatFilter) for f in h.filters)
+    ]
     repeat = _RepeatFilter()
     for handler in handlers:
         handler.addFilter(repeat)

@@ -98,10 +98,7 @@ PRESETS: dict[str, str] = {
     "default": "channel:channel-gptq",
 }
 
-_NAME_FORM = (
-    "GRAN[-sym][-stochastic|-gptq] with GRAN tensor, channel or groupN (e.g. 'group256-sym', "
-    "'channel-gptq')"
-)
+_NAME_FORM = "GRAN[-sym][-stochastic|-gptq] with GRAN tensor, channel or groupN (e.g. 'group256-sym', 'channel-gptq')"
 
 
 def parse_quantizer(name: str | QuantizerSpec) -> QuantizerSpec:
