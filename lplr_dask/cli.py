@@ -22,7 +22,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn, cast
 
 import numpy as np
 
@@ -56,7 +56,7 @@ _RESUMABLE = ("compress", "compress-group")
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, exit 2
+    def error(self, message: str) -> NoReturn:  # one line, exit 2
         raise UsageError(f"{self.prog}: {self._exactly_one(message) or message} (see '{self.prog} --help')")
 
     def _exactly_one(self, message: str) -> str | None:
@@ -65,7 +65,9 @@ class _Parser(argparse.ArgumentParser):
         if missing:
             return f"give exactly one of {', '.join(missing.group(1).split())} (got none)"
         clash = re.fullmatch(r"argument (\S+): not allowed with argument (\S+)", message)
-        for group in self._mutually_exclusive_groups if clash else ():
+        if clash is None:
+            return None
+        for group in self._mutually_exclusive_groups:
             flags = [a.option_strings[0] for a in group._group_actions]
             if group.required and {clash.group(1), clash.group(2)} <= set(flags):
                 return f"give exactly one of {', '.join(flags)} (got {clash.group(2)}, {clash.group(1)})"
@@ -560,7 +562,9 @@ def _logging(verbosity: int) -> Iterator[None]:
     the package logger's handlers, level and propagation, and the levels of distributed's loggers
     that :func:`_hide_distributed_logs` raises.
     """
-    saved = [(logs.logger, logs.logger.level, logs.logger.propagate, logs.logger.handlers[:])]
+    saved: list[tuple[logging.Logger, int, bool | None, list[logging.Handler] | None]] = [
+        (logs.logger, logs.logger.level, logs.logger.propagate, logs.logger.handlers[:])
+    ]
     saved += [
         (logging.getLogger(name), logging.getLogger(name).level, None, None)
         for name in [*logging.root.manager.loggerDict, *_HIDDEN_AFTER_AN_ERROR]
@@ -673,7 +677,7 @@ def _cmd_convert(args: argparse.Namespace, log: Callable[[str], None]) -> dict[s
         "out": args.out,
         "shape": list(arr.shape),
         "dtype": str(arr.dtype),
-        "source_dtype": arr.attrs["lplr_convert"]["source_dtype"],
+        "source_dtype": cast(dict[str, Any], arr.attrs["lplr_convert"])["source_dtype"],
         "chunks": list(arr.chunks),
         "seconds": round(time.perf_counter() - t0, 3),
     }
@@ -854,7 +858,7 @@ def _outcome(e: BaseException, args: argparse.Namespace | None) -> tuple[int, st
         what, code = (
             ("interrupted", EXIT_INTERRUPTED) if isinstance(e, KeyboardInterrupt) else ("terminated", EXIT_TERMINATED)
         )
-        if command in _RESUMABLE:
+        if command in _RESUMABLE and args is not None:
             return code, f"{what}: rerun with --resume to finish: {_resume_command(args)}"
         return code, what
     if isinstance(e, LplrError):
@@ -922,6 +926,7 @@ def _main(argv: list[str]) -> int:
     stopped = interrupts.requested()
     if stopped is not None:  # the signal's exception was dropped and the command finished anyway
         outcome = _outcome(KeyboardInterrupt() if stopped == signal.SIGINT else Terminated(), args)
+        assert outcome is not None  # a stop signal always has an outcome
         logs.report(f"{outcome[1]} (the command had finished: its output is complete)")
         return outcome[0]
     _emit(result, args.json)

@@ -670,9 +670,9 @@ def _store_codes(group: zarr.Group, name: str, codes: da.Array, bits: int, run: 
         group,
         name,
         codes.shape,
-        tuple(int(c[0]) for c in codes.chunks),
+        (int(codes.chunks[0][0]), int(codes.chunks[1][0])),
         bits,
-        sample_from=codes,  # type: ignore[arg-type]
+        sample_from=codes,
     )
     run(f"{label} (write)", da.store(to_host_blocks(codes), target, lock=False, compute=False), persist=False)
 

@@ -37,7 +37,7 @@ import itertools
 import os
 import shutil
 import time
-from typing import Any, Union
+from typing import Any, Literal, Union
 
 import dask.array as da
 import numpy as np
@@ -108,7 +108,7 @@ CHECKSUM = Crc32cCodec()
 CHECKSUM_BYTES = 4
 #: Array config of everything written: chunks of fill values are stored too, so a chunk missing
 #: from a version-2 store is damage (a partial copy), not an all-zero chunk left out.
-ALL_CHUNKS: dict[str, Any] = {"write_empty_chunks": True}
+ALL_CHUNKS: Any = {"write_empty_chunks": True}  # zarr types this as a total TypedDict of every key
 #: Damaged chunks a message names before it says how many more there are.
 NAMED_DAMAGE = 5
 
@@ -314,7 +314,7 @@ def create_group(
     return zarr.open_group(locate(path, storage_options), mode="w", zarr_format=3)
 
 
-def open_group(path: Location, mode: str = "r", *, storage_options: StorageOptions = None) -> zarr.Group:
+def open_group(path: Location, mode: Literal["r", "r+"] = "r", *, storage_options: StorageOptions = None) -> zarr.Group:
     """Open an existing output group (a local path, an fsspec URL or a Store from :func:`locate`).
 
     Raises
@@ -395,11 +395,12 @@ def read_meta(group: zarr.Group, *, require_complete: bool = True, path: str = "
         If the group is not an lplr store, is of a newer format version, has an attr of the
         wrong type, or (with ``require_complete``) was not completed.
     """
-    meta = dict(group.attrs.get("lplr") or {})
+    attrs: dict[str, Any] = dict(group.attrs)
+    meta = dict(attrs.get("lplr") or {})
     where = path or str(group.store_path)
     if meta.get("format") != FORMAT_NAME:
-        if "lplr_group" in group.attrs:
-            members = [e["name"] for e in group.attrs["lplr_group"].get("arrays", []) if e.get("action") == "lplr"]
+        if "lplr_group" in attrs:
+            members = [e["name"] for e in attrs["lplr_group"].get("arrays", []) if e.get("action") == "lplr"]
             example = f" (e.g. {where.rstrip('/')}/{members[0]})" if members else ""
             raise StoreFormatError(
                 f"{where!r} is the output of compress-group, not one lplr store: open one of its "
@@ -582,7 +583,7 @@ def write_array(
     arr = zarr.create_array(
         locate(out, storage_options),
         shape=A.shape,
-        chunks=tuple(int(c[0]) for c in A.chunks) or None,
+        chunks=tuple(int(c[0]) for c in A.chunks) or "auto",
         dtype=A.dtype,
         compressors=_checksummed(ZstdCodec(level=1)),
         zarr_format=3,

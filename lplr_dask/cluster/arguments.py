@@ -144,7 +144,7 @@ def security_from_args(args: argparse.Namespace) -> distributed.Security | None:
     for flag, path in given.items():
         if not Path(path).is_file():
             raise ClusterError(f"{flag} {path}: no such file. Expected a PEM file.")
-    ca, cert, key = (os.fspath(path) for path in files.values())
+    ca, cert, key = (os.fspath(path) for path in files.values() if path is not None)
     _check_pem(ca, cert, key)
     return distributed.Security(
         require_encryption=True,

@@ -347,7 +347,12 @@ def _filter_repeats() -> Callable[[], None]:
     repeat = _RepeatFilter()
     for handler in handlers:
         handler.addFilter(repeat)
-    return lambda: [handler.removeFilter(repeat) for handler in handlers] and None
+
+    def remove() -> None:
+        for handler in handlers:
+            handler.removeFilter(repeat)
+
+    return remove
 
 
 class _LocalWorkerSetup(distributed.WorkerPlugin):
