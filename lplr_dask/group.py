@@ -21,7 +21,7 @@ import datetime
 import os
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -203,6 +203,48 @@ def compress_group(
     if not arrays:
         raise LplrValueError(f"Expected a group holding arrays. {location!r} holds none.")
     root_path = os.fspath(out).rstrip("/")
+    root, meta = _start_output(
+        root_path, location, rule, bits, overwrite=overwrite, resume=resume, storage_options=storage_options
+    )
+    entries = []
+    t_start = time.perf_counter()
+    widths = (max(map(len, arrays)), max(len("x".join(map(str, shape))) for shape, _ in arrays.values()))
+    with get_client(log=log) as client:
+        for i, (name, (shape, dtype)) in enumerate(arrays.items()):
+            k, reason = plan_rank(shape, dtype, bits, **rule)  # type: ignore[arg-type]
+            log(
+                f"array {i + 1}/{len(arrays)}: {name} ({'x'.join(map(str, shape))} {dtype}): "
+                + (f"rank {k}" if k else f"copy, {reason}")
+            )
+            parent = name.rpartition("/")[0]
+            if parent:
+                root.require_group(parent)
+            member_of = _Member(location, root_path, name, shape, dtype)
+            if k:
+                entry = _compress_member(
+                    member_of, k, options, client=client, resume=resume, evaluate=evaluate, log=log
+                )
+            else:
+                entry = _copy_member(member_of, reason, storage_options)
+            entries.append(entry)
+            log(_row(i + 1, len(arrays), entry, widths))
+    meta.update(arrays=entries, totals=_totals(entries, root_path, time.perf_counter() - t_start, storage_options))
+    meta["complete"] = True
+    root.attrs["lplr_group"] = store.jsonable(meta)
+    return {"store": root_path, **meta}
+
+
+def _start_output(
+    root_path: str,
+    location: str,
+    rule: dict[str, float],
+    bits: tuple[int, int],
+    *,
+    overwrite: bool,
+    resume: bool,
+    storage_options: dict[str, Any] | None,
+) -> tuple[Any, dict[str, Any]]:
+    """Create the output group (or reopen it to resume) and write its attrs, not complete."""
     if resume and store.exists(root_path, storage_options):
         root = store.open_group(root_path, mode="r+", storage_options=storage_options)
     else:
@@ -217,82 +259,104 @@ def compress_group(
         "complete": False,
     }
     root.attrs["lplr_group"] = store.jsonable(meta)
-    entries = []
-    t_start = time.perf_counter()
-    widths = (max(map(len, arrays)), max(len("x".join(map(str, shape))) for shape, _ in arrays.values()))
-    with get_client(log=log) as client:
-        for i, (name, (shape, dtype)) in enumerate(arrays.items()):
-            k, reason = plan_rank(shape, dtype, bits, **rule)  # type: ignore[arg-type]
-            log(
-                f"array {i + 1}/{len(arrays)}: {name} ({'x'.join(map(str, shape))} {dtype}): "
-                + (f"rank {k}" if k else f"copy, {reason}")
-            )
-            parent = name.rpartition("/")[0]
-            if parent:
-                root.require_group(parent)
-            target = f"{root_path}/{name}"
-            t0 = time.perf_counter()
-            entry: dict[str, Any] = {"name": name, "shape": list(shape), "dtype": dtype}
-            if k:
-                factors = compress_at_rank(
-                    member(location, name),
-                    target,
-                    k,
-                    options,
-                    client=client,
-                    overwrite=not resume,
-                    resume=resume,
-                    log=log,
-                )
-                if evaluate:
-                    evaluate_error(member(location, name), factors, storage_options=storage_options)
-                nbytes = factors.nbytes
-                entry.update(
-                    action="lplr",
-                    reason="",
-                    rank=k,
-                    bits=list(bits),
-                    error_estimate=factors.attrs.get("error_estimate"),
-                    error_exact=factors.attrs.get("error_exact"),
-                )
-            else:
-                src = read_source(member(location, name), storage_options=storage_options)
-                store.write_array(
-                    regular(src.array),
-                    target,
-                    overwrite=True,
-                    label=f"copy {name}",
-                    storage_options=storage_options,
-                    attrs={"lplr_copy": {"reason": reason, "source_dtype": dtype}},
-                )
-                nbytes = store.bytes_on_disk(target, storage_options=storage_options)
-                entry.update(action="copy", reason=reason, rank=None, bits=None, error_estimate=0.0, error_exact=0.0)
-            size = int(np.prod(shape, dtype=np.int64))
-            entry.update(
-                bytes_on_disk=nbytes,
-                bits_per_entry=nbytes * 8 / max(size, 1),
-                compression_ratio=size * itemsize(dtype) / nbytes,
-                seconds=round(time.perf_counter() - t0, 3),
-            )
-            entries.append(entry)
-            log(_row(i + 1, len(arrays), entry, widths))
-    source_bytes = sum(int(np.prod(e["shape"], dtype=np.int64)) * itemsize(e["dtype"]) for e in entries)
-    total_bytes = store.bytes_on_disk(root_path, storage_options=storage_options)
-    meta.update(
-        arrays=entries,
-        totals={
-            "arrays": len(entries),
-            "compressed": sum(e["action"] == "lplr" for e in entries),
-            "copied": sum(e["action"] == "copy" for e in entries),
-            "source_bytes": source_bytes,
-            "bytes_on_disk": total_bytes,
-            "compression_ratio": source_bytes / total_bytes,
-            "seconds": round(time.perf_counter() - t_start, 3),
-        },
-        complete=True,
+    return root, meta
+
+
+class _Member(NamedTuple):
+    """One array of the input group and where its result goes."""
+
+    location: str
+    root: str
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+
+    @property
+    def source(self) -> str:
+        return member(self.location, self.name)
+
+    @property
+    def target(self) -> str:
+        return f"{self.root}/{self.name}"
+
+
+def _compress_member(
+    m: _Member, rank: int, options: Options, *, client: Any, resume: bool, evaluate: bool, log: Callable[[str], None]
+) -> dict[str, Any]:
+    """Compress one matrix of the group at ``rank``; its entry of the result."""
+    t0 = time.perf_counter()
+    factors = compress_at_rank(
+        m.source, m.target, rank, options, client=client, overwrite=not resume, resume=resume, log=log
     )
-    root.attrs["lplr_group"] = store.jsonable(meta)
-    return {"store": root_path, **meta}
+    if evaluate:
+        evaluate_error(m.source, factors, storage_options=options.storage_options)
+    entry = {
+        "name": m.name,
+        "shape": list(m.shape),
+        "dtype": m.dtype,
+        "action": "lplr",
+        "reason": "",
+        "rank": rank,
+        "bits": list(options.bits),
+        "error_estimate": factors.attrs.get("error_estimate"),
+        "error_exact": factors.attrs.get("error_exact"),
+    }
+    return _sized(entry, factors.nbytes, time.perf_counter() - t0)
+
+
+def _copy_member(m: _Member, reason: str, storage_options: dict[str, Any] | None) -> dict[str, Any]:
+    """Copy one array of the group as it is (``reason``: why it is not compressed); its entry."""
+    t0 = time.perf_counter()
+    src = read_source(m.source, storage_options=storage_options)
+    store.write_array(
+        regular(src.array),
+        m.target,
+        overwrite=True,
+        label=f"copy {m.name}",
+        storage_options=storage_options,
+        attrs={"lplr_copy": {"reason": reason, "source_dtype": m.dtype}},
+    )
+    entry = {
+        "name": m.name,
+        "shape": list(m.shape),
+        "dtype": m.dtype,
+        "action": "copy",
+        "reason": reason,
+        "rank": None,
+        "bits": None,
+        "error_estimate": 0.0,
+        "error_exact": 0.0,
+    }
+    return _sized(entry, store.bytes_on_disk(m.target, storage_options=storage_options), time.perf_counter() - t0)
+
+
+def _sized(entry: dict[str, Any], nbytes: int, seconds: float) -> dict[str, Any]:
+    """``entry`` with its bytes on disk, bits per entry, compression ratio and seconds."""
+    size = int(np.prod(entry["shape"], dtype=np.int64))
+    return {
+        **entry,
+        "bytes_on_disk": nbytes,
+        "bits_per_entry": nbytes * 8 / max(size, 1),
+        "compression_ratio": size * itemsize(entry["dtype"]) / nbytes,
+        "seconds": round(seconds, 3),
+    }
+
+
+def _totals(
+    entries: list[dict[str, Any]], root: str, seconds: float, storage_options: dict[str, Any] | None
+) -> dict[str, Any]:
+    """The ``totals`` of a group's result."""
+    source_bytes = sum(int(np.prod(e["shape"], dtype=np.int64)) * itemsize(e["dtype"]) for e in entries)
+    total_bytes = store.bytes_on_disk(root, storage_options=storage_options)
+    return {
+        "arrays": len(entries),
+        "compressed": sum(e["action"] == "lplr" for e in entries),
+        "copied": sum(e["action"] == "copy" for e in entries),
+        "source_bytes": source_bytes,
+        "bytes_on_disk": total_bytes,
+        "compression_ratio": source_bytes / total_bytes,
+        "seconds": round(seconds, 3),
+    }
 
 
 def format_table(result: dict[str, Any]) -> str:
