@@ -4,7 +4,7 @@
 chunked Zarr matrix on Dask (Saha, Srivastava, Pilanci, NeurIPS 2023).
 """
 
-from lplr_dask.api import _version, compress, evaluate
+from lplr_dask.api import compress, evaluate
 from lplr_dask.baselines import dsvd, lplr_reference, lsvd, naive_quantize, relative_error
 from lplr_dask.budget import fair_rank
 from lplr_dask.convert import convert
@@ -21,11 +21,12 @@ from lplr_dask.errors import (
 )
 from lplr_dask.factors import Factors, open_factors
 from lplr_dask.group import compress_group
+from lplr_dask.job import package_version
 from lplr_dask.quantize import QuantizerSpec, dequantize, quantize
 from lplr_dask.verify import verify
 
 #: The installed distribution's version ("unknown" when run from a source tree that is not installed).
-__version__ = _version()
+__version__ = package_version()
 
 __all__ = [
     "__version__",

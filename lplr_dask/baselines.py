@@ -33,8 +33,8 @@ import numpy as np
 from lplr_dask.budget import resolve_rank as resolve_size
 from lplr_dask.errors import LplrTypeError, LplrValueError
 from lplr_dask.factorize import (
-    _derived,
     basis_hessian,
+    derived_seed,
     pinv_factor,
     project,
     ranges_to_scales,
@@ -161,8 +161,8 @@ def dsvd(
     """
     X, k, (b1, b2), (spec_l, spec_r) = _validate(A, rank, bits, quantizer)
     U, s, Vt = _truncated_svd(X, k, seed=seed, power_iters=power_iters)
-    L_hat = _quantize_decode(U, b1, spec_l, 1, _derived(seed, 1))
-    R_hat = _quantize_decode(s[:, None] * Vt, b2, spec_r, 0, _derived(seed, 2), basis=L_hat)
+    L_hat = _quantize_decode(U, b1, spec_l, 1, derived_seed(seed, 1))
+    R_hat = _quantize_decode(s[:, None] * Vt, b2, spec_r, 0, derived_seed(seed, 2), basis=L_hat)
     return L_hat, R_hat
 
 
@@ -197,9 +197,9 @@ def lsvd(
     Z = (U * s) @ S
     if isinstance(X, da.Array):
         (Z,) = dask.persist(Z)
-        L_hat = _quantize_decode(Z, bits[0], spec_l, 1, _derived(seed, 1))
+        L_hat = _quantize_decode(Z, bits[0], spec_l, 1, derived_seed(seed, 1))
         (W,) = dask.persist(project(X, pinv_factor(L_hat)))
-        return L_hat, _quantize_decode(W, bits[1], spec_r, 0, _derived(seed, 2), basis=L_hat)
+        return L_hat, _quantize_decode(W, bits[1], spec_r, 0, derived_seed(seed, 2), basis=L_hat)
     return _from_basis(X, Z, bits, (spec_l, spec_r), seed).decoded()
 
 
@@ -296,11 +296,11 @@ def _from_basis(
     """``L = Q_B1(Y)``, ``R = Q_B2(pinv(L̂)·A)`` in memory."""
     n, k = Y.shape
     spec_l, spec_r = specs
-    qL = quantize(Y, bits[0], spec=spec_l, channel_axis=1, seed=_derived(seed, 1))
+    qL = quantize(Y, bits[0], spec=spec_l, channel_axis=1, seed=derived_seed(seed, 1))
     L_hat = _decode(qL, spec_l, 1)
     W = np.linalg.pinv(L_hat, rtol=max(n, k) * np.finfo(np.float64).eps) @ A
     hessian = L_hat.T @ L_hat if spec_r.rounding == "gptq" else None
-    qR = quantize(W, bits[1], spec=spec_r, channel_axis=0, seed=_derived(seed, 2), hessian=hessian)
+    qR = quantize(W, bits[1], spec=spec_r, channel_axis=0, seed=derived_seed(seed, 2), hessian=hessian)
     return Reference(qL, qR, Y, W, spec_l, spec_r)
 
 

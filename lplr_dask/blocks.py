@@ -46,6 +46,7 @@ __all__ = [
     "left_multiply",
     "right_multiply",
     "tall_chunks",
+    "PANEL_ROWS",
 ]
 
 #: (stream, width, scale) of one generated operand.

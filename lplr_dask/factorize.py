@@ -86,6 +86,16 @@ __all__ = [
     "code_r",
     "estimate_and_finish",
     "run",
+    "basis_hessian",
+    "ranges_to_scales",
+    "resolve_oversample",
+    "check_oversample",
+    "sketch_rotation",
+    "power_iterate",
+    "quantize_basis",
+    "orth",
+    "one_pass_projector",
+    "stages_after",
 ]
 
 Log = Callable[[str], None]

@@ -28,7 +28,7 @@ import numpy as np
 
 from lplr_dask import store
 from lplr_dask.errors import LplrValueError, OutputLockedError, StoreFormatError
-from lplr_dask.sources import _InputArray, _open_zarr, parse_location
+from lplr_dask.sources import parse_location, zarr_array_of
 
 __all__ = [
     "TOOL_ATTRS",
@@ -353,7 +353,7 @@ def fingerprint(source: Any, A: Any, *, storage_options: dict[str, Any] | None =
     array = source.array
     if source.format == "zarr":
         method = "zarr-chunks"
-        _hash_zarr(h, _zarr_of(source, storage_options))
+        _hash_zarr(h, zarr_array_of(source, storage_options))
     elif source.format in ("npy", "hdf5", "safetensors") and source.path is not None:
         method = "file-sample"
         _hash_file(h, _input_path(source.path))
@@ -365,21 +365,6 @@ def fingerprint(source: Any, A: Any, *, storage_options: dict[str, Any] | None =
     else:  # a dask array: its graph is not its content, so only its shape and dtype are recorded
         method = "shape-dtype"
     return {"shape": [int(s) for s in A.shape], "dtype": str(source.dtype), "method": method, "sha256": h.hexdigest()}
-
-
-def _zarr_of(source: Any, storage_options: dict[str, Any] | None) -> Any:
-    """The zarr.Array behind a Zarr :class:`~lplr_dask.sources.Source`."""
-    import zarr
-
-    if source.path is None:  # an open zarr.Array: da.from_zarr keeps it as the graph's one input
-        found = [
-            v.arr if isinstance(v, _InputArray) else v
-            for v in source.array.dask.values()
-            if isinstance(v, (zarr.Array, _InputArray))
-        ]
-        if found:
-            return found[0]
-    return _open_zarr(parse_location(source.path)[1], storage_options)
 
 
 def _sample_coords(grid: tuple[int, ...], count: int) -> list[tuple[int, ...]]:

@@ -51,6 +51,8 @@ __all__ = [
     "regular",
     "describe",
     "itemsize",
+    "parse_location",
+    "zarr_array_of",
 ]
 
 #: File name endings read by a :class:`FileArray`, and their format.
@@ -597,3 +599,16 @@ def describe(src: Source, A: da.Array) -> dict[str, Any]:
 def itemsize(dtype: str) -> int:
     """Bytes per entry of a source dtype name (``"bfloat16"`` included)."""
     return 2 if dtype == "bfloat16" else np.dtype(dtype).itemsize
+
+
+def zarr_array_of(source: Any, storage_options: dict[str, Any] | None) -> Any:
+    """The zarr.Array behind a Zarr :class:`Source` (read by its chunks' stored bytes, e.g. for a fingerprint)."""
+    if source.path is None:  # an open zarr.Array: da.from_zarr keeps it as the graph's one input
+        found = [
+            v.arr if isinstance(v, _InputArray) else v
+            for v in source.array.dask.values()
+            if isinstance(v, (zarr.Array, _InputArray))
+        ]
+        if found:
+            return found[0]
+    return _open_zarr(parse_location(source.path)[1], storage_options)

@@ -95,6 +95,8 @@ __all__ = [
     "error_text",
     "DECODE_ERRORS",
     "decode_problem",
+    "CHECKSUM",
+    "CHECKSUM_BYTES",
 ]
 
 FORMAT_NAME = "lplr-zarr"

@@ -168,3 +168,28 @@ def test_the_checker_sees_a_violation(tmp_path):
     found = _imports(f, package)
     assert found == [("lplr_dask.api", False), ("lplr_dask.store", True)]
     assert _layer("lplr_dask.api") > _layer("lplr_dask.errors")
+
+
+def test_names_imported_across_modules_are_in_their_all():
+    """A module imports from another module only what that module exports (its ``__all__``);
+    inside a subpackage its modules may share private names."""
+    import importlib
+
+    bad = []
+    for module, path in _modules().items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not (
+                isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith("lplr_dask.")
+            ):
+                continue
+            if _top(node.module) == _top(module):  # within a subpackage
+                continue
+            exporter = importlib.import_module(node.module)
+            exported = set(getattr(exporter, "__all__", ()))
+            for alias in node.names:
+                is_module = (
+                    importlib.util.find_spec(f"{node.module}.{alias.name}") if hasattr(exporter, "__path__") else None
+                )
+                if alias.name not in exported and is_module is None:
+                    bad.append(f"{module} imports {alias.name} from {node.module}, which does not export it")
+    assert not bad, "\n".join(bad)

@@ -21,7 +21,7 @@ from dask.system import CPU_COUNT
 from lplr_dask.backend import cupy_with_gpu
 from lplr_dask.errors import LplrValueError
 
-__all__ = ["gpu_local_cluster", "visible_gpus", "worker_environments"]
+__all__ = ["PinnedGPUCluster", "gpu_local_cluster", "visible_gpus", "worker_environments"]
 
 
 def visible_gpus(n_gpus: int | None = None, *, environ: Mapping[str, str] | None = None) -> list[str]:
