@@ -504,22 +504,21 @@ def _check_output(args: argparse.Namespace, *, inputs: Sequence[str | None] = ()
             ) from e
 
 
+#: The settings compress and compress-group share, by their keyword (= their argparse dest).
+_SHARED = ("passes", "power_iters", "oversample", "quantizer", "seed", "precision", "device", "storage_options")
+
+
+def _shared(args: argparse.Namespace) -> dict[str, Any]:
+    """The keywords of :data:`_SHARED` from the flags, and the job's overwrite/resume."""
+    return {**{key: getattr(args, key) for key in _SHARED}, "overwrite": args.overwrite, "resume": args.resume}
+
+
 def _options(args: argparse.Namespace) -> Options:
     """The flags that compress and compress-group share, as the API validates them
     (:class:`lplr_dask.options.Options`)."""
     from lplr_dask.options import DEFAULT_BITS, Options
 
-    return Options(
-        bits=tuple(args.bits) if args.bits else DEFAULT_BITS,
-        passes=args.passes,
-        power_iters=args.power_iters,
-        oversample=args.oversample,
-        quantizer=args.quantizer,
-        seed=args.seed,
-        precision=args.precision,
-        device=args.device,
-        storage_options=args.storage_options,
-    )
+    return Options(bits=tuple(args.bits) if args.bits else DEFAULT_BITS, **{key: getattr(args, key) for key in _SHARED})
 
 
 @contextlib.contextmanager
@@ -639,16 +638,7 @@ def _cmd_compress(args: argparse.Namespace, log: Callable[[str], None]) -> dict[
             bits_per_entry=args.bits_per_entry,
             match_nq=args.match_nq,
             target_error=args.target_error,
-            passes=args.passes,
-            power_iters=args.power_iters,
-            oversample=args.oversample,
-            quantizer=args.quantizer,
-            seed=args.seed,
-            overwrite=args.overwrite,
-            resume=args.resume,
-            device=args.device,
-            storage_options=opts,
-            precision=args.precision,
+            **_shared(args),
             log=log,
         )
         if args.evaluate:
@@ -698,17 +688,8 @@ def _cmd_compress_group(args: argparse.Namespace, log: Callable[[str], None]) ->
             bits=options.bits,
             bits_per_entry=args.bits_per_entry,
             match_nq=args.match_nq,
-            passes=args.passes,
-            power_iters=args.power_iters,
-            oversample=args.oversample,
-            quantizer=args.quantizer,
-            seed=args.seed,
-            overwrite=args.overwrite,
-            resume=args.resume,
-            device=args.device,
             evaluate=args.evaluate,
-            storage_options=args.storage_options,
-            precision=args.precision,
+            **_shared(args),
             log=log,
         )
 
