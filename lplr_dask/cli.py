@@ -137,115 +137,110 @@ def _examples(*lines: str) -> str:
     return "Examples:\n" + "\n".join(f"  {line}" for line in lines)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser (exposed for tests and docs)."""
-    from lplr_dask import __version__
-    from lplr_dask.cluster import add_cluster_arguments
+_FORMATTER = argparse.RawDescriptionHelpFormatter
 
-    formatter = argparse.RawDescriptionHelpFormatter
-    p = _Parser(
-        prog="lplr",
-        description="Low-rank, low-precision compression of large matrices on Dask.",
-        formatter_class=formatter,
-        epilog=_examples(
-            "lplr generate A.zarr --shape 20000x10000 --rank 64",
-            "lplr compress A.zarr A.lplr.zarr --bits-per-entry 2 --evaluate",
-            "lplr info A.lplr.zarr",
-        )
-        + "\n\nRun 'lplr COMMAND --help' for a command's options and examples. Exit status: 0 success, "
-        "2 bad input or usage,\n1 any other error, 130 interrupted (Ctrl-C), 143 terminated (SIGTERM).",
+
+def _command(sub: Any, name: str, help: str, *examples: str) -> argparse.ArgumentParser:
+    """A subcommand's parser: its help as description, its examples as epilog."""
+    return sub.add_parser(
+        name,
+        help=help,
+        description=help[0].upper() + help[1:] + ".",
+        epilog=_examples(*examples),
+        formatter_class=_FORMATTER,
     )
-    p.add_argument("--version", action="version", version=f"lplr {__version__}")
-    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser, metavar="COMMAND")
 
-    def command(name: str, help: str, *examples: str) -> argparse.ArgumentParser:
-        return sub.add_parser(
-            name,
-            help=help,
-            description=help[0].upper() + help[1:] + ".",
-            epilog=_examples(*examples),
-            formatter_class=formatter,
-        )
 
-    def common(sp: argparse.ArgumentParser, *, cluster: bool = True) -> None:
-        sp.add_argument("--json", action="store_true", help="print one JSON object on stdout and nothing else")
-        sp.add_argument(
-            "-q", "--quiet", action="store_true", help="no progress bars or progress lines; warnings and errors only"
-        )
-        sp.add_argument(
-            "-v",
-            "--verbose",
-            action="count",
-            default=0,
-            help="more messages: debug lines, distributed's INFO, and its log after an error (-vv: more)",
-        )
-        sp.add_argument(
-            "--storage-options",
-            type=_storage_options,
-            metavar="JSON",
-            default=os.environ.get("LPLR_STORAGE_OPTIONS"),  # argparse parses a string default with `type`
-            help='fsspec options for s3://… and other URLs, e.g. \'{"endpoint_url": "http://host:9000"}\' '
-            "(default: $LPLR_STORAGE_OPTIONS, else the usual AWS_* environment)",
-        )
-        if cluster:
-            add_cluster_arguments(sp)
+def _common(sp: argparse.ArgumentParser, *, cluster: bool = True) -> None:
+    """The flags every command takes: output, verbosity, fsspec options and (``cluster``) the cluster's."""
+    sp.add_argument("--json", action="store_true", help="print one JSON object on stdout and nothing else")
+    sp.add_argument(
+        "-q", "--quiet", action="store_true", help="no progress bars or progress lines; warnings and errors only"
+    )
+    sp.add_argument(
+        "-v",
+        "--verbose",
+        action="count",
+        default=0,
+        help="more messages: debug lines, distributed's INFO, and its log after an error (-vv: more)",
+    )
+    sp.add_argument(
+        "--storage-options",
+        type=_storage_options,
+        metavar="JSON",
+        default=os.environ.get("LPLR_STORAGE_OPTIONS"),  # argparse parses a string default with `type`
+        help='fsspec options for s3://… and other URLs, e.g. \'{"endpoint_url": "http://host:9000"}\' '
+        "(default: $LPLR_STORAGE_OPTIONS, else the usual AWS_* environment)",
+    )
+    if cluster:
+        from lplr_dask.cluster import add_cluster_arguments
 
-    def seed(sp: argparse.ArgumentParser, what: str) -> None:
-        sp.add_argument(
-            "--seed",
-            type=_count(0),
-            default=0,
-            metavar="N",
-            help=f"seed of {what}; the same seed gives the same result (default 0)",
-        )
+        add_cluster_arguments(sp)
 
-    def compression(sp: argparse.ArgumentParser) -> None:  # compress and compress-group
-        sp.add_argument(
-            "--bits",
-            type=int,
-            nargs=2,
-            metavar=("B1", "B2"),
-            help="bits for L and R (default 8 8; for compress with --bits-per-entry, chosen with the rank)",
-        )
-        sp.add_argument("--passes", type=int, default=2, choices=[1, 2], help="reads of A (default 2)")
-        sp.add_argument(
-            "--power-iters", type=_count(0), default=0, metavar="N", help="power iterations (2 more reads each)"
-        )
-        sp.add_argument(
-            "--oversample",
-            type=_oversample,
-            default=None,
-            metavar="P",
-            help="extra range-sketch columns: L comes from the top k directions of k+P sketch columns "
-            "(default: P = rank; 0: the paper's sketch of exactly k columns)",
-        )
-        sp.add_argument(
-            "--quantizer",
-            default="default",
-            metavar="NAME",
-            help="paper | default | tensor|channel|groupN[-sym][-stochastic|-gptq], or L_NAME:R_NAME "
-            "(-gptq: R only, e.g. channel:channel-gptq)",
-        )
-        seed(sp, "every random sketch matrix, stored in the attrs")
-        sp.add_argument(
-            "--device",
-            default="cpu",
-            choices=["cpu", "cuda"],
-            help="where each chunk is computed: cpu, or cuda (CuPy on one worker per GPU; default cpu)",
-        )
-        sp.add_argument(
-            "--precision",
-            default="auto",
-            choices=["auto", "float32", "float64"],
-            help="dtype of each chunk's products (auto: float32 for float32 input, faster; "
-            "float64: codes identical for any chunking)",
-        )
-        sp.add_argument("--evaluate", action="store_true", help="also measure the exact error (one more read of A)")
-        mode = sp.add_mutually_exclusive_group()
-        mode.add_argument("--overwrite", action="store_true", help="replace an existing output")
-        mode.add_argument("--resume", action="store_true", help="finish an interrupted job (same arguments)")
 
-    g = command(
+def _seed(sp: argparse.ArgumentParser, what: str) -> None:
+    """``--seed``, of ``what``."""
+    sp.add_argument(
+        "--seed",
+        type=_count(0),
+        default=0,
+        metavar="N",
+        help=f"seed of {what}; the same seed gives the same result (default 0)",
+    )
+
+
+def _compression(sp: argparse.ArgumentParser) -> None:
+    """The flags compress and compress-group share (:data:`_SHARED`, ``--bits`` and the job's)."""
+    sp.add_argument(
+        "--bits",
+        type=int,
+        nargs=2,
+        metavar=("B1", "B2"),
+        help="bits for L and R (default 8 8; for compress with --bits-per-entry, chosen with the rank)",
+    )
+    sp.add_argument("--passes", type=int, default=2, choices=[1, 2], help="reads of A (default 2)")
+    sp.add_argument(
+        "--power-iters", type=_count(0), default=0, metavar="N", help="power iterations (2 more reads each)"
+    )
+    sp.add_argument(
+        "--oversample",
+        type=_oversample,
+        default=None,
+        metavar="P",
+        help="extra range-sketch columns: L comes from the top k directions of k+P sketch columns "
+        "(default: P = rank; 0: the paper's sketch of exactly k columns)",
+    )
+    sp.add_argument(
+        "--quantizer",
+        default="default",
+        metavar="NAME",
+        help="paper | default | tensor|channel|groupN[-sym][-stochastic|-gptq], or L_NAME:R_NAME "
+        "(-gptq: R only, e.g. channel:channel-gptq)",
+    )
+    _seed(sp, "every random sketch matrix, stored in the attrs")
+    sp.add_argument(
+        "--device",
+        default="cpu",
+        choices=["cpu", "cuda"],
+        help="where each chunk is computed: cpu, or cuda (CuPy on one worker per GPU; default cpu)",
+    )
+    sp.add_argument(
+        "--precision",
+        default="auto",
+        choices=["auto", "float32", "float64"],
+        help="dtype of each chunk's products (auto: float32 for float32 input, faster; "
+        "float64: codes identical for any chunking)",
+    )
+    sp.add_argument("--evaluate", action="store_true", help="also measure the exact error (one more read of A)")
+    mode = sp.add_mutually_exclusive_group()
+    mode.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    mode.add_argument("--resume", action="store_true", help="finish an interrupted job (same arguments)")
+
+
+def _add_generate(sub: Any) -> None:
+    """The ``generate`` command's parser."""
+    g = _command(
+        sub,
         "generate",
         "write a synthetic low-rank-plus-noise matrix to Zarr",
         "lplr generate A.zarr --shape 20000x10000 --rank 64",
@@ -272,11 +267,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--dtype", default="float32", choices=["float32", "float64", "float16"], help="dtype written (default float32)"
     )
-    seed(g, "the matrix")
+    _seed(g, "the matrix")
     g.add_argument("--overwrite", action="store_true", help="replace an existing output")
-    common(g)
+    _common(g)
 
-    v = command(
+
+def _add_convert(sub: Any) -> None:
+    """The ``convert`` command's parser."""
+    v = _command(
+        sub,
         "convert",
         "stream a .npy, HDF5 dataset or safetensors tensor into chunked Zarr",
         "lplr convert W.npy W.zarr",
@@ -292,9 +291,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="chunk shape RxC (default: about 128 MiB blocks, or the Zarr input's)",
     )
     v.add_argument("--overwrite", action="store_true", help="replace an existing output")
-    common(v)
+    _common(v)
 
-    c = command(
+
+def _add_compress(sub: Any) -> None:
+    """The ``compress`` command's parser."""
+    c = _command(
+        sub,
         "compress",
         "compress a matrix into an *.lplr.zarr store",
         "lplr compress A.zarr A.lplr.zarr --rank 64",
@@ -325,10 +328,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="E",
         help="the smallest rank whose estimated relative error is at most E (one more read of A)",
     )
-    compression(c)
-    common(c)
+    _compression(c)
+    _common(c)
 
-    cg = command(
+
+def _add_compress_group(sub: Any) -> None:
+    """The ``compress-group`` command's parser."""
+    cg = _command(
+        sub,
         "compress-group",
         "compress every matrix of a Zarr group, HDF5 or safetensors file",
         "lplr compress-group model.safetensors model.lplr.zarr --match-nq 4",
@@ -347,14 +354,21 @@ def build_parser() -> argparse.ArgumentParser:
         "(not the bytes on disk, as compress counts)",
     )
     rule.add_argument("--match-nq", type=_positive, metavar="B", help="the fair rank against B-bit naive quantization")
-    compression(cg)
-    common(cg)
+    _compression(cg)
+    _common(cg)
 
-    i = command("info", "describe an *.lplr.zarr store", "lplr info A.lplr.zarr", "lplr info A.lplr.zarr --json")
+
+def _add_info(sub: Any) -> None:
+    """The ``info`` command's parser."""
+    i = _command(sub, "info", "describe an *.lplr.zarr store", "lplr info A.lplr.zarr", "lplr info A.lplr.zarr --json")
     i.add_argument("store", help="the *.lplr.zarr store (path or URL)")
-    common(i, cluster=False)
+    _common(i, cluster=False)
 
-    e = command(
+
+def _add_evaluate(sub: Any) -> None:
+    """The ``evaluate`` command's parser."""
+    e = _command(
+        sub,
         "evaluate",
         "exact relative Frobenius error, one read of A",
         "lplr evaluate A.zarr A.lplr.zarr",
@@ -362,9 +376,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     e.add_argument("input", help="the matrix that was compressed (any input compress reads)")
     e.add_argument("store", help="its *.lplr.zarr store; the error is also written to its attrs")
-    common(e)
+    _common(e)
 
-    d = command(
+
+def _add_decompress(sub: Any) -> None:
+    """The ``decompress`` command's parser."""
+    d = _command(
+        sub,
         "decompress",
         "write the reconstruction L·R to a Zarr array",
         "lplr decompress A.lplr.zarr A_approx.zarr",
@@ -379,8 +397,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="dtype written (default: the source's; bfloat16 sources are written as float32)",
     )
     d.add_argument("--overwrite", action="store_true", help="replace an existing output")
-    common(d)
+    _common(d)
 
+
+def _add_verify(sub: Any) -> None:
+    """The ``verify`` command's parser."""
     vf = sub.add_parser(
         "verify",
         help="read every chunk of a store once: present, checksum, codes in range, finite scales",
@@ -392,10 +413,42 @@ def build_parser() -> argparse.ArgumentParser:
             "lplr verify s3://bucket/A.lplr.zarr --json --storage-options '{\"anon\": false}'",
             "lplr verify model.lplr.zarr --workers 4       # a compress-group output, read in parallel",
         ),
-        formatter_class=formatter,
+        formatter_class=_FORMATTER,
     )
     vf.add_argument("store", help="the *.lplr.zarr store or compress-group output to check (path or URL)")
-    common(vf)
+    _common(vf)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (exposed for tests and docs)."""
+    from lplr_dask import __version__
+
+    p = _Parser(
+        prog="lplr",
+        description="Low-rank, low-precision compression of large matrices on Dask.",
+        formatter_class=_FORMATTER,
+        epilog=_examples(
+            "lplr generate A.zarr --shape 20000x10000 --rank 64",
+            "lplr compress A.zarr A.lplr.zarr --bits-per-entry 2 --evaluate",
+            "lplr info A.lplr.zarr",
+        )
+        + "\n\nRun 'lplr COMMAND --help' for a command's options and examples. Exit status: 0 success, "
+        "2 bad input or usage,\n1 any other error, 130 interrupted (Ctrl-C), 143 terminated (SIGTERM).",
+    )
+    p.add_argument("--version", action="version", version=f"lplr {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser, metavar="COMMAND")
+
+    for add in (
+        _add_generate,
+        _add_convert,
+        _add_compress,
+        _add_compress_group,
+        _add_info,
+        _add_evaluate,
+        _add_decompress,
+        _add_verify,
+    ):
+        add(sub)
     return p
 
 
