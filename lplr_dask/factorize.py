@@ -9,7 +9,8 @@ For A (n×d), rank k and bits (B1, B2) [1]_:
    optional power iterations ``Y ← A·orth(Aᵀ·orth(Y))``, two reads each;
 2. central: with p > 0, Y's top-k directions, mixed by a seeded orthogonal k×k matrix
    (:func:`truncate_sketch`); ``L = Q_B1(Y)``, codes written to ``L/``; ``pinv(L)`` from a
-   TSQR of the decoded L and an SVD of its k×k factor, in float64;
+   TSQR of the decoded L (row blocks of at least 2k rows) and one SVD of its k×k factor, in
+   float64; pass 1 writes each row strip whole with a completion mark (its resume points);
 3. pass 2: ``W[:, j] = pinv(L)·A[:, j]`` per column chunk j (one-pass: ``W = (Ψ·L)^† Z``),
    written whole-chunk to scratch with a per-chunk completion mark (the resume points);
 4. ``R = Q_B2(W)`` from the scratch (k×d: k/n of A), codes to ``R/``; with ``gptq`` rounding
