@@ -9,7 +9,8 @@ For A (n×d), rank k and bits (B1, B2) [1]_:
    optional power iterations ``Y ← A·orth(Aᵀ·orth(Y))``, two reads each;
 2. central: with p > 0, Y's top-k directions, mixed by a seeded orthogonal k×k matrix
    (:func:`truncate_sketch`); ``L = Q_B1(Y)``, codes written to ``L/``; ``pinv(L)`` from a
-   TSQR of the decoded L and an SVD of its k×k factor, in float64;
+   TSQR of the decoded L (row blocks of at least 2k rows) and one SVD of its k×k factor, in
+   float64; pass 1 writes each row strip whole with a completion mark (its resume points);
 3. pass 2: ``W[:, j] = pinv(L)·A[:, j]`` per column chunk j (one-pass: ``W = (Ψ·L)^† Z``),
    written whole-chunk to scratch with a per-chunk completion mark (the resume points);
 4. ``R = Q_B2(W)`` from the scratch (k×d: k/n of A), codes to ``R/``; with ``gptq`` rounding
@@ -193,21 +194,31 @@ def pass1(A: da.Array, p: Params) -> dict[str, da.Array]:
     ``sumsq`` (0-d: ‖A‖²_F) and, for one-pass mode, ``Z`` (ℓ×d); all float64.
     """
     k, t = p.sketch_columns, p.test_columns
-    streams = [(STREAM_S, k, 1.0 / math.sqrt(k)), (STREAM_G, t, 1.0)]
-    if p.passes == 1:
-        yg, Z = blocks.sketch_both(A, p.seed, streams, STREAM_PSI, p.oversample, sumsq=True, precision=p.precision)
-    else:
-        yg, Z = blocks.sketch_right(A, p.seed, streams, sumsq=True, precision=p.precision), None
+    yg, Z = _pass1_blocks(A, p)
     out = {"Y": yg[:, :k], "AG": yg[:, k : k + t], "sumsq": yg[:, k + t].sum()}
     if Z is not None:
         out["Z"] = Z
     return out
 
 
+def _pass1_blocks(A: da.Array, p: Params) -> tuple[da.Array, da.Array | None]:
+    """``[Y | AG | row sums of squares]`` (n × (k + p + t + 1), one column chunk: what a row
+    strip of pass 1 writes) and, one-pass, Z; from one task per chunk of A."""
+    k, t = p.sketch_columns, p.test_columns
+    streams = [(STREAM_S, k, 1.0 / math.sqrt(k)), (STREAM_G, t, 1.0)]
+    if p.passes == 1:
+        return blocks.sketch_both(A, p.seed, streams, STREAM_PSI, p.oversample, sumsq=True, precision=p.precision)
+    return blocks.sketch_right(A, p.seed, streams, sumsq=True, precision=p.precision), None
+
+
 def orth(X: da.Array) -> da.Array:
-    """An orthonormal basis of the columns of a tall X (TSQR), float64."""
+    """An orthonormal basis of the columns of a tall X (TSQR), float64.
+
+    The TSQR's row blocks have at least 2k rows (:func:`lplr_dask.blocks.qr_chunks`), so it
+    recurses and no task grows with n.
+    """
     n, k = X.shape
-    X = X.rechunk({0: blocks.tall_chunks(n, k, X.chunks[0][0]), 1: -1})
+    X = X.rechunk({0: blocks.qr_chunks(n, k, X.chunks[0][0]), 1: -1})
     q, _ = da.linalg.tsqr(X)
     return q
 
@@ -279,18 +290,24 @@ def quantize_basis(Y: da.Array, p: Params) -> Quantized:
 def pinv_factor(L_hat: da.Array) -> da.Array:
     """``pinv(L)ᵀ`` (n×k) as a lazy dask array: TSQR ``L = Q·R``, then ``Q·pinv(R)ᵀ``.
 
-    The k×k factor is inverted in one task (an SVD of R), so persisting the result is one
-    computation that keeps only ``pinv(L)ᵀ``, not Q beside it.
+    The TSQR's row blocks have at least 2k rows (:func:`lplr_dask.blocks.qr_chunks`), so dask's
+    TSQR recurses and every task holds at most one row block, whatever n. The k×k factor is
+    inverted once, in one task (an SVD of R) of its own layer, which dask cannot fuse into the
+    product of each row block (a blockwise inverse was: one SVD per row block); persisting the
+    result is one computation that keeps only ``pinv(L)ᵀ``, not Q beside it.
 
     Singular values below ``max(n, k)·eps·σ_max`` are treated as zero, as ``numpy.linalg.lstsq``
     does, so a rank-deficient quantized basis (for example at B1 = 1) still gives the
     least-squares solution of minimum norm.
     """
     n, k = L_hat.shape
-    L_hat = L_hat.rechunk({0: blocks.tall_chunks(n, k, L_hat.chunks[0][0]), 1: -1})
+    L_hat = L_hat.rechunk({0: blocks.qr_chunks(n, k, L_hat.chunks[0][0]), 1: -1})
     Q, R = da.linalg.tsqr(L_hat)
-    # R is one k×k block: invert it as a block of the same graph, so the QRs are shared, not redone
-    return Q @ R.map_blocks(_pinv_transposed, max(n, k), dtype=np.float64)
+    # one task of its own (a delayed, not a blockwise layer): shared by the products of all row blocks
+    inverse = da.from_delayed(
+        dask.delayed(_pinv_transposed, pure=True)(R, max(n, k)), shape=(k, k), dtype=np.float64, meta=R._meta
+    )
+    return Q @ inverse
 
 
 def _pinv_transposed(R: Any, m: int) -> Any:
@@ -502,19 +519,53 @@ def sketch_and_code_basis(job: StageContext) -> dict[str, Any]:
 
 
 def _write_sketches(job: StageContext) -> float:
-    """Pass 1 (:func:`pass1`): write Y, AG (and Z) to the scratch, not to worker memory; ‖A‖_F."""
+    """Pass 1 (:func:`pass1`): write Y, AG (and Z) to the scratch, not to worker memory; ‖A‖_F.
+
+    Resumable by row strips (a row chunk of A): one task per strip writes its rows of Y and AG
+    whole-chunk, its part of ‖A‖²_F to the scratch ``sumsq`` and then (two-pass) its mark in
+    ``Y_done`` (:class:`_YWriter`), so a resumed job reads only the strips not marked (it logs how
+    many were). One-pass mode's ``Z = Ψ·A`` is a sum over all rows, so there the marks are set
+    all together once Z is stored too: an interrupted one-pass pass 1 is redone whole (storing a
+    partial ℓ×d Z per strip would cost strips × ℓ × d). With every mark set, pass 1 is not run
+    again at all (the resume point between pass 1 and the basis).
+    """
     A, p = job.A, job.params
     n, d = A.shape
-    products = pass1(A, p)
-    shapes = {"Y": (n, p.sketch_columns), "AG": (n, p.test_columns), "Z": (p.oversample, d)}
-    writes = []
-    for name, x in products.items():
-        if name in shapes:
-            chunks = (job.row_chunk, x.shape[1]) if name != "Z" else (x.shape[0], job.col_chunk)
-            target = store.create_scratch(job.group, name, shapes[name], chunks)
-            writes.append(da.store(to_host_blocks(x.rechunk(chunks)), target, lock=False, compute=False))
-    *_, sumsq = job.runner("pass 1: sketch", *writes, products["sumsq"], persist=False, chunks_of=A)
-    return math.sqrt(float(sumsq))
+    marks = _y_marks(job)
+    done = np.asarray(marks[...]).astype(bool)
+    todo = [i for i in range(len(A.chunks[0])) if not done[i]]
+    if done.any():
+        job.log(f"resume: {int(done.sum())} of {done.size} row strips of pass 1 already written; computing {len(todo)}")
+    if todo:
+        rows, Z = _pass1_blocks(A, p)
+        writes = [blocks.map_row_blocks(_rows(rows, todo), _YWriter(job.root, todo, p, mark=Z is None))]
+        if Z is not None:
+            target = store.create_scratch(job.group, "Z", (p.oversample, d), (p.oversample, job.col_chunk))
+            Z = Z.rechunk((p.oversample, job.col_chunk))
+            writes.append(da.store(to_host_blocks(Z), target, lock=False, compute=False))
+        job.runner("pass 1: sketch", *writes, persist=False, chunks_of=A)
+        marks[...] = 1  # two-pass: already set strip by strip; one-pass: now that Z is stored
+    return math.sqrt(float(np.asarray(job.scratch("sumsq")[...]).sum()))
+
+
+def _y_marks(job: StageContext) -> zarr.Array:
+    """The scratch ``Y_done`` marks; created, with empty ``Y``, ``AG`` and ``sumsq``, when pass 1
+    first starts (a store started by a version without marks gets them: its pass 1 is redone)."""
+    if store.scratch_name("Y_done") in job.group:
+        return job.scratch("Y_done")
+    A, p = job.A, job.params
+    n, strips = A.shape[0], len(A.chunks[0])
+    store.create_scratch(job.group, "Y", (n, p.sketch_columns), (job.row_chunk, p.sketch_columns))
+    store.create_scratch(job.group, "AG", (n, p.test_columns), (job.row_chunk, p.test_columns))
+    store.create_scratch(job.group, "sumsq", (strips, 1), (1, 1))
+    return store.create_scratch_marks(job.group, "Y_done", strips)
+
+
+def _rows(X: da.Array, todo: list[int]) -> da.Array:
+    """The row blocks ``todo`` of X, or X itself when that is all of them (as :func:`_columns`)."""
+    if todo == list(range(X.numblocks[0])):
+        return X
+    return da.concatenate([X.blocks[i] for i in todo], axis=0)
 
 
 def project_onto_basis(job: StageContext) -> dict[str, Any]:
@@ -565,8 +616,11 @@ def _projection(job: StageContext, todo: list[int]) -> tuple[da.Array, str]:
         return blocks.left_multiply(
             da.from_array(M.T), like(_columns(Z, todo), A)
         ), "pass 2: project (one-pass, no read of A)"
-    pt = store.create_scratch(job.group, "PT", (A.shape[0], p.rank), (job.row_chunk, p.rank))
-    PT = to_host_blocks(pinv_factor(L_hat).rechunk({0: A.chunks[0], 1: -1}))
+    # stored in the block products' precision: pass 2 reads each row block of it once per column chunk of A,
+    # and casts it to that precision anyway (float32 under "auto" for float32 input: half the bytes)
+    dtype = blocks.compute_dtype(A.dtype, p.precision)
+    pt = store.create_scratch(job.group, "PT", (A.shape[0], p.rank), (job.row_chunk, p.rank), dtype=dtype)
+    PT = to_host_blocks(pinv_factor(L_hat).astype(dtype).rechunk({0: A.chunks[0], 1: -1}))
     job.runner("basis: pinv(L)", da.store(PT, pt, lock=False, compute=False), persist=False)
     return _columns(project(A, like(da.from_zarr(pt), A), precision=p.precision), todo), "pass 2: project"
 
@@ -685,6 +739,30 @@ def _store_codes(group: zarr.Group, name: str, codes: da.Array, bits: int, run: 
         sample_from=codes,
     )
     run(f"{label} (write)", da.store(to_host_blocks(codes), target, lock=False, compute=False), persist=False)
+
+
+class _YWriter:
+    """Writes one row strip of pass 1 (its rows of Y and AG, its ‖A‖²) and, with ``mark``, sets
+    its mark in ``Y_done`` (a picklable callable for :func:`lplr_dask.blocks.map_row_blocks`)."""
+
+    def __init__(self, root: str | Store, todo: list[int], p: Params, *, mark: bool):
+        self.root, self.todo, self.mark = root, todo, mark
+        self.k, self.t = p.sketch_columns, p.test_columns
+
+    def __call__(self, rows: Any, i_local: int, r0_local: int) -> float:
+        i = self.todo[i_local]
+        group = zarr.open_group(self.root, mode="r+")
+        y = cast(zarr.Array, group[store.scratch_name("Y")])
+        r0 = i * y.chunks[0]
+        rows = to_host(rows)
+        k, t = self.k, self.t
+        y[r0 : r0 + rows.shape[0]] = rows[:, :k]
+        cast(zarr.Array, group[store.scratch_name("AG")])[r0 : r0 + rows.shape[0]] = rows[:, k : k + t]
+        sumsq = float(rows[:, k + t].sum())
+        cast(zarr.Array, group[store.scratch_name("sumsq")])[i, 0] = sumsq
+        if self.mark:
+            cast(zarr.Array, group[store.scratch_name("Y_done")])[i] = 1
+        return sumsq
 
 
 class _WWriter:

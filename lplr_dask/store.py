@@ -10,6 +10,8 @@ Layout::
         _work/    scratch arrays while a job runs (deleted at completion):
             Y       (n, k + p)  the range sketch A·S, row-chunked like the source
             AG      (n, t)      the test columns A·G, for the error estimate
+            sumsq   (n chunks, 1) ‖A‖²_F of each row strip of the source
+            Y_done  (n chunks,) uint8, 1 once that row strip of Y, AG and sumsq is written
             Z       (ℓ, d)      the co-range sketch Ψ·A (one-pass mode)
             PT      (n, k)      pinv(L)ᵀ (two-pass mode)
             W       (k, d)      pinv(L)·A, column-chunked like the source
@@ -447,9 +449,15 @@ def create_codes(
 
 
 def create_float(
-    group: zarr.Group, name: str, shape: tuple[int, int], chunks: tuple[int, int], *, compress: bool = True
+    group: zarr.Group,
+    name: str,
+    shape: tuple[int, int],
+    chunks: tuple[int, int],
+    *,
+    compress: bool = True,
+    dtype: Any = np.float64,
 ) -> zarr.Array:
-    """Create an empty float64 array ``name`` (scratch and scales).
+    """Create an empty float64 (or ``dtype``) array ``name`` (scratch and scales).
 
     ``compress=False`` stores raw bytes: for the scratch sketches, whose float64 entries are
     noise-like (zstd saves only a few percent of their bytes, for CPU time at every write and
@@ -460,7 +468,7 @@ def create_float(
         name,
         shape=shape,
         chunks=chunks,
-        dtype=np.float64,
+        dtype=np.dtype(dtype),
         compressors=_checksummed(_float_compressor() if compress else None),
         fill_value=0.0,
         overwrite=True,
@@ -477,9 +485,12 @@ SCRATCH_ARRAYS: dict[str, str] = {
     "Y": "the range sketch A·S, n × (k + p), row-chunked like the source",
     "AG": "the test columns A·G, n × t, for the error estimate",
     "Z": "the co-range sketch Ψ·A, ℓ × d, column-chunked like the source (one-pass mode)",
-    "PT": "pinv(L)ᵀ, n × k, row-chunked like the source (two-pass mode)",
+    "PT": "pinv(L)ᵀ, n × k, row-chunked like the source (two-pass mode), in the block products' precision",
     "W": "pinv(L)·A, k × d, column-chunked like the source",
     "W_done": "one uint8 per column chunk of W, 1 once that chunk is written (the resume points of pass 2)",
+    "Y_done": "one uint8 per row strip of A, 1 once its rows of Y and AG and its ‖A‖² are written "
+    "(the resume points of pass 1; one-pass mode: all set once Z is written too)",
+    "sumsq": "‖A‖²_F of each row strip of A, strips × 1, written with its rows of Y (pass 1)",
 }
 
 
@@ -494,13 +505,16 @@ def scratch_name(name: str) -> str:
     return f"{SCRATCH}/{parse_choice(name, 'a scratch array', tuple(SCRATCH_ARRAYS))}"
 
 
-def create_scratch(group: zarr.Group, name: str, shape: tuple[int, int], chunks: tuple[int, int]) -> zarr.Array:
-    """Create the empty float64 scratch array ``name`` (:func:`scratch_name`), uncompressed.
+def create_scratch(
+    group: zarr.Group, name: str, shape: tuple[int, int], chunks: tuple[int, int], *, dtype: Any = np.float64
+) -> zarr.Array:
+    """Create the empty float64 (or ``dtype``) scratch array ``name`` (:func:`scratch_name`), uncompressed.
 
-    Scratch entries are noise-like float64, read back once and deleted at completion: compressing
-    them costs more time than it saves bytes (see :func:`create_float`).
+    Scratch entries are noise-like floats, read back once and deleted at completion: compressing
+    them costs more time than it saves bytes (see :func:`create_float`). ``dtype`` float32 is for
+    an operand that the block products use in float32 anyway (``PT`` under float32 precision).
     """
-    return create_float(group, scratch_name(name), shape, chunks, compress=False)
+    return create_float(group, scratch_name(name), shape, chunks, compress=False, dtype=dtype)
 
 
 def create_scratch_marks(group: zarr.Group, name: str, count: int) -> zarr.Array:

@@ -118,6 +118,20 @@ def test_tall_chunks_are_at_least_k_rows():
     assert blocks.tall_chunks(10, 3, 4) == (5, 5)  # 10 // 4 = 2 blocks, evened out
 
 
+def test_qr_chunks_are_at_least_2k_rows():
+    """dask's TSQR recurses only when a block can hold two k×k R factors."""
+    chunks = blocks.qr_chunks(4096, 100, 128)
+    assert sum(chunks) == 4096 and min(chunks) >= 200 and max(chunks) < 400
+    assert blocks.qr_chunks(1000, 100, 512) == blocks.tall_chunks(1000, 100, 512)  # tall enough already
+    assert blocks.qr_chunks(150, 100, 128) == (150,)  # fewer than 2k rows: one block
+
+
+def test_map_row_blocks_runs_on_each_row_block():
+    X = da.arange(10.0, chunks=4)[:, None] * da.ones((1, 3))
+    seen = blocks.map_row_blocks(X, lambda x, i, r0: 100 * i + r0 + x.shape[0]).compute(scheduler="sync")
+    assert seen.shape == (3, 1) and seen[:, 0].tolist() == [4, 108, 210]
+
+
 @pytest.mark.parametrize(
     ("dtype", "precision", "expected"),
     [

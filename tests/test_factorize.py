@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import math
 from collections.abc import Iterator
@@ -9,6 +10,7 @@ from typing import Any
 
 import dask
 import dask.array as da
+import dask.callbacks
 import numpy as np
 import pytest
 import zarr
@@ -405,3 +407,147 @@ def test_run_codes_r_from_the_scratch_w_of_a_projected_store(small_matrix, tmp_p
     got, want = zarr.open_group(str(out), mode="r"), zarr.open_group(str(ref), mode="r")
     np.testing.assert_array_equal(got["L/codes"][...], want["L/codes"][...])
     np.testing.assert_allclose(got["R/scale"][...], 2 * want["R/scale"][...], rtol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------
+# Bounded tasks: the TSQR of pinv(L) and orth, whatever n (issue 15)
+# ---------------------------------------------------------------------------------------------
+
+
+class _ResultSizes(dask.callbacks.Callback):
+    """Records the bytes of every task's result (so of every task's inputs) while dask computes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sizes: dict[Any, int] = {}
+
+    def _posttask(self, key: Any, result: Any, dsk: Any, state: Any, id: Any) -> None:
+        if "finalize" not in str(key):  # the gathering of the result for the test itself
+            self.sizes[key] = int(getattr(result, "nbytes", 0))
+
+
+def test_pinv_factor_and_orth_have_no_task_above_a_row_block_in_the_cliff_case(monkeypatch):
+    """A tall matrix in 128-row blocks with width k = 100 > 128/2: dask's TSQR on such blocks
+    stacks all 32 R factors (3200 × 100) into one task, a task that grows with n; on blocks of
+    at least 2k rows (:func:`blocks.qr_chunks`) it recurses, and no task holds more than a row
+    block. The k×k inverse of pinv is computed once, not once per row block."""
+    n, k = 4096, 100
+    rng = np.random.default_rng(0)
+    L = rng.standard_normal((n, k)) @ np.diag(np.logspace(0, -6, k))  # ill-conditioned, full rank
+    L_hat = da.from_array(L, chunks=(128, k))
+    calls: list[int] = []
+    inverse = factorize._pinv_transposed
+    monkeypatch.setattr(factorize, "_pinv_transposed", lambda R, m: (calls.append(1), inverse(R, m))[1])
+    block_bytes = max(blocks.qr_chunks(n, k, 128)) * k * 8
+    for lazy, want in [
+        (factorize.pinv_factor(L_hat), np.linalg.pinv(L, rtol=n * np.finfo(np.float64).eps).T),
+        (factorize.orth(L_hat), None),
+    ]:
+        sizes = _ResultSizes()
+        with sizes:
+            got = lazy.compute(scheduler="sync")
+        assert max(sizes.sizes.values()) <= block_bytes < (n // 128) * k * k * 8, max(
+            sizes.sizes.items(), key=lambda kv: kv[1]
+        )
+        if want is not None:
+            np.testing.assert_allclose(got, want, rtol=0, atol=1e-10 * np.abs(want).max())
+        else:
+            Q_np, _ = np.linalg.qr(L)
+            np.testing.assert_allclose(got.T @ got, np.eye(k), atol=1e-12)
+            np.testing.assert_allclose(got @ (got.T @ Q_np), Q_np, atol=1e-10)  # the same column space
+    assert len(calls) == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Resume points in pass 1 (issue 15)
+# ---------------------------------------------------------------------------------------------
+
+
+def _by_strip(A: da.Array, fail_strip: int | None = None) -> tuple[da.Array, list[int]]:
+    """A, with each chunk read recorded by its row strip, and raising on the chunks of ``fail_strip``."""
+    reads: list[int] = []
+
+    def read(b: Any, block_info: Any = None) -> Any:
+        i = block_info[0]["chunk-location"][0]
+        if i == fail_strip:
+            raise RuntimeError(f"stopped in row strip {i}")
+        reads.append(i)
+        return b
+
+    return A.map_blocks(read, dtype=A.dtype, meta=A._meta), reads
+
+
+@pytest.mark.parametrize("passes", [2, 1])
+def test_an_interrupted_pass1_resumes_from_its_marked_row_strips(small_matrix, tmp_path, passes):
+    """Pass 1 stopped in row strip 3 of 5: two-pass, the strips written are marked in ``Y_done``
+    and a resumed run reads only the others in pass 1 (then all in pass 2); one-pass (Z sums
+    all rows) nothing is marked until Z is stored, and pass 1 is redone whole. The codes and the
+    estimate are those of an undisturbed run."""
+    p = _params(6, seed=2, passes=passes, range_oversample=3)
+    strips, per_strip = small_matrix.numblocks
+    with dask.config.set(scheduler="sync"):
+        ref = tmp_path / "ref.lplr.zarr"
+        factorize.run(small_matrix, str(ref), p, _started(ref, small_matrix, p), log=_quiet)
+
+        out = tmp_path / "o.lplr.zarr"
+        meta = _started(out, small_matrix, p)
+        failing, _ = _by_strip(small_matrix, fail_strip=3)
+        with pytest.raises(RuntimeError, match="stopped in row strip 3"):
+            factorize.run(failing, str(out), p, dict(meta), log=_quiet)
+        group = zarr.open_group(str(out), mode="r")
+        assert group.attrs["lplr"]["stage"] == "started"
+        marked = np.asarray(group[store.scratch_name("Y_done")][...]).astype(bool)
+        assert not marked[3]
+        if passes == 2:
+            assert marked.any(), marked  # some strips were written before strip 3 failed
+        else:
+            assert not marked.any()
+
+        counted, reads = _by_strip(small_matrix)
+        logs: list[str] = []
+        final = factorize.run(counted, str(out), p, dict(meta), log=logs.append)
+    assert final["stage"] == "complete"
+    reads_of = collections.Counter(reads)
+    pass2 = per_strip if passes == 2 else 0  # one-pass: no second read
+    for i in range(strips):
+        assert reads_of[i] == pass2 + (0 if marked[i] else per_strip), (i, reads_of, marked)
+    if marked.any():
+        assert f"resume: {int(marked.sum())} of {strips} row strips of pass 1 already written" in "\n".join(logs)
+    for got, want in zip(_codes(str(out)), _codes(str(ref))):
+        np.testing.assert_array_equal(got, want)
+    assert final["norm_fro"] == pytest.approx(zarr.open_group(str(ref), mode="r").attrs["lplr"]["norm_fro"], rel=1e-12)
+    assert final["error_estimate"] == pytest.approx(
+        zarr.open_group(str(ref), mode="r").attrs["lplr"]["error_estimate"], rel=1e-12
+    )
+
+
+def test_a_store_whose_pass1_is_all_marked_resumes_at_the_basis(small_matrix, tmp_path):
+    """Every row strip marked: a resumed run at stage "started" reads A only in pass 2 and codes
+    L from the stored Y, with the codes of an undisturbed run."""
+    p = _params(6, seed=2)
+    with dask.config.set(scheduler="sync"):
+        ref = tmp_path / "ref.lplr.zarr"
+        factorize.run(small_matrix, str(ref), p, _started(ref, small_matrix, p), log=_quiet)
+        out = tmp_path / "o.lplr.zarr"
+        meta = _started(out, small_matrix, p)
+        job = factorize.StageContext.open(small_matrix, str(out), p, dict(meta), log=_quiet)
+        factorize._write_sketches(job)  # pass 1 done, the basis not yet
+        assert np.asarray(job.scratch("Y_done")[...]).all()
+        counted, reads = _counting(small_matrix)
+        factorize.run(counted, str(out), p, dict(meta), log=_quiet)
+    assert len(reads) == 20  # pass 2 only
+    for got, want in zip(_codes(str(out)), _codes(str(ref))):
+        np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("precision", ["float32", "float64"])
+def test_pinv_scratch_is_stored_in_the_products_precision(small_matrix, tmp_path, precision):
+    """``_work/PT`` is float32 under float32 products (half the bytes pass 2 reads), float64 otherwise."""
+    p = _params(6, precision=precision)
+    with dask.config.set(scheduler="sync"):
+        out = tmp_path / "o.lplr.zarr"
+        job = factorize.StageContext.open(small_matrix, str(out), p, _started(out, small_matrix, p), log=_quiet)
+        basis, projected, *_ = factorize.STAGES
+        _run_stage(job, basis)
+        _run_stage(job, projected)
+    assert job.scratch("PT").dtype == np.dtype(precision)

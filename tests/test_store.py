@@ -206,7 +206,7 @@ def test_scratch_names_are_the_work_group_of_the_format():
     import lplr_dask
 
     assert store.SCRATCH == "_work"  # on disk: a store left by an older version resumes
-    assert set(store.SCRATCH_ARRAYS) == {"Y", "AG", "Z", "PT", "W", "W_done"}
+    assert set(store.SCRATCH_ARRAYS) == {"Y", "AG", "Z", "PT", "W", "W_done", "Y_done", "sumsq"}
     assert [store.scratch_name(n) for n in ("Y", "W_done")] == ["_work/Y", "_work/W_done"]
     with pytest.raises(
         lplr_dask.LplrValueError, match=r"Expected a scratch array to be one of 'Y', .* Got 'L' instead"
