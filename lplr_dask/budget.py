@@ -240,7 +240,19 @@ def capped_rank(
     chunks: tuple[int, int] | None = None,
     log: Callable[[str], None] = logs.warning,
 ) -> SizedRank:
-    """:func:`resolve_rank`'s rank, with the cap it met (for the store's attrs, ``rank_cap``)."""
+    """:func:`resolve_rank`'s rank, with the cap it met.
+
+    Returns
+    -------
+    SizedRank
+        The rank, and ``cap``: ``{"requested": K, "max_rank": MAX}`` when the rule's rank K was
+        capped at MAX (the store's attrs record it as ``rank_cap``), else None.
+
+    Raises
+    ------
+    LplrValueError
+        As :func:`resolve_rank`.
+    """
     n, d = shape
     if size.kind == "rank":
         k = int(size.value)
