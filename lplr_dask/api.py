@@ -29,7 +29,8 @@ def resolve_rank(
     chunks: tuple[int, int] | None = None,
 ) -> int:
     """The rank from exactly one of ``rank``, ``bits_per_entry``, ``match_nq``
-    (:func:`lplr_dask.budget.resolve_rank` of their :class:`~lplr_dask.options.SizeRule`).
+    (:func:`lplr_dask.budget.resolve_rank` of their :class:`~lplr_dask.options.SizeRule`): a
+    budget's or fair rank above the Dask config ``lplr.max-rank`` is capped at it, with a warning.
 
     Raises
     ------
@@ -208,13 +209,21 @@ def _compress(
             test_columns=options.test_columns,
             log=log,
         )
-        k, options = choice.rank, options.replace(bits=choice.bits)
+        k, options, cap = choice.rank, options.replace(bits=choice.bits), None
     else:
-        k = budget.resolve_rank(
-            A.shape, options.bits, size, specs=options.specs, chunks=(int(A.chunks[0][0]), int(A.chunks[1][0]))
-        )
+        chunks = (int(A.chunks[0][0]), int(A.chunks[1][0]))
+        k, cap = budget.capped_rank(A.shape, options.bits, size, specs=options.specs, chunks=chunks, log=log)
     return job.compress_at_rank(
-        source, out, k, options, client=client, overwrite=overwrite, resume=resume, matrix=matrix, log=log
+        source,
+        out,
+        k,
+        options,
+        client=client,
+        overwrite=overwrite,
+        resume=resume,
+        matrix=matrix,
+        attrs=None if cap is None else {"rank_cap": cap},
+        log=log,
     )
 
 

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, NamedTuple
 
 from lplr_dask import logs
 from lplr_dask.errors import LplrValueError
-from lplr_dask.options import SizeRule
+from lplr_dask.options import MAX_RANK_KEY, SizeRule, configured_max_rank
 from lplr_dask.quantize import QuantizerSpec, parse_quantizer
 from lplr_dask.store import CHECKSUM_BYTES
 from lplr_dask.target import DEFAULT_MAX_RANK, ErrorPlan
@@ -47,6 +47,8 @@ __all__ = [
     "BITS_GRID",
     "PAPER_SPECS",
     "Choice",
+    "SizedRank",
+    "capped_rank",
     "choose",
     "fair_rank",
     "rank_for_bits_per_entry",
@@ -186,6 +188,22 @@ def rank_for_bits_per_entry(
     return k
 
 
+#: What the central steps cost, for the messages about a rank above ``lplr.max-rank``.
+CENTRAL_STEPS = (
+    "the central steps (the Gram matrix of the sketch and its eigh, the k x k GPTQ factor, pinv's SVD) "
+    "run on one process in O(k^3) time"
+)
+
+
+class SizedRank(NamedTuple):
+    """The rank a size rule sets, and the cap it met."""
+
+    rank: int
+    #: ``{"requested": K, "max_rank": MAX}`` when the rule set a rank K above ``lplr.max-rank``
+    #: (MAX, :func:`lplr_dask.options.configured_max_rank`) and ``rank`` is MAX; else None.
+    cap: dict[str, int] | None
+
+
 def resolve_rank(
     shape: tuple[int, int],
     bits: tuple[int, int],
@@ -193,18 +211,47 @@ def resolve_rank(
     *,
     specs: tuple[QuantizerSpec, QuantizerSpec] = PAPER_SPECS,
     chunks: tuple[int, int] | None = None,
+    log: Callable[[str], None] = logs.warning,
 ) -> int:
     """The rank that ``size`` (a rank, bits per entry or match-nq rule) sets for a matrix of ``shape``.
 
     ``bits_per_entry`` gives the largest rank whose store fits the budget on disk with the
     quantizers ``specs`` (L, R) and A's ``chunks`` (:func:`rank_for_bits_per_entry`);
-    ``match_nq`` the paper's fair rank (:func:`fair_rank`).
+    ``match_nq`` the paper's fair rank (:func:`fair_rank`). Either is capped at the Dask config
+    ``lplr.max-rank`` (:func:`lplr_dask.options.configured_max_rank`, default 4096) with a warning
+    through ``log``; a ``rank`` above it is the user's and is kept, with a note. Only the shape
+    and the chunks are used: nothing of A is read. :func:`capped_rank` also says what was capped.
 
     Raises
     ------
     LplrValueError
         If the rank is outside ``1..min(n, d)`` (for ``match_nq``: 0, the matrix is too small to
         gain), or ``size`` is a target error (:mod:`lplr_dask.target` finds that rank).
+    """
+    return capped_rank(shape, bits, size, specs=specs, chunks=chunks, log=log).rank
+
+
+def capped_rank(
+    shape: tuple[int, int],
+    bits: tuple[int, int],
+    size: SizeRule,
+    *,
+    specs: tuple[QuantizerSpec, QuantizerSpec] = PAPER_SPECS,
+    chunks: tuple[int, int] | None = None,
+    log: Callable[[str], None] = logs.warning,
+) -> SizedRank:
+    """:func:`resolve_rank`'s rank, with the cap it met.
+
+    Returns
+    -------
+    SizedRank
+        The rank, and ``cap``: ``{"requested": K, "max_rank": MAX}`` when the rule's rank K was
+        capped at MAX (the store's attrs record it as ``rank_cap``), else None.
+
+    Raises
+    ------
+    LplrValueError
+        As :func:`resolve_rank`.
     """
     n, d = shape
     if size.kind == "rank":
@@ -223,7 +270,22 @@ def resolve_rank(
         raise LplrValueError("A target error sets the rank by a search (lplr_dask.target.meet_target), not here.")
     if not 1 <= k <= min(n, d):
         raise LplrValueError(f"Expected rank from 1 to min(n, d) = {min(n, d)} for a {n}x{d} matrix. Got {k!r}.")
-    return k
+    top = configured_max_rank()
+    if k <= top:
+        return SizedRank(k, None)
+    if size.kind == "rank":
+        log(f"note: rank {k} is above {MAX_RANK_KEY} = {top}, as asked: {CENTRAL_STEPS}.")
+        return SizedRank(k, None)
+    rule = (
+        f"a budget of {size.value:g} bits per entry allows rank {k}"
+        if size.kind == "bits_per_entry"
+        else f"the fair rank against {size.value:g}-bit quantization is {k}"
+    )
+    log(
+        f"warning: {rule}, capped at {top} ({MAX_RANK_KEY}): {CENTRAL_STEPS}. "
+        f"To take rank {k}, raise the cap with DASK_LPLR__MAX_RANK={k} or give --rank {k} (rank={k})."
+    )
+    return SizedRank(top, {"requested": k, "max_rank": top})
 
 
 class Choice(NamedTuple):
@@ -266,7 +328,8 @@ def choose(
     test_columns : int, default=10
         Raised to at least :data:`PLAN_TEST_COLUMNS` for the plan.
     max_rank : int, optional
-        The largest rank considered. Default :data:`lplr_dask.target.DEFAULT_MAX_RANK`.
+        The largest rank considered. Default :data:`lplr_dask.target.DEFAULT_MAX_RANK`; never
+        above the Dask config ``lplr.max-rank`` (:func:`lplr_dask.options.configured_max_rank`).
     log : callable, default=lplr_dask.logs.info
         Receives the choice made.
 
@@ -291,7 +354,7 @@ def choose(
         # the smallest pair's message says what rank 1 needs
         smallest = min(grid, key=lambda b: n * b[0] + d * b[1])
         rank_for_bits_per_entry(n, d, smallest, budget, specs=specs, chunks=chunks)
-    top = min(max(fits.values()), max_rank or DEFAULT_MAX_RANK)
+    top = min(max(fits.values()), max_rank or DEFAULT_MAX_RANK, configured_max_rank())
     log(f"bits per entry {budget}: sketch spectrum up to rank {top} (one extra read of A)")
     plan = ErrorPlan.measure(
         A,

@@ -679,8 +679,13 @@ def _cmd_compress(args: argparse.Namespace, log: Callable[[str], None]) -> dict[
     options = _options(args)
     opts = args.storage_options
     A = open_source(args.input, storage_options=opts)
-    if size.kind in ("rank", "match_nq"):  # the rank compress will take: one out of range fails here
-        budget.resolve_rank(A.shape, options.bits, size, specs=options.specs)
+    said: list[str] = []  # the sizing's warnings, logged here once, before a cluster starts
+    if size.kind in ("rank", "match_nq") or (size.kind == "bits_per_entry" and args.bits):
+        # the rank compress will take, capped as it caps it (lplr.max-rank): one out of range fails here
+        chunks = (int(A.chunks[0][0]), int(A.chunks[1][0]))
+        budget.resolve_rank(A.shape, options.bits, size, specs=options.specs, chunks=chunks, log=said.append)
+        for line in said:
+            logs.warning(line)  # shown under --quiet too
     _check_output(args, inputs=[args.input], resume_store=True)
     with _cluster(args, log):
         factors = compress(
@@ -692,7 +697,7 @@ def _cmd_compress(args: argparse.Namespace, log: Callable[[str], None]) -> dict[
             match_nq=args.match_nq,
             target_error=args.target_error,
             **_shared(args),
-            log=log,
+            log=lambda line: None if line in said else log(line),
         )
         if args.evaluate:
             evaluate(args.input, factors, storage_options=opts)

@@ -57,6 +57,7 @@ def compress_at_rank(
     overwrite: bool = False,
     resume: bool = False,
     matrix: tuple[Source, da.Array] | None = None,
+    attrs: dict[str, Any] | None = None,
     log: Log = logs.info,
 ) -> Factors:
     """Compress ``source`` at ``rank`` into the store ``out``; or finish it (``resume``).
@@ -76,6 +77,8 @@ def compress_at_rank(
         Replace an existing store; or finish an interrupted one started with the same parameters.
     matrix : (Source, dask array), optional
         ``source`` as :func:`open_matrix` opened it already.
+    attrs : dict, optional
+        More attrs for a fresh store, e.g. the sizing's ``rank_cap`` (a resumed store keeps its own).
     log : callable
 
     Returns
@@ -102,7 +105,7 @@ def compress_at_rank(
         )
     chunking.check_memory(A, params, client, source=src.path, log=log)
     lock = guard.StoreLock(path, storage_options)
-    meta = _start(path, src, A, params, lock, options, overwrite=overwrite, resume=resume)
+    meta = _start(path, src, A, params, lock, options, overwrite=overwrite, resume=resume, attrs=attrs)
     try:
         if meta.get("complete"):
             log(f"{path}: already complete; nothing to do")
@@ -123,6 +126,7 @@ def _start(
     *,
     overwrite: bool,
     resume: bool,
+    attrs: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Create the output (or reopen it for ``resume``), take its lock, and return its attrs.
 
@@ -157,6 +161,7 @@ def _start(
         device=options.device,
         version=package_version(),
     )
+    meta.update(attrs or {})
     store.write_meta(group, meta)
     return meta
 

@@ -11,8 +11,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Literal
 
+import dask.config
 import numpy as np
 
+import lplr_dask.config  # noqa: F401  (the lplr.max-rank default in dask.config)
 from lplr_dask.backend import check_device
 from lplr_dask.blocks import compute_dtype
 from lplr_dask.errors import LplrTypeError, LplrValueError
@@ -20,7 +22,7 @@ from lplr_dask.factorize import Params, check_oversample, resolve_oversample
 from lplr_dask.quantize import QuantizerSpec, check_bits, quantizer_pair
 from lplr_dask.validation import at_most_one, parse_float, parse_int
 
-__all__ = ["DEFAULT_BITS", "Options", "SizeRule", "SIZE_FLAGS", "check_job"]
+__all__ = ["DEFAULT_BITS", "MAX_RANK_KEY", "Options", "SizeRule", "SIZE_FLAGS", "check_job", "configured_max_rank"]
 
 #: (B1, B2) unless given, or chosen for a bits-per-entry budget.
 DEFAULT_BITS = (8, 8)
@@ -32,6 +34,9 @@ SIZE_FLAGS = {
     "match_nq": "--match-nq",
     "target_error": "--target-error",
 }
+
+#: The Dask-config key of the largest rank a budget or a fair rank may set (default in lplr.yaml).
+MAX_RANK_KEY = "lplr.max-rank"
 
 SizeKind = Literal["rank", "bits_per_entry", "match_nq", "target_error"]
 
@@ -215,6 +220,26 @@ class SizeRule:
     def as_kwargs(self) -> dict[str, float]:
         """``{kind: value}``, the keyword :func:`lplr_dask.compress` takes."""
         return {self.kind: self.value}
+
+
+def configured_max_rank() -> int:
+    """The documented maximum rank: the Dask config ``lplr.max-rank`` (default 4096, ``lplr.yaml``).
+
+    A rank that ``bits_per_entry`` or ``match_nq`` sets is capped at it
+    (:func:`lplr_dask.budget.resolve_rank`), and the plans of ``target_error`` and of a budget
+    without bits stop at it: the central steps (the ℓ×ℓ Gram of the sketch and its eigh, the
+    k×k GPTQ factor, pinv's SVD) cost O(k³) on one process. Set it like any Dask setting:
+    ``DASK_LPLR__MAX_RANK=8192`` or ``dask.config.set({"lplr.max-rank": 8192})``.
+
+    Raises
+    ------
+    LplrValueError
+        If the setting is not an integer >= 1.
+    """
+    value = dask.config.get(MAX_RANK_KEY)
+    if isinstance(value, str) and value.strip().isdigit():  # a YAML or environment string
+        value = int(value)
+    return parse_int(value, f"the Dask config {MAX_RANK_KEY} (DASK_LPLR__MAX_RANK)", minimum=1)
 
 
 def check_job(overwrite: bool, resume: bool) -> None:

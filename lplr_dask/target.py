@@ -54,7 +54,7 @@ from lplr_dask.errors import LplrValueError
 from lplr_dask.factorize import Params, pass1, power_iterate, quantize_basis, resolve_oversample, truncate_sketch
 from lplr_dask.factors import Factors, decode_factor, open_factors
 from lplr_dask.job import compress_at_rank, open_matrix
-from lplr_dask.options import Options, SizeRule
+from lplr_dask.options import Options, SizeRule, configured_max_rank
 from lplr_dask.progress import compute, current_client
 from lplr_dask.quantize import QuantizerSpec, gptq_factor
 
@@ -162,13 +162,14 @@ class ErrorPlan:
         seed, test_columns, power_iters, passes
             As for :func:`lplr_dask.compress`: the test columns are the same as the compression's.
         max_rank : int, default=DEFAULT_MAX_RANK
-            The largest rank considered (capped at ``min(n, d)``).
+            The largest rank considered (capped at ``min(n, d)`` and at the Dask config
+            ``lplr.max-rank``, :func:`lplr_dask.options.configured_max_rank`).
         oversample : int, optional
             As for :func:`lplr_dask.compress`: the sketch has ``max_rank`` plus that many columns, and
             the rank-k basis is made from the top k directions of its first k + p.
         """
         n, d = A.shape
-        kmax = int(min(n, d, max_rank))
+        kmax = int(min(n, d, max_rank, configured_max_rank()))
         width = kmax + resolve_oversample(oversample, kmax, (n, d))  # columns of the sketch
         params = Params(
             rank=width,
@@ -349,7 +350,8 @@ def compress_to_target(
     resume : bool, default=False
         Keep a completed output made for the same target; anything else is redone.
     max_rank : int, default=DEFAULT_MAX_RANK
-        The largest rank considered.
+        The largest rank considered; never above the Dask config ``lplr.max-rank``
+        (:func:`lplr_dask.options.configured_max_rank`).
     log : callable, default=lplr_dask.logs.info
         Receives the ranks tried.
 

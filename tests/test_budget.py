@@ -144,3 +144,156 @@ def test_cli_bits_per_entry_with_and_without_bits(client, tmp_path, capsys):
     chosen = json.loads(capsys.readouterr().out)
     assert tuple(chosen["bits"]) in budget.BITS_GRID and chosen["bits_per_entry"] <= 1
     assert np.isfinite(chosen["error_estimate"])
+
+
+# ---------------------------------------------------------------------------------------------
+# The documented maximum rank (lplr.max-rank): a budget or a fair rank is capped, from the shape
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def virtual_source(tmp_path):
+    """A 10^6 x 10^6 float32 Zarr array with no chunk written: a read gives fill values."""
+    import zarr
+
+    path = tmp_path / "virtual.zarr"
+    zarr.create_array(store=str(path), shape=(10**6, 10**6), chunks=(4096, 4096), dtype="float32", fill_value=0)
+    return str(path)
+
+
+def test_max_rank_is_a_dask_setting_of_4096():
+    import dask
+
+    from lplr_dask.options import configured_max_rank
+
+    assert configured_max_rank() == 4096 == dask.config.get("lplr.max-rank")
+    with dask.config.set({"lplr.max-rank": "64"}):  # as the environment or a YAML file may give it
+        assert configured_max_rank() == 64
+    for bad in (0, -3, 2.5, "many", True):
+        with dask.config.set({"lplr.max-rank": bad}), pytest.raises(LplrValueError, match="lplr.max-rank"):
+            configured_max_rank()
+
+
+@pytest.mark.parametrize(
+    "size, rule",
+    [
+        (("match_nq", 4), "the fair rank against 4-bit quantization is 250000"),  # issue 15's number
+        (("bits_per_entry", 1.0), "a budget of 1 bits per entry allows rank"),
+    ],
+)
+def test_a_budget_or_fair_rank_above_the_maximum_is_capped_with_a_warning(size, rule):
+    from lplr_dask.options import SizeRule
+
+    lines: list[str] = []
+    shape, chunks = (10**6, 10**6), (4096, 4096)
+    if size[0] == "match_nq":
+        uncapped = budget.fair_rank(*shape, (8, 8), size[1])
+    else:
+        uncapped = budget.rank_for_bits_per_entry(*shape, (8, 8), size[1], chunks=chunks)
+    assert uncapped > 4096
+    sized = budget.capped_rank(shape, (8, 8), SizeRule(*size), chunks=chunks, log=lines.append)
+    assert sized == (4096, {"requested": uncapped, "max_rank": 4096})
+    assert budget.resolve_rank(shape, (8, 8), SizeRule(*size), chunks=chunks, log=lines.append) == 4096
+    assert len(lines) == 2 and lines[0] == lines[1]
+    assert lines[0].startswith(f"warning: {rule}")
+    for words in (f"rank {uncapped}", "capped at 4096 (lplr.max-rank)", "O(k^3)", f"DASK_LPLR__MAX_RANK={uncapped}"):
+        assert words in lines[0], lines[0]
+
+
+def test_a_rank_at_or_below_the_maximum_is_not_capped_and_an_explicit_rank_is_kept():
+    import dask
+
+    from lplr_dask.options import SizeRule
+
+    lines: list[str] = []
+    with dask.config.set({"lplr.max-rank": 120}):
+        # 600x400 at (8, 8) and 4 bits: the fair rank is 120, at the maximum
+        assert budget.capped_rank((600, 400), (8, 8), SizeRule("match_nq", 4), log=lines.append) == (120, None)
+        assert not lines
+        sized = budget.capped_rank((600, 400), (8, 8), SizeRule("rank", 300), log=lines.append)
+    assert sized == (300, None)  # the user's own rank: allowed, with a note of what it costs
+    assert (
+        len(lines) == 1 and lines[0].startswith("note: rank 300 is above lplr.max-rank = 120") and "O(k^3)" in lines[0]
+    )
+
+
+def test_compress_caps_a_fair_rank_in_seconds_before_any_read_of_a(virtual_source, tmp_path, monkeypatch):
+    """``--match-nq 4`` on 10^6 x 10^6 wanted rank 250,000: capped from the shape and chunks alone,
+    before the job (here a stand-in that reads nothing) gets A."""
+    import contextlib
+    import time
+
+    from lplr_dask import api, job
+
+    calls = []
+
+    def no_job(source, out, rank, options, **kwargs):
+        calls.append((rank, kwargs["attrs"], kwargs["matrix"][1].shape))
+        raise LplrValueError("the job is not run in this test")
+
+    monkeypatch.setattr(job, "compress_at_rank", no_job)
+    monkeypatch.setattr(api, "_client", lambda log, device="cpu": contextlib.nullcontext(None))
+    lines: list[str] = []
+    t0 = time.perf_counter()
+    with pytest.raises(LplrValueError, match="not run in this test"):
+        lplr_dask.compress(virtual_source, tmp_path / "o.lplr.zarr", match_nq=4, log=lines.append)
+    assert time.perf_counter() - t0 < 5
+    assert calls == [(4096, {"rank_cap": {"requested": 250_000, "max_rank": 4096}}, (10**6, 10**6))]
+    assert any(line.startswith("warning: the fair rank against 4-bit quantization is 250000") for line in lines)
+
+
+def test_compress_at_a_capped_rank_records_the_cap(client, tmp_store, small_matrix):
+    import dask
+    import zarr
+
+    lines: list[str] = []
+    n, d = small_matrix.shape
+    assert budget.fair_rank(n, d, (8, 8), 4) == 120
+    with dask.config.set({"lplr.max-rank": 50}):
+        f = lplr_dask.compress(small_matrix, tmp_store, match_nq=4, log=lines.append)
+    assert f.rank == 50 and f.L().shape == (n, 50)
+    assert f.attrs["rank_cap"] == {"requested": 120, "max_rank": 50}
+    assert zarr.open_group(tmp_store, mode="r").attrs["lplr"]["rank_cap"] == {"requested": 120, "max_rank": 50}
+    assert [line for line in lines if "capped at 50 (lplr.max-rank)" in line]
+    # under the maximum nothing is capped or recorded
+    g = lplr_dask.compress(small_matrix, tmp_store, match_nq=4, overwrite=True, **QUIET)
+    assert g.rank == 120 and "rank_cap" not in g.attrs
+
+
+def test_plans_never_go_above_the_maximum(client):
+    import dask
+
+    A = synthetic((1024, 512), rank=40, decay=0.9, noise=0.01, chunks=(256, 256), seed=8)
+    lines: list[str] = []
+    with dask.config.set({"lplr.max-rank": 16}):
+        choice = budget.choose(A, 4.0, specs=_specs("default"), grid=((8, 8), (4, 4)), log=lines.append)
+    assert choice.rank <= 16 and max(k for k, _, _ in choice.candidates) <= 16
+    assert "sketch spectrum up to rank 16" in lines[0]
+
+
+@pytest.mark.parametrize("quiet", [False, True])
+def test_cli_caps_before_the_cluster_starts(virtual_source, tmp_path, capsys, monkeypatch, quiet):
+    import time
+
+    import dask
+
+    from lplr_dask import cli
+
+    def no_cluster(args, log):
+        raise LplrValueError("no cluster in this test")
+
+    monkeypatch.setattr(cli, "_cluster", no_cluster)
+    t0 = time.perf_counter()
+    with dask.config.set({"lplr.max-rank": 64}):
+        argv = ["compress", virtual_source, str(tmp_path / "o.lplr.zarr"), "--match-nq", "4"]
+        assert cli.main(argv + (["--quiet"] if quiet else [])) == 2
+    assert time.perf_counter() - t0 < 5
+    err = capsys.readouterr().err.splitlines()
+    assert err[-1] == "error: no cluster in this test"
+    warned = [line for line in err if line.startswith("warning: ")]
+    assert len(warned) == 1 and "is 250000, capped at 64 (lplr.max-rank)" in warned[0]
+    with dask.config.set({"lplr.max-rank": 64}):  # a budget with bits: the same cap, before the cluster
+        argv = ["compress", virtual_source, str(tmp_path / "o.lplr.zarr"), "--bits-per-entry", "1", "--bits", "8", "8"]
+        assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "warning: a budget of 1 bits per entry allows rank" in err and "capped at 64 (lplr.max-rank)" in err

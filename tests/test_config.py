@@ -21,6 +21,7 @@ YAML = yaml.safe_load((importlib.resources.files("lplr_dask") / "lplr.yaml").rea
 
 #: The defaults that the code had before they moved into lplr.yaml.
 DEFAULTS = {
+    "lplr.max-rank": 4096,  # new with issue 15: the largest rank a budget or a fair rank sets
     "lplr.progress.interval": "30s",
     "lplr.cluster.connect-timeout": "30s",
     "lplr.cluster.worker-timeout": "600s",
@@ -83,6 +84,12 @@ def test_an_environment_variable_wins(tmp_path):
     )
     env = {"DASK_LPLR__PROGRESS__INTERVAL": "5s", "DASK_LPLR__CLUSTER__NO_WORKERS_TIMEOUT": "2s"}
     assert json.loads(_python(code, tmp_path, **env)) == ["5s", 5.0, "2s", "30s"]
+
+
+def test_max_rank_from_the_environment(tmp_path):
+    code = "import lplr_dask\nfrom lplr_dask.options import configured_max_rank\nprint(configured_max_rank())\n"
+    assert _python(code, tmp_path).strip() == "4096"
+    assert _python(code, tmp_path, DASK_LPLR__MAX_RANK="64").strip() == "64"
 
 
 def test_a_users_yaml_file_wins(tmp_path):

@@ -362,3 +362,55 @@ def test_gptq_batches_feed_errors_as_row_by_row_feedback_does():
     for width in (1, 7):
         parts = [encode_gptq_block(W[:, j : j + width], scale, lo, bits, U) for j in range(0, 37, width)]
         np.testing.assert_array_equal(np.concatenate(parts, axis=1), got)
+
+
+# ---------------------------------------------------------------------------------------------
+# The scales travel as keys of the graph, not inside every task (issue 15)
+# ---------------------------------------------------------------------------------------------
+
+
+def _task_bytes(X: da.Array) -> dict[object, int]:
+    """The cloudpickled size of every task of X's graph, as it is optimized for computing."""
+    import cloudpickle
+    import dask
+
+    (X,) = dask.optimize(X)
+    return {key: len(cloudpickle.dumps(task)) for key, task in dict(X.__dask_graph__()).items()}
+
+
+@pytest.mark.parametrize("channel_axis", [1, 0])
+def test_a_decoded_group_factor_does_not_ship_its_scales_with_every_task(channel_axis):
+    from lplr_dask.factorize import decode_factor
+    from lplr_dask.quantize import decode_block
+
+    # L (n x k, a channel is a column) or R (k x d, a row) with group32 scales of 1 MiB each,
+    # in 64 blocks that start inside a group (1000 is no multiple of 32)
+    long, k, g = 64_000, 64, 32
+    shape, chunks = ((long, k), (1000, k)) if channel_axis == 1 else ((k, long), (k, 1000))
+    rng = np.random.default_rng(3)
+    codes = rng.integers(0, 256, size=shape, dtype=np.uint8)
+    groups = (-(-long // g), k) if channel_axis == 1 else (k, -(-long // g))
+    scale, offset = rng.random(groups) + 0.1, rng.standard_normal(groups)
+    spec = parse_quantizer(f"group{g}")
+    X = decode_factor(da.from_array(codes, chunks=chunks), scale, offset, spec, channel_axis)
+    sizes = _task_bytes(X)
+    big = [key for key, size in sizes.items() if size > scale.nbytes // 10]
+    assert len(big) == 2, sorted(sizes.values())[-4:]  # the scale and the offset, once each
+    assert len(sizes) > 64  # 64 small tasks of the blocks besides
+    # and the values are those of the whole factor decoded at once
+    s, o = (expand_groups(v, shape, g, channel_axis) for v in (scale, offset))
+    np.testing.assert_array_equal(X.compute(), decode_block(codes, s, o, np.float64))
+
+
+def test_block_wise_codes_do_not_ship_the_scales_with_every_task():
+    from lplr_dask.quantize import encode_blocks, ranges, scale_from_range
+
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((64_000, 64))
+    spec = parse_quantizer("group32")
+    scale, offset = scale_from_range(*ranges(x, spec, channel_axis=1), 8)  # numpy, as the compression has them
+    X = da.from_array(x, chunks=(250, 64))  # chunks of 125 KiB, under a tenth of the scales' 1 MiB
+    codes = encode_blocks(X, 8, spec, scale, offset, channel_axis=1)
+    sizes = _task_bytes(codes)
+    assert sum(size > scale.nbytes // 2 for size in sizes.values()) == 2  # the scale and the offset
+    np.testing.assert_array_equal(codes.compute(), quantize(x, 8, spec=spec, channel_axis=1).codes)
