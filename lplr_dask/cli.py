@@ -498,6 +498,7 @@ def _summary(factors: Any) -> dict[str, Any]:
         "error_exact": a.get("error_exact"),
         "target_error": target.get("target"),
         "target_attempts": len(target["attempts"]) if target else None,
+        "rank_cap": a.get("rank_cap"),
     }
 
 

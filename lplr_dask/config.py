@@ -12,7 +12,10 @@ The keys (see ``lplr.yaml`` for what each means):
     at most this long between two heartbeat lines of a step (:mod:`lplr_dask.progress`);
 ``lplr.cluster.connect-timeout``, ``.worker-timeout``, ``.no-workers-timeout``
     how long to wait for a scheduler, for the first SLURM/PBS worker, and for a worker while
-    none is left (:mod:`lplr_dask.cluster`).
+    none is left (:mod:`lplr_dask.cluster`);
+``lplr.max-rank``
+    the largest rank a budget (``--bits-per-entry`` with ``--bits``) or ``--match-nq`` sets; above
+    it the rank is capped with a warning (:func:`lplr_dask.budget.resolve_rank`).
 """
 
 from __future__ import annotations

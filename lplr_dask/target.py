@@ -186,7 +186,7 @@ class ErrorPlan:
         )
         if power_iters:
             Y = power_iterate(A, Y, power_iters, compute)
-        tall = blocks.tall_chunks(n, width, Y.chunks[0][0])
+        tall = blocks.qr_chunks(n, width, Y.chunks[0][0])  # no TSQR cliff (blocks.qr_chunks)
         # the rest works on the thin sketches only: on the host, whatever device A is on
         Y, AG = (to_host_blocks(X).rechunk({0: tall, 1: -1}) for X in (Y, AG))
         Y, AG = compute("target: sketch spectrum", Y, AG, persist=True)
