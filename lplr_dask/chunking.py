@@ -12,8 +12,23 @@ n×k basis is spread over the workers on top of that).
 - chunks so small that per-task overhead dominates (many thousands of tasks of under a megabyte
   each) are read merged, whole source chunks at a time, so reads stay aligned with the stored
   chunks and output chunks are still written whole;
+- chunks so many that one pass would schedule more than ``lplr.chunking.max-tasks`` tasks
+  (Dask config, default 20000: a distributed scheduler spends about 1 ms of CPU per task) are
+  merged too, as far as one task of the merged chunks fits :func:`task_memory` (at most
+  :data:`MAX_TASK_BYTES`, and half of what :func:`check_memory` allows a worker thread);
+- a Zarr input is then opened at the merged chunks directly
+  (:func:`lplr_dask.sources.with_chunks`): one task per merged chunk, which reads its stored
+  chunks; other inputs are rechunked (a rechunk keeps one task per block as read);
 - chunks so large (or so long and thin) that one task needs more than :data:`MAX_TASK_BYTES`
   are reported, with the command that rewrites the input with better chunks.
+
+The merged chunking changes no value of A, so for one merged chunking the codes are those of an
+input stored in it. Another chunking moves codes only with float32 block products
+(``precision="auto"`` on float32 input: a code of L near a rounding boundary can move by one
+level, see :mod:`lplr_dask.blocks`); with ``precision="float64"`` codes are identical for any
+chunking. A resumed job reads with the chunking its store recorded (``source.chunks``), whatever
+this plan would choose now (another cluster's memory, another ``max-tasks``), so its stages go on
+with the chunks they started with.
 
 :func:`worker_memory_peaks` reads each worker process's peak resident memory (for benchmarks and
 the tests that prove the bound).
@@ -26,12 +41,16 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import dask.array as da
+import dask.config
 import numpy as np
 
-from lplr_dask import logs
+from lplr_dask import logs, store
+from lplr_dask.backend import like
 from lplr_dask.blocks import PANEL_ROWS
 from lplr_dask.errors import LplrValueError
 from lplr_dask.sketch import SKETCH_BLOCK
+from lplr_dask.sources import Source, as_matrix, with_chunks
+from lplr_dask.validation import parse_int
 
 if TYPE_CHECKING:
     from lplr_dask.factorize import Params
@@ -42,6 +61,9 @@ __all__ = [
     "task_bytes",
     "suggested_chunks",
     "plan",
+    "max_tasks",
+    "task_memory",
+    "DEFAULT_THREAD_MEMORY",
     "check_memory",
     "worker_memory_peaks",
 ]
@@ -54,6 +76,9 @@ MAX_TASK_BYTES = 2**30
 TINY_ENTRIES = 512 * 512
 #: ... and merged when they make more tasks than this for one read of A.
 MANY_TASKS = 1000
+#: The memory of one worker thread that :func:`plan` assumes when no worker tells it (no client,
+#: or no worker joined yet): 4 GiB, a node of 128 GiB over 32 cores.
+DEFAULT_THREAD_MEMORY = 4 * 2**30
 
 _MiB = 2**20
 
@@ -108,22 +133,69 @@ def suggested_chunks(shape: tuple[int, int]) -> tuple[int, int]:
     return side, side
 
 
-def _merge_factors(chunk: tuple[int, int], shape: tuple[int, int]) -> tuple[int, int]:
-    """Whole-chunk multiples ``(fr, fc)`` that bring ``chunk`` near :data:`TARGET_ENTRIES`.
+def max_tasks() -> int:
+    """Tasks one read of A may schedule, at most: the Dask config ``lplr.chunking.max-tasks``.
 
-    The shorter side doubles first, so merged chunks tend to square.
+    Raises
+    ------
+    LplrValueError
+        If the setting is not an integer >= 1.
+    """
+    return parse_int(
+        dask.config.get("lplr.chunking.max-tasks"),
+        "the Dask config lplr.chunking.max-tasks",
+        minimum=1,
+        hint="Set it to a count of tasks per pass, e.g. DASK_LPLR__CHUNKING__MAX_TASKS=20000.",
+    )
+
+
+def task_memory(client: Any = None) -> int:
+    """Bytes one task of a merged chunking may take (:func:`task_bytes`).
+
+    At most :data:`MAX_TASK_BYTES` (above it :func:`plan` warns), and at most half the share of
+    the smallest worker thread's memory that :func:`check_memory` allows (above that it notes
+    the size); :data:`DEFAULT_THREAD_MEMORY` per thread when ``client`` is None or has no worker.
+    """
+    budget = _thread_memory(client)
+    share = DEFAULT_THREAD_MEMORY if budget is None else budget[0] / budget[1]
+    return int(min(MAX_TASK_BYTES, TASK_SHARE * share / 2))
+
+
+def _tasks(shape: tuple[int, int], chunk: tuple[int, int]) -> int:
+    """Chunks of shape ``chunk`` in a matrix of ``shape``: the tasks of one read."""
+    return -(-shape[0] // chunk[0]) * -(-shape[1] // chunk[1])
+
+
+def _merged_chunks(
+    chunk: tuple[int, int], shape: tuple[int, int], *, fits: Callable[[tuple[int, int]], bool], limit: int
+) -> tuple[int, int]:
+    """Whole-chunk multiples of ``chunk`` (powers of two) to read as one task.
+
+    Tiny chunks (under :data:`TINY_ENTRIES`, more than :data:`MANY_TASKS` of them) grow to near
+    :data:`TARGET_ENTRIES`; then any chunking grows while a read has more than ``limit`` tasks.
+    Each step doubles the shorter side, so merged chunks tend to square, and is taken only if a
+    task of the result ``fits``.
     """
     (r, c), (n, d) = chunk, shape
+    tiny = r * c < TINY_ENTRIES and _tasks(shape, chunk) > MANY_TASKS
     fr = fc = 1
-    while 2 * r * fr * c * fc <= TARGET_ENTRIES:
-        grow_rows = r * fr < n and (r * fr <= c * fc or c * fc >= d)
-        if grow_rows:
-            fr *= 2
+    while (tiny and 2 * r * fr * c * fc <= TARGET_ENTRIES) or _tasks(shape, (r * fr, c * fc)) > limit:
+        if r * fr < n and (r * fr <= c * fc or c * fc >= d):
+            grown = (2 * fr, fc)
         elif c * fc < d:
-            fc *= 2
+            grown = (fr, 2 * fc)
         else:
             break
-    return fr, fc
+        if not fits((min(r * grown[0], n), min(c * grown[1], d))):
+            break
+        fr, fc = grown
+    return min(r * fr, n), min(c * fc, d)
+
+
+def _task_args(itemsize: int, params: Params) -> tuple[int, int, int, int | None, int]:
+    """The arguments of :func:`task_bytes` after the chunk, for ``params``."""
+    oversample = params.oversample if params.passes == 1 else None
+    return itemsize, params.rank, params.test_columns, oversample, params.range_oversample
 
 
 def _rechunk_hint(source: str | None, chunks: tuple[int, int]) -> str:
@@ -137,8 +209,17 @@ def _rechunk_hint(source: str | None, chunks: tuple[int, int]) -> str:
     return f"A = A.rechunk({chunks}) before compressing A"
 
 
-def plan(A: da.Array, params: Params, *, source: str | None = None, log: Callable[[str], None] = logs.info) -> da.Array:
-    """A read with sensible task sizes; warn through ``log`` when the chunking forces bad ones.
+def plan(
+    A: da.Array,
+    params: Params,
+    *,
+    source: str | Source | None = None,
+    client: Any = None,
+    resume: str | None = None,
+    storage_options: dict[str, Any] | None = None,
+    log: Callable[[str], None] = logs.info,
+) -> da.Array:
+    """A read with sensible task sizes and counts; warn through ``log`` when the chunking forces bad ones.
 
     Parameters
     ----------
@@ -146,42 +227,87 @@ def plan(A: da.Array, params: Params, *, source: str | None = None, log: Callabl
         The input, chunked as stored.
     params : lplr_dask.factorize.Params
         The rank, test columns and passes that size the products.
-    source : str, optional
-        Where A was read from, quoted in the rechunk command of a warning.
+    source : str or lplr_dask.sources.Source, optional
+        What A was read from: its location is quoted in the rechunk command of a warning, and a
+        Zarr :class:`~lplr_dask.sources.Source` is reopened at a merged chunking directly.
+    client : distributed.Client, optional
+        Whose workers' memory bounds a merged task (:func:`task_memory`).
+    resume : str, optional
+        The store a resumed job finishes: if it exists, the chunking it recorded is read again.
+    storage_options : dict, optional
+        fsspec options for a remote ``resume`` store.
     log : callable, default=lplr_dask.logs.info
-        Receives the warnings.
+        Receives the warnings and notes.
 
     Returns
     -------
     dask array
-        ``A`` itself, or (for many tiny chunks) ``A`` with whole stored chunks merged.
+        ``A`` itself, or ``A`` read in merged chunks, each a whole multiple of the stored chunks
+        (:func:`_merged_chunks`): many tiny chunks, or more than :func:`max_tasks` of them.
+
+    Raises
+    ------
+    LplrValueError
+        If ``lplr.chunking.max-tasks`` is not an integer >= 1.
     """
     shape = (int(A.shape[0]), int(A.shape[1]))
     chunk = (int(A.chunks[0][0]), int(A.chunks[1][0]))
     ntasks = A.npartitions
     itemsize = np.dtype(A.dtype).itemsize
+    args = _task_args(itemsize, params)
+    where = source.path if isinstance(source, Source) else source
     better = suggested_chunks(shape)
     found = f"Current shape: {shape}, current chunksize: {chunk}."
-    if chunk[0] * chunk[1] < TINY_ENTRIES and ntasks > MANY_TASKS:
-        fr, fc = _merge_factors(chunk, shape)
-        merged = (min(chunk[0] * fr, shape[0]), min(chunk[1] * fc, shape[1]))
-        A = A.rechunk(merged)
+    limit, memory = max_tasks(), task_memory(client)
+    recorded = _recorded_chunks(resume, storage_options)
+    merged = recorded or _merged_chunks(chunk, shape, fits=lambda ch: task_bytes(ch, *args) <= memory, limit=limit)
+    if merged != chunk:
+        A = _read(A, source, merged)
+        fr, fc = -(-merged[0] // chunk[0]), -(-merged[1] // chunk[1])
+        if recorded:
+            log(f"resume: reading the input as {merged} chunks, as the store's job started")
+        elif chunk[0] * chunk[1] < TINY_ENTRIES:
+            log(
+                f"warning: the input's {ntasks} chunks of {chunk[0] * chunk[1] * itemsize / _MiB:.2g} MiB "
+                f"make per-task overhead dominate; reading them {fr}x{fc} at a time as {merged} "
+                f"chunks. For faster reads, rewrite the input with larger chunks: "
+                f"{_rechunk_hint(where, better)}. {found}"
+            )
+        else:
+            log(
+                f"note: the input's {ntasks} chunks are read {fr}x{fc} at a time as {merged} chunks: "
+                f"{A.npartitions} tasks per pass (lplr.chunking.max-tasks: {limit})"
+            )
+    if A.npartitions > limit and not recorded:
         log(
-            f"warning: the input's {ntasks} chunks of {chunk[0] * chunk[1] * itemsize / _MiB:.2g} MiB "
-            f"make per-task overhead dominate; reading them {fr}x{fc} at a time as {merged} "
-            f"chunks. For faster reads, rewrite the input with larger chunks: "
-            f"{_rechunk_hint(source, better)}. {found}"
+            f"note: one read of the input is {A.npartitions} tasks, more than lplr.chunking.max-tasks ({limit}): "
+            f"larger merged chunks than {merged} would need more than {memory / _MiB:,.0f} MiB per task"
         )
-    oversample = params.oversample if params.passes == 1 else None
-    need = task_bytes(chunk, itemsize, params.rank, params.test_columns, oversample, params.range_oversample)
+    need = task_bytes(merged, *args)
     if need > MAX_TASK_BYTES:
         log(
-            f"warning: with chunks of {chunk} at rank {params.rank}, each task needs about "
+            f"warning: with chunks of {merged} at rank {params.rank}, each task needs about "
             f"{need / _MiB:,.0f} MiB (the chunk, float64 panels of it and its products), per thread. "
             f"Workers may run out of memory; rewrite the input with smaller chunks: "
-            f"{_rechunk_hint(source, better)}. {found}"
+            f"{_rechunk_hint(where, better)}. {found}"
         )
     return A
+
+
+def _read(A: da.Array, source: str | Source | None, chunks: tuple[int, int]) -> da.Array:
+    """``A`` read in ``chunks``: a Zarr source reopened at them (one task per chunk), else rechunked."""
+    if isinstance(source, Source) and source.format == "zarr":
+        return like(as_matrix(with_chunks(source, chunks)), A)
+    return A.rechunk(chunks)
+
+
+def _recorded_chunks(resume: str | None, storage_options: dict[str, Any] | None) -> tuple[int, int] | None:
+    """The chunks a store to resume recorded for its input (``source.chunks``), or None."""
+    if resume is None or not store.exists(resume, storage_options):
+        return None
+    group = store.open_group(resume, storage_options=storage_options)
+    chunks = store.read_meta(group, require_complete=False, path=resume).get("source", {}).get("chunks")
+    return (int(chunks[0]), int(chunks[1])) if chunks else None
 
 
 #: The share of a worker thread's memory (its limit over its threads) that one task may take:
@@ -221,9 +347,7 @@ def check_memory(
     limit, threads = budget
     share = limit / threads
     chunk = (int(A.chunks[0][0]), int(A.chunks[1][0]))
-    itemsize = np.dtype(A.dtype).itemsize
-    oversample = params.oversample if params.passes == 1 else None
-    args = (itemsize, params.rank, params.test_columns, oversample, params.range_oversample)
+    args = _task_args(np.dtype(A.dtype).itemsize, params)
     need = task_bytes(chunk, *args)
     if need <= TASK_SHARE * share:
         if need > TASK_SHARE * share / 2:

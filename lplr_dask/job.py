@@ -93,7 +93,15 @@ def compress_at_rank(
     """
     src, A = matrix or open_matrix(source, options, log=log)
     params = options.params(rank, A.shape, A.dtype)
-    A = chunking.plan(A, params, source=src.path, log=log)
+    A = chunking.plan(
+        A,
+        params,
+        source=src,
+        client=client,
+        resume=os.fspath(out) if resume else None,
+        storage_options=options.storage_options,
+        log=log,
+    )
     path = os.fspath(out)
     storage_options = options.storage_options
     if store.exists(path, storage_options) and not (overwrite or resume):

@@ -23,6 +23,7 @@ record the source's own dtype, which ``decompress`` writes back.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 from collections.abc import Callable
@@ -53,6 +54,7 @@ __all__ = [
     "itemsize",
     "parse_location",
     "zarr_array_of",
+    "with_chunks",
 ]
 
 #: File name endings read by a :class:`FileArray`, and their format.
@@ -153,7 +155,8 @@ def read_source(
 class _InputArray:
     """A Zarr input for :func:`dask.array.from_array`: a chunk that fails to decode (a bad
     checksum, a truncated or garbled file) raises :class:`LplrValueError` naming it, instead of the
-    codec's own error. Picklable: it travels to the workers with the zarr array it wraps."""
+    codec's own error. A read of several stored chunks (a merged block, :func:`with_chunks`)
+    names the one that fails. Picklable: it travels to the workers with the zarr array it wraps."""
 
     def __init__(self, arr: zarr.Array, where: str):
         self.arr, self.where = arr, where
@@ -163,24 +166,102 @@ class _InputArray:
         try:
             return np.asarray(self.arr[index])
         except store.DECODE_ERRORS as e:
-            coords = store.chunk_of(self.arr, index if isinstance(index, tuple) else (index,))
+            coords, error = self._damaged_chunk(index if isinstance(index, tuple) else (index,), e)
             raise LplrValueError(
                 f"The input {self.where!r} is damaged: its chunk {store.chunk_key(self.arr, coords)} "
-                f"{store.decode_problem(e)}. Restore or regenerate the input."
-            ) from e
+                f"{store.decode_problem(error)}. Restore or regenerate the input."
+            ) from error
+
+    def _damaged_chunk(self, index: tuple[Any, ...], error: BaseException) -> tuple[tuple[int, ...], BaseException]:
+        """The stored chunk of the read ``index`` that fails to decode, and its error.
+
+        A read of several chunks is retried one chunk at a time to find the one; a read of one
+        chunk (or a selection other than plain slices) is named by where it starts.
+        """
+        grid = _chunk_ranges(self.arr, index)
+        candidates = list(itertools.product(*grid)) if grid is not None else []
+        if len(candidates) > 1:
+            for coords in candidates:
+                selection = tuple(slice(i * size, (i + 1) * size) for i, size in zip(coords, self.arr.chunks))
+                try:
+                    self.arr[selection]
+                except store.DECODE_ERRORS as e:
+                    return coords, e
+        return store.chunk_of(self.arr, index), error
 
 
-def zarr_to_dask(arr: zarr.Array, where: str) -> da.Array:
-    """A Zarr array as a lazy dask array, one task per stored chunk (as :func:`dask.array.from_zarr`),
-    whose damaged chunks are named when read (:class:`_InputArray`)."""
+def _chunk_ranges(arr: zarr.Array, index: tuple[Any, ...]) -> list[range] | None:
+    """The stored chunks a selection of plain slices covers, as a range of chunk coordinates
+    per axis; None for any other selection."""
+    if len(index) != arr.ndim or not all(isinstance(i, slice) and i.step in (None, 1) for i in index):
+        return None
+    grid = []
+    for i, size, extent in zip(index, arr.chunks, arr.shape):
+        start, stop, _ = i.indices(extent)
+        grid.append(range(start // size, -(-stop // size)) if stop > start else range(0))
+    return grid
+
+
+def zarr_to_dask(arr: zarr.Array, where: str, chunks: tuple[int, ...] | None = None) -> da.Array:
+    """A Zarr array as a lazy dask array whose damaged chunks are named when read (:class:`_InputArray`).
+
+    Parameters
+    ----------
+    arr : zarr.Array
+    where : str
+        The location named in the error for a damaged chunk.
+    chunks : tuple of int, optional
+        The blocks of the dask array, one task each (as ``dask.array.from_zarr(arr, chunks=...)``):
+        whole multiples of the stored chunks read each stored chunk once. Default: the stored
+        chunks, one task per stored chunk.
+    """
     from dask.base import tokenize
 
+    blocks = tuple(arr.chunks) if chunks is None else tuple(int(c) for c in chunks)
     return da.from_array(
         _InputArray(arr, where),
-        chunks=arr.chunks,
-        name="from-zarr-" + tokenize(arr, where),
+        chunks=blocks,
+        name="from-zarr-" + tokenize(arr, where, blocks),
         meta=np.empty((0,) * arr.ndim, arr.dtype),
     )
+
+
+def with_chunks(src: Source, chunks: tuple[int, ...]) -> Source:
+    """The Zarr source ``src`` read ``chunks`` at a time: one task per block, not per stored chunk.
+
+    The Zarr array is opened at ``chunks`` directly (as ``dask.array.from_zarr(path,
+    chunks=chunks)``), so a block of many small stored chunks is one task that reads them all
+    (zarr fetches them concurrently), where a ``rechunk`` of the stored chunks would keep one task
+    per stored chunk and add its own. A damaged stored chunk inside a block is still named.
+
+    Raises
+    ------
+    LplrValueError
+        If ``src`` is not a Zarr source opened by :func:`read_source` (other formats: rechunk
+        their array).
+    """
+    reader = _input_array(src.array) if src.format == "zarr" else None
+    if reader is None:
+        raise LplrValueError(
+            f"Expected a Zarr source opened by read_source. Got a {src.format} source instead; "
+            "rechunk its array (src.array.rechunk(chunks))."
+        )
+    return src._replace(array=zarr_to_dask(reader.arr, reader.where, chunks))
+
+
+def _input_array(array: da.Array) -> _InputArray | None:
+    """The :class:`_InputArray` a dask array made by :func:`zarr_to_dask` reads, if any.
+
+    Only the graph's materialized layers are looked at (``from_array`` keeps its reader in one):
+    the layer of the blocks is not expanded, which takes seconds for 10^5 chunks.
+    """
+    for layer in array.dask.layers.values():
+        mapping = getattr(layer, "mapping", None)
+        if isinstance(mapping, dict):
+            found = next((v for v in mapping.values() if isinstance(v, _InputArray)), None)
+            if found is not None:
+                return found
+    return None
 
 
 def open_source(

@@ -26,6 +26,7 @@ DEFAULTS = {
     "lplr.cluster.connect-timeout": "30s",
     "lplr.cluster.worker-timeout": "600s",
     "lplr.cluster.no-workers-timeout": "120s",
+    "lplr.chunking.max-tasks": 20000,
 }
 
 

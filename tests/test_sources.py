@@ -23,6 +23,7 @@ from lplr_dask.sources import (
     output_dtype,
     parse_location,
     read_source,
+    with_chunks,
 )
 
 
@@ -231,3 +232,23 @@ def test_decompress_writes_the_source_dtype_back_unless_told(client, tmp_path, m
         == 0
     )
     assert zarr.open_array(tmp_path / "r64.zarr", mode="r").dtype == np.float64
+
+
+def test_a_zarr_source_read_in_merged_chunks_is_one_task_per_block_and_names_a_damaged_chunk(tmp_path):
+    path = tmp_path / "a.zarr"
+    data = np.arange(300 * 200, dtype=np.float32).reshape(300, 200)
+    lplr_dask.convert(da.from_array(data, chunks=(64, 64)), path, chunks=(64, 64), log=lambda _: None)
+    src = read_source(path)
+    merged = with_chunks(src, (128, 128)).array
+    assert merged.chunksize == (128, 128) and len(merged.__dask_graph__()) == merged.npartitions + 1
+    np.testing.assert_array_equal(merged.compute(), data)
+    chunk = path / "c" / "1" / "0"  # rows 64:128, columns 0:64: inside merged block (0, 0), not its first chunk
+    chunk.write_bytes(chunk.read_bytes()[:20])
+    with pytest.raises(LplrValueError, match=r"input .*a\.zarr.* is damaged: its chunk c/1/0 fails its crc32c"):
+        merged.blocks[0, 0].compute()
+    np.testing.assert_array_equal(merged.blocks[1, 1].compute(), data[128:256, 128:])
+
+
+def test_only_zarr_sources_are_reopened_in_other_chunks():
+    with pytest.raises(LplrValueError, match="Expected a Zarr source"):
+        with_chunks(read_source(da.ones((8, 8), chunks=4)), (8, 8))
