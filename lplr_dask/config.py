@@ -15,7 +15,10 @@ The keys (see ``lplr.yaml`` for what each means):
     none is left (:mod:`lplr_dask.cluster`);
 ``lplr.max-rank``
     the largest rank a budget (``--bits-per-entry`` with ``--bits``) or ``--match-nq`` sets; above
-    it the rank is capped with a warning (:func:`lplr_dask.budget.resolve_rank`).
+    it the rank is capped with a warning (:func:`lplr_dask.budget.resolve_rank`);
+``lplr.chunking.max-tasks``
+    at most this many tasks per read of A: smaller chunks are read merged, as far as a merged
+    task fits the workers' memory (:func:`lplr_dask.chunking.plan`).
 """
 
 from __future__ import annotations
