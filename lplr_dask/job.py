@@ -202,7 +202,9 @@ def _run(
         group = store.open_group(path, storage_options=storage_options)
         started = store.read_meta(group, require_complete=False)["stage"] == "started"
         if fresh and started and isinstance(e, Exception):
-            store.remove(path, storage_options)  # failed before anything worth resuming: leave nothing behind
+            # failed before anything worth resuming: leave nothing behind (tasks still running may
+            # write for a moment after the failure: discard retries until the path stays gone)
+            store.discard(path, storage_options)
         else:
             log(f"{path}: incomplete; finish it with --resume (same arguments)")
         raise

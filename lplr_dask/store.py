@@ -85,6 +85,7 @@ __all__ = [
     "codes_bytes",
     "write_array",
     "remove",
+    "discard",
     "open_arrays",
     "missing_chunks",
     "chunk_key",
@@ -610,17 +611,18 @@ def write_array(
     try:
         compute(label, da.store(A, arr, lock=False, compute=False), chunks_of=A)
     except BaseException:
-        _discard(out, storage_options)
+        discard(out, storage_options)
         raise
     return arr
 
 
-def _discard(path: str | os.PathLike[str], storage_options: StorageOptions = None, *, wait: float = 2.0) -> None:
+def discard(path: str | os.PathLike[str], storage_options: StorageOptions = None, *, wait: float = 5.0) -> None:
     """Remove the output of a failed write, never raising over the failure.
 
     When one task fails, others already running go on writing their chunks for a moment (a
     local ``rmtree`` then meets a directory that fills again, "Directory not empty"), so the
-    removal is retried until the path stays gone for one pause, for ``wait`` seconds at most.
+    removal is retried until the path stays gone for one pause (half a second), for ``wait``
+    seconds at most.
     """
     deadline = time.monotonic() + wait
     while True:
@@ -628,7 +630,7 @@ def _discard(path: str | os.PathLike[str], storage_options: StorageOptions = Non
             remove(path, storage_options)
         except OSError:
             pass
-        time.sleep(0.1)
+        time.sleep(0.5)
         if not exists(path, storage_options) or time.monotonic() > deadline:
             return
 
