@@ -13,9 +13,10 @@ call it directly. What it protects:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
@@ -23,12 +24,14 @@ import dask.array as da
 
 from lplr_dask import chunking, factorize, guard, logs, store
 from lplr_dask.backend import to_device
+from lplr_dask.cluster import get_client
 from lplr_dask.errors import StoreFormatError
 from lplr_dask.factors import Factors, open_factors
 from lplr_dask.options import Options
+from lplr_dask.progress import current_client
 from lplr_dask.sources import Source, as_matrix, describe, read_source
 
-__all__ = ["compress_at_rank", "open_matrix", "package_version"]
+__all__ = ["cluster_client", "compress_at_rank", "open_matrix", "package_version"]
 
 Log = Callable[[str], None]
 
@@ -39,6 +42,16 @@ def package_version() -> str:
         return version("lplr-dask")
     except PackageNotFoundError:
         return "unknown"
+
+
+@contextlib.contextmanager
+def cluster_client(log: Log, device: str = "cpu") -> Iterator[Any]:
+    """The current client, or a local cluster's for the time of the block."""
+    if current_client() is not None:
+        yield current_client()
+        return
+    with get_client(log=log, device=device) as client:
+        yield client
 
 
 def open_matrix(source: Any, options: Options, *, log: Log = logs.info) -> tuple[Source, da.Array]:

@@ -53,9 +53,9 @@ from lplr_dask.backend import to_host, to_host_blocks
 from lplr_dask.errors import LplrValueError
 from lplr_dask.factorize import Params, pass1, power_iterate, quantize_basis, resolve_oversample, truncate_sketch
 from lplr_dask.factors import Factors, decode_factor, open_factors
-from lplr_dask.job import compress_at_rank, open_matrix
+from lplr_dask.job import cluster_client, compress_at_rank, open_matrix
 from lplr_dask.options import Options, SizeRule, configured_max_rank
-from lplr_dask.progress import compute, current_client
+from lplr_dask.progress import compute
 from lplr_dask.quantize import QuantizerSpec, gptq_factor
 
 __all__ = ["ErrorPlan", "Plan", "compress_to_target", "meet_target", "DEFAULT_MAX_RANK", "MAX_ATTEMPTS"]
@@ -380,17 +380,18 @@ def compress_to_target(
         device=device,
         storage_options=storage_options,
     )
-    return meet_target(
-        source,
-        out,
-        size.value,
-        options,
-        client=current_client(),
-        overwrite=overwrite,
-        resume=resume,
-        max_rank=max_rank,
-        log=log,
-    )
+    with cluster_client(log, device) as client:  # as compress: the current client, or a local cluster
+        return meet_target(
+            source,
+            out,
+            size.value,
+            options,
+            client=client,
+            overwrite=overwrite,
+            resume=resume,
+            max_rank=max_rank,
+            log=log,
+        )
 
 
 def meet_target(
