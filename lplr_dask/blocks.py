@@ -20,6 +20,18 @@ blocks are always float64. Each block's own product runs in the *precision* aske
 
 :func:`compute_dtype` turns ``"auto"`` into float32 for float32 (and narrower) input and float64
 otherwise: a float32 matrix carries no more than float32's precision into the products anyway.
+
+Row strips
+----------
+Given a :class:`Strips` (a reader of A's source and a strip width), the passes read A by row
+strips: one task reads ``width`` chunks of one row of chunks *in turn* straight from the source
+(the reader), adds up their products and holds one chunk at a time, so a pass schedules about
+``2/width`` tasks per chunk of A (the strips and the tree sum of their products) instead of
+about 2 (a read-and-multiply task per chunk and the tree sum), with the same memory per task.
+Pass 2's strips read their row block of ``pinv(L)ᵀ`` once for the whole strip. The strips'
+products are the same block products summed in float64 in another order (1e-16 relative).
+Without a reader (an array computed by dask, an in-memory array) each chunk of A is its own
+task, as before.
 """
 
 from __future__ import annotations
@@ -27,13 +39,15 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable, Iterator, Sequence
 from types import ModuleType
-from typing import Any
+from typing import Any, NamedTuple
 
 import dask.array as da
 import numpy as np
+from dask.base import tokenize
 
 from lplr_dask.backend import array_namespace, like
 from lplr_dask.errors import LplrValueError, NonFiniteError
+from lplr_dask.progress import Reads
 from lplr_dask.sketch import sketch_rows, sparse_sign_rows
 
 __all__ = [
@@ -49,6 +63,12 @@ __all__ = [
     "tall_chunks",
     "qr_chunks",
     "PANEL_ROWS",
+    "Strips",
+    "Reader",
+    "STRIP_WIDTH",
+    "STRIP_SPLIT",
+    "column_groups",
+    "reads",
 ]
 
 #: (stream, width, scale) of one generated operand.
@@ -59,6 +79,88 @@ PANEL_ROWS = 1024
 
 #: The precisions a block product can run in (see the module docstring).
 PRECISIONS = ("auto", "float32", "float64")
+
+#: Reads ``A[rows, columns]`` (two slices, absolute offsets) as A's chunks hold it: A's dtype,
+#: on A's device. It travels inside every strip task, so it must pickle small (a Zarr array
+#: object or a file's path, never the data): :class:`lplr_dask.sources.ChunkReader`.
+Reader = Callable[[slice, slice], Any]
+
+#: Chunks of a row of A one task reads in turn, by default (:class:`Strips`): with the tree
+#: sum's :data:`STRIP_SPLIT`, a pass costs about ``1/4 + 1/12`` tasks per chunk of A.
+STRIP_WIDTH = 4
+
+#: Partial products a task of the tree sum over strips adds at once.
+STRIP_SPLIT = 4
+
+
+class Strips(NamedTuple):
+    """How the passes read A: ``width`` chunks of a row of chunks per task, through ``reader``
+    (see the module docstring)."""
+
+    reader: Reader
+    width: int = STRIP_WIDTH
+
+
+def reads(A: da.Array, strips: Strips | None, *, row_blocks: Sequence[int] | None = None) -> Any:
+    """What a pass over A reads, for ``chunks_of=`` of :func:`lplr_dask.progress.compute`: A itself
+    (one task per chunk), or the strip tasks of the row blocks ``row_blocks`` (default: all)."""
+    if strips is None:
+        return A
+    nrows = len(A.chunks[0]) if row_blocks is None else len(row_blocks)
+    chunks = nrows * len(A.chunks[1])
+    return Reads(_strip_name(A), A.nbytes * chunks / max(A.npartitions, 1), chunks)
+
+
+def _strip_name(A: da.Array) -> str:
+    """The prefix of the key names of the strip tasks reading A."""
+    return f"lplr-strips-{A.name}"
+
+
+def column_groups(blocks_: Sequence[int], width: int) -> list[list[int]]:
+    """The column blocks ``blocks_`` in consecutive groups of ``width``: one strip task each."""
+    return [list(blocks_[s : s + width]) for s in range(0, len(blocks_), width)]
+
+
+class _Grid(NamedTuple):
+    """The strips of a pass as blockwise inputs: a 1-d object array of row ``(start, rows)``
+    pairs (index ``"i"``), one of column groups, each a tuple of ``(start, columns)`` pairs
+    (index ``"b"``), and the output chunk sizes. Without contracted indices, so that dask fuses
+    a strip with what uses it (a contraction's ``concatenate`` stops blockwise fusion)."""
+
+    rows: da.Array
+    groups: da.Array
+    row_sizes: tuple[int, ...]
+    group_widths: tuple[int, ...]
+
+
+def _objects(items: Sequence[Any]) -> da.Array:
+    """A 1-d dask array of Python objects, one per block."""
+    out = np.empty(len(items), dtype=object)
+    out[:] = list(items)
+    return da.from_array(out, chunks=1)
+
+
+def _grid(A: da.Array, strips: Strips, row_blocks: Sequence[int] | None, col_blocks: Sequence[int] | None) -> _Grid:
+    """The strips of the row blocks ``row_blocks`` × the groups of ``col_blocks`` (default: all)."""
+    rchunks, cchunks = A.chunks
+    rb = list(range(len(rchunks))) if row_blocks is None else list(row_blocks)
+    cb = list(range(len(cchunks))) if col_blocks is None else list(col_blocks)
+    r0 = np.cumsum((0, *rchunks[:-1])).tolist()
+    c0 = np.cumsum((0, *cchunks[:-1])).tolist()
+    groups = column_groups(cb, max(1, int(strips.width)))
+    return _Grid(
+        _objects([(r0[i], rchunks[i]) for i in rb]),
+        _objects([tuple((c0[j], cchunks[j]) for j in g) for g in groups]),
+        tuple(rchunks[i] for i in rb),
+        tuple(int(sum(cchunks[j] for j in g)) for g in groups),
+    )
+
+
+def _strip_chunks(reader: Reader, rows: Any, group: Any) -> Iterator[tuple[int, int, Any]]:
+    """``(r0, c0, chunk)`` for the chunks of one strip, each read when asked for (use it first)."""
+    r0, height = rows[0]
+    for c0, width in group[0]:
+        yield r0, c0, reader(slice(r0, r0 + height), slice(c0, c0 + width))
 
 
 def compute_dtype(dtype: Any, precision: str = "float64") -> np.dtype:
@@ -207,47 +309,89 @@ def _sketches(
     left: tuple[int, int] | None,
     check: bool,
     precision: str = "float64",
+    strips: Strips | None = None,
+    row_blocks: Sequence[int] | None = None,
 ) -> tuple[da.Array | None, da.Array | None]:
-    """Lazy ``A·[S_1 | …]`` (n × widths) and ``Ψ·A`` (ℓ × d): one task per chunk of A for both."""
+    """Lazy ``A·[S_1 | …]`` (n × widths) and ``Ψ·A`` (ℓ × d): one task per chunk of A for both,
+    or one per row strip (``strips``, see the module docstring). ``row_blocks`` keeps only those
+    row blocks of the first (in this order); a strip pass computes nothing else."""
     width = sum(w for _, w, _ in streams) + int(sumsq)
     options = dict(seed=seed, streams=list(streams), sumsq=sumsq, left=left, check=check, precision=precision)
+    meta = np.empty((0, 0), dtype=object)  # each block is a (right, left) pair
+    if strips is None:
 
-    def block(a: Any, r0: Any, c0: Any) -> tuple[Any, Any]:
-        return _sketch_block(a, int(r0[0]), int(c0[0]), **options)  # type: ignore[arg-type]
+        def block(a: Any, r0: Any, c0: Any) -> tuple[Any, Any]:
+            return _sketch_block(a, int(r0[0]), int(c0[0]), **options)  # type: ignore[arg-type]
 
-    both = da.blockwise(
-        block,
-        "ij",
-        A,
-        "ij",
-        starts(A.chunks[0]),
-        "i",
-        starts(A.chunks[1]),
-        "j",
-        align_arrays=False,
-        dtype=np.float64,
-        meta=np.empty((0, 0), dtype=object),  # each chunk is a (right, left) pair
-    )
+        both = da.blockwise(
+            block, "ib", A, "ib", starts(A.chunks[0]), "i", starts(A.chunks[1]), "b", align_arrays=False, meta=meta
+        )
+        row_sizes, group_widths = A.chunks
+    else:
+        grid = _grid(A, strips, row_blocks, None)
+        strip = _SketchStrip(strips.reader, options)
+        name = f"{_strip_name(A)}-{tokenize(options, grid.rows.name, grid.groups.name)}"
+        both = da.blockwise(strip, "ib", grid.rows, "i", grid.groups, "b", name=name, meta=meta)
+        row_sizes, group_widths = grid.row_sizes, grid.group_widths
     right = left_ = None
     dtype = compute_dtype(A.dtype, precision)
     if width:
         parts = da.blockwise(
-            _first, "jik", both, "ij", new_axes={"k": width}, adjust_chunks={"j": 1}, dtype=dtype, meta=_meta3(A, dtype)
-        )
-        right = _sum_blocks(parts)
-    if left:
-        parts = da.blockwise(
-            _second,
-            "ikj",
+            _first,
+            "bik",
             both,
-            "ij",
-            new_axes={"k": left[1]},
-            adjust_chunks={"i": 1},
+            "ib",
+            new_axes={"k": width},
+            adjust_chunks={"b": 1, "i": row_sizes},
             dtype=dtype,
             meta=_meta3(A, dtype),
         )
-        left_ = _sum_blocks(parts)
+        right = _sum_blocks(parts, split_every=2 if strips is None else STRIP_SPLIT)
+        if strips is None and row_blocks is not None:
+            right = _row_blocks(right, row_blocks)
+    if left:
+        parts = da.blockwise(
+            _second,
+            "ikb",
+            both,
+            "ib",
+            new_axes={"k": left[1]},
+            adjust_chunks={"i": 1, "b": group_widths},
+            dtype=dtype,
+            meta=_meta3(A, dtype),
+        )
+        left_ = _sum_blocks(parts, split_every=2 if strips is None else STRIP_SPLIT)
+        if strips is not None:
+            left_ = left_.rechunk({1: A.chunks[1]})
     return right, left_
+
+
+class _SketchStrip:
+    """One strip's parts of :func:`_sketches` (a picklable callable: the reader and the options
+    travel with it, the strip's offsets come as its blockwise inputs)."""
+
+    def __init__(self, reader: Reader, options: dict[str, Any]):
+        self.reader, self.options = reader, options
+
+    def __call__(self, rows: Any, group: Any) -> tuple[Any, Any]:
+        right: Any = None
+        lefts = []
+        for r0, c0, a in _strip_chunks(self.reader, rows, group):
+            r, l_ = _sketch_block(a, r0, c0, **self.options)
+            right = None if r is None else _accumulate(right, r)
+            if l_ is not None:
+                lefts.append(l_)
+            del a  # one chunk at a time
+        if len(lefts) > 1:
+            return right, array_namespace(lefts[0]).concatenate(lefts, axis=2)
+        return right, (lefts[0] if lefts else None)
+
+
+def _row_blocks(X: da.Array, row_blocks: Sequence[int]) -> da.Array:
+    """The row blocks ``row_blocks`` of X, or X itself when that is all of them."""
+    if list(row_blocks) == list(range(X.numblocks[0])):
+        return X
+    return da.concatenate([X.blocks[i] for i in row_blocks], axis=0)
 
 
 def _accumulate(total: Any, part: Any) -> Any:
@@ -257,11 +401,12 @@ def _accumulate(total: Any, part: Any) -> Any:
     return total.astype(np.float64, copy=False) + part
 
 
-def _sum_blocks(parts: da.Array) -> da.Array:
+def _sum_blocks(parts: da.Array, split_every: int = 2) -> da.Array:
     """The sum over axis 0 of per-block products, as a binary tree, in float64.
 
     Pairs are added as soon as both exist, so a worker holds few partial products at once, and
-    how many does not grow with the number of blocks summed (the rows or columns of A). The
+    how many does not grow with the number of blocks summed (the rows or columns of A; a
+    task adds ``split_every`` of them). The
     per-block products travel in their own dtype (a float32 GEMM's result is float32: casting
     it first would double the bytes moved between workers and add nothing); every sum is float64.
     """
@@ -271,7 +416,7 @@ def _sum_blocks(parts: da.Array) -> da.Array:
         _add64,
         combine=_add64,
         axis=0,
-        split_every=2,
+        split_every=split_every,
         dtype=np.float64,
         meta=_meta3(parts, np.float64),
     )
@@ -301,6 +446,8 @@ def sketch_right(
     check: bool = True,
     sumsq: bool = False,
     precision: str = "float64",
+    strips: Strips | None = None,
+    row_blocks: Sequence[int] | None = None,
 ) -> da.Array:
     """``A @ [S_1 | S_2 | …]`` with each ``S_i`` generated block-wise from ``(seed, stream)``.
 
@@ -316,12 +463,28 @@ def sketch_right(
         Frobenius norm for the error estimate).
     precision : {"float64", "float32", "auto"}, default="float64"
         The dtype of each block's product (see the module docstring); the sums are float64.
+    strips : Strips, optional
+        Read A by row strips through its reader (see the module docstring); default: one task
+        per chunk of A.
+    row_blocks : sequence of int, optional
+        Only these row blocks of the result, in this order (default: all).
 
     Returns
     -------
-    dask array of shape (n, sum of widths [+ 1]), float64, chunked like A's rows.
+    dask array of shape (n, sum of widths [+ 1]) (the rows of ``row_blocks``), float64,
+    chunked like A's rows.
     """
-    right, _ = _sketches(A, seed, streams, sumsq=sumsq, left=None, check=check, precision=precision)
+    right, _ = _sketches(
+        A,
+        seed,
+        streams,
+        sumsq=sumsq,
+        left=None,
+        check=check,
+        precision=precision,
+        strips=strips,
+        row_blocks=row_blocks,
+    )
     return right
 
 
@@ -351,8 +514,9 @@ def sketch_both(
     *,
     sumsq: bool = False,
     precision: str = "float64",
+    strips: Strips | None = None,
 ) -> tuple[da.Array, da.Array]:
-    """:func:`sketch_right` and :func:`sketch_left` of A from one task per chunk.
+    """:func:`sketch_right` and :func:`sketch_left` of A from one task per chunk (or per strip).
 
     Each chunk of A is read and cast to float64 once for both products (as two separate
     products would read it once only by holding it in memory until both had used it).
@@ -362,7 +526,7 @@ def sketch_both(
     (right, left) : dask arrays of shapes (n, sum of widths [+ 1]) and (width, d), float64
     """
     return _sketches(  # type: ignore[return-value]
-        A, seed, streams, sumsq=sumsq, left=(stream, width), check=True, precision=precision
+        A, seed, streams, sumsq=sumsq, left=(stream, width), check=True, precision=precision, strips=strips
     )
 
 
@@ -378,53 +542,150 @@ def _sparse_sign_map(
     return sparse.csc_matrix(tuple(xp.asarray(v) for v in parts), shape=(width, rows))
 
 
-def left_multiply(PT: da.Array, A: da.Array, *, precision: str = "float64") -> da.Array:
+def left_multiply(
+    PT: da.Array,
+    A: da.Array,
+    *,
+    precision: str = "float64",
+    strips: Strips | None = None,
+    col_blocks: Sequence[int] | None = None,
+) -> da.Array:
     """``PTᵀ @ A`` for a thin ``PT`` (n × k) whose row chunks match A's row chunks.
 
-    ``precision`` is the dtype of each block's product (see the module docstring).
+    ``precision`` is the dtype of each block's product (see the module docstring). With
+    ``strips``, a task reads a row strip of A and its row block of PT once (see the module
+    docstring). ``col_blocks`` keeps only those column blocks of the result, in this order (a
+    strip pass computes nothing else).
 
     Returns
     -------
-    dask array of shape (k, d), float64, chunked like A's columns.
+    dask array of shape (k, d) (the columns of ``col_blocks``), float64, chunked like A's columns.
     """
     PT = like(PT, A).rechunk({0: A.chunks[0], 1: -1})
-
-    def block(pt: Any, a: Any) -> Any:
-        dtype = compute_dtype(a.dtype, precision)
-        ptt = pt.T.astype(dtype, copy=False)
-        part: Any = None
-        for rows, p in _panels(a, dtype):
-            part = _accumulate(part, ptt[:, rows] @ p)
-        return part[None]
-
     dtype = compute_dtype(A.dtype, precision)
-    parts = da.blockwise(block, "ikj", PT, "ik", A, "ij", adjust_chunks={"i": 1}, dtype=dtype, meta=_meta3(A, dtype))
-    return _sum_blocks(parts)
+    if strips is None:
+
+        def block(pt: Any, a: Any) -> Any:
+            return _left_part(pt.T.astype(dtype, copy=False), a, dtype)[None]
+
+        parts = da.blockwise(
+            block, "ikj", PT, "ik", A, "ij", adjust_chunks={"i": 1}, dtype=dtype, meta=_meta3(A, dtype)
+        )
+        out = _sum_blocks(parts)
+        return out if col_blocks is None else _col_blocks(out, col_blocks)
+    grid = _grid(A, strips, None, col_blocks)
+    strip = _LeftStrip(strips.reader, dtype)
+    name = f"{_strip_name(A)}-{tokenize(PT.name, dtype, grid.groups.name)}"
+    parts = da.blockwise(
+        strip,
+        "ikb",
+        PT,
+        "ik",
+        grid.rows,
+        "i",
+        grid.groups,
+        "b",
+        align_arrays=False,
+        adjust_chunks={"i": 1, "b": grid.group_widths},
+        name=name,
+        dtype=dtype,
+        meta=_meta3(A, dtype),
+    )
+    cb = range(len(A.chunks[1])) if col_blocks is None else col_blocks
+    return _sum_blocks(parts, split_every=STRIP_SPLIT).rechunk({1: tuple(A.chunks[1][j] for j in cb)})
 
 
-def right_multiply(A: da.Array, M: da.Array, *, precision: str = "float64") -> da.Array:
+def _left_part(ptt: Any, a: Any, dtype: Any) -> Any:
+    """``ptt @ a`` panel by panel (``ptt``: k × rows, already in ``dtype``)."""
+    part: Any = None
+    for rows, p in _panels(a, dtype):
+        part = _accumulate(part, ptt[:, rows] @ p)
+    return part
+
+
+class _LeftStrip:
+    """One strip's part of :func:`left_multiply`: its row block of PT read once for all its chunks."""
+
+    def __init__(self, reader: Reader, dtype: Any):
+        self.reader, self.dtype = reader, dtype
+
+    def __call__(self, pt: Any, rows: Any, group: Any) -> Any:
+        ptt = pt.T.astype(self.dtype, copy=False)
+        parts = [_left_part(ptt, a, self.dtype) for _, _, a in _strip_chunks(self.reader, rows, group)]
+        out = parts[0] if len(parts) == 1 else array_namespace(parts[0]).concatenate(parts, axis=1)
+        return out[None]
+
+
+def _col_blocks(X: da.Array, col_blocks: Sequence[int]) -> da.Array:
+    """The column blocks ``col_blocks`` of X, or X itself when that is all of them."""
+    if list(col_blocks) == list(range(X.numblocks[1])):
+        return X
+    return da.concatenate([X.blocks[:, j] for j in col_blocks], axis=1)
+
+
+def right_multiply(A: da.Array, M: da.Array, *, precision: str = "float64", strips: Strips | None = None) -> da.Array:
     """``A @ M`` for a thin ``M`` (d × k) whose row chunks match A's column chunks.
 
-    ``precision`` is the dtype of each block's product (see the module docstring).
+    ``precision`` is the dtype of each block's product (see the module docstring); with
+    ``strips``, a task reads a row strip of A and the rows of M it meets (see the module docstring).
 
     Returns
     -------
     dask array of shape (n, k), float64, chunked like A's rows.
     """
     M = like(M, A).rechunk({0: A.chunks[1], 1: -1})
-
-    def block(a: Any, m: Any) -> Any:
-        xp = array_namespace(a)
-        dtype = compute_dtype(a.dtype, precision)
-        m = m.astype(dtype, copy=False)
-        part = xp.empty((a.shape[0], m.shape[1]), dtype=dtype)
-        for rows, p in _panels(a, dtype):
-            part[rows] = p @ m
-        return part[None]
-
     dtype = compute_dtype(A.dtype, precision)
-    parts = da.blockwise(block, "jik", A, "ij", M, "jk", adjust_chunks={"j": 1}, dtype=dtype, meta=_meta3(A, dtype))
-    return _sum_blocks(parts)
+    if strips is None:
+
+        def block(a: Any, m: Any) -> Any:
+            return _right_part(a, m.astype(dtype, copy=False), dtype)[None]
+
+        parts = da.blockwise(block, "jik", A, "ij", M, "jk", adjust_chunks={"j": 1}, dtype=dtype, meta=_meta3(A, dtype))
+        return _sum_blocks(parts)
+    grid = _grid(A, strips, None, None)
+    strip = _RightStrip(strips.reader, dtype)
+    name = f"{_strip_name(A)}-{tokenize(M.name, dtype, grid.groups.name)}"
+    parts = da.blockwise(
+        strip,
+        "bik",
+        grid.rows,
+        "i",
+        grid.groups,
+        "b",
+        M.rechunk({0: grid.group_widths}),
+        "bk",
+        align_arrays=False,
+        adjust_chunks={"b": 1, "i": grid.row_sizes},
+        name=name,
+        dtype=dtype,
+        meta=_meta3(A, dtype),
+    )
+    return _sum_blocks(parts, split_every=STRIP_SPLIT)
+
+
+def _right_part(a: Any, m: Any, dtype: Any) -> Any:
+    """``a @ m`` panel by panel (``m`` already in ``dtype``)."""
+    part = array_namespace(a).empty((a.shape[0], m.shape[1]), dtype=dtype)
+    for rows, p in _panels(a, dtype):
+        part[rows] = p @ m
+    return part
+
+
+class _RightStrip:
+    """One strip's part of :func:`right_multiply`: the rows of M of its columns, chunk by chunk."""
+
+    def __init__(self, reader: Reader, dtype: Any):
+        self.reader, self.dtype = reader, dtype
+
+    def __call__(self, rows: Any, group: Any, m: Any) -> Any:
+        m = m.astype(self.dtype, copy=False)
+        out: Any = None
+        offset = 0
+        for _, _, a in _strip_chunks(self.reader, rows, group):
+            width = a.shape[1]
+            out = _accumulate(out, _right_part(a, m[offset : offset + width], self.dtype))
+            offset += width
+        return out[None]
 
 
 def map_column_blocks(W: da.Array, fn: Callable[[Any, int, int], Any]) -> da.Array:

@@ -46,10 +46,10 @@ import numpy as np
 
 from lplr_dask import logs, store
 from lplr_dask.backend import like
-from lplr_dask.blocks import PANEL_ROWS
+from lplr_dask.blocks import PANEL_ROWS, STRIP_SPLIT, STRIP_WIDTH, Strips
 from lplr_dask.errors import LplrValueError
 from lplr_dask.sketch import SKETCH_BLOCK
-from lplr_dask.sources import Source, as_matrix, with_chunks
+from lplr_dask.sources import Source, as_matrix, chunk_reader, with_chunks
 from lplr_dask.validation import parse_int
 
 if TYPE_CHECKING:
@@ -61,6 +61,7 @@ __all__ = [
     "task_bytes",
     "suggested_chunks",
     "plan",
+    "strips",
     "max_tasks",
     "task_memory",
     "DEFAULT_THREAD_MEMORY",
@@ -292,6 +293,22 @@ def plan(
             f"{_rechunk_hint(where, better)}. {found}"
         )
     return A
+
+
+def strips(A: da.Array, source: Source | None) -> Strips | None:
+    """How the passes read A (as :func:`plan` left it): by row strips through ``source``'s reader
+    (:func:`lplr_dask.sources.chunk_reader`), or None (a dask or numpy array: a task per chunk).
+
+    A strip is :data:`~lplr_dask.blocks.STRIP_WIDTH` chunks of a row of chunks, or as many more
+    as keep a pass within :func:`max_tasks` (the strips and their tree sum), and never more
+    than a row. The memory of a task does not grow with it: a strip reads its chunks in turn.
+    """
+    reader = chunk_reader(source, A) if isinstance(source, Source) else None
+    if reader is None:
+        return None
+    tasks_per_strip = 1 + 1 / (STRIP_SPLIT - 1)  # the strip, and its share of the tree sum
+    width = max(STRIP_WIDTH, math.ceil(A.npartitions * tasks_per_strip / max_tasks()))
+    return Strips(reader, min(width, len(A.chunks[1])))
 
 
 def _read(A: da.Array, source: str | Source | None, chunks: tuple[int, int]) -> da.Array:

@@ -185,8 +185,8 @@ def check_oversample(oversample: Any) -> None:
         )
 
 
-def pass1(A: da.Array, p: Params) -> dict[str, da.Array]:
-    """The lazy products of the first read of A.
+def pass1(A: da.Array, p: Params, *, strips: blocks.Strips | None = None) -> dict[str, da.Array]:
+    """The lazy products of the first read of A (by row ``strips``: :mod:`lplr_dask.blocks`).
 
     Returns
     -------
@@ -194,21 +194,29 @@ def pass1(A: da.Array, p: Params) -> dict[str, da.Array]:
     ``sumsq`` (0-d: ‖A‖²_F) and, for one-pass mode, ``Z`` (ℓ×d); all float64.
     """
     k, t = p.sketch_columns, p.test_columns
-    yg, Z = _pass1_blocks(A, p)
+    yg, Z = _pass1_blocks(A, p, strips=strips)
     out = {"Y": yg[:, :k], "AG": yg[:, k : k + t], "sumsq": yg[:, k + t].sum()}
     if Z is not None:
         out["Z"] = Z
     return out
 
 
-def _pass1_blocks(A: da.Array, p: Params) -> tuple[da.Array, da.Array | None]:
+def _pass1_blocks(
+    A: da.Array, p: Params, *, strips: blocks.Strips | None = None, row_blocks: list[int] | None = None
+) -> tuple[da.Array, da.Array | None]:
     """``[Y | AG | row sums of squares]`` (n × (k + p + t + 1), one column chunk: what a row
-    strip of pass 1 writes) and, one-pass, Z; from one task per chunk of A."""
+    strip of pass 1 writes; two-pass: only the ``row_blocks``) and, one-pass, Z; from one task
+    per chunk of A, or per row strip of chunks (``strips``)."""
     k, t = p.sketch_columns, p.test_columns
     streams = [(STREAM_S, k, 1.0 / math.sqrt(k)), (STREAM_G, t, 1.0)]
     if p.passes == 1:
-        return blocks.sketch_both(A, p.seed, streams, STREAM_PSI, p.oversample, sumsq=True, precision=p.precision)
-    return blocks.sketch_right(A, p.seed, streams, sumsq=True, precision=p.precision), None
+        return blocks.sketch_both(
+            A, p.seed, streams, STREAM_PSI, p.oversample, sumsq=True, precision=p.precision, strips=strips
+        )
+    right = blocks.sketch_right(
+        A, p.seed, streams, sumsq=True, precision=p.precision, strips=strips, row_blocks=row_blocks
+    )
+    return right, None
 
 
 def orth(X: da.Array) -> da.Array:
@@ -223,13 +231,23 @@ def orth(X: da.Array) -> da.Array:
     return q
 
 
-def power_iterate(A: da.Array, Y: da.Array, q: int, run: Callable[..., Any], *, precision: str = "float64") -> da.Array:
+def power_iterate(
+    A: da.Array,
+    Y: da.Array,
+    q: int,
+    run: Callable[..., Any],
+    *,
+    precision: str = "float64",
+    strips: blocks.Strips | None = None,
+) -> da.Array:
     """``Y ← A·orth(Aᵀ·orth(Y))`` q times (two reads of A each), persisting between steps."""
+    reads = blocks.reads(A, strips)
     for i in range(q):
         step = f"power iteration ({i + 1} of {q}"
         (Q,) = run(f"{step}: orth(Y))", orth(Y))
-        (Zt,) = run(f"{step}: Aᵀ·Q)", orth(blocks.left_multiply(Q, A, precision=precision).T), chunks_of=A)
-        (Y,) = run(f"{step}: A·Z)", blocks.right_multiply(A, Zt, precision=precision), chunks_of=A)
+        AtQ = blocks.left_multiply(Q, A, precision=precision, strips=strips)
+        (Zt,) = run(f"{step}: Aᵀ·Q)", orth(AtQ.T), chunks_of=reads)
+        (Y,) = run(f"{step}: A·Z)", blocks.right_multiply(A, Zt, precision=precision, strips=strips), chunks_of=reads)
     return Y
 
 
@@ -318,9 +336,16 @@ def _pinv_transposed(R: Any, m: int) -> Any:
     return (U * inv) @ Vt
 
 
-def project(A: da.Array, PT: da.Array, *, precision: str = "float64") -> da.Array:
-    """``W = pinv(L)·A`` = ``PTᵀ·A`` (k×d), column-chunked like A."""
-    return blocks.left_multiply(PT, A, precision=precision)
+def project(
+    A: da.Array,
+    PT: da.Array,
+    *,
+    precision: str = "float64",
+    strips: blocks.Strips | None = None,
+    col_blocks: list[int] | None = None,
+) -> da.Array:
+    """``W = pinv(L)·A`` = ``PTᵀ·A`` (k×d; the column blocks ``col_blocks``), column-chunked like A."""
+    return blocks.left_multiply(PT, A, precision=precision, strips=strips, col_blocks=col_blocks)
 
 
 def one_pass_projector(L_hat: da.Array, p: Params) -> np.ndarray:
@@ -455,6 +480,9 @@ class StageContext:
     runner : _Runner
         Computes a labelled step with progress and adds its time to ``runner.timings``.
     log : callable
+    strips : lplr_dask.blocks.Strips or None
+        How the passes read A: by row strips through a reader of its source, or (None) a task
+        per chunk of A.
     """
 
     A: da.Array
@@ -464,12 +492,22 @@ class StageContext:
     meta: dict[str, Any]
     runner: _Runner
     log: Log
+    strips: blocks.Strips | None = None
 
     @classmethod
-    def open(cls, A: da.Array, root: str | Store, params: Params, meta: dict[str, Any], *, log: Log) -> StageContext:
+    def open(
+        cls,
+        A: da.Array,
+        root: str | Store,
+        params: Params,
+        meta: dict[str, Any],
+        *,
+        log: Log,
+        strips: blocks.Strips | None = None,
+    ) -> StageContext:
         """Open the store at ``root`` for the stages; timings go on from those in ``meta``."""
         runner = _Runner(log, dict(meta.get("timings", {})))
-        return cls(A, root, store.open_group(root, mode="r+"), params, meta, runner, log)
+        return cls(A, root, store.open_group(root, mode="r+"), params, meta, runner, log, strips)
 
     @property
     def row_chunk(self) -> int:
@@ -513,7 +551,7 @@ def sketch_and_code_basis(job: StageContext) -> dict[str, Any]:
     norm_fro = _write_sketches(job)
     Y = like(da.from_zarr(job.scratch("Y")), A)
     if p.power_iters:
-        Y = power_iterate(A, Y, p.power_iters, job.runner, precision=p.precision)
+        Y = power_iterate(A, Y, p.power_iters, job.runner, precision=p.precision, strips=job.strips)
     qL = quantize_basis(truncate_sketch(Y, p), p)
     _store_codes(
         job.group, "L/codes", qL.codes.rechunk((job.row_chunk, p.rank)), p.bits[0], job.runner, "basis: quantize L"
@@ -542,13 +580,13 @@ def _write_sketches(job: StageContext) -> float:
     if done.any():
         job.log(f"resume: {int(done.sum())} of {done.size} row strips of pass 1 already written; computing {len(todo)}")
     if todo:
-        rows, Z = _pass1_blocks(A, p)
-        writes = [blocks.map_row_blocks(_rows(rows, todo), _YWriter(job.root, todo, p, mark=Z is None))]
+        rows, Z = _pass1_blocks(A, p, strips=job.strips, row_blocks=todo)
+        writes = [blocks.map_row_blocks(rows, _YWriter(job.root, todo, p, mark=Z is None))]
         if Z is not None:
             target = store.create_scratch(job.group, "Z", (p.oversample, d), (p.oversample, job.col_chunk))
             Z = Z.rechunk((p.oversample, job.col_chunk))
             writes.append(da.store(to_host_blocks(Z), target, lock=False, compute=False))
-        job.runner("pass 1: sketch", *writes, persist=False, chunks_of=A)
+        job.runner("pass 1: sketch", *writes, persist=False, chunks_of=blocks.reads(A, job.strips, row_blocks=todo))
         marks[...] = 1  # two-pass: already set strip by strip; one-pass: now that Z is stored
     return math.sqrt(float(np.asarray(job.scratch("sumsq")[...]).sum()))
 
@@ -564,13 +602,6 @@ def _y_marks(job: StageContext) -> zarr.Array:
     store.create_scratch(job.group, "AG", (n, p.test_columns), (job.row_chunk, p.test_columns))
     store.create_scratch(job.group, "sumsq", (strips, 1), (1, 1))
     return store.create_scratch_marks(job.group, "Y_done", strips)
-
-
-def _rows(X: da.Array, todo: list[int]) -> da.Array:
-    """The row blocks ``todo`` of X, or X itself when that is all of them (as :func:`_columns`)."""
-    if todo == list(range(X.numblocks[0])):
-        return X
-    return da.concatenate([X.blocks[i] for i in todo], axis=0)
 
 
 def project_onto_basis(job: StageContext) -> dict[str, Any]:
@@ -598,7 +629,7 @@ def project_onto_basis(job: StageContext) -> dict[str, Any]:
             label,
             blocks.map_column_blocks(W, _WWriter(job.root, todo)),
             persist=False,
-            chunks_of=None if one_pass else job.A,
+            chunks_of=None if one_pass else blocks.reads(job.A, job.strips),
         )
     return {}
 
@@ -627,7 +658,10 @@ def _projection(job: StageContext, todo: list[int]) -> tuple[da.Array, str]:
     pt = store.create_scratch(job.group, "PT", (A.shape[0], p.rank), (job.row_chunk, p.rank), dtype=dtype)
     PT = to_host_blocks(pinv_factor(L_hat).astype(dtype).rechunk({0: A.chunks[0], 1: -1}))
     job.runner("basis: pinv(L)", da.store(PT, pt, lock=False, compute=False), persist=False)
-    return _columns(project(A, like(da.from_zarr(pt), A), precision=p.precision), todo), "pass 2: project"
+    PT = like(da.from_zarr(pt), A)
+    if job.strips is not None:  # only the strips of the columns to do
+        return project(A, PT, precision=p.precision, strips=job.strips, col_blocks=todo), "pass 2: project"
+    return _columns(project(A, PT, precision=p.precision), todo), "pass 2: project"
 
 
 def code_r(job: StageContext) -> dict[str, Any]:
@@ -709,6 +743,7 @@ def run(
     meta: dict[str, Any],
     *,
     log: Log,
+    strips: blocks.Strips | None = None,
 ) -> dict[str, Any]:
     """Run (or resume) the passes, writing the store at ``root``; return the final attrs.
 
@@ -716,7 +751,7 @@ def run(
     stage of :data:`STAGES` not yet done runs, then its attrs, its ``stage`` and the timings so
     far are added to ``meta`` and written to the store.
     """
-    job = StageContext.open(A, root, p, meta, log=log)
+    job = StageContext.open(A, root, p, meta, log=log, strips=strips)
     for stage in stages_after(meta.get("stage", "started")):
         meta.update(stage.step(job))
         meta["stage"] = stage.name

@@ -24,6 +24,7 @@ import dask.array as da
 
 from lplr_dask import chunking, factorize, guard, logs, store
 from lplr_dask.backend import to_device
+from lplr_dask.blocks import Strips
 from lplr_dask.cluster import get_client
 from lplr_dask.errors import StoreFormatError
 from lplr_dask.factors import Factors, open_factors
@@ -131,7 +132,8 @@ def compress_at_rank(
         if meta.get("complete"):
             log(f"{path}: already complete; nothing to do")
         else:
-            _run(A, path, params, meta, lock, resume=resume, storage_options=storage_options, log=log)
+            strips = chunking.strips(A, src)
+            _run(A, path, params, meta, lock, resume=resume, storage_options=storage_options, log=log, strips=strips)
     finally:
         lock.release()
     return open_factors(path, storage_options=storage_options)
@@ -197,8 +199,9 @@ def _run(
     resume: bool,
     storage_options: Any,
     log: Log,
+    strips: Strips | None = None,
 ) -> dict[str, Any]:
-    """Run the stages on a started store; on failure leave it resumable, or remove a fresh one
+    """Run the stages on a started store (reading A by row ``strips``, if any); on failure leave it resumable, or remove a fresh one
     that failed (not was interrupted) before anything worth resuming."""
     n, d = A.shape
     log(
@@ -208,7 +211,7 @@ def _run(
     t0 = time.perf_counter()
     fresh = meta["stage"] == "started" and not resume
     try:
-        meta = factorize.run(A, store.locate(path, storage_options), params, meta, log=log)
+        meta = factorize.run(A, store.locate(path, storage_options), params, meta, log=log, strips=strips)
     except BaseException as e:
         if not lock.owned():  # another job replaced the store meanwhile: leave its files alone
             raise

@@ -32,7 +32,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import dask
 from dask.callbacks import Callback
@@ -41,7 +41,7 @@ from distributed.diagnostics.plugin import SchedulerPlugin
 import lplr_dask.config  # noqa: F401  (the lplr.progress.interval default in dask.config)
 from lplr_dask import interrupts, logs
 
-__all__ = ["compute", "current_client", "set_quiet", "reads_chunk", "ChunkCounter", "interval"]
+__all__ = ["compute", "current_client", "set_quiet", "reads_chunk", "ChunkCounter", "interval", "Reads"]
 
 _QUIET = False
 
@@ -70,6 +70,27 @@ def current_client() -> Any:
         return None
 
 
+class Reads(NamedTuple):
+    """What a step reads when each of its tasks reads several chunks of A (row strips,
+    :class:`lplr_dask.blocks.Strips`): the tasks whose key names start with ``name`` read
+    ``count`` chunks of A, ``nbytes`` bytes, in all. Progress counts those tasks and reports
+    chunks in proportion (the final line: exactly ``count``)."""
+
+    name: str
+    nbytes: float
+    count: int
+
+
+def _in_chunks(counts: Callable[[], tuple[int, int]], chunks: int) -> Callable[[], tuple[int, int]]:
+    """``counts`` of tasks that read ``chunks`` chunks of A in all, as counts of chunks."""
+
+    def scaled() -> tuple[int, int]:
+        done, total = counts()
+        return (done * chunks // total, chunks) if total else (0, 0)
+
+    return scaled
+
+
 def compute(label: str, *collections: Any, persist: bool = False, chunks_of: Any = None) -> tuple[Any, ...]:
     """Compute (or persist) dask collections as one step called ``label``, reporting its progress.
 
@@ -81,9 +102,10 @@ def compute(label: str, *collections: Any, persist: bool = False, chunks_of: Any
     persist : bool, default=False
         Keep the results on the workers as dask collections backed by futures (for what a later
         step reuses); otherwise they are gathered to the client.
-    chunks_of : dask.array.Array, optional
+    chunks_of : dask.array.Array or Reads, optional
         The matrix whose chunks the step reads: progress counts its chunks (and its bytes per second);
-        without it, progress counts the step's tasks.
+        a :class:`Reads` for tasks that read several chunks each; without it, progress counts
+        the step's tasks.
 
     Returns
     -------
@@ -92,16 +114,20 @@ def compute(label: str, *collections: Any, persist: bool = False, chunks_of: Any
     """
     client = current_client()
     name = None if chunks_of is None else chunks_of.name
-    nbytes = 0.0 if chunks_of is None else chunks_of.nbytes / max(chunks_of.npartitions, 1)
+    chunks = chunks_of.count if isinstance(chunks_of, Reads) else getattr(chunks_of, "npartitions", 0)
+    nbytes = 0.0 if chunks_of is None else chunks_of.nbytes / max(chunks, 1)
     unit = "tasks" if chunks_of is None else "chunks"
     t0 = time.perf_counter()
     if client is None:
         counter = _LocalCounter(name)
         counts: Callable[[], tuple[int, int]] = counter.counts
+        if isinstance(chunks_of, Reads):
+            counts = _in_chunks(counts, chunks)
         with interrupts.redelivered(), counter, _report(label, counts, unit, nbytes, t0):
             return dask.persist(*collections) if persist else dask.compute(*collections)
     watch = _Watch(client, name)
-    with interrupts.redelivered(), watch, _report(label, watch.counts, unit, nbytes, t0):
+    counts = _in_chunks(watch.counts, chunks) if isinstance(chunks_of, Reads) else watch.counts
+    with interrupts.redelivered(), watch, _report(label, counts, unit, nbytes, t0):
         return _distributed(client, collections, persist)
 
 
@@ -128,19 +154,21 @@ def _key_name(key: Any) -> str:
 
 
 def reads_chunk(key: Any, spec: Any, name: str) -> bool:
-    """Whether the task ``key`` (its ``spec``) computes a chunk of the dask array called ``name``.
+    """Whether the task ``key`` (its ``spec``) computes a chunk of the dask array called ``name``
+    (or, for the ``name`` of a :class:`Reads`, is one of its tasks).
 
     True for a chunk's own task (``(name, i, j)``) and for a task that blockwise fusion made of
     the chunk and what uses it: its inner graph holds a key of layer ``name``.
     """
-    if _key_name(key) == name:
+    if _key_name(key).startswith(name):
         return True
     from dask._task_spec import _execute_subgraph
 
     if getattr(spec, "func", None) is not _execute_subgraph:
         return False
     inner = spec.args[0] if spec.args else None
-    return isinstance(inner, dict) and any(_key_name(k).startswith(name) for k in inner)
+    # fusion may nest: a fused task's inner graph can hold a fused task of its own
+    return isinstance(inner, dict) and any(reads_chunk(k, v, name) for k, v in inner.items())
 
 
 class ChunkCounter(SchedulerPlugin):

@@ -34,6 +34,7 @@ import numpy as np
 import zarr
 
 from lplr_dask import store
+from lplr_dask.backend import device_of
 from lplr_dask.errors import LplrTypeError, LplrValueError, SourceNotFoundError
 from lplr_dask.store import is_remote  # re-exported: the one URL test lives in store
 
@@ -55,6 +56,8 @@ __all__ = [
     "parse_location",
     "zarr_array_of",
     "with_chunks",
+    "ChunkReader",
+    "chunk_reader",
 ]
 
 #: File name endings read by a :class:`FileArray`, and their format.
@@ -250,7 +253,14 @@ def with_chunks(src: Source, chunks: tuple[int, ...]) -> Source:
 
 
 def _input_array(array: da.Array) -> _InputArray | None:
-    """The :class:`_InputArray` a dask array made by :func:`zarr_to_dask` reads, if any.
+    """The :class:`_InputArray` a dask array made by :func:`zarr_to_dask` reads, if any."""
+    found = _base_array(array)
+    return found if isinstance(found, _InputArray) else None
+
+
+def _base_array(array: da.Array) -> _InputArray | FileArray | None:
+    """The :class:`_InputArray` or :class:`FileArray` a dask array made by :func:`zarr_to_dask`
+    or :meth:`FileArray.to_dask` reads, if any.
 
     Only the graph's materialized layers are looked at (``from_array`` keeps its reader in one):
     the layer of the blocks is not expanded, which takes seconds for 10^5 chunks.
@@ -258,10 +268,41 @@ def _input_array(array: da.Array) -> _InputArray | None:
     for layer in array.dask.layers.values():
         mapping = getattr(layer, "mapping", None)
         if isinstance(mapping, dict):
-            found = next((v for v in mapping.values() if isinstance(v, _InputArray)), None)
+            found = next((v for v in mapping.values() if isinstance(v, (_InputArray, FileArray))), None)
             if found is not None:
                 return found
     return None
+
+
+class ChunkReader:
+    """Reads ``A[rows, columns]`` of a matrix straight from its Zarr array or file, as the dask
+    array of :func:`as_matrix` (and :func:`lplr_dask.backend.to_device`) would compute it: cast
+    to its compute dtype, on its device. The reader of row strips (:class:`lplr_dask.blocks.Strips`):
+    it pickles as the Zarr array object or the file's path, never the data, and a damaged Zarr
+    chunk is still named (:class:`_InputArray`)."""
+
+    def __init__(self, base: _InputArray | FileArray, dtype: Any, device: str = "cpu"):
+        self.base, self.dtype, self.device = base, np.dtype(dtype), device
+
+    def __call__(self, rows: slice, columns: slice) -> Any:
+        x = np.asarray(self.base[rows, columns])
+        if x.dtype != self.dtype:
+            x = x.astype(self.dtype)
+        if self.device == "cuda":
+            import cupy
+
+            return cupy.asarray(x)
+        return x
+
+
+def chunk_reader(src: Source, A: da.Array) -> ChunkReader | None:
+    """A :class:`ChunkReader` of ``A`` (the matrix of ``src``: :func:`as_matrix`, maybe reopened
+    at other chunks or moved to a device), or None when ``src`` is not a Zarr array or a file
+    read by this module (a dask or numpy array: the tasks take its chunks as they are)."""
+    base = _base_array(src.array) if src.format in ("zarr", *FILE_FORMATS.values()) else None
+    if base is None or tuple(base.shape) != tuple(A.shape):
+        return None
+    return ChunkReader(base, A.dtype, device_of(A))
 
 
 def open_source(

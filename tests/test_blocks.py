@@ -199,3 +199,93 @@ def test_float32_products_do_not_copy_a_float32_chunk(A):
     panels = list(blocks._panels(chunk, np.float32))
     assert len(panels) == 1 and panels[0][1] is chunk
     assert len(list(blocks._panels(chunk, np.float64))) == -(-1300 // PANEL_ROWS)
+
+
+# ---------------------------------------------------------------------------------------------
+# Row strips: a task reads several chunks of a row in turn through a reader of the source
+
+
+class _Reader:
+    """A picklable reader of an in-memory matrix that counts what it reads (for the tests)."""
+
+    def __init__(self, data: np.ndarray):
+        self.data, self.reads = data, []
+
+    def __call__(self, rows: slice, cols: slice) -> np.ndarray:
+        self.reads.append((rows.start, rows.stop, cols.start, cols.stop))
+        return self.data[rows, cols]
+
+
+STRIP_CHUNKS = (333, 160)  # 7 x 10 chunks: groups of 3 and 4 leave a short last group
+
+
+@pytest.mark.parametrize("width", [1, 3, 4, 100])
+@pytest.mark.parametrize("precision", ["float64", "float32"])
+def test_strip_products_equal_the_per_chunk_products(A, width, precision):
+    B = A[:, :1500]
+    dA = da.from_array(B, chunks=STRIP_CHUNKS)
+    strips = blocks.Strips(_Reader(B), width)
+    streams = [(STREAM_S, 7, 0.5), (STREAM_G, 4, 1.0)]
+    tol = dict(rtol=1e-12, atol=1e-10)
+
+    def both(**kw):
+        return dask.compute(*blocks.sketch_both(dA, 3, streams, STREAM_PSI, 41, sumsq=True, precision=precision, **kw))
+
+    for got, want in zip(both(strips=strips), both()):
+        np.testing.assert_allclose(got, want, **tol)
+    rows = blocks.sketch_right(dA, 3, streams, sumsq=True, precision=precision, strips=strips, row_blocks=[4, 0])
+    want = blocks.sketch_right(dA, 3, streams, sumsq=True, precision=precision).compute()
+    assert rows.chunks[0] == (333, 333)
+    np.testing.assert_allclose(rows.compute(), np.concatenate([want[4 * 333 : 5 * 333], want[:333]]), **tol)
+
+    rng = np.random.default_rng(0)
+    PT = da.from_array(rng.standard_normal((2000, 6)), chunks=(500, 6))
+    left = blocks.left_multiply(PT, dA, precision=precision).compute()
+    got = blocks.left_multiply(PT, dA, precision=precision, strips=strips)
+    assert got.chunks[1] == dA.chunks[1]
+    np.testing.assert_allclose(got.compute(), left, **tol)
+    picked = blocks.left_multiply(PT, dA, precision=precision, strips=strips, col_blocks=[9, 1, 2])
+    assert picked.chunks[1] == (60, 160, 160)
+    np.testing.assert_allclose(picked.compute(), np.concatenate([left[:, 1440:], left[:, 160:480]], axis=1), **tol)
+    M = da.from_array(rng.standard_normal((1500, 5)), chunks=(700, 5))
+    np.testing.assert_allclose(
+        blocks.right_multiply(dA, M, precision=precision, strips=strips).compute(),
+        blocks.right_multiply(dA, M, precision=precision).compute(),
+        **tol,
+    )
+
+
+def test_a_strip_pass_reads_each_chunk_once_and_nothing_else(A):
+    B = A[:, :1500]
+    dA = da.from_array(B, chunks=STRIP_CHUNKS)
+    reader = _Reader(B)
+    blocks.sketch_right(dA, 3, [(STREAM_S, 7, 0.5)], strips=blocks.Strips(reader, 4)).compute(scheduler="sync")
+    grid = [(r, min(r + 333, 2000), c, min(c + 160, 1500)) for r in range(0, 2000, 333) for c in range(0, 1500, 160)]
+    assert sorted(reader.reads) == sorted(grid)  # every chunk once, as stored: whole chunks only
+    reader.reads.clear()
+    blocks.sketch_right(dA, 3, [(STREAM_S, 7, 0.5)], strips=blocks.Strips(reader, 4), row_blocks=[2]).compute(
+        scheduler="sync"
+    )
+    assert sorted(reader.reads) == [g for g in grid if g[0] == 666]  # only the strips asked for
+
+
+def _tasks(*collections) -> int:
+    from dask.base import collections_to_expr
+
+    return len(collections_to_expr(list(collections), optimize_graph=True).__dask_graph__())
+
+
+def test_a_strip_pass_is_less_than_one_task_per_chunk(A):
+    dA = da.from_array(np.zeros((64 * 8, 64 * 24), np.float32), chunks=(8, 64))  # 64 x 24 chunks
+    strips = blocks.Strips(_Reader(np.zeros(dA.shape, np.float32)), 4)
+    streams = [(STREAM_S, 7, 0.5)]
+    per_chunk = _tasks(blocks.sketch_right(dA, 0, streams)) / dA.npartitions
+    stripped = _tasks(blocks.sketch_right(dA, 0, streams, strips=strips)) / dA.npartitions
+    PT = da.zeros((dA.shape[0], 4), chunks=(8, 4))
+    pass2 = _tasks(blocks.left_multiply(PT, dA, strips=strips)) / dA.npartitions
+    assert per_chunk >= 2 and stripped <= 0.5 and pass2 <= 0.6, (per_chunk, stripped, pass2)
+
+
+def test_column_groups_are_consecutive_runs_of_the_width():
+    assert blocks.column_groups([0, 1, 2, 3, 4], 2) == [[0, 1], [2, 3], [4]]
+    assert blocks.column_groups([7, 3, 5], 4) == [[7, 3, 5]]

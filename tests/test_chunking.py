@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 
 import dask
@@ -11,7 +12,7 @@ import pytest
 import zarr
 
 import lplr_dask
-from lplr_dask import chunking, factorize
+from lplr_dask import blocks, chunking, factorize
 from lplr_dask.blocks import PANEL_ROWS
 from lplr_dask.datasets import synthetic
 from lplr_dask.errors import LplrValueError
@@ -188,3 +189,43 @@ def test_merged_zarr_reads_keep_codes_and_a_resume_keeps_the_chunking(client, tm
 def _codes(path):
     g = zarr.open_group(path, mode="r")
     return g["L/codes"][...], g["R/codes"][...]
+
+
+def test_zarr_and_file_sources_are_read_by_strips_of_the_planned_chunks(tmp_path):
+    data = np.arange(600 * 500, dtype=np.int16).reshape(600, 500)
+    zarr.create_array(store=os.fspath(tmp_path / "a.zarr"), data=data, chunks=(100, 50))
+    np.save(tmp_path / "a.npy", data)
+    for where in (tmp_path / "a.zarr", tmp_path / "a.npy"):
+        src = read_source(os.fspath(where), chunks=(100, 50))
+        A = as_matrix(src)
+        strips = chunking.strips(A, src)
+        assert strips is not None and strips.width == 4, where
+        rows, cols = slice(100, 300), slice(50, 250)
+        np.testing.assert_array_equal(strips.reader(rows, cols), A[rows, cols].compute())  # cast like A: float32
+        assert strips.reader(rows, cols).dtype == A.dtype == np.float32
+    dask_src = read_source(da.from_array(data.astype(np.float32), chunks=100))
+    assert chunking.strips(as_matrix(dask_src), dask_src) is None  # a dask array: a task per chunk
+
+
+def test_strips_widen_to_keep_a_pass_within_max_tasks(tmp_path):
+    src, A = _virtual(tmp_path, (10**6, 10**5), (4096, 4096))  # 245 x 25 chunks
+    assert chunking.strips(A, src).width == 4
+    with dask.config.set({"lplr.chunking.max-tasks": 1000}):
+        assert chunking.strips(A, src).width == math.ceil(A.npartitions * (4 / 3) / 1000) == 9
+    with dask.config.set({"lplr.chunking.max-tasks": 10}):
+        assert chunking.strips(A, src).width == 25  # at most a row of chunks
+
+
+def test_both_passes_of_a_virtual_matrix_are_under_one_task_per_chunk(tmp_path):
+    from dask.base import collections_to_expr
+
+    src, A = _virtual(tmp_path, (10**6, 10**5), (4096, 4096))
+    params = _params(256)
+    strips = chunking.strips(A, src)
+    rows, _ = factorize._pass1_blocks(A, params, strips=strips)
+    pass1 = blocks.map_row_blocks(rows, lambda x, i, r0: 1.0)
+    PT = da.zeros((A.shape[0], 256), chunks=(4096, 256))
+    pass2 = blocks.map_column_blocks(factorize.project(A, PT, strips=strips), lambda w, j, c0: 1.0)
+    for x in (pass1, pass2):
+        tasks = len(collections_to_expr([x], optimize_graph=True).__dask_graph__())
+        assert tasks <= 0.6 * A.npartitions, (tasks, A.npartitions)
