@@ -94,6 +94,11 @@ CACHED_LANE_BLOCKS = 32
 #: Runs per generated block.
 _RUNS_PER_BLOCK = SKETCH_BLOCK // LANES
 
+#: Rows of a chunk per sparse product of the fallback: scipy's product copies its dense operand
+#: to the layout it reads (the panel's transpose), which is about 2× faster for a panel that
+#: stays in cache than for a whole 4096² chunk (measured: benchmarks/bench_lanes.py).
+_PANEL_ROWS = 256
+
 #: The dtypes the kernels compute in.
 _DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
@@ -247,7 +252,9 @@ def lane_product(
         _lane_kernel(np.ascontiguousarray(a), c0 % LANES, offsets, signs, folds, LANES, out, sumsq)
         return out
     values = part.signs.T.astype(a.dtype) * a.dtype.type(scale)
-    out += (_csc(xp, _targets(c0, part, int(width)), values, (int(width), cols)) @ a.T).T
+    st = _csc(xp, _targets(c0, part, int(width)), values, (int(width), cols))  # Sᵀ
+    for r in range(0, rows, _PANEL_ROWS):  # the sparse product reads aᵀ in rows: a panel at a time
+        out[r : r + _PANEL_ROWS] += (st @ a[r : r + _PANEL_ROWS].T).T
     if sumsq is not None:
         sumsq += xp.einsum("ij,ij->i", a, a, dtype=np.float64)
     return out

@@ -139,11 +139,12 @@ def test_any_chunking_of_the_columns_gives_the_same_product(kernel, cuts):
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 @pytest.mark.parametrize("zeta", [1, 2, 4])
 def test_numba_and_sparse_kernels_agree(monkeypatch, dtype, zeta):
-    a = _matrix(50, 5000, dtype, seed=1)
+    a = _matrix(300, 5000, dtype, seed=1)
+    assert a.shape[0] > lanes._PANEL_ROWS  # the sparse path sums more than one panel of rows
     results = {}
     for name in lanes.KERNELS:
         monkeypatch.setattr(lanes, "KERNEL", name)
-        out, sumsq = np.zeros((50, WIDTH), dtype), np.zeros(50)
+        out, sumsq = np.zeros((300, WIDTH), dtype), np.zeros(300)
         for c0, c1 in [(0, 7), (7, 4099), (4099, 5000)]:
             lane_product(a[:, c0:c1], c0, seed=2, stream=STREAM_S, width=WIDTH, zeta=zeta, out=out, sumsq=sumsq)
         results[name] = out, sumsq
