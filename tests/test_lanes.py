@@ -188,10 +188,20 @@ def test_out_is_added_to_and_may_be_wider_or_float64(kernel):
     np.testing.assert_array_equal(wide[:, WIDTH:], 1.0)
 
 
-@pytest.mark.parametrize("layout", ["F", "strided"])
-def test_non_contiguous_chunks_give_the_same_product(kernel, layout):
-    c = _matrix(40, 900)
-    a = np.asfortranarray(c) if layout == "F" else _matrix(40, 1800)[:, ::2]
+def _chunk_in(layout: str) -> np.ndarray:
+    """A 40 × 900 chunk stored Fortran-ordered, as every other column of a wider one, or read-only."""
+    if layout == "F":
+        return np.asfortranarray(_matrix(40, 900))
+    if layout == "strided":
+        return _matrix(40, 1800)[:, ::2]
+    a = _matrix(40, 900)
+    a.flags.writeable = False  # as a decoded chunk may be
+    return a
+
+
+@pytest.mark.parametrize("layout", ["F", "strided", "read-only"])
+def test_any_layout_of_the_chunk_gives_the_same_product(kernel, layout):
+    a = _chunk_in(layout)
     ref = np.ascontiguousarray(a) @ lane_matrix(0, STREAM_S, 900, WIDTH)
     out = lane_product(a, 0, seed=0, stream=STREAM_S, width=WIDTH)
     np.testing.assert_allclose(out, ref, rtol=1e-12, atol=1e-12 * np.abs(ref).max())
