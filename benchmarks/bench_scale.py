@@ -4,11 +4,14 @@ On virtual Zarr sources (float32 arrays created with a shape and chunks, no chun
 is read, nothing is computed) of 1×, 4×, 16× and 64× of 10^6 × 10^5 entries and the 10^12-entry
 shapes 10^7 × 10^5 and 10^6 × 10^6 in 4096² chunks, and 114688² in 200,704 chunks of 256², at k = 256 with the default options (two-pass,
 range oversampling p = k, float32 products): the input is opened and planned as a job does
-(``job.open_matrix``, ``chunking.plan`` without a client), then the graphs of pass 1 (the sketches
-written to scratch arrays, ‖A‖²) and pass 2 (``W = pinv(L)·A`` written per column chunk) are built
-with the package's own functions (``factorize.pass1``, ``factorize.project``,
-``blocks.map_column_blocks``) and counted as the scheduler receives them (optimized: fused and
-culled). The per-chunk costs of the model are measured here on one 4096² chunk with one BLAS
+(``job.open_matrix``, ``chunking.plan`` without a client, ``chunking.strips``), then the graphs of
+pass 1 (one writer task per row strip of the sketches, as ``factorize._write_sketches``) and pass 2
+(``W = pinv(L)·A``, one writer task per column chunk) are built with the package's own functions
+(``factorize._pass1_blocks``, ``factorize.project``, ``blocks.map_row_blocks``/``map_column_blocks``)
+and counted as the scheduler receives them (optimized: fused and culled), with the row strips a job
+uses and without them (a task per chunk, as before issue 15's strips). The scheduler's memory for
+each pass is measured on a real scheduler process (``dask scheduler`` on 127.0.0.1, no worker: the
+graph is submitted, its tasks wait, the scheduler's resident memory is read, the graph cancelled). The per-chunk costs of the model are measured here on one 4096² chunk with one BLAS
 thread (threadpoolctl).
 
 Usage::
@@ -23,9 +26,12 @@ holds a run of it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import platform
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -38,7 +44,6 @@ import zarr
 from dask.base import collections_to_expr
 
 from lplr_dask import blocks, chunking, factorize
-from lplr_dask.backend import to_host_blocks
 from lplr_dask.job import open_matrix
 from lplr_dask.options import Options
 
@@ -71,30 +76,79 @@ def optimized_tasks(collections: list[Any]) -> tuple[int, float]:
     return n, time.perf_counter() - t0
 
 
-def pass1_collections(A: da.Array, params: factorize.Params, scratch: zarr.Group) -> list[Any]:
-    """Pass 1 as a job computes it: Y and AG written to row-chunked scratch arrays, and ‖A‖²."""
-    products = factorize.pass1(A, params)
-    r = int(A.chunks[0][0])
-    writes = []
-    for name in ("Y", "AG"):
-        x = products[name]
-        target = scratch.create_array(name, shape=x.shape, chunks=(r, x.shape[1]), dtype="f8", overwrite=True)
-        writes.append(da.store(to_host_blocks(x.rechunk((r, x.shape[1]))), target, lock=False, compute=False))
-    return [*writes, products["sumsq"]]
-
-
-def _written(w: Any, j: int, c0: int) -> float:
+def _written(x: Any, i: int, offset: int) -> float:
+    """A writer that writes nothing (the graph's shape is what is measured)."""
     return 1.0
 
 
-def pass2_collections(A: da.Array, params: factorize.Params, scratch: zarr.Group) -> list[Any]:
+def pass1_collections(A: da.Array, params: factorize.Params, strips: blocks.Strips | None) -> list[Any]:
+    """Pass 1 as a job computes it: one writer task per row strip of ``[Y | AG | ‖row‖²]``."""
+    rows, _ = factorize._pass1_blocks(A, params, strips=strips)
+    return [blocks.map_row_blocks(rows, _written)]
+
+
+def pass2_collections(
+    A: da.Array, params: factorize.Params, scratch: zarr.Group, strips: blocks.Strips | None
+) -> list[Any]:
     """Pass 2 as a job computes it: ``W = PTᵀ·A`` from the row-chunked scratch PT, one task per column chunk of W."""
     n = int(A.shape[0])
+    dtype = blocks.compute_dtype(A.dtype, params.precision)
     pt = scratch.create_array(
-        "PT", shape=(n, params.rank), chunks=(int(A.chunks[0][0]), params.rank), dtype="f8", overwrite=True
+        "PT", shape=(n, params.rank), chunks=(int(A.chunks[0][0]), params.rank), dtype=dtype, overwrite=True
     )
-    W = factorize.project(A, da.from_zarr(pt), precision=params.precision)
+    W = factorize.project(A, da.from_zarr(pt), precision=params.precision, strips=strips)
     return [blocks.map_column_blocks(W, _written)]
+
+
+@contextlib.contextmanager
+def scheduler() -> Any:
+    """A client of a ``dask scheduler`` process on 127.0.0.1 without workers, and that process's pid."""
+    from distributed import Client
+
+    with tempfile.TemporaryDirectory() as tmp:
+        file = os.path.join(tmp, "scheduler.json")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1", "--port", "0"]
+            + ["--no-dashboard", "--scheduler-file", file],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            for _ in range(300):
+                if os.path.exists(file):
+                    break
+                time.sleep(0.1)
+            with Client(scheduler_file=file, timeout=30) as client:
+                yield client, proc.pid
+        finally:
+            proc.terminate()
+            proc.wait(30)
+
+
+def scheduler_mib(client: Any, pid: int, collections: list[Any]) -> float:
+    """MiB of resident memory the scheduler process gains holding ``collections``' tasks (none run)."""
+    import psutil
+
+    def rss() -> int:
+        return int(psutil.Process(pid).memory_info().rss)
+
+    def held_tasks(dask_scheduler: Any) -> int:
+        return len(dask_scheduler.tasks)
+
+    before = rss()
+    futures = client.compute(collections)
+    deadline, last = time.time() + 600, -1
+    while time.time() < deadline:  # until the scheduler holds the whole graph
+        count = client.run_on_scheduler(held_tasks)
+        if count and count == last:
+            break
+        last = count
+        time.sleep(1.0)
+    held = rss()
+    client.cancel(futures)
+    del futures
+    time.sleep(1.0)
+    return (held - before) / 2**20
 
 
 def chunk_costs(tmp: str, params: factorize.Params) -> dict[str, float]:
@@ -136,19 +190,28 @@ def blas() -> str:
     return ", ".join(sorted(found)) or "none found"
 
 
-def measure(name: str, shape: tuple[int, int], chunk: int, tmp: str, options: Options) -> dict[str, Any]:
-    """Plan a virtual source of ``shape`` in ``chunk``² chunks and count its passes' graphs."""
+def measure(name: str, shape: tuple[int, int], chunk: int, tmp: str, options: Options, sched: Any) -> dict[str, Any]:
+    """Plan a virtual source of ``shape`` in ``chunk``² chunks and count its passes' graphs, with
+    the row strips a job uses and without; the scheduler's memory for each pass with them."""
     path = os.path.join(tmp, f"{name}.zarr")
     zarr.create_array(path, shape=shape, chunks=(chunk, chunk), dtype="float32", fill_value=0, overwrite=True)
     t0 = time.perf_counter()
     src, A = open_matrix(path, options, log=lambda _: None)
     params = options.params(RANK, A.shape, A.dtype)
     B = chunking.plan(A, params, source=src, log=lambda _: None)
+    strips = chunking.strips(B, src)
     planned = time.perf_counter() - t0
     scratch = zarr.open_group(os.path.join(tmp, f"{name}-scratch.zarr"), mode="w")
-    t1, build1 = optimized_tasks(pass1_collections(B, params, scratch))
-    t2, build2 = optimized_tasks(pass2_collections(B, params, scratch))
+    p1, p2 = pass1_collections(B, params, strips), pass2_collections(B, params, scratch, strips)
+    t1, build1 = optimized_tasks(p1)
+    t2, build2 = optimized_tasks(p2)
+    c1, _ = optimized_tasks(pass1_collections(B, params, None))
+    c2, _ = optimized_tasks(pass2_collections(B, params, scratch, None))
+    memory = max(scheduler_mib(*sched, p1), scheduler_mib(*sched, p2))
     return {
+        "strip width": strips.width if strips else 1,
+        "per chunk tasks": (c1, c2),
+        "scheduler MiB": memory,
         "name": name,
         "shape": shape,
         "stored chunk": chunk,
@@ -168,10 +231,12 @@ def model(row: dict[str, Any], costs: dict[str, float]) -> dict[str, float]:
     n, d = row["shape"]
     threads = NODES * CORES
     io = n * d * 4 / BANDWIDTH  # one read of A, float32
-    scale = row["chunks"][0] * row["chunks"][1] / CHUNK**2  # a merged task does this many chunks' work
+    scale = row["chunks"][0] * row["chunks"][1] / CHUNK**2  # a merged chunk is this many chunks' work
+    width = row["strip width"]  # a strip task reads this many (merged) chunks in turn
+    strips = math.ceil(n / row["chunks"][0]) * math.ceil(math.ceil(d / row["chunks"][1]) / width)
     total = 0.0
     for tasks, product in zip(row["tasks"], (costs["pass 1"], costs["pass 2"])):
-        compute = math.ceil(row["merged"] / threads) * (costs["read"] + product) * scale
+        compute = math.ceil(strips / threads) * width * (costs["read"] + product) * scale
         total += max(io, compute, tasks * SCHEDULER_S_PER_TASK)
     return {"io": 2 * io, "predicted": total}
 
@@ -185,10 +250,11 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         costs = chunk_costs(tmp, options.params(RANK, (10**6, 10**5), np.float32))
         rows = []
-        for name in args.shapes:
-            shape, chunk = SHAPES[name]
-            rows.append(measure(name, shape, chunk, tmp, options))
-            print(f"... {name}: {time.perf_counter() - started:.0f} s", flush=True)
+        with scheduler() as sched:
+            for name in args.shapes:
+                shape, chunk = SHAPES[name]
+                rows.append(measure(name, shape, chunk, tmp, options, sched))
+                print(f"... {name}: {time.perf_counter() - started:.0f} s", flush=True)
     p = rows[0]["params"]
     print(
         f"\nk = {RANK}, range oversampling p = {p.range_oversample}, two-pass, {p.precision} products, "
@@ -207,24 +273,26 @@ def main(argv: list[str] | None = None) -> None:
     )
     print(
         f"model: {NODES} nodes × {CORES} cores = {NODES * CORES} threads; per pass max(I/O, compute, scheduler): "
-        f"I/O = bytes of A / {BANDWIDTH / 1e9:.0f} GB/s aggregate; compute = waves of tasks × (read+decode + "
-        f"product) × chunks per task; scheduler = {SCHEDULER_S_PER_TASK * 1e3:.0f} ms of CPU per task, one "
+        f"I/O = bytes of A / {BANDWIDTH / 1e9:.0f} GB/s aggregate; compute = waves of strip tasks × chunks per strip "
+        f"× (read+decode + product) × 4096² chunks per (merged) chunk; scheduler = {SCHEDULER_S_PER_TASK * 1e3:.0f} ms of CPU per task, one "
         "process; central steps (Gram, eigh, TSQR of L) and the coding of R not counted; I/O, compute "
         "and scheduling assumed to overlap fully\n"
     )
     print(
-        "| source | shape | stored chunks | read as | tasks per pass | tasks / stored chunk (pass 1, 2) "
-        "| tasks / task chunk (pass 1, 2) | total tasks (pass 1 + 2) | graph build s | I/O bound s | predicted s "
+        "| source | shape | stored chunks | read as | chunks per strip | tasks / task chunk, a task per chunk "
+        "(pass 1, 2) | tasks / task chunk, strips (pass 1, 2) | tasks / stored chunk (pass 1, 2) "
+        "| total tasks (pass 1 + 2) | scheduler MiB (larger pass) | graph build s | I/O bound s | predicted s "
         "| predicted / I/O |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
-        (t1, t2), m = row["tasks"], model(row, costs)
+        (t1, t2), (c1, c2), m = row["tasks"], row["per chunk tasks"], model(row, costs)
         shape = f"{row['shape'][0]:.0e} × {row['shape'][1]:.0e}".replace("e+0", "e")
         print(
             f"| {row['name']} | {shape} | {row['stored']:,} of {row['stored chunk']}² | {row['chunks'][0]}×{row['chunks'][1]} "
-            f"| {row['merged']:,} | {t1 / row['stored']:.2f}, {t2 / row['stored']:.2f} "
-            f"| {t1 / row['merged']:.2f}, {t2 / row['merged']:.2f} | {t1:,} + {t2:,} = {t1 + t2:,} "
+            f"| {row['strip width']} | {c1 / row['merged']:.2f}, {c2 / row['merged']:.2f} "
+            f"| {t1 / row['merged']:.2f}, {t2 / row['merged']:.2f} | {t1 / row['stored']:.2f}, {t2 / row['stored']:.2f} "
+            f"| {t1:,} + {t2:,} = {t1 + t2:,} | {row['scheduler MiB']:.0f} "
             f"| {row['build']:.1f} | {m['io']:.0f} | {m['predicted']:.0f} | {m['predicted'] / m['io']:.2f} |"
         )
     print(f"\ntotal {time.perf_counter() - started:.0f} s")

@@ -61,6 +61,7 @@ def compress(
     target_error: float | None = None,
     storage_options: dict[str, Any] | None = None,
     precision: str = "auto",
+    sketch: str | None = None,
     log: Callable[[str], None] = logs.info,
 ) -> Factors:
     """Compress a matrix into a low-rank, low-precision factorization ``A ≈ L·R`` [1]_.
@@ -119,6 +120,14 @@ def compress(
         and then R's codes, solved against that L, by one level (nearest rounding) or a few (gptq
         rounding), for a tiny change of the error (measured: benchmarks/RESULTS.md, "Figures
         behind the code's comments"). See :mod:`lplr_dask.blocks`.
+    sketch : {"gaussian", "sparse"}, optional
+        The range sketch S of pass 1. ``"gaussian"``: the paper's dense N(0, 1/k) matrix, a GEMM
+        per chunk. ``"sparse"``: a sparse sign embedding with 4 non-zeros per row in runs of 16
+        columns (:mod:`lplr_dask.lanes`), applied by a compiled kernel at a fraction of the GEMM's
+        cost, with about the same error once oversampled and mixed as the default does (measured:
+        benchmarks/RESULTS.md, "CPU cost of a pass"). Recorded in the attrs; a sketch of fewer
+        than 16 columns (k + p < 16) is Gaussian either way. Default (None):
+        :data:`lplr_dask.options.DEFAULT_SKETCH`.
     log : callable, default=lplr_dask.logs.info
         Receives what the compression chose and did; each step's progress goes to the ``lplr_dask``
         logger (:mod:`lplr_dask.progress`).
@@ -146,6 +155,7 @@ def compress(
         seed=seed,
         test_columns=test_columns,
         precision=precision,
+        sketch=sketch,
         device=device,
         storage_options=storage_options,
     )

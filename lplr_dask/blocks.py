@@ -36,9 +36,7 @@ task, as before.
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable, Iterator, Sequence
-from types import ModuleType
 from typing import Any, NamedTuple
 
 import dask.array as da
@@ -47,6 +45,7 @@ from dask.base import tokenize
 
 from lplr_dask.backend import array_namespace, like
 from lplr_dask.errors import LplrValueError, NonFiniteError
+from lplr_dask.lanes import lane_product, scatter_rows
 from lplr_dask.progress import Reads
 from lplr_dask.sketch import sketch_rows, sparse_sign_rows
 
@@ -65,14 +64,18 @@ __all__ = [
     "PANEL_ROWS",
     "Strips",
     "Reader",
+    "Lanes",
     "STRIP_WIDTH",
     "STRIP_SPLIT",
     "column_groups",
     "reads",
 ]
 
-#: (stream, width, scale) of one generated operand.
+#: (stream, width, scale) of one generated Gaussian operand.
 Stream = tuple[int, int, float]
+
+#: (stream, width, zeta) of a lane sparse sign sketch (:mod:`lplr_dask.lanes`).
+Lanes = tuple[int, int, int]
 
 #: Rows of a chunk of A cast to float64 at a time (see the module docstring).
 PANEL_ROWS = 1024
@@ -253,10 +256,14 @@ def _sketch_block(
     left: tuple[int, int] | None,
     check: bool,
     precision: str = "float64",
+    lanes: Lanes | None = None,
 ) -> tuple[Any, Any]:
-    """One chunk's parts of ``A·[S_1 | …][| row sums of squares]`` and of ``Ψ·A``.
+    """One chunk's parts of ``A·[S_lanes | S_1 | …][| row sums of squares]`` and of ``Ψ·A``.
 
     Both come from the same panels of the chunk, so a chunk is read and cast (if at all) once.
+    The lane sketch's columns (``lanes``) and the row sums of squares come from one call of the
+    compiled kernel (:func:`lplr_dask.lanes.lane_product`), ``Ψ·A`` from another
+    (:func:`lplr_dask.lanes.scatter_rows`); the Gaussian streams are a GEMM.
     The parts are in the precision of the products (a float32 GEMM's result stays float32;
     parts summed over several panels are float64): :func:`_sum_blocks` adds them in float64.
 
@@ -270,7 +277,8 @@ def _sketch_block(
     e = _rescale_exponent(_magnitude(a, r0, c0, check), dtype) if (check or sumsq) else 0
     if e:  # an exact power-of-two scaling: the products of tiny or huge values stay in range
         a = a * xp.asarray(2.0**-e, dtype=a.dtype)
-    width = sum(w for _, w, _ in streams) + int(sumsq)
+    lw = lanes[1] if lanes else 0
+    width = lw + sum(w for _, w, _ in streams) + int(sumsq)
     s = (
         xp.concatenate([sketch_rows(seed, st, c0, c0 + cols, w, scale=sc, xp=xp) for st, w, sc in streams], axis=1)
         if streams
@@ -278,16 +286,21 @@ def _sketch_block(
     )
     if s is not None and s.dtype != dtype:
         s = s.astype(dtype)
-    psi = _sparse_sign_map(seed, left[0], r0, rows_, left[1], xp, dtype) if left else None
-    right: Any = xp.empty((rows_, width), dtype=dtype) if width else None
+    pos, signs = sparse_sign_rows(seed, left[0], r0, r0 + rows_, left[1]) if left else (np.empty((0, 0)),) * 2
+    right: Any = (xp.zeros if lanes else xp.empty)((rows_, width), dtype=dtype) if width else None
     out: Any = None
     for rows, p in _panels(a, dtype):
+        squares = xp.zeros(p.shape[0], dtype=dtype) if (lanes and sumsq) else None
+        if lanes:
+            lane_product(
+                p, c0, seed=seed, stream=lanes[0], width=lw, zeta=lanes[2], out=right[rows, :lw], sumsq=squares
+            )
         if s is not None:
-            right[rows, : s.shape[1]] = p @ s
+            right[rows, lw : lw + s.shape[1]] = p @ s
         if sumsq:
-            right[rows, -1] = xp.einsum("ij,ij->i", p, p)
-        if psi is not None:
-            out = _accumulate(out, psi[:, rows] @ p)
+            right[rows, -1] = squares if squares is not None else xp.einsum("ij,ij->i", p, p)
+        if left:
+            out = scatter_rows(p, pos[rows], signs[rows], left[1], out=out)
     if check:
         for product in (right, out):
             if product is not None:
@@ -311,12 +324,15 @@ def _sketches(
     precision: str = "float64",
     strips: Strips | None = None,
     row_blocks: Sequence[int] | None = None,
+    lanes: Lanes | None = None,
 ) -> tuple[da.Array | None, da.Array | None]:
     """Lazy ``A·[S_1 | …]`` (n × widths) and ``Ψ·A`` (ℓ × d): one task per chunk of A for both,
     or one per row strip (``strips``, see the module docstring). ``row_blocks`` keeps only those
     row blocks of the first (in this order); a strip pass computes nothing else."""
-    width = sum(w for _, w, _ in streams) + int(sumsq)
-    options = dict(seed=seed, streams=list(streams), sumsq=sumsq, left=left, check=check, precision=precision)
+    width = (lanes[1] if lanes else 0) + sum(w for _, w, _ in streams) + int(sumsq)
+    options = dict(
+        seed=seed, streams=list(streams), sumsq=sumsq, left=left, check=check, precision=precision, lanes=lanes
+    )
     meta = np.empty((0, 0), dtype=object)  # each block is a (right, left) pair
     if strips is None:
 
@@ -448,8 +464,9 @@ def sketch_right(
     precision: str = "float64",
     strips: Strips | None = None,
     row_blocks: Sequence[int] | None = None,
+    lanes: Lanes | None = None,
 ) -> da.Array:
-    """``A @ [S_1 | S_2 | …]`` with each ``S_i`` generated block-wise from ``(seed, stream)``.
+    """``A @ [S_lanes | S_1 | S_2 | …]`` with each ``S_i`` generated block-wise from ``(seed, stream)``.
 
     Parameters
     ----------
@@ -468,6 +485,8 @@ def sketch_right(
         per chunk of A.
     row_blocks : sequence of int, optional
         Only these row blocks of the result, in this order (default: all).
+    lanes : (stream, width, zeta), optional
+        First columns of the result from a lane sparse sign sketch (:mod:`lplr_dask.lanes`).
 
     Returns
     -------
@@ -484,6 +503,7 @@ def sketch_right(
         precision=precision,
         strips=strips,
         row_blocks=row_blocks,
+        lanes=lanes,
     )
     return right
 
@@ -515,6 +535,7 @@ def sketch_both(
     sumsq: bool = False,
     precision: str = "float64",
     strips: Strips | None = None,
+    lanes: Lanes | None = None,
 ) -> tuple[da.Array, da.Array]:
     """:func:`sketch_right` and :func:`sketch_left` of A from one task per chunk (or per strip).
 
@@ -526,20 +547,16 @@ def sketch_both(
     (right, left) : dask arrays of shapes (n, sum of widths [+ 1]) and (width, d), float64
     """
     return _sketches(  # type: ignore[return-value]
-        A, seed, streams, sumsq=sumsq, left=(stream, width), check=True, precision=precision, strips=strips
+        A,
+        seed,
+        streams,
+        sumsq=sumsq,
+        left=(stream, width),
+        check=True,
+        precision=precision,
+        strips=strips,
+        lanes=lanes,
     )
-
-
-def _sparse_sign_map(
-    seed: int, stream: int, r0: int, rows: int, width: int, xp: ModuleType, dtype: Any = np.float64
-) -> Any:
-    """The columns ``r0:r0 + rows`` of Ψ (width × n) as a CSC matrix of ``xp``'s sparse module."""
-    pos, signs = sparse_sign_rows(seed, stream, r0, r0 + rows, width)
-    signs = signs.astype(dtype)
-    sparse = importlib.import_module("scipy.sparse" if xp is np else "cupyx.scipy.sparse")
-    indptr = np.arange(0, pos.size + 1, pos.shape[1], dtype=np.int32)
-    parts = (signs.ravel(), pos.ravel().astype(np.int32), indptr)  # int32 indices, as cupyx wants
-    return sparse.csc_matrix(tuple(xp.asarray(v) for v in parts), shape=(width, rows))
 
 
 def left_multiply(

@@ -231,6 +231,13 @@ def _compression(sp: argparse.ArgumentParser) -> None:
         help="dtype of each chunk's products (auto: float32 for float32 input, faster; "
         "float64: codes identical for any chunking)",
     )
+    sp.add_argument(
+        "--sketch",
+        default=None,
+        choices=["gaussian", "sparse"],
+        help="range sketch of pass 1: gaussian (the paper's, a GEMM per chunk) or sparse (a sparse "
+        "sign embedding applied by a compiled kernel, faster); default: lplr_dask.options.DEFAULT_SKETCH",
+    )
     sp.add_argument("--evaluate", action="store_true", help="also measure the exact error (one more read of A)")
     mode = sp.add_mutually_exclusive_group()
     mode.add_argument("--overwrite", action="store_true", help="replace an existing output")
@@ -559,7 +566,17 @@ def _check_output(args: argparse.Namespace, *, inputs: Sequence[str | None] = ()
 
 
 #: The settings compress and compress-group share, by their keyword (= their argparse dest).
-_SHARED = ("passes", "power_iters", "oversample", "quantizer", "seed", "precision", "device", "storage_options")
+_SHARED = (
+    "passes",
+    "power_iters",
+    "oversample",
+    "quantizer",
+    "seed",
+    "precision",
+    "sketch",
+    "device",
+    "storage_options",
+)
 
 
 def _shared(args: argparse.Namespace) -> dict[str, Any]:

@@ -56,6 +56,7 @@ from zarr.abc.store import Store
 from lplr_dask import blocks, store
 from lplr_dask.backend import array_namespace, like, to_host, to_host_blocks
 from lplr_dask.errors import LplrValueError
+from lplr_dask.lanes import LANES
 from lplr_dask.progress import compute
 from lplr_dask.quantize import (
     Quantized,
@@ -120,6 +121,11 @@ class Params:
     range_oversample: int = 0
     """Extra columns p of the range sketch: Y has k + p columns, and L is made from its top k
     directions (:func:`truncate_sketch`); 0 is the paper's sketch of exactly k columns."""
+    sketch: str = "gaussian"
+    """The range sketch S: "gaussian" (the paper's) or "sparse" (a lane sparse sign embedding
+    with :attr:`zeta` non-zeros per row, :mod:`lplr_dask.lanes`)."""
+    zeta: int = 0
+    """Non-zeros per row of a sparse S (0 for a Gaussian one)."""
 
     @property
     def sketch_columns(self) -> int:
@@ -150,7 +156,8 @@ class Params:
             "power_iters": self.power_iters,
             "precision": self.precision,
             "sketch": {
-                "kind": "gaussian",
+                "kind": self.sketch,
+                **({"zeta": self.zeta, "lanes": LANES} if self.sketch == "sparse" else {}),
                 "block_rows": SKETCH_BLOCK,
                 "test_columns": self.test_columns,
                 "range_oversample": self.range_oversample,
@@ -208,13 +215,14 @@ def _pass1_blocks(
     strip of pass 1 writes; two-pass: only the ``row_blocks``) and, one-pass, Z; from one task
     per chunk of A, or per row strip of chunks (``strips``)."""
     k, t = p.sketch_columns, p.test_columns
-    streams = [(STREAM_S, k, 1.0 / math.sqrt(k)), (STREAM_G, t, 1.0)]
+    lanes = (STREAM_S, k, p.zeta) if p.sketch == "sparse" else None
+    streams = [(STREAM_G, t, 1.0)] if lanes else [(STREAM_S, k, 1.0 / math.sqrt(k)), (STREAM_G, t, 1.0)]
     if p.passes == 1:
         return blocks.sketch_both(
-            A, p.seed, streams, STREAM_PSI, p.oversample, sumsq=True, precision=p.precision, strips=strips
+            A, p.seed, streams, STREAM_PSI, p.oversample, sumsq=True, precision=p.precision, strips=strips, lanes=lanes
         )
     right = blocks.sketch_right(
-        A, p.seed, streams, sumsq=True, precision=p.precision, strips=strips, row_blocks=row_blocks
+        A, p.seed, streams, sumsq=True, precision=p.precision, strips=strips, row_blocks=row_blocks, lanes=lanes
     )
     return right, None
 

@@ -19,13 +19,31 @@ from lplr_dask.backend import check_device
 from lplr_dask.blocks import compute_dtype
 from lplr_dask.errors import LplrTypeError, LplrValueError
 from lplr_dask.factorize import Params, check_oversample, resolve_oversample
+from lplr_dask.lanes import DEFAULT_ZETA, LANES
 from lplr_dask.quantize import QuantizerSpec, check_bits, quantizer_pair
-from lplr_dask.validation import at_most_one, parse_float, parse_int
+from lplr_dask.validation import at_most_one, parse_choice, parse_float, parse_int
 
-__all__ = ["DEFAULT_BITS", "MAX_RANK_KEY", "Options", "SizeRule", "SIZE_FLAGS", "check_job", "configured_max_rank"]
+__all__ = [
+    "SKETCHES",
+    "DEFAULT_SKETCH",
+    "DEFAULT_BITS",
+    "MAX_RANK_KEY",
+    "Options",
+    "SizeRule",
+    "SIZE_FLAGS",
+    "check_job",
+    "configured_max_rank",
+]
 
 #: (B1, B2) unless given, or chosen for a bits-per-entry budget.
 DEFAULT_BITS = (8, 8)
+
+#: The range sketches of pass 1: the paper's dense Gaussian S, or a lane sparse sign embedding
+#: (:mod:`lplr_dask.lanes`: ``DEFAULT_ZETA`` non-zeros per row, a compiled kernel).
+SKETCHES = ("gaussian", "sparse")
+
+#: The sketch unless one is asked for (see benchmarks/RESULTS.md, "CPU cost of a pass").
+DEFAULT_SKETCH = "gaussian"
 
 #: The size keywords and their CLI flags, in the order messages name them.
 SIZE_FLAGS = {
@@ -58,6 +76,8 @@ class Options:
     seed : int, default=0
     test_columns : int, default=10
     precision : {"auto", "float32", "float64"}, default="auto"
+    sketch : {"gaussian", "sparse"}, optional
+        The range sketch of pass 1 (:data:`SKETCHES`); None: :data:`DEFAULT_SKETCH`.
     device : {"cpu", "cuda"}, default="cpu"
     storage_options : dict, optional
         fsspec options for a remote source and output.
@@ -75,6 +95,7 @@ class Options:
     seed: int = 0
     test_columns: int = 10
     precision: str = "auto"
+    sketch: str | None = None
     device: str = "cpu"
     storage_options: dict[str, Any] | None = dataclasses.field(default=None, compare=False)
 
@@ -102,6 +123,8 @@ class Options:
         object.__setattr__(self, "seed", _seed(self.seed))
         object.__setattr__(self, "test_columns", parse_int(self.test_columns, "test_columns", minimum=1))
         compute_dtype(np.float32, self.precision)  # rejects a bad name
+        sketch = DEFAULT_SKETCH if self.sketch is None else self.sketch
+        object.__setattr__(self, "sketch", parse_choice(sketch, "sketch", SKETCHES))
         quantizer_pair(self.quantizer)
         check_device(self.device)
 
@@ -122,6 +145,7 @@ class Options:
     def params(self, rank: int, shape: tuple[int, int], dtype: Any) -> Params:
         """What determines the codes of a rank-``rank`` compression of a matrix of ``shape`` and ``dtype``."""
         spec_l, spec_r = self.specs
+        oversample = resolve_oversample(self.oversample, rank, shape)
         return Params(
             rank=rank,
             bits=self.bits,
@@ -133,8 +157,18 @@ class Options:
             power_iters=self.power_iters,
             test_columns=self.test_columns,
             precision=compute_dtype(dtype, self.precision).name,
-            range_oversample=resolve_oversample(self.oversample, rank, shape),
+            range_oversample=oversample,
+            **_sketch(str(self.sketch), rank + oversample),
         )
+
+
+def _sketch(kind: str, columns: int) -> dict[str, Any]:
+    """The ``sketch`` and ``zeta`` of :class:`~lplr_dask.factorize.Params` for a sketch of
+    ``columns`` columns: a sparse one has ``DEFAULT_ZETA`` non-zeros per row, fewer when its
+    columns cannot hold that many groups of :data:`~lplr_dask.lanes.LANES` (one group per
+    non-zero), and is Gaussian when they cannot hold one (fewer than 16 columns: k + p < 16)."""
+    zeta = min(DEFAULT_ZETA, columns // LANES) if kind == "sparse" else 0
+    return {"sketch": "sparse", "zeta": zeta} if zeta else {"sketch": "gaussian", "zeta": 0}
 
 
 def _seed(seed: Any) -> int:

@@ -73,12 +73,12 @@ def current_client() -> Any:
 class Reads(NamedTuple):
     """What a step reads when each of its tasks reads several chunks of A (row strips,
     :class:`lplr_dask.blocks.Strips`): the tasks whose key names start with ``name`` read
-    ``count`` chunks of A, ``nbytes`` bytes, in all. Progress counts those tasks and reports
-    chunks in proportion (the final line: exactly ``count``)."""
+    ``chunks`` chunks of A, ``nbytes`` bytes, in all. Progress counts those tasks and reports
+    chunks in proportion (the final line: exactly ``chunks``)."""
 
     name: str
     nbytes: float
-    count: int
+    chunks: int
 
 
 def _in_chunks(counts: Callable[[], tuple[int, int]], chunks: int) -> Callable[[], tuple[int, int]]:
@@ -114,7 +114,7 @@ def compute(label: str, *collections: Any, persist: bool = False, chunks_of: Any
     """
     client = current_client()
     name = None if chunks_of is None else chunks_of.name
-    chunks = chunks_of.count if isinstance(chunks_of, Reads) else getattr(chunks_of, "npartitions", 0)
+    chunks = chunks_of.chunks if isinstance(chunks_of, Reads) else getattr(chunks_of, "npartitions", 0)
     nbytes = 0.0 if chunks_of is None else chunks_of.nbytes / max(chunks, 1)
     unit = "tasks" if chunks_of is None else "chunks"
     t0 = time.perf_counter()

@@ -15,7 +15,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "lplr_dask"
 LAYERS: list[set[str]] = [
     {"errors", "logs", "interrupts", "validation", "config"},
     {"backend", "progress"},
-    {"sketch", "quantize", "cluster", "gpu_cluster"},
+    {"sketch", "lanes", "quantize", "cluster", "gpu_cluster"},
     {"blocks", "schema"},
     {"store", "sources", "chunking"},
     {"factorize", "guard"},
