@@ -6,7 +6,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-from lplr_dask import budget, guard, job, logs, store, target
+from lplr_dask import budget, chunking, guard, job, logs, store, target
 from lplr_dask.factors import Factors, open_factors, relative_error
 from lplr_dask.options import DEFAULT_BITS, Options, SizeRule, check_job
 from lplr_dask.quantize import QuantizerSpec
@@ -208,6 +208,7 @@ def _compress(
             oversample=options.oversample,
             test_columns=options.test_columns,
             log=log,
+            strips=chunking.strips(A, matrix[0]),
         )
         k, options, cap = choice.rank, options.replace(bits=choice.bits), None
     else:

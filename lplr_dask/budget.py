@@ -34,6 +34,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, NamedTuple
 
 from lplr_dask import logs
+from lplr_dask.blocks import Strips
 from lplr_dask.errors import LplrValueError
 from lplr_dask.options import MAX_RANK_KEY, SizeRule, configured_max_rank
 from lplr_dask.quantize import QuantizerSpec, parse_quantizer
@@ -45,6 +46,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "BITS_GRID",
+    "CENTRAL_STEPS",
     "PAPER_SPECS",
     "Choice",
     "SizedRank",
@@ -311,6 +313,7 @@ def choose(
     test_columns: int = 10,
     max_rank: int | None = None,
     log: Callable[[str], None] = logs.info,
+    strips: Strips | None = None,
 ) -> Choice:
     """The rank and bits of the lowest predicted error within ``budget`` bits per entry on disk.
 
@@ -332,6 +335,8 @@ def choose(
         above the Dask config ``lplr.max-rank`` (:func:`lplr_dask.options.configured_max_rank`).
     log : callable, default=lplr_dask.logs.info
         Receives the choice made.
+    strips : lplr_dask.blocks.Strips, optional
+        Read A by row strips for the plan (:func:`lplr_dask.chunking.strips`).
 
     Returns
     -------
@@ -367,6 +372,7 @@ def choose(
         passes=passes,
         max_rank=top,
         oversample=oversample,
+        strips=strips,
     )
     candidates = []
     for bits, k_fit in fits.items():

@@ -31,7 +31,7 @@ from lplr_dask.cluster import get_client
 from lplr_dask.errors import LplrValueError
 from lplr_dask.guard import check_output
 from lplr_dask.job import compress_at_rank
-from lplr_dask.options import Options, check_job
+from lplr_dask.options import MAX_RANK_KEY, Options, check_job, configured_max_rank
 from lplr_dask.sources import itemsize, list_arrays, member, read_source, regular
 
 __all__ = ["GROUP_FORMAT_NAME", "GROUP_FORMAT_VERSION", "compress_group", "plan_rank", "format_table"]
@@ -214,6 +214,7 @@ def compress_group(
     with get_client(log=log) as client:
         for i, (name, (shape, dtype)) in enumerate(arrays.items()):
             k, reason = plan_rank(shape, dtype, bits, **rule)  # type: ignore[arg-type]
+            k, cap = _capped(name, k, rule, log)
             log(
                 f"array {i + 1}/{len(arrays)}: {name} ({'x'.join(map(str, shape))} {dtype}): "
                 + (f"rank {k}" if k else f"copy, {reason}")
@@ -224,7 +225,7 @@ def compress_group(
             member_of = _Member(location, root_path, name, shape, dtype)
             if k:
                 entry = _compress_member(
-                    member_of, k, options, client=client, resume=resume, evaluate=evaluate, log=log
+                    member_of, k, options, client=client, resume=resume, evaluate=evaluate, log=log, cap=cap
                 )
             else:
                 entry = _copy_member(member_of, reason, storage_options)
@@ -282,13 +283,43 @@ class _Member(NamedTuple):
         return f"{self.root}/{self.name}"
 
 
+def _capped(name: str, k: int, rule: dict[str, float], log: Callable[[str], None]) -> tuple[int, dict[str, int] | None]:
+    """The rank a budget rule gives an array, at most ``lplr.max-rank`` (as :func:`lplr_dask.compress`
+    caps it: :func:`lplr_dask.budget.capped_rank`), and the cap it met (None if none). A rank
+    asked for (``rank``) is never capped."""
+    top = configured_max_rank()
+    if "rank" in rule or k <= top:
+        return k, None
+    log(
+        f"warning: {name}: the rule allows rank {k}, capped at {top} ({MAX_RANK_KEY}): {budget.CENTRAL_STEPS}. "
+        f"To take rank {k}, raise the cap with DASK_LPLR__MAX_RANK={k}."
+    )
+    return top, {"requested": k, "max_rank": top}
+
+
 def _compress_member(
-    m: _Member, rank: int, options: Options, *, client: Any, resume: bool, evaluate: bool, log: Callable[[str], None]
+    m: _Member,
+    rank: int,
+    options: Options,
+    *,
+    client: Any,
+    resume: bool,
+    evaluate: bool,
+    log: Callable[[str], None],
+    cap: dict[str, int] | None = None,
 ) -> dict[str, Any]:
-    """Compress one matrix of the group at ``rank``; its entry of the result."""
+    """Compress one matrix of the group at ``rank`` (``cap``: the rank cap it met); its entry of the result."""
     t0 = time.perf_counter()
     factors = compress_at_rank(
-        m.source, m.target, rank, options, client=client, overwrite=not resume, resume=resume, log=log
+        m.source,
+        m.target,
+        rank,
+        options,
+        client=client,
+        overwrite=not resume,
+        resume=resume,
+        log=log,
+        attrs={"rank_cap": cap} if cap else None,
     )
     if evaluate:
         evaluate_error(m.source, factors, storage_options=options.storage_options)
@@ -299,6 +330,7 @@ def _compress_member(
         "action": "lplr",
         "reason": "",
         "rank": rank,
+        **({"rank_cap": cap} if cap else {}),
         "bits": list(options.bits),
         "error_estimate": factors.attrs.get("error_estimate"),
         "error_exact": factors.attrs.get("error_exact"),

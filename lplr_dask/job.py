@@ -28,7 +28,7 @@ from lplr_dask.blocks import Strips
 from lplr_dask.cluster import get_client
 from lplr_dask.errors import StoreFormatError
 from lplr_dask.factors import Factors, open_factors
-from lplr_dask.options import Options
+from lplr_dask.options import SKETCHES, Options
 from lplr_dask.progress import current_client
 from lplr_dask.sources import Source, as_matrix, describe, read_source
 
@@ -106,6 +106,7 @@ def compress_at_rank(
         cannot be resumed with these parameters and this input.
     """
     src, A = matrix or open_matrix(source, options, log=log)
+    options = _resumed_sketch(os.fspath(out), options) if resume else options
     params = options.params(rank, A.shape, A.dtype)
     A = chunking.plan(
         A,
@@ -137,6 +138,19 @@ def compress_at_rank(
     finally:
         lock.release()
     return open_factors(path, storage_options=storage_options)
+
+
+def _resumed_sketch(path: str, options: Options) -> Options:
+    """``options`` with the sketch the store at ``path`` was started with, when none was asked
+    for (``sketch=None``): a store started before the default sketch changed resumes with its own."""
+    if options.sketch is not None or not store.exists(path, options.storage_options):
+        return options
+    try:
+        group = store.open_group(path, storage_options=options.storage_options)
+        kind = store.read_meta(group, require_complete=False, path=path).get("sketch", {}).get("kind")
+    except StoreFormatError:  # not a store to resume: _start says why
+        return options
+    return options.replace(sketch=kind) if kind in SKETCHES else options
 
 
 def _start(

@@ -26,6 +26,8 @@ from lplr_dask.validation import at_most_one, parse_choice, parse_float, parse_i
 __all__ = [
     "SKETCHES",
     "DEFAULT_SKETCH",
+    "MIN_ZETA",
+    "sketch_params",
     "DEFAULT_BITS",
     "MAX_RANK_KEY",
     "Options",
@@ -42,8 +44,14 @@ DEFAULT_BITS = (8, 8)
 #: (:mod:`lplr_dask.lanes`: ``DEFAULT_ZETA`` non-zeros per row, a compiled kernel).
 SKETCHES = ("gaussian", "sparse")
 
-#: The sketch unless one is asked for (see benchmarks/RESULTS.md, "CPU cost of a pass").
-DEFAULT_SKETCH = "gaussian"
+#: The sketch unless one is asked for: the sparse one, as accurate as the Gaussian within 1% (geometric
+#: mean 0.996 of the errors over 36 cells at equal bytes) at a fraction of pass 1's cost
+#: (benchmarks/RESULTS.md, "CPU cost of a pass").
+DEFAULT_SKETCH = "sparse"
+
+#: Fewest non-zeros per row of a sparse sketch: a narrower sketch (under ``2·LANES`` = 32 columns)
+#: is Gaussian, whose GEMM is cheap at that width anyway.
+MIN_ZETA = 2
 
 #: The size keywords and their CLI flags, in the order messages name them.
 SIZE_FLAGS = {
@@ -77,7 +85,8 @@ class Options:
     test_columns : int, default=10
     precision : {"auto", "float32", "float64"}, default="auto"
     sketch : {"gaussian", "sparse"}, optional
-        The range sketch of pass 1 (:data:`SKETCHES`); None: :data:`DEFAULT_SKETCH`.
+        The range sketch of pass 1 (:data:`SKETCHES`); None: :data:`DEFAULT_SKETCH`, or for
+        ``--resume`` the sketch the store was started with (:func:`lplr_dask.job.compress_at_rank`).
     device : {"cpu", "cuda"}, default="cpu"
     storage_options : dict, optional
         fsspec options for a remote source and output.
@@ -123,8 +132,8 @@ class Options:
         object.__setattr__(self, "seed", _seed(self.seed))
         object.__setattr__(self, "test_columns", parse_int(self.test_columns, "test_columns", minimum=1))
         compute_dtype(np.float32, self.precision)  # rejects a bad name
-        sketch = DEFAULT_SKETCH if self.sketch is None else self.sketch
-        object.__setattr__(self, "sketch", parse_choice(sketch, "sketch", SKETCHES))
+        if self.sketch is not None:
+            parse_choice(self.sketch, "sketch", SKETCHES)
         quantizer_pair(self.quantizer)
         check_device(self.device)
 
@@ -158,17 +167,18 @@ class Options:
             test_columns=self.test_columns,
             precision=compute_dtype(dtype, self.precision).name,
             range_oversample=oversample,
-            **_sketch(str(self.sketch), rank + oversample),
+            **sketch_params(self.sketch, rank + oversample),
         )
 
 
-def _sketch(kind: str, columns: int) -> dict[str, Any]:
-    """The ``sketch`` and ``zeta`` of :class:`~lplr_dask.factorize.Params` for a sketch of
-    ``columns`` columns: a sparse one has ``DEFAULT_ZETA`` non-zeros per row, fewer when its
-    columns cannot hold that many groups of :data:`~lplr_dask.lanes.LANES` (one group per
-    non-zero), and is Gaussian when they cannot hold one (fewer than 16 columns: k + p < 16)."""
-    zeta = min(DEFAULT_ZETA, columns // LANES) if kind == "sparse" else 0
-    return {"sketch": "sparse", "zeta": zeta} if zeta else {"sketch": "gaussian", "zeta": 0}
+def sketch_params(kind: str | None, columns: int) -> dict[str, Any]:
+    """The ``sketch`` and ``zeta`` of :class:`~lplr_dask.factorize.Params` for a sketch ``kind``
+    (None: :data:`DEFAULT_SKETCH`) of ``columns`` columns: a sparse one has ``DEFAULT_ZETA``
+    non-zeros per row, fewer when its columns cannot hold that many groups of
+    :data:`~lplr_dask.lanes.LANES` (one group per non-zero), and is Gaussian below
+    :data:`MIN_ZETA` groups (fewer than 32 columns: k + p < 32)."""
+    zeta = min(DEFAULT_ZETA, columns // LANES) if (kind or DEFAULT_SKETCH) == "sparse" else 0
+    return {"sketch": "sparse", "zeta": zeta} if zeta >= MIN_ZETA else {"sketch": "gaussian", "zeta": 0}
 
 
 def _seed(seed: Any) -> int:

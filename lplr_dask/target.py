@@ -48,13 +48,13 @@ import dask
 import dask.array as da
 import numpy as np
 
-from lplr_dask import blocks, guard, logs, store
+from lplr_dask import blocks, chunking, guard, logs, store
 from lplr_dask.backend import to_host, to_host_blocks
 from lplr_dask.errors import LplrValueError
 from lplr_dask.factorize import Params, pass1, power_iterate, quantize_basis, resolve_oversample, truncate_sketch
 from lplr_dask.factors import Factors, decode_factor, open_factors
 from lplr_dask.job import cluster_client, compress_at_rank, open_matrix
-from lplr_dask.options import Options, SizeRule, configured_max_rank
+from lplr_dask.options import Options, SizeRule, configured_max_rank, sketch_params
 from lplr_dask.progress import compute
 from lplr_dask.quantize import QuantizerSpec, gptq_factor
 
@@ -148,6 +148,7 @@ class ErrorPlan:
         passes: int = 2,
         max_rank: int = DEFAULT_MAX_RANK,
         oversample: int | None = None,
+        strips: blocks.Strips | None = None,
     ) -> ErrorPlan:
         """The plan of A, from the compression's own pass 1 at rank ``max_rank`` (one read of A).
 
@@ -167,6 +168,8 @@ class ErrorPlan:
         oversample : int, optional
             As for :func:`lplr_dask.compress`: the sketch has ``max_rank`` plus that many columns, and
             the rank-k basis is made from the top k directions of its first k + p.
+        strips : lplr_dask.blocks.Strips, optional
+            Read A by row strips through a reader of its source (:func:`lplr_dask.chunking.strips`).
         """
         n, d = A.shape
         kmax = int(min(n, d, max_rank, configured_max_rank()))
@@ -179,13 +182,19 @@ class ErrorPlan:
             spec_r=spec_r or spec,
             seed=seed,
             test_columns=test_columns,
+            **sketch_params(None, width),  # the default sketch: the plan needs its spectrum only
         )
-        products = pass1(A, params)  # the compression's own first read, at rank max_rank
+        products = pass1(A, params, strips=strips)  # the compression's own first read, at rank max_rank
         Y, AG, sumsq = compute(
-            "target: sketch spectrum", products["Y"], products["AG"], products["sumsq"], persist=True, chunks_of=A
+            "target: sketch spectrum",
+            products["Y"],
+            products["AG"],
+            products["sumsq"],
+            persist=True,
+            chunks_of=blocks.reads(A, strips),
         )
         if power_iters:
-            Y = power_iterate(A, Y, power_iters, compute)
+            Y = power_iterate(A, Y, power_iters, compute, strips=strips)
         tall = blocks.qr_chunks(n, width, Y.chunks[0][0])  # no TSQR cliff (blocks.qr_chunks)
         # the rest works on the thin sketches only: on the host, whatever device A is on
         Y, AG = (to_host_blocks(X).rechunk({0: tall, 1: -1}) for X in (Y, AG))
@@ -423,7 +432,7 @@ def meet_target(
         log(f"{path}: not a completed result for target error {target}; starting over")
         overwrite = True
     options = options.replace(test_columns=max(options.test_columns, MIN_TEST_COLUMNS))
-    _, A = open_matrix(source, options, log=log)
+    src, A = open_matrix(source, options, log=log)
     spec, spec_r = options.specs
     p = ErrorPlan.measure(
         A,
@@ -436,6 +445,7 @@ def meet_target(
         passes=options.passes,
         max_rank=max_rank,
         oversample=options.oversample,
+        strips=chunking.strips(A, src),
     )
     aim, above = target * MARGIN, 0
     attempts: list[dict[str, Any]] = []

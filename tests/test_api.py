@@ -257,3 +257,60 @@ def test_resume_accepts_a_store_from_before_oversampling_and_precision(client, s
     assert any("already complete" in n for n in notes) and f.rank == 6
     with pytest.raises(lplr_dask.StoreFormatError, match="different sketch"):
         lplr_dask.compress(small_matrix, out, rank=6, bits=(4, 4), precision="float64", resume=True, log=lambda m: None)
+
+
+# ---------------------------------------------------------------------------------------------
+# The sparse range sketch (issue 16)
+
+
+@pytest.fixture(scope="module")
+def wide_rank_matrix():
+    """A 900×700 matrix whose rank-32 sketch (64 columns with the default oversampling) holds
+    four lane groups: the sparse sketch's full zeta."""
+    return synthetic((900, 700), rank=48, decay=0.93, noise=0.01, chunks=(128, 128), seed=5)
+
+
+def test_the_sparse_sketch_is_recorded_and_as_accurate_as_the_gaussian(client, wide_rank_matrix, tmp_path):
+    kw = dict(rank=32, bits=(8, 4), seed=3)
+    gauss = lplr_dask.compress(wide_rank_matrix, tmp_path / "g.lplr.zarr", sketch="gaussian", **kw)
+    sparse = lplr_dask.compress(wide_rank_matrix, tmp_path / "s.lplr.zarr", sketch="sparse", **kw)
+    one = lplr_dask.compress(wide_rank_matrix, tmp_path / "o.lplr.zarr", sketch="sparse", passes=1, **kw)
+    assert gauss.attrs["sketch"]["kind"] == "gaussian" and "zeta" not in gauss.attrs["sketch"]
+    assert sparse.attrs["sketch"]["kind"] == "sparse" and sparse.attrs["sketch"]["zeta"] == 4
+    errors = [lplr_dask.evaluate(wide_rank_matrix, f) for f in (gauss, sparse, one)]
+    assert errors[1] <= 1.1 * errors[0], errors
+    assert errors[2] <= 1.3 * errors[1], errors
+    assert not np.array_equal(_codes(gauss.path)[0], _codes(sparse.path)[0])  # another S indeed
+
+
+def test_the_sparse_sketch_gives_the_same_codes_for_any_chunking(client, wide_rank_matrix, tmp_path):
+    kw = dict(rank=32, bits=(4, 4), seed=7, precision="float64", sketch="sparse")
+    a = lplr_dask.compress(wide_rank_matrix, tmp_path / "a.lplr.zarr", **kw)
+    b = lplr_dask.compress(wide_rank_matrix.rechunk((300, 100)), tmp_path / "b.lplr.zarr", **kw)
+    for ca, cb in zip(_codes(a.path), _codes(b.path)):
+        np.testing.assert_array_equal(ca, cb)
+
+
+def test_a_sketch_too_narrow_for_lanes_is_gaussian_and_a_bad_one_is_refused(client, small_matrix, tmp_path):
+    f = lplr_dask.compress(small_matrix, tmp_path / "a.lplr.zarr", rank=12, sketch="sparse")  # 24 columns
+    assert f.attrs["sketch"]["kind"] == "gaussian"
+    f = lplr_dask.compress(small_matrix, tmp_path / "b.lplr.zarr", rank=16)  # 32 columns: two groups
+    assert f.attrs["sketch"]["kind"] == "sparse" and f.attrs["sketch"]["zeta"] == 2
+    with pytest.raises(LplrValueError, match="sketch to be one of 'gaussian', 'sparse'"):
+        lplr_dask.compress(small_matrix, tmp_path / "c.lplr.zarr", rank=4, sketch="dense")
+    assert not os.path.exists(tmp_path / "c.lplr.zarr")
+
+
+def test_resume_with_another_sketch_is_refused_and_none_asked_for_takes_the_stores(client, small_matrix, tmp_path):
+    sparse, gauss = tmp_path / "s.lplr.zarr", tmp_path / "g.lplr.zarr"
+    lplr_dask.compress(small_matrix, sparse, rank=16, sketch="sparse")
+    with pytest.raises(StoreFormatError, match="sketch"):
+        lplr_dask.compress(small_matrix, sparse, rank=16, sketch="gaussian", resume=True)
+    assert lplr_dask.compress(small_matrix, sparse, rank=16, resume=True).attrs["sketch"]["kind"] == "sparse"
+    # a store started with the Gaussian sketch (as before the default changed) resumes without --sketch
+    lplr_dask.compress(small_matrix, gauss, rank=16, sketch="gaussian")
+    with pytest.raises(StoreFormatError, match="sketch"):
+        lplr_dask.compress(small_matrix, gauss, rank=16, sketch="sparse", resume=True)
+    notes: list[str] = []
+    f = lplr_dask.compress(small_matrix, gauss, rank=16, resume=True, log=notes.append)
+    assert any("already complete" in n for n in notes) and f.attrs["sketch"]["kind"] == "gaussian"

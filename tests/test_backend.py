@@ -398,15 +398,19 @@ def guarded_zarr_writes(monkeypatch):
         dict(passes=2, quantizer="paper"),
         dict(passes=2, quantizer="group48-stochastic", power_iters=1),
         dict(passes=1, quantizer="default"),
+        dict(passes=2, quantizer="default", sketch="sparse", rank=12),
+        dict(passes=1, quantizer="default", sketch="sparse", rank=12),
     ],
-    ids=["two-pass-paper", "power-stochastic", "one-pass"],
+    ids=["two-pass-paper", "power-stochastic", "one-pass", "sparse-sketch", "one-pass-sparse-sketch"],
 )
 def test_cuda_pipeline_keeps_device_and_host_apart(
     fake_cupy, guarded_zarr_writes, monkeypatch, small_matrix, tmp_path, kw
 ):
     # in this process with dask's threaded scheduler, where the stand-in module is importable
     monkeypatch.setattr(lplr_dask.api, "_client", lambda *a, **k: contextlib.nullcontext())
-    args = dict(rank=8, bits=(4, 6), seed=2, **kw)
+    # the device runs the sparse products (cupyx); the host must too for identical codes
+    monkeypatch.setattr(lplr_dask.lanes, "KERNEL", "sparse")
+    args = dict(rank=8, bits=(4, 6), seed=2) | kw
     f_dev = lplr_dask.compress(small_matrix, tmp_path / "dev.lplr.zarr", device="cuda", **args)
     assert ndarray.gets > 0  # device chunks were made and came back to the host
     f_cpu = lplr_dask.compress(small_matrix, tmp_path / "cpu.lplr.zarr", device="cpu", **args)

@@ -289,3 +289,20 @@ def test_a_strip_pass_is_less_than_one_task_per_chunk(A):
 def test_column_groups_are_consecutive_runs_of_the_width():
     assert blocks.column_groups([0, 1, 2, 3, 4], 2) == [[0, 1], [2, 3], [4]]
     assert blocks.column_groups([7, 3, 5], 4) == [[7, 3, 5]]
+
+
+@pytest.mark.parametrize("chunks", CHUNKINGS)
+@pytest.mark.parametrize("precision", ["float64", "float32"])
+def test_lane_columns_are_the_dense_product_for_any_chunking(A, chunks, precision):
+    from lplr_dask.lanes import lane_matrix
+
+    dA = da.from_array(A, chunks=chunks)
+    S = np.concatenate([lane_matrix(3, STREAM_S, 1500, 64, 4), sketch_matrix(3, STREAM_G, 1500, 4)], axis=1)
+    want = A.astype(np.float64) @ S
+    tol = dict(rtol=1e-12, atol=1e-9) if precision == "float64" else dict(rtol=1e-4, atol=1e-3)
+    for strips in (None, blocks.Strips(_Reader(A), 3)):
+        out = blocks.sketch_right(
+            dA, 3, [(STREAM_G, 4, 1.0)], sumsq=True, precision=precision, strips=strips, lanes=(STREAM_S, 64, 4)
+        ).compute(scheduler="sync")
+        np.testing.assert_allclose(out[:, :68], want, **tol)
+        np.testing.assert_allclose(out[:, 68], (A.astype(np.float64) ** 2).sum(axis=1), rtol=1e-5)

@@ -143,3 +143,20 @@ def test_cli_compress_group_table_then_resume(client, tmp_path, model, capsys):
     assert result["complete"] and result["totals"]["compressed"] == 4
     assert cli.main(["compress-group", str(src), str(out)]) == 2
     assert "exactly one of --rank" in capsys.readouterr().err
+
+
+def test_a_budget_rank_above_the_maximum_is_capped_per_array(client, tmp_path, model):
+    import dask
+
+    src, _ = model
+    lines: list[str] = []
+    with dask.config.set({"lplr.max-rank": 8}):
+        result = lplr_dask.compress_group(src, tmp_path / "o.lplr.zarr", match_nq=4, log=lines.append)
+        asked = lplr_dask.compress_group(src, tmp_path / "r.lplr.zarr", rank=10, log=lambda _: None)
+    w = next(e for e in result["arrays"] if e["name"] == "enc/w")
+    fair = lplr_dask.fair_rank(300, 200, (8, 8), 4)
+    assert fair > 8 and w["rank"] == 8 and w["rank_cap"] == {"requested": fair, "max_rank": 8}
+    f = lplr_dask.open_factors(tmp_path / "o.lplr.zarr" / "enc" / "w")
+    assert f.rank == 8 and f.attrs["rank_cap"] == {"requested": fair, "max_rank": 8}
+    assert any(line.startswith(f"warning: enc/w: the rule allows rank {fair}, capped at 8") for line in lines)
+    assert next(e for e in asked["arrays"] if e["name"] == "enc/w")["rank"] == 10  # a rank asked for: as asked
