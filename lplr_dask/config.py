@@ -16,6 +16,9 @@ The keys (see ``lplr.yaml`` for what each means):
 ``lplr.max-rank``
     the largest rank a budget (``--bits-per-entry`` with ``--bits``) or ``--match-nq`` sets; above
     it the rank is capped with a warning (:func:`lplr_dask.budget.resolve_rank`);
+``lplr.central.in-process-bytes``
+    the steps between the passes run in the client process while the thin matrices they read
+    take at most this many bytes (:attr:`lplr_dask.factorize.StageContext.central`);
 ``lplr.chunking.max-tasks``
     at most this many tasks per read of A: smaller chunks are read merged, as far as a merged
     task fits the workers' memory (:func:`lplr_dask.chunking.plan`).

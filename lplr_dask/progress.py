@@ -27,6 +27,7 @@ live rich bar replaces the heartbeat lines; the final line is logged either way.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import logging
 import threading
 import time
@@ -41,7 +42,7 @@ from distributed.diagnostics.plugin import SchedulerPlugin
 import lplr_dask.config  # noqa: F401  (the lplr.progress.interval default in dask.config)
 from lplr_dask import interrupts, logs
 
-__all__ = ["compute", "current_client", "set_quiet", "reads_chunk", "ChunkCounter", "interval", "Reads"]
+__all__ = ["compute", "in_process", "current_client", "set_quiet", "reads_chunk", "ChunkCounter", "interval", "Reads"]
 
 _QUIET = False
 
@@ -60,8 +61,27 @@ def interval() -> float:
     return float(dask.utils.parse_timedelta(dask.config.get("lplr.progress.interval"), default="s"))
 
 
+#: True inside :func:`in_process`: computes run in this process, not on the current client.
+_IN_PROCESS: contextvars.ContextVar[bool] = contextvars.ContextVar("lplr_in_process", default=False)
+
+
+@contextlib.contextmanager
+def in_process() -> Iterator[None]:
+    """Run the block's computes in this process with dask's threads scheduler, not on the current
+    client's cluster (:func:`current_client` is None inside): for small steps whose inputs this
+    process can read, where a round trip to the cluster per step would cost more than the step."""
+    token = _IN_PROCESS.set(True)
+    try:
+        with dask.config.set(scheduler="threads"):
+            yield
+    finally:
+        _IN_PROCESS.reset(token)
+
+
 def current_client() -> Any:
-    """The current dask.distributed Client, or None."""
+    """The current dask.distributed Client, or None (also inside :func:`in_process`)."""
+    if _IN_PROCESS.get():
+        return None
     try:
         from distributed import get_client
 
