@@ -125,8 +125,13 @@ def scheduler() -> Any:
             proc.wait(30)
 
 
-def scheduler_mib(client: Any, pid: int, collections: list[Any]) -> float:
-    """MiB of resident memory the scheduler process gains holding ``collections``' tasks (none run)."""
+def scheduler_mib(collections: list[Any]) -> float:
+    """MiB of resident memory a fresh scheduler process gains holding ``collections``' tasks (none run)."""
+    with scheduler() as (client, pid):
+        return _held_mib(client, pid, collections)
+
+
+def _held_mib(client: Any, pid: int, collections: list[Any]) -> float:
     import psutil
 
     def rss() -> int:
@@ -190,7 +195,7 @@ def blas() -> str:
     return ", ".join(sorted(found)) or "none found"
 
 
-def measure(name: str, shape: tuple[int, int], chunk: int, tmp: str, options: Options, sched: Any) -> dict[str, Any]:
+def measure(name: str, shape: tuple[int, int], chunk: int, tmp: str, options: Options) -> dict[str, Any]:
     """Plan a virtual source of ``shape`` in ``chunk``² chunks and count its passes' graphs, with
     the row strips a job uses and without; the scheduler's memory for each pass with them."""
     path = os.path.join(tmp, f"{name}.zarr")
@@ -207,7 +212,7 @@ def measure(name: str, shape: tuple[int, int], chunk: int, tmp: str, options: Op
     t2, build2 = optimized_tasks(p2)
     c1, _ = optimized_tasks(pass1_collections(B, params, None))
     c2, _ = optimized_tasks(pass2_collections(B, params, scratch, None))
-    memory = max(scheduler_mib(*sched, p1), scheduler_mib(*sched, p2))
+    memory = max(scheduler_mib(p1), scheduler_mib(p2))
     return {
         "strip width": strips.width if strips else 1,
         "per chunk tasks": (c1, c2),
@@ -250,11 +255,10 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         costs = chunk_costs(tmp, options.params(RANK, (10**6, 10**5), np.float32))
         rows = []
-        with scheduler() as sched:
-            for name in args.shapes:
-                shape, chunk = SHAPES[name]
-                rows.append(measure(name, shape, chunk, tmp, options, sched))
-                print(f"... {name}: {time.perf_counter() - started:.0f} s", flush=True)
+        for name in args.shapes:
+            shape, chunk = SHAPES[name]
+            rows.append(measure(name, shape, chunk, tmp, options))
+            print(f"... {name}: {time.perf_counter() - started:.0f} s", flush=True)
     p = rows[0]["params"]
     print(
         f"\nk = {RANK}, range oversampling p = {p.range_oversample}, two-pass, {p.precision} products, "
@@ -291,7 +295,7 @@ def main(argv: list[str] | None = None) -> None:
         print(
             f"| {row['name']} | {shape} | {row['stored']:,} of {row['stored chunk']}² | {row['chunks'][0]}×{row['chunks'][1]} "
             f"| {row['strip width']} | {c1 / row['merged']:.2f}, {c2 / row['merged']:.2f} "
-            f"| {t1 / row['merged']:.2f}, {t2 / row['merged']:.2f} | {t1 / row['stored']:.2f}, {t2 / row['stored']:.2f} "
+            f"| {t1 / row['merged']:.2f}, {t2 / row['merged']:.2f} | {t1 / row['stored']:.3f}, {t2 / row['stored']:.3f} "
             f"| {t1:,} + {t2:,} = {t1 + t2:,} | {row['scheduler MiB']:.0f} "
             f"| {row['build']:.1f} | {m['io']:.0f} | {m['predicted']:.0f} | {m['predicted'] / m['io']:.2f} |"
         )

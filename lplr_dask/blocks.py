@@ -347,7 +347,7 @@ def _sketches(
         grid = _grid(A, strips, row_blocks, None)
         strip = _SketchStrip(strips.reader, options)
         name = f"{_strip_name(A)}-{tokenize(options, grid.rows.name, grid.groups.name)}"
-        both = da.blockwise(strip, "ib", grid.rows, "i", grid.groups, "b", name=name, meta=meta)
+        both = da.blockwise(strip, "ib", grid.rows, "i", grid.groups, "b", name=name, meta=meta, align_arrays=False)
         row_sizes, group_widths = grid.row_sizes, grid.group_widths
     right = left_ = None
     dtype = compute_dtype(A.dtype, precision)

@@ -54,7 +54,7 @@ from lplr_dask.errors import LplrValueError
 from lplr_dask.factorize import Params, pass1, power_iterate, quantize_basis, resolve_oversample, truncate_sketch
 from lplr_dask.factors import Factors, decode_factor, open_factors
 from lplr_dask.job import cluster_client, compress_at_rank, open_matrix
-from lplr_dask.options import Options, SizeRule, configured_max_rank, sketch_params
+from lplr_dask.options import Options, SizeRule, configured_max_rank
 from lplr_dask.progress import compute
 from lplr_dask.quantize import QuantizerSpec, gptq_factor
 
@@ -182,7 +182,6 @@ class ErrorPlan:
             spec_r=spec_r or spec,
             seed=seed,
             test_columns=test_columns,
-            **sketch_params(None, width),  # the default sketch: the plan needs its spectrum only
         )
         products = pass1(A, params, strips=strips)  # the compression's own first read, at rank max_rank
         Y, AG, sumsq = compute(

@@ -27,6 +27,7 @@ DEFAULTS = {
     "lplr.cluster.worker-timeout": "600s",
     "lplr.cluster.no-workers-timeout": "120s",
     "lplr.chunking.max-tasks": 20000,
+    "lplr.central.in-process-bytes": "1GiB",  # new with issue 16: the steps between the passes in the client
 }
 
 
