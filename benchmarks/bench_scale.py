@@ -204,7 +204,7 @@ def measure(name: str, shape: tuple[int, int], chunk: int, tmp: str, options: Op
     src, A = open_matrix(path, options, log=lambda _: None)
     params = options.params(RANK, A.shape, A.dtype)
     B = chunking.plan(A, params, source=src, log=lambda _: None)
-    strips = chunking.strips(B, src)
+    strips = chunking.strips(B, src, threads=NODES * CORES)  # as a job on the model's cluster
     planned = time.perf_counter() - t0
     scratch = zarr.open_group(os.path.join(tmp, f"{name}-scratch.zarr"), mode="w")
     p1, p2 = pass1_collections(B, params, strips), pass2_collections(B, params, scratch, strips)

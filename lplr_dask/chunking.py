@@ -295,20 +295,25 @@ def plan(
     return A
 
 
-def strips(A: da.Array, source: Source | None) -> Strips | None:
+def strips(A: da.Array, source: Source | None, *, threads: int | None = None) -> Strips | None:
     """How the passes read A (as :func:`plan` left it): by row strips through ``source``'s reader
     (:func:`lplr_dask.sources.chunk_reader`), or None (a dask or numpy array: a task per chunk).
 
     A strip is :data:`~lplr_dask.blocks.STRIP_WIDTH` chunks of a row of chunks, or as many more
     as keep a pass within :func:`max_tasks` (the strips and their tree sum), and never more
-    than a row. The memory of a task does not grow with it: a strip reads its chunks in turn.
+    than a row; and, given the cluster's ``threads``, as few as keep at least two strips per
+    thread (a matrix with few chunks on a large cluster keeps its parallelism). The memory of a
+    task does not grow with it: a strip reads its chunks in turn.
     """
     reader = chunk_reader(source, A) if isinstance(source, Source) else None
     if reader is None:
         return None
     tasks_per_strip = 1 + 1 / (STRIP_SPLIT - 1)  # the strip, and its share of the tree sum
-    width = max(STRIP_WIDTH, math.ceil(A.npartitions * tasks_per_strip / max_tasks()))
-    return Strips(reader, min(width, len(A.chunks[1])))
+    rows, cols = len(A.chunks[0]), len(A.chunks[1])
+    width = min(max(STRIP_WIDTH, math.ceil(A.npartitions * tasks_per_strip / max_tasks())), cols)
+    while threads and width > 1 and rows * math.ceil(cols / width) < 2 * threads:
+        width -= 1
+    return Strips(reader, width)
 
 
 def _read(A: da.Array, source: str | Source | None, chunks: tuple[int, int]) -> da.Array:

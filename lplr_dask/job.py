@@ -133,11 +133,20 @@ def compress_at_rank(
         if meta.get("complete"):
             log(f"{path}: already complete; nothing to do")
         else:
-            strips = chunking.strips(A, src)
+            strips = chunking.strips(A, src, threads=_threads(client))
             _run(A, path, params, meta, lock, resume=resume, storage_options=storage_options, log=log, strips=strips)
     finally:
         lock.release()
     return open_factors(path, storage_options=storage_options)
+
+
+def _threads(client: Any) -> int | None:
+    """The worker threads of ``client``'s cluster (None without a client or workers)."""
+    try:
+        threads = sum(client.nthreads().values()) if client is not None else 0
+    except Exception:  # noqa: BLE001 - no scheduler info: strips sized without it
+        return None
+    return threads or None
 
 
 def _resumed_sketch(path: str, options: Options) -> Options:
