@@ -301,8 +301,9 @@ def strips(A: da.Array, source: Source | None, *, threads: int | None = None) ->
 
     A strip is :data:`~lplr_dask.blocks.STRIP_WIDTH` chunks of a row of chunks, or as many more
     as keep a pass within :func:`max_tasks` (the strips and their tree sum), and never more
-    than a row; and, given the cluster's ``threads``, as few as keep at least two strips per
-    thread (a matrix with few chunks on a large cluster keeps its parallelism). The memory of a
+    than a row; and, given the cluster's ``threads``, as few as keep a strip per thread (a
+    matrix with few chunks on a large cluster keeps its parallelism: a task per chunk when it
+    has fewer chunks than the cluster threads). The memory of a
     task does not grow with it: a strip reads its chunks in turn.
     """
     reader = chunk_reader(source, A) if isinstance(source, Source) else None
@@ -311,7 +312,7 @@ def strips(A: da.Array, source: Source | None, *, threads: int | None = None) ->
     tasks_per_strip = 1 + 1 / (STRIP_SPLIT - 1)  # the strip, and its share of the tree sum
     rows, cols = len(A.chunks[0]), len(A.chunks[1])
     width = min(max(STRIP_WIDTH, math.ceil(A.npartitions * tasks_per_strip / max_tasks())), cols)
-    while threads and width > 1 and rows * math.ceil(cols / width) < 2 * threads:
+    while threads and width > 1 and rows * math.ceil(cols / width) < threads:
         width -= 1
     return Strips(reader, width)
 

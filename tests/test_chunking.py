@@ -231,9 +231,10 @@ def test_both_passes_of_a_virtual_matrix_are_under_one_task_per_chunk(tmp_path):
         assert tasks <= 0.6 * A.npartitions, (tasks, A.npartitions)
 
 
-def test_strips_narrow_to_keep_two_per_thread_of_the_cluster(tmp_path):
+def test_strips_narrow_to_keep_one_per_thread_of_the_cluster(tmp_path):
     src, A = _virtual(tmp_path, (4096 * 8, 4096 * 8), (4096, 4096))  # 8 x 8 chunks
     assert chunking.strips(A, src).width == 4  # 16 strips
-    assert chunking.strips(A, src, threads=8).width == 4  # 16 strips: two per thread
-    assert chunking.strips(A, src, threads=16).width == 2  # 32 strips
+    assert chunking.strips(A, src, threads=16).width == 4  # 16 strips: one per thread
+    assert chunking.strips(A, src, threads=17).width == 3  # 24 strips
+    assert chunking.strips(A, src, threads=32).width == 2  # 32 strips
     assert chunking.strips(A, src, threads=1000).width == 1  # a chunk per task: as many as there are
