@@ -313,6 +313,11 @@ def _sketch_block(
     return (None if right is None else right[None]), (None if out is None else out[None])
 
 
+def _width_of(lanes: Lanes | None, streams: Sequence[Stream], sumsq: bool) -> int:
+    """Columns of the right product of :func:`_sketches`."""
+    return (lanes[1] if lanes else 0) + sum(w for _, w, _ in streams) + int(sumsq)
+
+
 def _sketches(
     A: da.Array,
     seed: int,
@@ -329,7 +334,12 @@ def _sketches(
     """Lazy ``A·[S_1 | …]`` (n × widths) and ``Ψ·A`` (ℓ × d): one task per chunk of A for both,
     or one per row strip (``strips``, see the module docstring). ``row_blocks`` keeps only those
     row blocks of the first (in this order); a strip pass computes nothing else."""
-    width = (lanes[1] if lanes else 0) + sum(w for _, w, _ in streams) + int(sumsq)
+    if left and _width_of(lanes, streams, sumsq):
+        # Both products at once (one-pass): their tree sums cross (Y over a row's chunks, Z over a
+        # column's), so a strip's pair of partial products waits for both, and with strips the
+        # pairs held went past a worker's spill threshold (tests/test_memory.py): a task per chunk.
+        strips = None
+    width = _width_of(lanes, streams, sumsq)
     options = dict(
         seed=seed, streams=list(streams), sumsq=sumsq, left=left, check=check, precision=precision, lanes=lanes
     )

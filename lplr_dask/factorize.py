@@ -630,13 +630,14 @@ def _write_sketches(job: StageContext) -> float:
     if done.any():
         job.log(f"resume: {int(done.sum())} of {done.size} row strips of pass 1 already written; computing {len(todo)}")
     if todo:
-        rows, Z = _pass1_blocks(A, p, strips=job.strips, row_blocks=todo)
+        strips = job.strips if p.passes == 2 else None  # one-pass: a task per chunk (blocks._sketches)
+        rows, Z = _pass1_blocks(A, p, strips=strips, row_blocks=todo)
         writes = [blocks.map_row_blocks(rows, _YWriter(job.root, todo, p, mark=Z is None))]
         if Z is not None:
             target = store.create_scratch(job.group, "Z", (p.oversample, d), (p.oversample, job.col_chunk))
             Z = Z.rechunk((p.oversample, job.col_chunk))
             writes.append(da.store(to_host_blocks(Z), target, lock=False, compute=False))
-        job.runner("pass 1: sketch", *writes, persist=False, chunks_of=blocks.reads(A, job.strips, row_blocks=todo))
+        job.runner("pass 1: sketch", *writes, persist=False, chunks_of=blocks.reads(A, strips, row_blocks=todo))
         marks[...] = 1  # two-pass: already set strip by strip; one-pass: now that Z is stored
     return math.sqrt(float(np.asarray(job.scratch("sumsq")[...]).sum()))
 
