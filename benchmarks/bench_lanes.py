@@ -25,17 +25,22 @@ Prints a markdown table, then the BLAS library and its kernels as threadpoolctl 
 from __future__ import annotations
 
 import argparse
+import os
 import platform
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-import threadpoolctl
 from threadpoolctl import threadpool_limits
 
 from lplr_dask import lanes
 from lplr_dask.sketch import STREAM_PSI, STREAM_S, sparse_sign_rows
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from bench_scale import blas  # noqa: E402  (the BLAS names as threadpoolctl gives them)
 
 CHUNK = 4096
 #: Columns of the range sketch: k + p for k = 256 and the default p = k.
@@ -109,15 +114,6 @@ def timings(dtype: type, repeat: int) -> Rows:
             rows[base] = best(with_kernel("sparse", scatter), repeat), base
             rows[f"scatter_rows numba, nnz={nnz}, ℓ={width}"] = best(with_kernel("numba", scatter), repeat), base
     return rows
-
-
-def blas() -> str:
-    found = {
-        f"{i['internal_api']} {i['version']} ({i.get('architecture', '?')} kernels)"
-        for i in threadpoolctl.threadpool_info()
-        if i["user_api"] == "blas"
-    }
-    return ", ".join(sorted(found)) or "none found"
 
 
 def main() -> None:
