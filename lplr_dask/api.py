@@ -62,6 +62,7 @@ def compress(
     storage_options: dict[str, Any] | None = None,
     precision: str = "auto",
     sketch: str | None = None,
+    cache_input: bool = False,
     log: Callable[[str], None] = logs.info,
 ) -> Factors:
     """Compress a matrix into a low-rank, low-precision factorization ``A ≈ L·R`` [1]_.
@@ -128,6 +129,12 @@ def compress(
         benchmarks/RESULTS.md, "CPU cost of a pass"). Recorded in the attrs; a sketch of fewer
         than 16 columns (k + p < 16) is Gaussian either way. Default (None):
         :data:`lplr_dask.options.DEFAULT_SKETCH`.
+    cache_input : bool, default=False
+        Two-pass mode: read and decode A once, keep its chunks in the workers' memory, and run
+        both passes from there, saving the second decode of the source. Only when A fits below
+        the workers' spill threshold with room for the passes' tasks
+        (:func:`lplr_dask.chunking.cache_room`); otherwise a note says so and each pass reads the
+        source as without it. The codes are the same either way.
     log : callable, default=lplr_dask.logs.info
         Receives what the compression chose and did; each step's progress goes to the ``lplr_dask``
         logger (:mod:`lplr_dask.progress`).
@@ -156,6 +163,7 @@ def compress(
         test_columns=test_columns,
         precision=precision,
         sketch=sketch,
+        cache_input=cache_input,
         device=device,
         storage_options=storage_options,
     )

@@ -407,7 +407,7 @@ class _SketchStrip:
             right = None if r is None else _accumulate(right, r)
             if l_ is not None:
                 lefts.append(l_)
-            del a  # one chunk at a time
+            del a  # one chunk at a time: else the last one lives on while the next is read
         if len(lefts) > 1:
             return right, array_namespace(lefts[0]).concatenate(lefts, axis=2)
         return right, (lefts[0] if lefts else None)
@@ -638,7 +638,10 @@ class _LeftStrip:
 
     def __call__(self, pt: Any, rows: Any, group: Any) -> Any:
         ptt = pt.T.astype(self.dtype, copy=False)
-        parts = [_left_part(ptt, a, self.dtype) for _, _, a in _strip_chunks(self.reader, rows, group)]
+        parts = []
+        for _, _, a in _strip_chunks(self.reader, rows, group):
+            parts.append(_left_part(ptt, a, self.dtype))
+            del a  # one chunk at a time: else the last one lives on while the next is read
         out = parts[0] if len(parts) == 1 else array_namespace(parts[0]).concatenate(parts, axis=1)
         return out[None]
 
@@ -712,6 +715,7 @@ class _RightStrip:
             width = a.shape[1]
             out = _accumulate(out, _right_part(a, m[offset : offset + width], self.dtype))
             offset += width
+            del a  # one chunk at a time
         return out[None]
 
 

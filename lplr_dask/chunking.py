@@ -66,6 +66,7 @@ __all__ = [
     "task_memory",
     "DEFAULT_THREAD_MEMORY",
     "check_memory",
+    "cache_room",
     "worker_memory_peaks",
 ]
 
@@ -387,6 +388,29 @@ def check_memory(
         f"`lplr convert {where} SMALLER.zarr --chunks {fit[0]}x{fit[1]}`, or give each worker more memory "
         "(--memory-limit) or fewer threads (--threads-per-worker)."
     )
+
+
+def cache_room(A: da.Array, params: Params, client: Any) -> int | None:
+    """Bytes the workers can keep of A's chunks while a pass still runs (``--cache-input``).
+
+    Each worker's memory limit times the Dask config ``distributed.worker.memory.target`` (the
+    fraction above which a worker starts to spill to disk), less one task's working set
+    (:func:`task_bytes`) per thread, summed over the workers. None without a client, a worker,
+    or a memory limit: nothing is known to fit.
+    """
+    if client is None:
+        return None
+    try:
+        workers = list(client.scheduler_info()["workers"].values())
+    except Exception:  # noqa: BLE001 - no scheduler info: nothing known to fit
+        return None
+    target = dask.config.get("distributed.worker.memory.target") or 1.0
+    chunk = (int(A.chunks[0][0]), int(A.chunks[1][0]))
+    task = task_bytes(chunk, *_task_args(np.dtype(A.dtype).itemsize, params))
+    room = [int(w.get("memory_limit") or 0) * float(target) - int(w.get("nthreads") or 1) * task for w in workers]
+    if not workers or any(w.get("memory_limit") in (None, 0) for w in workers):
+        return None
+    return int(sum(max(r, 0) for r in room))
 
 
 def _thread_memory(client: Any) -> tuple[int, int] | None:

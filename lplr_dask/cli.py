@@ -238,6 +238,12 @@ def _compression(sp: argparse.ArgumentParser) -> None:
         help="range sketch of pass 1: gaussian (the paper's, a GEMM per chunk) or sparse (a sparse "
         "sign embedding applied by a compiled kernel, faster); default: lplr_dask.options.DEFAULT_SKETCH",
     )
+    sp.add_argument(
+        "--cache-input",
+        action="store_true",
+        help="two-pass: decode A once and keep its chunks in the workers' memory for pass 2, when they fit "
+        "(else a note, and each pass reads the source); the codes are the same",
+    )
     sp.add_argument("--evaluate", action="store_true", help="also measure the exact error (one more read of A)")
     mode = sp.add_mutually_exclusive_group()
     mode.add_argument("--overwrite", action="store_true", help="replace an existing output")
@@ -574,6 +580,7 @@ _SHARED = (
     "seed",
     "precision",
     "sketch",
+    "cache_input",
     "device",
     "storage_options",
 )

@@ -77,6 +77,7 @@ __all__ = [
     "pass1",
     "truncate_sketch",
     "pinv_factor",
+    "host_pinv_factor",
     "project",
     "error_estimate",
     "decode_factor",
@@ -344,6 +345,21 @@ def pinv_factor(L_hat: da.Array) -> da.Array:
     return Q @ inverse
 
 
+def host_pinv_factor(L_hat: np.ndarray) -> np.ndarray:
+    """``pinv(L)ᵀ`` (n×k) of an in-memory basis: :func:`pinv_factor`'s algorithm in plain numpy.
+
+    The same CholeskyQR2 with eigendecompositions of the Grams and the same cut of small singular
+    values, as whole-matrix GEMMs: for the benchmark's 32768×256 basis about 0.5 s against 2–2.5 s
+    for the blocked dask graph in dask's threads scheduler (benchmarks/RESULTS.md, issue 16).
+    It holds L, Q and the result at once (3·n·k float64): for the central steps in the client
+    (:attr:`StageContext.central_in_process`).
+    """
+    n, k = L_hat.shape
+    Q = L_hat @ _inverse_root(L_hat.T @ L_hat)
+    Q = Q @ _inverse_root(Q.T @ Q)
+    return Q @ _pinv_transposed(Q.T @ L_hat, max(n, k))
+
+
 def _orthonormalize(X: da.Array) -> da.Array:
     """``X·T`` with orthonormal columns where X's are independent: ``T = V·Λ^(-1/2)`` from the
     eigendecomposition ``XᵀX = V·Λ·Vᵀ`` (one k×k task), with zero columns for the eigenvalues at
@@ -491,9 +507,12 @@ class _Runner:
     def __call__(self, label: str, *arrays: Any, persist: bool = True, chunks_of: Any = None) -> tuple[Any, ...]:
         t0 = time.perf_counter()
         out = compute(label, *arrays, persist=persist, chunks_of=chunks_of)
-        key = label.split(" (")[0]
-        self.timings[key] = round(self.timings.get(key, 0.0) + time.perf_counter() - t0, 3)
+        self._add(label, time.perf_counter() - t0)
         return out
+
+    def _add(self, label: str, seconds: float) -> None:
+        key = label.split(" (")[0]
+        self.timings[key] = round(self.timings.get(key, 0.0) + seconds, 3)
 
 
 @dataclasses.dataclass
@@ -551,12 +570,15 @@ class StageContext:
         the thin matrices they read — Y (n × (k + p)), W (k × d) and, one-pass, Z (ℓ × d), as
         float64 — take at most the Dask config ``lplr.central.in-process-bytes`` (default 1 GiB);
         on the cluster otherwise."""
+        return in_process() if self.central_in_process else contextlib.nullcontext()
+
+    @property
+    def central_in_process(self) -> bool:
+        """Whether :meth:`central` computes in this process (A on the host, thin matrices small)."""
         (n, d), p = self.A.shape, self.params
         thin = 8 * (n * p.sketch_columns + p.rank * d + (p.oversample * d if p.passes == 1 else 0))
         limit = dask.utils.parse_bytes(dask.config.get("lplr.central.in-process-bytes"))
-        if device_of(self.A) == "cpu" and thin <= limit:
-            return in_process()
-        return contextlib.nullcontext()
+        return device_of(self.A) == "cpu" and thin <= limit
 
     @property
     def row_chunk(self) -> int:
@@ -709,7 +731,11 @@ def _projection(job: StageContext, todo: list[int]) -> tuple[da.Array, str]:
     # and casts it to that precision anyway (float32 under "auto" for float32 input: half the bytes)
     dtype = blocks.compute_dtype(A.dtype, p.precision)
     pt = store.create_scratch(job.group, "PT", (A.shape[0], p.rank), (job.row_chunk, p.rank), dtype=dtype)
-    PT = to_host_blocks(pinv_factor(L_hat).astype(dtype).rechunk({0: A.chunks[0], 1: -1}))
+    if job.central_in_process:  # one numpy task: its GEMMs cost a quarter of the same in dask's blocks
+        PT = da.from_delayed(dask.delayed(host_pinv_factor)(L_hat), L_hat.shape, np.float64, meta=np.empty((0, 0)))
+    else:
+        PT = pinv_factor(L_hat)
+    PT = to_host_blocks(PT.astype(dtype).rechunk({0: A.chunks[0], 1: -1}))
     with job.central():
         job.runner("basis: pinv(L)", da.store(PT, pt, lock=False, compute=False), persist=False)
     PT = like(da.from_zarr(pt), A)

@@ -140,6 +140,7 @@ def compress_group(
     storage_options: dict[str, Any] | None = None,
     precision: str = "auto",
     sketch: str | None = None,
+    cache_input: bool = False,
     log: Callable[[str], None] = logs.info,
 ) -> dict[str, Any]:
     """Compress every matrix of a group into one output group (layout in the module docstring).
@@ -156,7 +157,7 @@ def compress_group(
         counts the codes, ``k·(n·B1 + d·B2) / (n·d)`` (the paper's fair rank), not the bytes on
         disk as :func:`lplr_dask.compress` does: each store's metadata (about 16 KiB) would
         leave a small matrix of a model no rank at all.
-    bits, passes, power_iters, oversample, quantizer, seed, device, precision, sketch
+    bits, passes, power_iters, oversample, quantizer, seed, device, precision, sketch, cache_input
         As for :func:`lplr_dask.compress`, the same for every matrix.
     overwrite, resume : bool
         Replace an existing output; or finish an interrupted one (arrays already complete are
@@ -195,6 +196,7 @@ def compress_group(
         seed=seed,
         precision=precision,
         sketch=sketch,
+        cache_input=cache_input,
         device=device,
         storage_options=storage_options,
     )

@@ -29,7 +29,7 @@ from lplr_dask.cluster import get_client
 from lplr_dask.errors import StoreFormatError
 from lplr_dask.factors import Factors, open_factors
 from lplr_dask.options import SKETCHES, Options
-from lplr_dask.progress import current_client
+from lplr_dask.progress import compute, current_client
 from lplr_dask.sources import Source, as_matrix, describe, read_source
 
 __all__ = ["cluster_client", "compress_at_rank", "open_matrix", "package_version"]
@@ -134,10 +134,40 @@ def compress_at_rank(
             log(f"{path}: already complete; nothing to do")
         else:
             strips = chunking.strips(A, src, threads=_threads(client))
+            if options.cache_input:
+                A, strips = _cached(A, params, meta, client, log=log, strips=strips)
             _run(A, path, params, meta, lock, resume=resume, storage_options=storage_options, log=log, strips=strips)
     finally:
         lock.release()
     return open_factors(path, storage_options=storage_options)
+
+
+def _cached(
+    A: da.Array, params: factorize.Params, meta: dict[str, Any], client: Any, *, log: Log, strips: Strips | None
+) -> tuple[da.Array, Strips | None]:
+    """A with its decoded chunks kept in the workers' memory (``cache_input``), read by chunk;
+    or A and ``strips`` unchanged (with a note) when they would not fit or no pass is left.
+
+    The chunks are read and decoded once, by a step of their own ("cache input"); both passes
+    then read them from memory, so the second decode of the source is saved. They are released
+    when the job ends.
+    """
+    if meta.get("stage") != "started":
+        return A, strips  # pass 1 is done: A is read once more at most, and a cache would not save it
+    room = chunking.cache_room(A, params, client)
+    gib = A.nbytes / 2**30
+    if room is None or A.nbytes > room:
+        have = "an unknown amount" if room is None else f"{room / 2**30:,.1f} GiB"
+        log(
+            f"note: --cache-input: A ({gib:,.1f} GiB) does not fit in the workers' memory ({have} below their "
+            "spill threshold, after the passes' tasks); reading it from the source in each pass instead"
+        )
+        return A, strips
+    t0 = time.perf_counter()
+    (A,) = compute(f"cache input ({gib:,.1f} GiB in the workers' memory)", A, persist=True, chunks_of=A)
+    timings = meta.setdefault("timings", {})
+    timings["cache input"] = round(time.perf_counter() - t0 + timings.get("cache input", 0.0), 3)
+    return A, None
 
 
 def _threads(client: Any) -> int | None:

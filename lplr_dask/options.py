@@ -21,7 +21,7 @@ from lplr_dask.errors import LplrTypeError, LplrValueError
 from lplr_dask.factorize import Params, check_oversample, resolve_oversample
 from lplr_dask.lanes import DEFAULT_ZETA, LANES
 from lplr_dask.quantize import QuantizerSpec, check_bits, quantizer_pair
-from lplr_dask.validation import at_most_one, parse_choice, parse_float, parse_int
+from lplr_dask.validation import at_most_one, parse_bool, parse_choice, parse_float, parse_int
 
 __all__ = [
     "SKETCHES",
@@ -88,6 +88,9 @@ class Options:
         The range sketch of pass 1 (:data:`SKETCHES`); None: :data:`DEFAULT_SKETCH`, or for
         ``--resume`` the sketch the store was started with (:func:`lplr_dask.job.compress_at_rank`).
     device : {"cpu", "cuda"}, default="cpu"
+    cache_input : bool, default=False
+        Two-pass only: keep A's decoded chunks in the workers' memory from pass 1 to pass 2 when
+        they fit (:func:`lplr_dask.job.compress_at_rank`); it changes no code.
     storage_options : dict, optional
         fsspec options for a remote source and output.
 
@@ -106,6 +109,7 @@ class Options:
     precision: str = "auto"
     sketch: str | None = None
     device: str = "cpu"
+    cache_input: bool = False
     storage_options: dict[str, Any] | None = dataclasses.field(default=None, compare=False)
 
     def __post_init__(self) -> None:
@@ -129,6 +133,12 @@ class Options:
                 "Use passes=2 (--passes 2)."
             )
         check_oversample(self.oversample)
+        object.__setattr__(self, "cache_input", parse_bool(self.cache_input, "cache_input"))
+        if self.cache_input and self.passes == 1:
+            raise LplrValueError(
+                "Expected cache_input (--cache-input) with two passes: it keeps A's chunks in memory for the "
+                "second read, and one pass (passes=1, --passes 1) reads A once. Got both instead. Drop one of them."
+            )
         object.__setattr__(self, "seed", _seed(self.seed))
         object.__setattr__(self, "test_columns", parse_int(self.test_columns, "test_columns", minimum=1))
         compute_dtype(np.float32, self.precision)  # rejects a bad name

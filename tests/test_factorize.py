@@ -458,6 +458,23 @@ def test_pinv_factor_and_orth_have_no_task_above_a_row_block_in_the_cliff_case(m
     assert len(calls) == 1
 
 
+@pytest.mark.parametrize("rank_deficient", [False, True])
+def test_host_pinv_factor_equals_numpy_pinv_and_the_blocked_one(rank_deficient):
+    """The in-memory CholeskyQR2 of the central steps in the client gives numpy's pseudo-inverse
+    (condition 1e6, or two dependent columns: the minimum-norm solution) and the blocked dask
+    version's result to rounding."""
+    n, k = 2048, 40
+    rng = np.random.default_rng(1)
+    L = rng.standard_normal((n, k)) @ np.diag(np.logspace(0, -6, k))
+    if rank_deficient:
+        L[:, 5] = L[:, 3] * 2.0
+    want = np.linalg.pinv(L, rtol=n * np.finfo(np.float64).eps).T
+    got = factorize.host_pinv_factor(L)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-9 * np.abs(want).max())
+    blocked = factorize.pinv_factor(da.from_array(L, chunks=(256, k))).compute(scheduler="sync")
+    np.testing.assert_allclose(got, blocked, rtol=0, atol=1e-9 * np.abs(want).max())
+
+
 # ---------------------------------------------------------------------------------------------
 # Resume points in pass 1 (issue 15)
 # ---------------------------------------------------------------------------------------------

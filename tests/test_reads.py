@@ -10,6 +10,7 @@ import collections
 import os
 from typing import Any
 
+import numpy as np
 import pytest
 import zarr
 from zarr.storage import LocalStore, WrapperStore
@@ -69,3 +70,43 @@ def test_compress_reads_each_chunk_exactly(client, counted, tmp_store, passes, p
     sampled = {"c/" + "/".join(map(str, c)) for c in guard._sample_coords((5, 4), guard.FINGERPRINT_CHUNKS)}
     assert len(sampled) == guard.FINGERPRINT_CHUNKS
     assert {key: n - (key in sampled) for key, n in counts.items()} == dict.fromkeys(counts, expected), counts
+
+
+@pytest.mark.parametrize("power_iters", [0, 1])
+def test_cache_input_reads_each_chunk_once_and_gives_the_same_codes(client, counted, tmp_path, power_iters):
+    """``cache_input``: one read of each chunk for both passes (and the power iterations), the
+    same codes as reading the source in each pass."""
+    array, reads = counted
+    plain = lplr_dask.compress(array, tmp_path / "plain.lplr.zarr", rank=8, power_iters=power_iters, log=lambda _: None)
+    before = reads()
+    lines: list[str] = []
+    cached = lplr_dask.compress(
+        array, tmp_path / "cached.lplr.zarr", rank=8, power_iters=power_iters, cache_input=True, log=lines.append
+    )
+    counts = reads() - before
+    sampled = {"c/" + "/".join(map(str, c)) for c in guard._sample_coords((5, 4), guard.FINGERPRINT_CHUNKS)}
+    assert len(counts) == 5 * 4
+    assert {key: n - (key in sampled) for key, n in counts.items()} == dict.fromkeys(counts, 1), counts
+    assert "cache input" in cached.attrs["timings"]
+    assert not any("does not fit" in line for line in lines)
+    for name in ("L/codes", "R/codes"):
+        np.testing.assert_array_equal(cached._arrays[name][...], plain._arrays[name][...])
+
+
+def test_cache_input_that_does_not_fit_reads_the_source_in_each_pass(client, counted, tmp_store, monkeypatch):
+    """Workers too small for A: a note, and the source is read twice as without the option."""
+    array, reads = counted
+    monkeypatch.setattr(lplr_dask.chunking, "cache_room", lambda A, params, client: A.nbytes - 1)
+    lines: list[str] = []
+    factors = lplr_dask.compress(array, tmp_store, rank=8, cache_input=True, log=lines.append)
+    assert any("--cache-input" in line and "does not fit" in line for line in lines), lines
+    assert "cache input" not in factors.attrs["timings"]
+    sampled = {"c/" + "/".join(map(str, c)) for c in guard._sample_coords((5, 4), guard.FINGERPRINT_CHUNKS)}
+    counts = reads()
+    assert {key: n - (key in sampled) for key, n in counts.items()} == dict.fromkeys(counts, 2), counts
+
+
+def test_cache_input_with_one_pass_is_refused(counted, tmp_store):
+    array, _ = counted
+    with pytest.raises(lplr_dask.errors.LplrValueError, match="cache_input.*two passes"):
+        lplr_dask.compress(array, tmp_store, rank=8, passes=1, cache_input=True)
