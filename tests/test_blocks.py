@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import weakref
+
 import dask
 import dask.array as da
 import numpy as np
@@ -267,6 +269,40 @@ def test_a_strip_pass_reads_each_chunk_once_and_nothing_else(A):
         scheduler="sync"
     )
     assert sorted(reader.reads) == [g for g in grid if g[0] == 666]  # only the strips asked for
+
+
+class _LiveReader(_Reader):
+    """A reader that records, at each read, how many chunks it returned before are still alive."""
+
+    def __init__(self, data: np.ndarray):
+        super().__init__(data)
+        self.refs: list[weakref.ref[np.ndarray]] = []
+        self.alive: list[int] = []
+
+    def __call__(self, rows: slice, cols: slice) -> np.ndarray:
+        self.alive.append(sum(ref() is not None for ref in self.refs))
+        chunk = self.data[rows, cols].copy()  # a copy: a view would keep nothing alive of its own
+        self.refs.append(weakref.ref(chunk))
+        return chunk
+
+
+def test_a_strip_holds_one_chunk_at_a_time(A):
+    """Each strip task lets go of a chunk before it reads the next one, in all three strip
+    products (a loop variable kept the last chunk alive during the next read: twice the memory)."""
+    B = A[:, :1500]
+    dA = da.from_array(B, chunks=STRIP_CHUNKS)
+    rng = np.random.default_rng(0)
+    PT = da.from_array(rng.standard_normal((2000, 6)), chunks=(500, 6))
+    M = da.from_array(rng.standard_normal((1500, 5)), chunks=(700, 5))
+    for product in (
+        lambda s: blocks.sketch_right(dA, 3, [(STREAM_S, 7, 0.5)], sumsq=True, strips=s),
+        lambda s: blocks.left_multiply(PT, dA, strips=s),
+        lambda s: blocks.right_multiply(dA, M, strips=s),
+    ):
+        reader = _LiveReader(B)
+        product(blocks.Strips(reader, 4)).compute(scheduler="sync")
+        assert len(reader.alive) == dA.npartitions
+        assert max(reader.alive) == 0, reader.alive
 
 
 def _tasks(*collections) -> int:
