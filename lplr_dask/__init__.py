@@ -19,7 +19,7 @@ from lplr_dask.errors import (
     SourceNotFoundError,
     StoreFormatError,
 )
-from lplr_dask.factors import Factors, open_factors
+from lplr_dask.factors import Factors, open_dataarray, open_factors
 from lplr_dask.group import compress_group
 from lplr_dask.job import package_version
 from lplr_dask.quantize import QuantizerSpec, dequantize, quantize
@@ -35,6 +35,7 @@ __all__ = [
     "convert",
     "evaluate",
     "open_factors",
+    "open_dataarray",
     "verify",
     "Factors",
     "quantize",

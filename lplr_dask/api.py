@@ -3,16 +3,24 @@
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
+
 from lplr_dask import budget, chunking, guard, job, logs, store, target
+from lplr_dask.errors import LplrValueError
 from lplr_dask.factors import Factors, open_factors, relative_error
 from lplr_dask.options import DEFAULT_BITS, Options, SizeRule, check_job
 from lplr_dask.quantize import QuantizerSpec
 from lplr_dask.sources import open_source
 
-__all__ = ["compress", "evaluate", "resolve_rank", "DEFAULT_BITS"]
+__all__ = ["compress", "evaluate", "resolve_rank", "DEFAULT_BITS", "MAX_COORD_ENTRIES"]
+
+#: The largest coordinate (entries) of an xarray input that the attrs record; larger ones are
+#: left out, with a note (the attrs are one JSON document that every open reads whole).
+MAX_COORD_ENTRIES = 100_000
 
 
 def resolve_rank(
@@ -69,11 +77,17 @@ def compress(
 
     Parameters
     ----------
-    source : str, os.PathLike, zarr.Array or dask.array.Array
+    source : str, os.PathLike, zarr.Array, dask.array.Array, numpy.ndarray, xarray.DataArray or torch.Tensor
         The matrix (n × d): a path or URL of a Zarr array (v3 or v2, also inside a group:
         ``IN.zarr/path/to/array``), a ``.npy`` file, an HDF5 dataset (``FILE.h5:/dataset``), a
-        safetensors tensor (``FILE.safetensors:name``), an open Zarr array, or a dask array.
-        See :mod:`lplr_dask.sources` for the dtype policy.
+        safetensors tensor (``FILE.safetensors:name``), an open Zarr array, or a dask or numpy
+        array. See :mod:`lplr_dask.sources` for the dtype policy. A 2-D ``xarray.DataArray`` is
+        compressed as its data (dask-backed stays lazy) and its dims, name and coordinates of at
+        most :data:`MAX_COORD_ENTRIES` entries (0-D or 1-D) are recorded in the attrs
+        (``source.dims``, ``source.name``, ``source.coords``) for
+        :meth:`~lplr_dask.factors.Factors.to_xarray`; larger or multi-dimensional coordinates are
+        left out with a note. A CPU ``torch.Tensor`` is read through ``.numpy()``; a bfloat16
+        one is widened to float32 (exact) and recorded as ``"bfloat16"``.
     out : str or os.PathLike
         Where to write the ``*.lplr.zarr`` store: a local path or an fsspec URL.
     rank, bits_per_entry, match_nq, target_error : exactly one
@@ -168,9 +182,10 @@ def compress(
         storage_options=storage_options,
     )
     check_job(overwrite, resume)
+    source, recorded = _as_input(source, log)
     guard.check_output(out, [source], overwrite=overwrite, storage_options=storage_options)
     with _client(log, device) as client:
-        return _compress(
+        factors = _compress(
             source,
             out,
             size,
@@ -181,6 +196,94 @@ def compress(
             resume=resume,
             log=log,
         )
+    return _record_source(factors, recorded) if recorded else factors
+
+
+def _is_instance(x: Any, module: str, name: str) -> bool:
+    """Whether ``x`` is a ``module.name`` without importing ``module`` (optional: if it is not
+    imported yet, ``x`` cannot be one)."""
+    mod = sys.modules.get(module)
+    return mod is not None and isinstance(x, getattr(mod, name))
+
+
+def _as_input(source: Any, log: Callable[[str], None]) -> tuple[Any, dict[str, Any]]:
+    """An xarray.DataArray or torch.Tensor as an array :func:`lplr_dask.sources.read_source`
+    takes, and what the attrs' ``source`` should record of it beyond that (empty for any other
+    input, which is returned as it is).
+
+    Raises
+    ------
+    LplrValueError
+        For a tensor that is not on the CPU.
+    """
+    if _is_instance(source, "xarray", "DataArray"):
+        return _from_xarray(source, log)
+    if _is_instance(source, "torch", "Tensor"):
+        return _from_torch(source)
+    return source, {}
+
+
+def _from_xarray(source: Any, log: Callable[[str], None]) -> tuple[Any, dict[str, Any]]:
+    """The data of a DataArray (dask or numpy) and its dims, name and small coordinates."""
+    recorded: dict[str, Any] = {"dims": [str(d) for d in source.dims]}
+    if isinstance(source.name, str):
+        recorded["name"] = source.name
+    coords, left_out = {}, []
+    for name, coord in source.coords.items():
+        entry = _coord_entry(coord)
+        if entry is None:
+            left_out.append(f"{name} {tuple(coord.shape)} {coord.dtype}")
+        else:
+            coords[str(name)] = entry
+    recorded["coords"] = coords
+    if left_out:
+        log(
+            f"note: coordinates not recorded (only 0-D or 1-D ones of at most {MAX_COORD_ENTRIES} numbers, "
+            f"strings or dates are): {', '.join(left_out)}"
+        )
+    data = source.data
+    return (data if hasattr(data, "dask") else np.asarray(data)), recorded
+
+
+def _coord_entry(coord: Any) -> dict[str, Any] | None:
+    """A coordinate as JSON (``dims``, ``dtype``, ``values``), or None when it is too large, has
+    more than one dim, or holds values other than numbers, strings and dates."""
+    values = np.asarray(coord.values)
+    if values.ndim > 1 or values.size > MAX_COORD_ENTRIES:
+        return None
+    kind = values.dtype.kind
+    if kind == "M":
+        listed: Any = np.datetime_as_string(values).tolist()
+    elif kind == "m":
+        listed = values.astype(np.int64).tolist()
+    elif kind in "biufU" or (kind == "O" and all(isinstance(v, str) for v in values.ravel())):
+        listed = values.tolist()
+    else:
+        return None
+    return {"dims": [str(d) for d in coord.dims], "dtype": values.dtype.str, "values": listed}
+
+
+def _from_torch(source: Any) -> tuple[Any, dict[str, Any]]:
+    """A CPU tensor as numpy (bfloat16 widened to float32, and recorded as bfloat16)."""
+    import torch
+
+    if source.device.type != "cpu":
+        raise LplrValueError(
+            f"Expected a torch.Tensor on the CPU. Got one on {source.device} instead. Pass tensor.cpu()."
+        )
+    tensor = source.detach()
+    if tensor.dtype == torch.bfloat16:
+        return tensor.to(torch.float32).numpy(), {"dtype": "bfloat16"}
+    return tensor.numpy(), {}
+
+
+def _record_source(factors: Factors, recorded: dict[str, Any]) -> Factors:
+    """Add ``recorded`` to the attrs' ``source`` of the completed store; the reopened factors."""
+    group = store.open_group(factors.path, mode="r+", storage_options=factors.storage_options)
+    meta = store.read_meta(group, path=factors.path)
+    meta["source"] = {**meta["source"], **recorded}
+    store.write_meta(group, meta)
+    return open_factors(factors.path, storage_options=factors.storage_options)
 
 
 def _compress(

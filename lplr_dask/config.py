@@ -21,7 +21,10 @@ The keys (see ``lplr.yaml`` for what each means):
     take at most this many bytes (:attr:`lplr_dask.factorize.StageContext.central`);
 ``lplr.chunking.max-tasks``
     at most this many tasks per read of A: smaller chunks are read merged, as far as a merged
-    task fits the workers' memory (:func:`lplr_dask.chunking.plan`).
+    task fits the workers' memory (:func:`lplr_dask.chunking.plan`);
+``lplr.array.max-bytes``
+    ``np.asarray(factors)`` reconstructs ``L·R`` in memory up to this size, and above it raises
+    naming ``factors.to_dask()`` (:meth:`lplr_dask.factors.Factors.__array__`).
 """
 
 from __future__ import annotations

@@ -8,18 +8,21 @@ from typing import TYPE_CHECKING, Any
 import dask
 import dask.array as da
 import numpy as np
+from dask.utils import format_bytes, parse_bytes
 
 from lplr_dask import schema, store
 from lplr_dask.backend import like
-from lplr_dask.errors import LplrTypeError, LplrValueError
+from lplr_dask.errors import LplrTypeError, LplrValueError, StoreFormatError
 from lplr_dask.factorize import decode_factor
 from lplr_dask.progress import compute
 from lplr_dask.quantize import QuantizerSpec
+from lplr_dask.sources import cast_to, output_dtype, read_source, zarr_array_of
 
 if TYPE_CHECKING:
+    import xarray
     from scipy.sparse.linalg import LinearOperator
 
-__all__ = ["Factors", "open_factors", "relative_error", "product_error", "decode_factor"]
+__all__ = ["Factors", "open_factors", "open_dataarray", "relative_error", "product_error", "decode_factor"]
 
 
 def _check_index(index: Any, what: str) -> None:
@@ -53,6 +56,14 @@ class Factors:
     each array's chunk keys: a store that lacks a chunk is refused there, and a chunk that fails
     to decode later raises :class:`~lplr_dask.errors.StoreFormatError` naming it.
 
+    It is an array-like of the reconstruction ``L·R``: ``shape``, ``dtype``, ``ndim`` and ``size``
+    are the source's; ``factors @ x`` and ``y @ factors`` are products through the thin factors
+    (:meth:`matmat`, :meth:`rmatmat`); ``np.asarray(factors)`` reconstructs up to the Dask config
+    ``lplr.array.max-bytes``; ``factors[rows, cols]`` is a block of it in memory (NumPy, as
+    ``dask.array.from_array(factors, chunks=...)`` needs) and :meth:`block` the same block
+    lazily; :meth:`to_dask` is the whole reconstruction, lazily, and :meth:`to_xarray` that as a
+    DataArray with the source's dims and coords.
+
     Attributes
     ----------
     path : str
@@ -61,9 +72,17 @@ class Factors:
     attrs : dict
         The store's ``lplr`` attrs (parameters, timings, errors).
     shape : (int, int)
+    dtype : numpy.dtype
+        The source's dtype (attrs ``source.dtype``), in which :meth:`to_dask`, indexing and
+        ``np.asarray`` reconstruct; float32 for a bfloat16 source, which NumPy cannot hold
+        (float32 holds every bfloat16 value exactly). Integers are rounded and clipped to it.
     rank : int
     bits : (int, int)
     """
+
+    #: NumPy defers to :meth:`__rmatmul__` for ``ndarray @ factors`` instead of reconstructing it.
+    __array_ufunc__ = None
+    ndim = 2
 
     def __init__(self, path: str | os.PathLike[str], *, storage_options: dict[str, Any] | None = None):
         self.path = os.fspath(path)
@@ -71,6 +90,7 @@ class Factors:
         self._group = store.open_group(self.path, storage_options=storage_options)
         self.attrs: dict[str, Any] = store.read_meta(self._group, path=self.path)
         self.shape: tuple[int, int] = tuple(self.attrs["source"]["shape"])  # type: ignore[assignment]
+        self.dtype: np.dtype = _source_dtype(self.attrs["source"]["dtype"], self.path)
         self.rank: int = int(self.attrs["rank"])
         self.bits: tuple[int, int] = tuple(self.attrs["bits"])  # type: ignore[assignment]
         q = self.attrs["quantizer"]
@@ -109,18 +129,45 @@ class Factors:
         """The decoded right factor (k × d), lazily."""
         return self._factor("R", dtype)
 
-    def to_dask(self, dtype: Any = np.float32) -> da.Array:
-        """The reconstruction ``L·R`` (n × d) as a lazy dask array, chunked like the source."""
-        return (self.L() @ self.R()).astype(dtype)
+    @property
+    def size(self) -> int:
+        """Entries of the matrix, ``n·d``."""
+        return self.shape[0] * self.shape[1]
 
-    def __getitem__(self, key: Any) -> da.Array:
-        """A block of the reconstruction, ``factors[rows, cols]``, as a lazy dask array.
+    def to_dask(self, dtype: Any = None) -> da.Array:
+        """The reconstruction ``L·R`` (n × d) as a lazy dask array, chunked like the source.
 
-        Equals ``self.to_dask()[rows, cols]`` (float32) but decodes only the row chunks of L and
-        the column chunks of R that the block touches. Each index is an int, a slice, or a 1-D
-        sequence of ints or booleans; an int drops its axis. The axes are indexed independently
-        (orthogonal indexing, like zarr's ``oindex`` or numpy's ``np.ix_``): two lists select a
-        block, not points. ``.compute()`` gives the numpy block.
+        ``dtype`` defaults to the source's (:attr:`dtype`); the product is formed in float64
+        and then cast (integers rounded and clipped).
+        """
+        return cast_to(self.L() @ self.R(), self.dtype if dtype is None else dtype)
+
+    def block(self, rows: Any = slice(None), cols: Any = slice(None)) -> da.Array:
+        """A block of the reconstruction, ``L[rows]·R[:, cols]``, as a lazy dask array.
+
+        Equals ``self.to_dask()[rows, cols]`` (the source's dtype) but decodes only the row
+        chunks of L and the column chunks of R that the block touches. Each index is an int, a
+        slice, or a 1-D sequence of ints or booleans; an int drops its axis. The axes are indexed
+        independently (orthogonal indexing, like zarr's ``oindex`` or numpy's ``np.ix_``): two
+        lists select a block, not points.
+
+        Raises
+        ------
+        LplrTypeError
+            For any other index (``None``, ``...``, floats, 2-D lists).
+        """
+        _check_index(rows, "rows")
+        _check_index(cols, "cols")
+        return cast_to(self.L()[rows, :] @ self.R()[:, cols], self.dtype)
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        """``factors[rows, cols]``: that block of the reconstruction in memory, as NumPy.
+
+        Indexes as :meth:`block` does (orthogonally), which reads only the codes the block
+        touches, and computes it in this process (the synchronous scheduler: this is what
+        ``dask.array.from_array(factors, chunks=...)`` calls in each of its tasks, and the codes
+        of one block are a few chunk reads and one thin product). For a lazy block use
+        :meth:`block`; for the whole matrix, :meth:`to_dask`.
 
         Raises
         ------
@@ -130,9 +177,65 @@ class Factors:
         if isinstance(key, tuple) and len(key) != 2:
             raise LplrTypeError(f"Expected factors[rows] or factors[rows, cols]. Got {len(key)} indices.")
         rows, cols = key if isinstance(key, tuple) else (key, slice(None))
-        _check_index(rows, "rows")
-        _check_index(cols, "cols")
-        return (self.L()[rows, :] @ self.R()[:, cols]).astype(np.float32)
+        return np.asarray(self.block(rows, cols).compute(scheduler="sync"))
+
+    def to_xarray(self, dtype: Any = None) -> xarray.DataArray:
+        """The reconstruction as a lazy, dask-backed ``xarray.DataArray`` (:meth:`to_dask`).
+
+        Its dims, name and coordinates are the source's when it was a DataArray (attrs
+        ``source.dims``, ``source.name``, ``source.coords``; see :func:`lplr_dask.compress`),
+        else dims ``("row", "col")`` and no coordinates. Its ``attrs`` name the store
+        (``lplr_store``). Needs xarray (``pip install "lplr-dask[xarray]"``).
+        """
+        import xarray
+
+        source = self.attrs["source"]
+        return xarray.DataArray(
+            self.to_dask(dtype),
+            dims=tuple(source.get("dims") or store.MATRIX_DIMS),
+            coords={name: _coord(entry) for name, entry in (source.get("coords") or {}).items()},
+            name=source.get("name"),
+            attrs={"lplr_store": self.path},
+        )
+
+    def __array__(self, dtype: Any = None, copy: bool | None = None) -> np.ndarray:
+        """``np.asarray(factors)``: the reconstruction in memory, in the source's dtype (or ``dtype``).
+
+        Raises
+        ------
+        LplrValueError
+            If it would take more than the Dask config ``lplr.array.max-bytes`` (use
+            :meth:`to_dask` or a product instead), or for ``copy=False``: a reconstruction is
+            always a new array.
+        """
+        target = self.dtype if dtype is None else np.dtype(dtype)
+        limit = parse_bytes(dask.config.get("lplr.array.max-bytes"))
+        need = self.size * target.itemsize
+        if need > limit:
+            raise LplrValueError(
+                f"Expected a reconstruction of at most {format_bytes(limit)} (Dask config "
+                f"'lplr.array.max-bytes'). Got {self.shape[0]}x{self.shape[1]} {target} "
+                f"({format_bytes(need)}) instead. Use factors.to_dask() for a lazy array, factors @ x "
+                "for products, or raise the limit: dask.config.set({'lplr.array.max-bytes': '8GiB'})."
+            )
+        if copy is False:
+            raise LplrValueError(
+                "Expected copy=None or True: a reconstruction of the factors is always a new array. Got copy=False."
+            )
+        return np.asarray(self.to_dask(target).compute())
+
+    def __matmul__(self, x: Any) -> np.ndarray:
+        """``factors @ x`` = ``L·(R·x)`` for x of shape (d,) or (d, m): :meth:`matmat`, float64."""
+        if np.ndim(x) not in (1, 2):
+            return NotImplemented
+        return self.matmat(x)
+
+    def __rmatmul__(self, y: Any) -> np.ndarray:
+        """``y @ factors`` = ``(y·L)·R`` for y of shape (n,) or (m, n): :meth:`rmatmat`, float64."""
+        if np.ndim(y) not in (1, 2):
+            return NotImplemented
+        y = np.asarray(y)
+        return self.rmatmat(y) if y.ndim == 1 else self.rmatmat(y.T).T
 
     def matmat(self, X: Any) -> np.ndarray:
         """``L·(R·X)`` without reconstructing, in float64.
@@ -263,6 +366,22 @@ class Factors:
         return self.rank * (n * self.bits[0] + d * self.bits[1]) / (n * d)
 
 
+def _coord(entry: dict[str, Any]) -> tuple[tuple[str, ...], np.ndarray]:
+    """A coordinate recorded in the attrs (``dims``, ``dtype``, ``values``) as xarray takes it."""
+    return tuple(entry["dims"]), np.asarray(entry["values"], dtype=np.dtype(entry["dtype"]))
+
+
+def _source_dtype(name: str, where: str) -> np.dtype:
+    """The NumPy dtype of the reconstruction for the attrs' ``source.dtype`` (bfloat16: float32)."""
+    try:
+        return output_dtype(name)
+    except TypeError as e:
+        raise StoreFormatError(
+            f"Expected attrs 'lplr.source.dtype' of {where!r} to be a NumPy dtype name or 'bfloat16'. "
+            f"Got {name!r} instead. The store is damaged or was not written by lplr-dask; recompress or restore it."
+        ) from e
+
+
 def open_factors(path: str | os.PathLike[str], *, storage_options: dict[str, Any] | None = None) -> Factors:
     """Open a completed ``*.lplr.zarr`` store (a local path or an fsspec URL).
 
@@ -276,6 +395,32 @@ def open_factors(path: str | os.PathLike[str], *, storage_options: dict[str, Any
         chunk does not decode.
     """
     return Factors(path, storage_options=storage_options)
+
+
+def open_dataarray(path: str | os.PathLike[str], *, storage_options: dict[str, Any] | None = None) -> xarray.DataArray:
+    """A Zarr array that is the root of its store as a lazy, dask-backed ``xarray.DataArray``.
+
+    ``lplr decompress``, ``lplr generate`` and ``lplr convert`` write their matrix as the root
+    array of a Zarr v3 store (the layout ``lplr compress`` reads back). xarray opens groups only:
+    ``xr.open_zarr`` and ``xr.open_dataarray(..., engine="zarr")`` refuse a root array
+    (``ContainsArrayError``, xarray 2026.9), so this wraps it instead: the dims are its
+    ``dimension_names`` (``dim_0``, … if it has none), the data is read chunk by chunk, a
+    damaged chunk is named, and ``attrs`` are the array's. Needs xarray.
+
+    Raises
+    ------
+    SourceNotFoundError
+        If there is no Zarr array at ``path``.
+    """
+    import xarray
+
+    src = read_source(os.fspath(path), storage_options=storage_options)
+    arr = zarr_array_of(src, storage_options)
+    names = getattr(arr.metadata, "dimension_names", None)  # Zarr v2 has none
+    dims = tuple(names) if names and all(names) else tuple(f"dim_{i}" for i in range(arr.ndim))
+    return xarray.DataArray(
+        src.array, dims=dims, name=os.path.basename(os.fspath(path).rstrip("/")) or None, attrs=dict(arr.attrs)
+    )
 
 
 def relative_error(A: da.Array, factors: Factors) -> float:

@@ -133,6 +133,15 @@ def parse_meta(meta: dict[str, Any], where: str, *, newest: int) -> dict[str, An
         raise _fail(where, "source.dtype", "a dtype name such as 'float32'", source.get("dtype"))
     if "chunks" in source:
         _int_pair(source["chunks"], where, "source.chunks", low=1)
+    dims = source.get("dims")
+    if dims is not None and not (
+        isinstance(dims, list) and len(dims) == 2 and len(set(dims)) == 2 and all(isinstance(d, str) for d in dims)
+    ):
+        raise _fail(where, "source.dims", "a list of two different names", dims)
+    for name, coord in _dict(source.get("coords", {}), where, "source.coords").items():
+        c = _dict(coord, where, f"source.coords.{name}")
+        if not (isinstance(c.get("dims"), list) and isinstance(c.get("dtype"), str) and "values" in c):
+            raise _fail(where, f"source.coords.{name}", "an object of dims, dtype and values", coord)
     return meta
 
 

@@ -17,6 +17,11 @@ Layout::
             W       (k, d)      pinv(L)·A, column-chunked like the source
             W_done  (d chunks,) uint8, 1 once that column chunk of W is written
 
+Every array carries Zarr v3 ``dimension_names`` (:func:`dimension_names_of`): ``("row", "rank")``
+for L's codes, ``("rank", "col")`` for R's, ``("scale_row", "scale_col")`` for scales and offsets,
+the names of :data:`SCRATCH_DIMS` for scratch arrays, and ``("row", "col")`` (or the source's
+dims) for a matrix :func:`write_array` writes, so that xarray names the axes of what it opens.
+
 Group attrs hold ``lplr``: a JSON dict with the format name and version, the source, the
 parameters, timings and errors, and ``complete``, written last. A reader refuses an incomplete
 store or a newer version (:func:`read_meta`, checked by :mod:`lplr_dask.schema`).
@@ -84,6 +89,9 @@ __all__ = [
     "bytes_on_disk",
     "codes_bytes",
     "write_array",
+    "dimension_names_of",
+    "MATRIX_DIMS",
+    "SCRATCH_DIMS",
     "remove",
     "discard",
     "open_arrays",
@@ -430,11 +438,14 @@ def create_codes(
     bits: int,
     *,
     sample_from: Any = None,
+    dimension_names: tuple[str, ...] | None = None,
 ) -> zarr.Array:
     """Create an empty codes array ``name`` (uint8 for ≤ 8 bits, else uint16).
 
     ``sample_from``, the lazy codes to be written, lets :func:`codes_compressor` pick the smaller
     codec from a :func:`codes_sample` of them; every chunk then uses that one codec.
+    ``dimension_names`` default: ``("row", "rank")`` for ``L/codes``, ``("rank", "col")`` for
+    ``R/codes`` (:func:`dimension_names_of`).
     """
     sample = None if sample_from is None else codes_sample(sample_from, chunks)
     return group.create_array(
@@ -446,6 +457,7 @@ def create_codes(
         fill_value=0,
         overwrite=True,
         config=ALL_CHUNKS,
+        dimension_names=dimension_names or dimension_names_of(name, len(shape)),
     )
 
 
@@ -457,10 +469,12 @@ def create_float(
     *,
     compress: bool = True,
     dtype: Any = np.float64,
+    dimension_names: tuple[str, ...] | None = None,
 ) -> zarr.Array:
     """Create an empty float64 (or ``dtype``) array ``name`` (scratch and scales).
 
-    ``compress=False`` stores raw bytes: for the scratch sketches, whose float64 entries are
+    ``dimension_names`` default: :func:`dimension_names_of` ``name`` (``("row", "col")`` for a
+    name it does not know). ``compress=False`` stores raw bytes: for the scratch sketches, whose float64 entries are
     noise-like (zstd saves only a few percent of their bytes, for CPU time at every write and
     read; measured: benchmarks/RESULTS.md, "Figures behind the code's comments") and which are
     deleted when the job completes.
@@ -474,6 +488,7 @@ def create_float(
         fill_value=0.0,
         overwrite=True,
         config=ALL_CHUNKS,
+        dimension_names=dimension_names or dimension_names_of(name, len(shape)),
     )
 
 
@@ -493,6 +508,39 @@ SCRATCH_ARRAYS: dict[str, str] = {
     "(the resume points of pass 1; one-pass mode: all set once Z is written too)",
     "sumsq": "‖A‖²_F of each row strip of A, strips × 1, written with its rows of Y (pass 1)",
 }
+
+
+#: The ``dimension_names`` of each scratch array: the axes a job's arrays share have one name
+#: (``row`` the rows of A, ``col`` its columns, ``rank`` the k of L and R), so that xarray can
+#: open the scratch group as one Dataset; the rest are named by what they count.
+SCRATCH_DIMS: dict[str, tuple[str, ...]] = {
+    "Y": ("row", "sketch"),
+    "AG": ("row", "test"),
+    "Z": ("cosketch", "col"),
+    "PT": ("row", "rank"),
+    "W": ("rank", "col"),
+    "W_done": ("col_chunk",),
+    "Y_done": ("row_strip",),
+    "sumsq": ("row_strip", "one"),
+}
+#: The ``dimension_names`` of a matrix written whole (:func:`write_array`: ``decompress``,
+#: ``generate``, ``convert`` outputs) unless the caller gives the source's.
+MATRIX_DIMS = ("row", "col")
+_STORE_DIMS: dict[str, tuple[str, ...]] = {
+    "L/codes": ("row", "rank"),
+    "R/codes": ("rank", "col"),
+    **{f"{side}/{what}": ("scale_row", "scale_col") for side in "LR" for what in ("scale", "offset")},
+    **{f"{SCRATCH}/{name}": dims for name, dims in SCRATCH_DIMS.items()},
+}
+
+
+def dimension_names_of(name: str, ndim: int) -> tuple[str, ...]:
+    """The Zarr ``dimension_names`` of the array ``name`` of a store (the module docstring):
+    :data:`MATRIX_DIMS` for a 2-D array of any other name, ``dim_0``, ``dim_1``, … (xarray's
+    default names) for any other number of axes."""
+    if name.strip("/") in _STORE_DIMS:
+        return _STORE_DIMS[name.strip("/")]
+    return MATRIX_DIMS if ndim == 2 else tuple(f"dim_{i}" for i in range(ndim))
 
 
 def scratch_name(name: str) -> str:
@@ -524,7 +572,10 @@ def create_scratch_marks(group: zarr.Group, name: str, count: int) -> zarr.Array
     A worker sets its chunk's mark to 1 once the chunk is written, so a resumed job computes only
     the chunks not marked.
     """
-    return group.create_array(scratch_name(name), shape=(count,), chunks=(1,), dtype=np.uint8, fill_value=0)
+    path = scratch_name(name)
+    return group.create_array(
+        path, shape=(count,), chunks=(1,), dtype=np.uint8, fill_value=0, dimension_names=dimension_names_of(path, 1)
+    )
 
 
 def remove_scratch(group: zarr.Group) -> None:
@@ -585,11 +636,15 @@ def write_array(
     attrs: dict[str, Any] | None = None,
     label: str = "write",
     storage_options: StorageOptions = None,
+    dimension_names: tuple[str, ...] | list[str] | None = None,
 ) -> zarr.Array:
     """Write a dask array to a new Zarr v3 array at ``out``, one whole chunk per task.
 
     The array is chunked like ``A`` (whose chunks must be regular) and compressed with Zstd,
     every chunk stored and checksummed (:data:`CHECKSUM`). A failed write leaves nothing behind.
+    ``dimension_names`` (e.g. the source's dims, attrs ``source.dims``) default to
+    :data:`MATRIX_DIMS` for a matrix, ``dim_0``, … otherwise. The array is the root of its store,
+    which xarray does not open (it opens groups): :func:`lplr_dask.open_dataarray` does.
 
     Raises
     ------
@@ -605,6 +660,7 @@ def write_array(
         compressors=_checksummed(ZstdCodec(level=1)),
         zarr_format=3,
         config=ALL_CHUNKS,
+        dimension_names=tuple(dimension_names) if dimension_names else dimension_names_of("", len(A.shape)),
     )
     if attrs:
         arr.attrs.update(jsonable(attrs))

@@ -28,6 +28,7 @@ DEFAULTS = {
     "lplr.cluster.no-workers-timeout": "120s",
     "lplr.chunking.max-tasks": 20000,
     "lplr.central.in-process-bytes": "1GiB",  # new with issue 16: the steps between the passes in the client
+    "lplr.array.max-bytes": "256MiB",  # new with issue 18: np.asarray(factors) reconstructs up to this
 }
 
 

@@ -40,7 +40,7 @@ def stored(request, cluster, tmp_path_factory):
 def test_to_dask_is_the_product_chunked_like_the_source(stored):
     f, _, dense = stored
     recon = f.to_dask()
-    assert recon.dtype == np.float32 and recon.chunksize == CHUNKS
+    assert recon.dtype == np.float32 and recon.chunksize == CHUNKS  # the source's dtype
     np.testing.assert_allclose(recon.compute(), dense, rtol=1e-6, atol=1e-6 * np.abs(dense).max())
 
 
@@ -104,11 +104,13 @@ def _orthogonal(x: np.ndarray, key):
 )
 def test_slicing_matches_dense(stored, key):
     f, _, dense = stored
-    got = f[key]
-    assert isinstance(got, da.Array)
+    rows, cols = key if isinstance(key, tuple) else (key, slice(None))
+    lazy, got = f.block(rows, cols), f[key]
+    assert isinstance(lazy, da.Array) and isinstance(got, np.ndarray) and got.dtype == lazy.dtype == np.float32
     want = _orthogonal(dense.astype(np.float32), key)
-    assert got.shape == want.shape
-    np.testing.assert_allclose(got.compute(), want, rtol=1e-6, atol=1e-6 * np.abs(dense).max())
+    assert got.shape == lazy.shape == want.shape
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6 * np.abs(dense).max())
+    np.testing.assert_array_equal(lazy.compute(), got)
 
 
 @pytest.mark.parametrize("key", [(1, 2, 3), (None, 1), (Ellipsis, 1), (1.5, 2), ([[1, 2]], 3)])
@@ -116,6 +118,9 @@ def test_slicing_refuses_other_indices(stored, key):
     f, _, _ = stored
     with pytest.raises(LplrTypeError):
         f[key]
+    if len(key) == 2:
+        with pytest.raises(LplrTypeError):
+            f.block(*key)
 
 
 def _corrupt_all_chunks_but(root: str, name: str, keep: set[tuple[int, int]]) -> int:
@@ -147,8 +152,9 @@ def test_slicing_reads_only_the_chunks_it_needs(stored, tmp_path, key, l_chunks,
     assert _corrupt_all_chunks_but(root, "L/codes", l_chunks) == 5 - len(l_chunks)
     assert _corrupt_all_chunks_but(root, "R/codes", r_chunks) == 4 - len(r_chunks)
     g = lplr_dask.open_factors(root)
+    np.testing.assert_array_equal(g[key], g.block(*key).compute(scheduler="threads"))
     np.testing.assert_allclose(
-        g[key].compute(scheduler="threads"),
+        g.block(*key).compute(scheduler="threads"),
         _orthogonal(dense.astype(np.float32), key),
         rtol=1e-6,
         atol=1e-6 * np.abs(dense).max(),
@@ -225,6 +231,109 @@ def test_evaluate_matches_dense(client, stored, tmp_path):
     want = np.linalg.norm(A.astype(np.float64) - dense) / np.linalg.norm(A.astype(np.float64))
     assert err == pytest.approx(want, rel=1e-9)
     assert lplr_dask.open_factors(path).attrs["error_exact"] == err
+
+
+def _with_source_dtype(f, tmp_path, dtype: str):
+    """A copy of ``f``'s store whose attrs say the source was ``dtype``."""
+    path = os.fspath(tmp_path / f"{dtype}.lplr.zarr")
+    return lplr_dask.open_factors(_copy_with_meta(f.path, path, source={**f.attrs["source"], "dtype": dtype}))
+
+
+def test_the_array_protocol_attributes_are_the_sources(stored, tmp_path):
+    f, _, _ = stored
+    assert (f.shape, f.ndim, f.size, f.dtype) == (SHAPE, 2, SHAPE[0] * SHAPE[1], np.dtype(np.float32))
+    g = _with_source_dtype(f, tmp_path, "float64")
+    assert g.dtype == np.float64 and g.to_dask().dtype == np.float64 and g[:3, :4].dtype == np.float64
+    assert _with_source_dtype(f, tmp_path, "bfloat16").dtype == np.float32  # NumPy has no bfloat16
+    assert _with_source_dtype(f, tmp_path, "int16").to_dask().dtype == np.int16
+
+
+def test_a_float64_source_reconstructs_in_float64(cluster, tmp_path):
+    from distributed import Client
+
+    A = synthetic((200, 150), rank=6, decay=0.8, noise=0.01, chunks=(64, 64), seed=1, dtype=np.float64)
+    with Client(cluster):
+        f = lplr_dask.compress(A, os.fspath(tmp_path / "f64.lplr.zarr"), rank=5, log=lambda m: None)
+    dense = f.L().compute() @ f.R().compute()
+    assert f.dtype == np.float64
+    for got in (f.to_dask().compute(), f[:, :], np.asarray(f)):
+        assert got.dtype == np.float64
+        np.testing.assert_allclose(got, dense, rtol=1e-12, atol=1e-12 * np.abs(dense).max())  # float64 all the way
+
+
+def test_integer_sources_reconstruct_rounded_and_clipped(stored, tmp_path):
+    f, _, dense = stored
+    g = _with_source_dtype(f, tmp_path, "int8")
+    want = np.clip(np.rint(dense), -128, 127).astype(np.int8)
+    assert np.array_equal(g.to_dask().compute(), want) and np.array_equal(np.asarray(g), want)
+
+
+def test_matmul_is_the_product_through_the_factors(stored):
+    f, _, dense = stored
+    rng = np.random.default_rng(2)
+    x, X = rng.standard_normal(SHAPE[1]), rng.standard_normal((SHAPE[1], 3))
+    y, Y = rng.standard_normal(SHAPE[0]), rng.standard_normal((4, SHAPE[0]))
+    tol = {"rtol": 1e-9, "atol": 1e-9 * np.abs(dense).max()}  # float64 products of the same factors
+    for got, want in ((f @ x, dense @ x), (f @ X, dense @ X), (y @ f, y @ dense), (Y @ f, Y @ dense)):
+        assert isinstance(got, np.ndarray) and got.shape == want.shape and got.dtype == np.float64
+        np.testing.assert_allclose(got, want, **tol)
+    np.testing.assert_allclose(f @ x.tolist(), dense @ x, **tol)  # lists too
+    np.testing.assert_allclose(y.tolist() @ f, y @ dense, **tol)
+    with pytest.raises(LplrValueError, match="400 rows"):
+        f @ y
+    with pytest.raises(LplrValueError, match="600 rows"):
+        x @ f
+
+
+def test_matmul_never_forms_the_dense_product(stored, monkeypatch):
+    f, _, _ = stored
+    shapes = []
+    real = da.Array.__matmul__
+
+    def spy(a, b):
+        out = real(a, b)
+        shapes.append(out.shape)
+        return out
+
+    monkeypatch.setattr(da.Array, "__matmul__", spy)
+    f @ np.ones(SHAPE[1])
+    np.ones((2, SHAPE[0])) @ f
+    assert shapes and all(np.prod(s) <= 2 * max(SHAPE) for s in shapes)  # thin products only, never n x d
+
+
+def test_asarray_reconstructs_below_the_limit_and_refuses_above(stored):
+    import dask
+
+    f, _, dense = stored
+    got = np.asarray(f)
+    assert got.dtype == np.float32 and got.shape == SHAPE
+    np.testing.assert_allclose(got, dense, rtol=1e-6, atol=1e-6 * np.abs(dense).max())
+    assert np.asarray(f, dtype=np.float64).dtype == np.float64
+    with dask.config.set({"lplr.array.max-bytes": SHAPE[0] * SHAPE[1] * 4 - 1}):
+        with pytest.raises(
+            LplrValueError, match=r"to_dask\(\).*lplr\.array\.max-bytes|lplr\.array\.max-bytes.*to_dask\(\)"
+        ):
+            np.asarray(f)
+        np.asarray(f[:10])  # a block still converts
+    with pytest.raises(ValueError, match="copy"):
+        np.array(f, copy=False)
+
+
+@pytest.mark.parametrize("distributed", [False, True])
+def test_dask_from_array_computes_the_reconstruction(stored, cluster, distributed):
+    import contextlib
+
+    from distributed import Client
+
+    f, _, dense = stored
+    with Client(cluster) if distributed else contextlib.nullcontext():
+        A = da.from_array(f, chunks=(100, 150))
+        assert A.shape == SHAPE and A.dtype == np.float32 and A.numblocks == (6, 3)
+        got = A.compute()
+        part = A[250:420, 140:160].compute()
+    assert isinstance(got, np.ndarray) and got.dtype == np.float32
+    np.testing.assert_allclose(got, dense, rtol=1e-6, atol=1e-6 * np.abs(dense).max())
+    np.testing.assert_allclose(part, dense[250:420, 140:160], rtol=1e-6, atol=1e-6 * np.abs(dense).max())
 
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
