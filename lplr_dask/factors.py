@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from typing import TYPE_CHECKING, Any
 
 import dask
@@ -177,7 +178,7 @@ class Factors:
         if isinstance(key, tuple) and len(key) != 2:
             raise LplrTypeError(f"Expected factors[rows] or factors[rows, cols]. Got {len(key)} indices.")
         rows, cols = key if isinstance(key, tuple) else (key, slice(None))
-        return np.asarray(self.block(rows, cols).compute(scheduler="sync"))
+        return np.asarray(self.block(rows, cols).compute(scheduler="sync")).view(_Block)
 
     def to_xarray(self, dtype: Any = None) -> xarray.DataArray:
         """The reconstruction as a lazy, dask-backed ``xarray.DataArray`` (:meth:`to_dask`).
@@ -364,6 +365,25 @@ class Factors:
         """``k·(n·B1 + d·B2) / (n·d)``, scales not counted."""
         n, d = self.shape
         return self.rank * (n * self.bits[0] + d * self.bits[1]) / (n * d)
+
+
+class _Block(np.ndarray):
+    """A block ``factors[rows, cols]``: a NumPy array that still answers ``.compute()``.
+
+    Until issue 18 indexing returned a lazy dask array; code that called ``.compute()`` on
+    it keeps working (with a DeprecationWarning) while the block is now in memory, as
+    ``dask.array.from_array`` needs. The lazy block is :meth:`Factors.block`.
+    """
+
+    def compute(self, **kwargs: Any) -> np.ndarray:
+        """The block as a plain ndarray (deprecated: ``factors[...]`` is already in memory)."""
+        warnings.warn(
+            "factors[rows, cols] is a NumPy array now; drop .compute(), or use factors.block(rows, cols) "
+            "for a lazy dask array",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return np.asarray(self)
 
 
 def _coord(entry: dict[str, Any]) -> tuple[tuple[str, ...], np.ndarray]:

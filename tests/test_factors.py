@@ -396,3 +396,15 @@ def test_cli_info_on_a_damaged_store_is_one_line_exit_2(tmp_path, capsys):
     assert main(["info", path]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"error: {path}: chunk R/codes c/0/1 is missing — {DAMAGED}"]
+
+
+def test_an_indexed_block_still_answers_compute_with_a_deprecation_warning(stored):
+    """``factors[rows, cols]`` was a lazy dask array before issue 18: ``.compute()`` on it still
+    gives the block (and warns), and the block is NumPy otherwise."""
+    f = stored[0]
+    block = f[0:5, 0:7]
+    assert isinstance(block, np.ndarray) and block.shape == (5, 7)
+    with pytest.warns(DeprecationWarning, match="factors.block"):
+        old = block.compute()
+    assert type(old) is np.ndarray
+    np.testing.assert_array_equal(old, np.asarray(f.block(slice(0, 5), slice(0, 7)).compute()))
