@@ -63,6 +63,7 @@ def compress(
     precision: str = "auto",
     sketch: str | None = None,
     log: Callable[[str], None] = logs.info,
+    appendable: bool = False,
 ) -> Factors:
     """Compress a matrix into a low-rank, low-precision factorization ``A ≈ L·R`` [1]_.
 
@@ -131,6 +132,10 @@ def compress(
     log : callable, default=lplr_dask.logs.info
         Receives what the compression chose and did; each step's progress goes to the ``lplr_dask``
         logger (:mod:`lplr_dask.progress`).
+    appendable : bool, default=False
+        Keep the one-pass sketches in the store (``passes=1`` only), so that
+        :func:`lplr_dask.append` can add rows or columns later without reading A again
+        (docs/FORMAT.md, "Appendable stores"); :func:`lplr_dask.finalize` removes them.
 
     Returns
     -------
@@ -158,6 +163,7 @@ def compress(
         sketch=sketch,
         device=device,
         storage_options=storage_options,
+        appendable=appendable,
     )
     check_job(overwrite, resume)
     guard.check_output(out, [source], overwrite=overwrite, storage_options=storage_options)

@@ -21,7 +21,7 @@ from lplr_dask.errors import LplrTypeError, LplrValueError
 from lplr_dask.factorize import Params, check_oversample, resolve_oversample
 from lplr_dask.lanes import DEFAULT_ZETA, LANES
 from lplr_dask.quantize import QuantizerSpec, check_bits, quantizer_pair
-from lplr_dask.validation import at_most_one, parse_choice, parse_float, parse_int
+from lplr_dask.validation import at_most_one, parse_bool, parse_choice, parse_float, parse_int
 
 __all__ = [
     "SKETCHES",
@@ -90,6 +90,9 @@ class Options:
     device : {"cpu", "cuda"}, default="cpu"
     storage_options : dict, optional
         fsspec options for a remote source and output.
+    appendable : bool, default=False
+        Keep the one-pass sketches in the store, so that rows or columns can be appended later
+        without reading A again (:func:`lplr_dask.append`); one-pass mode only. It changes no code.
 
     See :func:`lplr_dask.compress` for what each means. A bad value raises
     :class:`~lplr_dask.errors.LplrValueError` (or :class:`~lplr_dask.errors.LplrTypeError`)
@@ -107,6 +110,7 @@ class Options:
     sketch: str | None = None
     device: str = "cpu"
     storage_options: dict[str, Any] | None = dataclasses.field(default=None, compare=False)
+    appendable: bool = False
 
     def __post_init__(self) -> None:
         bits = self.bits
@@ -136,6 +140,12 @@ class Options:
             parse_choice(self.sketch, "sketch", SKETCHES)
         quantizer_pair(self.quantizer)
         check_device(self.device)
+        object.__setattr__(self, "appendable", parse_bool(self.appendable, "appendable (--appendable)"))
+        if self.appendable and self.passes != 1:
+            raise LplrValueError(
+                "Expected one pass (passes=1, --passes 1) with appendable=True (--appendable): an append updates "
+                f"the one-pass sketches. Got passes={self.passes} instead. Add --passes 1."
+            )
 
     @property
     def specs(self) -> tuple[QuantizerSpec, QuantizerSpec]:
