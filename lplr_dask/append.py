@@ -55,7 +55,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, cast
 
 import dask.array as da
 import numpy as np
@@ -299,12 +299,12 @@ def _append(
     """Build the grown store in the staging group (or go on with it), then commit it."""
     root = store.read_meta(group, require_complete=False, path=path)
     if "append_commit" in root:
-        _same_append(store.read_meta(group[store.STAGING], require_complete=False), entry, path)
+        _same_append(store.read_meta(_staging(group), require_complete=False), entry, path)
         log(f"resume: finishing the commit of the append to {path}")
         _commit(group, path, log)
         return
     if store.STAGING in group:
-        staged = store.read_meta(group[store.STAGING], require_complete=False)
+        staged = store.read_meta(_staging(group), require_complete=False)
         if staged.get("append") == root.get("history", [None])[-1]:  # committed; only its removal stopped
             store.remove_node(group, store.STAGING)
         elif resume:
@@ -332,6 +332,11 @@ def _append(
         staged["timings"]["total"] = round(time.perf_counter() - t0 + staged["timings"].get("total", 0.0), 3)
         store.write_meta(staging, staged)
     _commit(group, path, log)
+
+
+def _staging(group: zarr.Group) -> zarr.Group:
+    """The staging store of an append in progress (:data:`lplr_dask.store.STAGING`)."""
+    return cast(zarr.Group, group[store.STAGING])
 
 
 def _staging_path(path: str) -> str:
@@ -374,7 +379,7 @@ def _same_append(staged: dict[str, Any], entry: dict[str, Any], path: str) -> No
 def _sketched(staging: zarr.Group) -> bool:
     """Whether the staging store's sketches are all written (their marks all set)."""
     name = store.scratch_name("Y_done")
-    return name in staging and bool(np.asarray(staging[name][...]).all())
+    return name in staging and bool(np.asarray(cast(zarr.Array, staging[name])[...]).all())
 
 
 def _write_sketches(
@@ -401,11 +406,11 @@ def _write_sketches(
     sq = to_host_blocks(
         da.map_blocks(_strip_sum, right[:, kp + t : kp + t + 1], chunks=((1,) * right.numblocks[0], (1,)))
     )
-    Zp = to_host_blocks(Zp)
+    Zp = _host_matrix(Zp)
 
     def kept(name: str) -> da.Array:
         where = f"{store.SKETCHES}/{name}"
-        return store.read_chunks(group[where], where, path)
+        return store.read_chunks(cast(zarr.Array, group[where]), where, path)
 
     if rows:
         grown = {
@@ -434,6 +439,12 @@ def _write_sketches(
     return {"append: sketch": round(time.perf_counter() - t0, 3)}
 
 
+def _host_matrix(X: da.Array) -> da.Array:
+    """``X`` with numpy chunks and a 2-D float64 meta (a tree sum's result carries a 3-D one)."""
+    X = to_host_blocks(X)
+    return da.Array(X.dask, X.name, X.chunks, meta=np.empty((0, 0), np.float64))
+
+
 def _strip_sum(x: Any) -> Any:
     """The (1, 1) sum of a row strip's row sums of squares: its ‖·‖²."""
     return x.sum(keepdims=True).reshape(1, 1)
@@ -443,7 +454,9 @@ def _unread(part: da.Array, shape: tuple[int, int]) -> da.Array:
     """A stand-in for the grown matrix, with its shape, chunks, dtype and device, that raises if a
     chunk of it is ever computed: the stages after pass 1 read the sketches, never the matrix."""
     chunks = (int(part.chunks[0][0]), int(part.chunks[1][0]))
-    return like(da.zeros(shape, chunks=chunks, dtype=part.dtype), part).map_blocks(_never, dtype=part.dtype, meta=part._meta)
+    return like(da.zeros(shape, chunks=chunks, dtype=part.dtype), part).map_blocks(
+        _never, dtype=part.dtype, meta=part._meta
+    )
 
 
 def _never(block: Any) -> Any:
@@ -452,14 +465,14 @@ def _never(block: Any) -> Any:
 
 def _commit(group: zarr.Group, path: str, log: Log) -> None:
     """Move the staging store's factors and sketches into place and write its attrs (journaled)."""
-    staged = store.read_meta(group[store.STAGING], require_complete=True, path=_staging_path(path))
+    staged = store.read_meta(_staging(group), require_complete=True, path=_staging_path(path))
     root = store.read_meta(group, require_complete=False, path=path)
     journal = root.get("append_commit") or {"moved": []}
     with _held_signals(store.is_remote(path)):
         root.update(append_commit=journal, complete=False)
         store.write_meta(group, root)
         for name in _MOVED:
-            if name in journal["moved"] or name not in group[store.STAGING]:  # moved (a rename is one step)
+            if name in journal["moved"] or name not in _staging(group):  # moved (a rename is one step)
                 continue
             store.move_node(group, f"{store.STAGING}/{name}", name)
             journal["moved"].append(name)
