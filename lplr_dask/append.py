@@ -49,13 +49,14 @@ References
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 import dask.array as da
 import numpy as np
@@ -71,7 +72,7 @@ from lplr_dask.progress import compute
 from lplr_dask.sources import Source, as_matrix, read_source, with_chunks
 from lplr_dask.validation import parse_choice
 
-__all__ = ["AXES", "append", "finalize", "stored_options"]
+__all__ = ["AXES", "AppendPlan", "append", "check_append", "finalize", "stored_options"]
 
 Log = Callable[[str], None]
 
@@ -125,6 +126,49 @@ def append(
     StoreFormatError
         For an incomplete or damaged store.
     """
+    plan = check_append(store_path, new, axis=axis, resume=resume, storage_options=storage_options)
+    group, path, part, params, entry = plan.group, plan.path, plan.part, plan.params, plan.entry
+    entry["fingerprint"] = guard.fingerprint(plan.source, part, storage_options=storage_options)
+    options = stored_options(plan.meta, storage_options)
+    lock = guard.StoreLock(path, storage_options)
+    lock.acquire()
+    try:
+        with cluster_client(log, options.device):
+            _append(group, path, part, params, entry, resume=resume, storage_options=storage_options, log=log)
+    finally:
+        lock.release()
+    return open_factors(path, storage_options=storage_options)
+
+
+class AppendPlan(NamedTuple):
+    """An append checked by :func:`check_append`: the store, the block read in its chunks, the
+    parameters of the grown matrix and its history entry (without the block's fingerprint)."""
+
+    group: zarr.Group
+    path: str
+    meta: dict[str, Any]
+    source: Source
+    part: da.Array
+    params: factorize.Params
+    entry: dict[str, Any]
+
+
+def check_append(
+    store_path: str | os.PathLike[str],
+    new: Any,
+    *,
+    axis: str,
+    resume: bool = False,
+    storage_options: dict[str, Any] | None = None,
+) -> AppendPlan:
+    """Check an append as :func:`append` does, before anything is read or written (the CLI calls
+    it before a cluster starts).
+
+    Raises
+    ------
+    LplrValueError, StoreFormatError
+        As :func:`append`.
+    """
     axis = parse_choice(axis, "axis (--rows or --columns)", AXES)
     path = os.fspath(store_path)
     group = store.open_group(path, mode="r+", storage_options=storage_options)
@@ -137,21 +181,8 @@ def append(
     n, d = meta["source"]["shape"]
     shape = (n + part.shape[0], d) if axis == "rows" else (n, d + part.shape[1])
     params = _params(options, meta, shape, part.dtype, path)
-    entry = {
-        "op": "append",
-        "axis": axis,
-        "shape": list(shape),
-        "source": src.path,
-        "fingerprint": guard.fingerprint(src, part, storage_options=storage_options),
-    }
-    lock = guard.StoreLock(path, storage_options)
-    lock.acquire()
-    try:
-        with cluster_client(log, options.device):
-            _append(group, path, part, params, entry, resume=resume, storage_options=storage_options, log=log)
-    finally:
-        lock.release()
-    return open_factors(path, storage_options=storage_options)
+    entry = {"op": "append", "axis": axis, "shape": list(shape), "source": src.path}
+    return AppendPlan(group, path, meta, src, part, params, entry)
 
 
 def finalize(
@@ -356,10 +387,10 @@ def _now() -> str:
 
 
 def _key(entry: dict[str, Any] | None) -> tuple[Any, ...] | None:
-    """What tells two appends apart: the axis, the grown shape and the block's fingerprint."""
+    """What tells two appends apart: the axis and the block's fingerprint (shape, dtype, a hash)."""
     if not entry:
         return None
-    return entry.get("axis"), tuple(entry.get("shape", ())), str(entry.get("fingerprint"))
+    return entry.get("axis"), json.dumps(entry.get("fingerprint"), sort_keys=True)
 
 
 def _last_append(root: dict[str, Any]) -> tuple[Any, ...] | None:

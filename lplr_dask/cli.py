@@ -829,8 +829,9 @@ def _cmd_compress_group(args: argparse.Namespace, log: Callable[[str], None]) ->
 
 
 def _cmd_append(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
-    from lplr_dask.append import append
+    from lplr_dask.append import append, check_append
 
+    check_append(args.store, args.input, axis=args.axis, resume=args.resume, storage_options=args.storage_options)
     with _cluster(args, log):
         factors = append(
             args.store, args.input, axis=args.axis, resume=args.resume, storage_options=args.storage_options, log=log
