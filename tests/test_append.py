@@ -267,6 +267,7 @@ def test_cli_compress_append_info_finalize(cluster, tmp_path, capsys):
     capsys.readouterr()
     assert _cli("append", out, new, "--rows", "--json", *on) == 0
     info = json.loads(capsys.readouterr().out)
+    info_attrs = dict(zarr.open_group(str(out), mode="r").attrs["lplr"])
     assert info["shape"] == [384, 320]
     assert info["shape_history"] == "256x320 compress, 384x320 +rows"
     sketches = store.bytes_on_disk(str(out), store.SKETCHES)
@@ -283,6 +284,16 @@ def test_cli_compress_append_info_finalize(cluster, tmp_path, capsys):
     assert _cli("append", out, new, "--rows") == 2
     assert "--appendable" in capsys.readouterr().err
     _assert_reader_opens(str(out))
+    _assert_attrs_documented(info_attrs)
+
+
+def _assert_attrs_documented(attrs: dict[str, Any]) -> None:
+    """Every key of an appended store's attrs (its history entries' too) is in docs/FORMAT.md."""
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "FORMAT.md").read_text()
+    keys = set(attrs) | set(attrs["appendable"]) | set(attrs["timings"])
+    keys |= {k for entry in attrs["history"] for k in entry}
+    missing = sorted(k for k in keys if f"`{k}`" not in doc)
+    assert not missing, f"docs/FORMAT.md does not describe {missing}"
 
 
 def _assert_reader_opens(path: str) -> None:
