@@ -5,6 +5,7 @@ chunked Zarr matrix on Dask (Saha, Srivastava, Pilanci, NeurIPS 2023).
 """
 
 from lplr_dask.api import compress, evaluate
+from lplr_dask.append import append, finalize
 from lplr_dask.baselines import dsvd, lplr_reference, lsvd, naive_quantize, relative_error
 from lplr_dask.budget import fair_rank
 from lplr_dask.convert import convert
@@ -31,6 +32,8 @@ __version__ = package_version()
 __all__ = [
     "__version__",
     "compress",
+    "append",
+    "finalize",
     "compress_group",
     "convert",
     "evaluate",

@@ -72,6 +72,7 @@ def compress(
     sketch: str | None = None,
     cache_input: bool = False,
     log: Callable[[str], None] = logs.info,
+    appendable: bool = False,
 ) -> Factors:
     """Compress a matrix into a low-rank, low-precision factorization ``A ≈ L·R`` [1]_.
 
@@ -152,6 +153,10 @@ def compress(
     log : callable, default=lplr_dask.logs.info
         Receives what the compression chose and did; each step's progress goes to the ``lplr_dask``
         logger (:mod:`lplr_dask.progress`).
+    appendable : bool, default=False
+        Keep the one-pass sketches in the store (``passes=1`` only), so that
+        :func:`lplr_dask.append` can add rows or columns later without reading A again
+        (docs/FORMAT.md, "Appendable stores"); :func:`lplr_dask.finalize` removes them.
 
     Returns
     -------
@@ -180,6 +185,7 @@ def compress(
         cache_input=cache_input,
         device=device,
         storage_options=storage_options,
+        appendable=appendable,
     )
     check_job(overwrite, resume)
     source, recorded = _as_input(source, log)

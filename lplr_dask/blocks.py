@@ -179,9 +179,9 @@ def compute_dtype(dtype: Any, precision: str = "float64") -> np.dtype:
     return np.dtype(precision)
 
 
-def starts(chunks: Sequence[int]) -> da.Array:
-    """A dask array holding each block's start offset, one block per chunk."""
-    s = np.cumsum((0, *chunks[:-1])).astype(np.int64)
+def starts(chunks: Sequence[int], offset: int = 0) -> da.Array:
+    """A dask array holding each block's start offset (plus ``offset``), one block per chunk."""
+    s = offset + np.cumsum((0, *chunks[:-1])).astype(np.int64)
     return da.from_array(s, chunks=1)
 
 
@@ -330,10 +330,15 @@ def _sketches(
     strips: Strips | None = None,
     row_blocks: Sequence[int] | None = None,
     lanes: Lanes | None = None,
+    origin: tuple[int, int] = (0, 0),
 ) -> tuple[da.Array | None, da.Array | None]:
     """Lazy ``A·[S_1 | …]`` (n × widths) and ``Ψ·A`` (ℓ × d): one task per chunk of A for both,
     or one per row strip (``strips``, see the module docstring). ``row_blocks`` keeps only those
-    row blocks of the first (in this order); a strip pass computes nothing else."""
+    row blocks of the first (in this order); a strip pass computes nothing else. ``origin``: A is
+    the block of a larger matrix whose entry (0, 0) sits at these (row, column) offsets, and
+    meets the operators' rows there (a task per chunk)."""
+    if origin != (0, 0):
+        strips = None
     if left and _width_of(lanes, streams, sumsq):
         # Both products at once (one-pass): their tree sums cross (Y over a row's chunks, Z over a
         # column's), so a strip's pair of partial products waits for both, and with strips the
@@ -350,7 +355,16 @@ def _sketches(
             return _sketch_block(a, int(r0[0]), int(c0[0]), **options)  # type: ignore[arg-type]
 
         both = da.blockwise(
-            block, "ib", A, "ib", starts(A.chunks[0]), "i", starts(A.chunks[1]), "b", align_arrays=False, meta=meta
+            block,
+            "ib",
+            A,
+            "ib",
+            starts(A.chunks[0], origin[0]),
+            "i",
+            starts(A.chunks[1], origin[1]),
+            "b",
+            align_arrays=False,
+            meta=meta,
         )
         row_sizes, group_widths = A.chunks
     else:
@@ -546,11 +560,15 @@ def sketch_both(
     precision: str = "float64",
     strips: Strips | None = None,
     lanes: Lanes | None = None,
+    origin: tuple[int, int] = (0, 0),
 ) -> tuple[da.Array, da.Array]:
     """:func:`sketch_right` and :func:`sketch_left` of A from one task per chunk (or per strip).
 
     Each chunk of A is read and cast to float64 once for both products (as two separate
     products would read it once only by holding it in memory until both had used it).
+    ``origin`` (row, column): A is the block of a larger matrix at these offsets, and its
+    products are with the operators' rows there (S and G by column, Ψ by row): what
+    :mod:`lplr_dask.append` sketches a block appended to a compressed matrix with.
 
     Returns
     -------
@@ -566,6 +584,7 @@ def sketch_both(
         precision=precision,
         strips=strips,
         lanes=lanes,
+        origin=origin,
     )
 
 

@@ -1,4 +1,4 @@
-"""The ``lplr`` command: generate, convert, compress, compress-group, info, evaluate, decompress.
+"""The ``lplr`` command: generate, convert, compress, compress-group, append, finalize, info, evaluate, decompress.
 
 Exit status: 0 success; 2 bad input or usage (one line on stderr, no traceback, found before a
 cluster starts); 1 anything else; 130 after Ctrl-C (SIGINT) and 143 after SIGTERM, with one line
@@ -52,7 +52,7 @@ EXIT_INTERRUPTED = 128 + signal.SIGINT
 EXIT_TERMINATED = 128 + signal.SIGTERM
 
 #: Subcommands that write a store ``--resume`` can finish.
-_RESUMABLE = ("compress", "compress-group")
+_RESUMABLE = ("compress", "compress-group", "append")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -342,7 +342,47 @@ def _add_compress(sub: Any) -> None:
         help="the smallest rank whose estimated relative error is at most E (one more read of A)",
     )
     _compression(c)
+    c.add_argument(
+        "--appendable",
+        action="store_true",
+        help="keep the one-pass sketches in the store (with --passes 1), so that `lplr append` can add rows "
+        "or columns later without reading IN again; `lplr finalize` removes them",
+    )
     _common(c)
+
+
+def _add_append(sub: Any) -> None:
+    """The ``append`` command's parser."""
+    a = _command(
+        sub,
+        "append",
+        "append rows or columns to an appendable store, reading only them",
+        "lplr compress A.zarr A.lplr.zarr --rank 64 --passes 1 --appendable",
+        "lplr append A.lplr.zarr more_rows.zarr --rows",
+        "lplr append A.lplr.zarr snapshot_017.npy --columns",
+        "lplr append A.lplr.zarr more_rows.zarr --rows --resume    # finish an interrupted append",
+    )
+    a.add_argument("store", help="an *.lplr.zarr store written by compress --appendable (path or URL)")
+    a.add_argument("input", help="the new rows or columns: any input compress reads, of the store's dtype")
+    axis = a.add_argument_group("axis (exactly one)").add_mutually_exclusive_group(required=True)
+    axis.add_argument("--rows", action="store_const", dest="axis", const="rows", help="INPUT is m x d: new rows")
+    axis.add_argument(
+        "--columns", action="store_const", dest="axis", const="columns", help="INPUT is n x m: new columns"
+    )
+    a.add_argument("--resume", action="store_true", help="finish an interrupted append of the same INPUT")
+    _common(a)
+
+
+def _add_finalize(sub: Any) -> None:
+    """The ``finalize`` command's parser."""
+    f = _command(
+        sub,
+        "finalize",
+        "remove an appendable store's kept sketches (the plain format; no more appends)",
+        "lplr finalize A.lplr.zarr",
+    )
+    f.add_argument("store", help="the *.lplr.zarr store (path or URL)")
+    _common(f, cluster=False)
 
 
 def _add_compress_group(sub: Any) -> None:
@@ -456,6 +496,8 @@ def build_parser() -> argparse.ArgumentParser:
         _add_convert,
         _add_compress,
         _add_compress_group,
+        _add_append,
+        _add_finalize,
         _add_info,
         _add_evaluate,
         _add_decompress,
@@ -478,7 +520,11 @@ def _summary(factors: Any) -> dict[str, Any]:
     """The fields every result carries (table and JSON alike)."""
     a = factors.attrs
     n, d = factors.shape
-    nbytes = factors.nbytes
+    from lplr_dask.store import sketch_bytes
+
+    total = factors.nbytes
+    kept = sketch_bytes(factors.path, factors.storage_options)
+    nbytes = total - kept  # the factors: what a finalized store keeps
     from lplr_dask.sources import itemsize
 
     src = a["source"]
@@ -498,7 +544,10 @@ def _summary(factors: Any) -> dict[str, Any]:
         "power_iters": a["power_iters"],
         "oversample": a.get("sketch", {}).get("range_oversample", 0),
         "seed": a["seed"],
-        "bytes_on_disk": nbytes,
+        "bytes_on_disk": total,
+        "bytes_factors": nbytes if kept else None,
+        "bytes_sketches": kept if "appendable" in a or kept else None,
+        "shape_history": _history(a.get("history")),
         "bytes_codes": code_bytes,
         "bytes_scales_and_metadata": nbytes - code_bytes,
         "bits_per_entry": nbytes * 8 / (n * d),
@@ -513,6 +562,14 @@ def _summary(factors: Any) -> dict[str, Any]:
         "target_attempts": len(target["attempts"]) if target else None,
         "rank_cap": a.get("rank_cap"),
     }
+
+
+def _history(history: Any) -> str | None:
+    """An appended store's shapes, oldest first: ``"256x384 compress, 512x384 +rows, …"``."""
+    if not history:
+        return None
+    steps = ("compress" if e.get("op") == "compress" else f"+{e.get('axis')}" for e in history)
+    return ", ".join(f"{e['shape'][0]}x{e['shape'][1]} {step}" for e, step in zip(history, steps))
 
 
 def _fmt(v: Any) -> str:
@@ -701,7 +758,7 @@ def _cmd_compress(args: argparse.Namespace, log: Callable[[str], None]) -> dict[
     size = SizeRule.from_args(
         rank=args.rank, bits_per_entry=args.bits_per_entry, match_nq=args.match_nq, target_error=args.target_error
     )
-    options = _options(args)
+    options = _options(args).replace(appendable=args.appendable)
     opts = args.storage_options
     A = open_source(args.input, storage_options=opts)
     said: list[str] = []  # the sizing's warnings, logged here once, before a cluster starts
@@ -722,6 +779,7 @@ def _cmd_compress(args: argparse.Namespace, log: Callable[[str], None]) -> dict[
             match_nq=args.match_nq,
             target_error=args.target_error,
             **_shared(args),
+            appendable=args.appendable,
             log=lambda line: None if line in said else log(line),
         )
         if args.evaluate:
@@ -775,6 +833,23 @@ def _cmd_compress_group(args: argparse.Namespace, log: Callable[[str], None]) ->
             **_shared(args),
             log=log,
         )
+
+
+def _cmd_append(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
+    from lplr_dask.append import append, check_append
+
+    check_append(args.store, args.input, axis=args.axis, resume=args.resume, storage_options=args.storage_options)
+    with _cluster(args, log):
+        factors = append(
+            args.store, args.input, axis=args.axis, resume=args.resume, storage_options=args.storage_options, log=log
+        )
+    return _summary(factors)
+
+
+def _cmd_finalize(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
+    from lplr_dask.append import finalize
+
+    return _summary(finalize(args.store, storage_options=args.storage_options, log=log))
 
 
 def _cmd_info(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
@@ -852,6 +927,8 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, Callable[[str], None]], dict[s
     "convert": _cmd_convert,
     "compress": _cmd_compress,
     "compress-group": _cmd_compress_group,
+    "append": _cmd_append,
+    "finalize": _cmd_finalize,
     "info": _cmd_info,
     "evaluate": _cmd_evaluate,
     "decompress": _cmd_decompress,

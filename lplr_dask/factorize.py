@@ -75,6 +75,7 @@ from lplr_dask.sketch import SKETCH_BLOCK, SPARSE_NNZ, STREAM_G, STREAM_PSI, STR
 __all__ = [
     "Params",
     "pass1",
+    "pass1_part",
     "truncate_sketch",
     "pinv_factor",
     "host_pinv_factor",
@@ -211,8 +212,29 @@ def pass1(A: da.Array, p: Params, *, strips: blocks.Strips | None = None) -> dic
     return out
 
 
+def pass1_part(A: da.Array, p: Params, origin: tuple[int, int]) -> tuple[da.Array, da.Array]:
+    """One-pass pass 1 of a block of a larger matrix whose entry (0, 0) sits at ``origin``.
+
+    The products are with the operators' rows at those offsets (S and G by column, Ψ by row), so
+    they are the parts of that matrix's sketches (Tropp et al. 2019, the streaming update) that a
+    compression of the whole would have summed from these chunks.
+
+    Returns
+    -------
+    (right, Z) : dask arrays, float64
+        ``[Y | AG | row sums of squares]`` (rows × (k + p + t + 1)) and ``Z = Ψ·A`` (ℓ × columns).
+    """
+    right, Z = _pass1_blocks(A, dataclasses.replace(p, passes=1), origin=origin)
+    return right, cast(da.Array, Z)
+
+
 def _pass1_blocks(
-    A: da.Array, p: Params, *, strips: blocks.Strips | None = None, row_blocks: list[int] | None = None
+    A: da.Array,
+    p: Params,
+    *,
+    strips: blocks.Strips | None = None,
+    row_blocks: list[int] | None = None,
+    origin: tuple[int, int] = (0, 0),
 ) -> tuple[da.Array, da.Array | None]:
     """``[Y | AG | row sums of squares]`` (n × (k + p + t + 1), one column chunk: what a row
     strip of pass 1 writes; two-pass: only the ``row_blocks``) and, one-pass, Z; from one task
@@ -222,7 +244,16 @@ def _pass1_blocks(
     streams = [(STREAM_G, t, 1.0)] if lanes else [(STREAM_S, k, 1.0 / math.sqrt(k)), (STREAM_G, t, 1.0)]
     if p.passes == 1:
         return blocks.sketch_both(
-            A, p.seed, streams, STREAM_PSI, p.oversample, sumsq=True, precision=p.precision, strips=strips, lanes=lanes
+            A,
+            p.seed,
+            streams,
+            STREAM_PSI,
+            p.oversample,
+            sumsq=True,
+            precision=p.precision,
+            strips=strips,
+            lanes=lanes,
+            origin=origin,
         )
     right = blocks.sketch_right(
         A, p.seed, streams, sumsq=True, precision=p.precision, strips=strips, row_blocks=row_blocks, lanes=lanes
@@ -788,7 +819,7 @@ def estimate_and_finish(job: StageContext) -> dict[str, Any]:
     resid = da.from_zarr(job.scratch("AG")) - job.stored_factor("L") @ rg
     (num,) = job.runner("error estimate", (resid**2).sum(), persist=False)
     estimate = error_estimate(float(num), job.meta["norm_fro"], p.test_columns)
-    store.remove_scratch(job.group)
+    store.remove_scratch(job.group, keep_sketches=bool(job.meta.get("appendable")))
     return {"error_estimate": estimate, "complete": True}
 
 

@@ -238,6 +238,8 @@ def _start(
         version=package_version(),
     )
     meta.update(attrs or {})
+    if options.appendable:  # the sketches are kept at the end (lplr_dask.append)
+        meta.update(store.appendable_meta(A.shape, src.path))
     store.write_meta(group, meta)
     return meta
 

@@ -93,6 +93,9 @@ class Options:
         they fit (:func:`lplr_dask.job.compress_at_rank`); it changes no code.
     storage_options : dict, optional
         fsspec options for a remote source and output.
+    appendable : bool, default=False
+        Keep the one-pass sketches in the store, so that rows or columns can be appended later
+        without reading A again (:func:`lplr_dask.append`); one-pass mode only. It changes no code.
 
     See :func:`lplr_dask.compress` for what each means. A bad value raises
     :class:`~lplr_dask.errors.LplrValueError` (or :class:`~lplr_dask.errors.LplrTypeError`)
@@ -111,6 +114,7 @@ class Options:
     device: str = "cpu"
     cache_input: bool = False
     storage_options: dict[str, Any] | None = dataclasses.field(default=None, compare=False)
+    appendable: bool = False
 
     def __post_init__(self) -> None:
         bits = self.bits
@@ -146,6 +150,12 @@ class Options:
             parse_choice(self.sketch, "sketch", SKETCHES)
         quantizer_pair(self.quantizer)
         check_device(self.device)
+        object.__setattr__(self, "appendable", parse_bool(self.appendable, "appendable (--appendable)"))
+        if self.appendable and self.passes != 1:
+            raise LplrValueError(
+                "Expected one pass (passes=1, --passes 1) with appendable=True (--appendable): an append updates "
+                f"the one-pass sketches. Got passes={self.passes} instead. Add --passes 1."
+            )
 
     @property
     def specs(self) -> tuple[QuantizerSpec, QuantizerSpec]:

@@ -16,6 +16,9 @@ Layout::
             PT      (n, k)      pinv(L)ᵀ (two-pass mode)
             W       (k, d)      pinv(L)·A, column-chunked like the source
             W_done  (d chunks,) uint8, 1 once that column chunk of W is written
+        sketches/ an appendable store's one-pass sketches (``compress --appendable``), kept:
+            Y, AG, Z, sumsq   as in ``_work``, for the next append (removed by ``lplr finalize``)
+        _append/  a whole store in progress while an append runs (:mod:`lplr_dask.append`)
 
 Every array carries Zarr v3 ``dimension_names`` (:func:`dimension_names_of`): ``("row", "rank")``
 for L's codes, ``("rank", "col")`` for R's, ``("scale_row", "scale_col")`` for scales and offsets,
@@ -34,7 +37,9 @@ the chunk that fails to decode.
 
 The scratch layout is :data:`SCRATCH` and :data:`SCRATCH_ARRAYS`; :func:`scratch_name` names an
 array in it, :func:`create_scratch` and :func:`create_scratch_marks` create one, and
-:func:`remove_scratch` deletes it all when a job completes.
+:func:`remove_scratch` deletes it all when a job completes; in an appendable store it first
+keeps the sketches under :data:`SKETCHES` (:data:`KEPT_SKETCHES`). :func:`move_node` moves an
+array or group inside a store (a rename on a local disk), as an append's commit does.
 """
 
 from __future__ import annotations
@@ -84,6 +89,14 @@ __all__ = [
     "create_scratch",
     "create_scratch_marks",
     "remove_scratch",
+    "SKETCHES",
+    "KEPT_SKETCHES",
+    "STAGING",
+    "appendable_meta",
+    "save_sketches",
+    "move_node",
+    "remove_node",
+    "sketch_bytes",
     "write_small",
     "read_small",
     "bytes_on_disk",
@@ -422,6 +435,11 @@ def read_meta(group: zarr.Group, *, require_complete: bool = True, path: str = "
             )
         raise StoreFormatError(f"{where!r} is not an lplr store: its attrs have no 'lplr' format entry.")
     schema.parse_meta(meta, where, newest=FORMAT_VERSION)
+    if require_complete and not meta["complete"] and "append_commit" in meta:
+        raise StoreFormatError(
+            f"{where!r} is being appended to: an append stopped while it moved the new factors into place. "
+            "Finish it with `lplr append STORE NEW --rows|--columns --resume` (the same arguments)."
+        )
     if require_complete and not meta["complete"]:
         raise StoreFormatError(
             f"{where!r} is incomplete (the job that wrote it did not finish). Finish it with "
@@ -578,10 +596,118 @@ def create_scratch_marks(group: zarr.Group, name: str, count: int) -> zarr.Array
     )
 
 
-def remove_scratch(group: zarr.Group) -> None:
-    """Delete the scratch group :data:`SCRATCH` and all in it (a job's last step); nothing if absent."""
+def remove_scratch(group: zarr.Group, *, keep_sketches: bool = False) -> None:
+    """Delete the scratch group :data:`SCRATCH` and all in it (a job's last step); nothing if absent.
+
+    With ``keep_sketches`` (an appendable store), the sketches are kept first (:func:`save_sketches`).
+    """
+    if keep_sketches:
+        save_sketches(group)
     if SCRATCH in group:
         del group[SCRATCH]
+
+
+#: The group of an appendable store's kept one-pass sketches (``compress --appendable``): what an
+#: append updates instead of reading the matrix again; ``lplr finalize`` removes it.
+SKETCHES = "sketches"
+#: The scratch arrays an appendable store keeps under :data:`SKETCHES`, with the same shapes,
+#: chunks and meaning (:data:`SCRATCH_ARRAYS`).
+KEPT_SKETCHES = ("Y", "AG", "Z", "sumsq")
+#: Where an append builds the grown store (a whole store in progress, its own attrs) before its
+#: commit moves the new factors and sketches into place (:mod:`lplr_dask.append`).
+STAGING = "_append"
+
+
+def appendable_meta(shape: tuple[int, int], source: str | None) -> dict[str, Any]:
+    """The attrs an appendable store adds: ``appendable`` (where its sketches are kept) and
+    ``history``, the first entry of its shape history (docs/FORMAT.md, "Appendable stores")."""
+    return {
+        "appendable": {"sketches": SKETCHES, "arrays": list(KEPT_SKETCHES)},
+        "history": [{"op": "compress", "shape": list(shape), "source": source, "created": _now()}],
+    }
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def save_sketches(group: zarr.Group) -> None:
+    """Move the one-pass sketches from the scratch to :data:`SKETCHES` (what is still there).
+
+    ``Y``, ``Z`` and ``sumsq`` are moved (a rename on a local disk); ``AG`` is copied, as the
+    error estimate reads it from the scratch: a job interrupted in between and resumed finds
+    it there again. Each step can be repeated, so a resumed job's keeps what the first left.
+    """
+    if SKETCHES not in group:
+        group.create_group(SKETCHES)
+    for name in KEPT_SKETCHES:
+        src, dst = scratch_name(name), f"{SKETCHES}/{name}"
+        if src in group:
+            move_node(group, src, dst, copy=name == "AG")
+
+
+def move_node(group: zarr.Group, src: str, dst: str, *, copy: bool = False) -> None:
+    """Move (or ``copy``) the array or group at ``src`` in ``group`` to ``dst``, replacing ``dst``.
+
+    On a local disk a move is a rename of its directory; elsewhere (an fsspec store) every key is
+    copied, then the source's keys deleted. ``dst`` is removed first, so a move interrupted
+    half-way is finished by doing it again while ``src`` is complete: callers record a finished
+    move (:mod:`lplr_dask.append` journals each in the attrs) and skip it.
+    """
+    root = _local_root(group)
+    if root is not None:
+        s, t = os.path.join(root, src), os.path.join(root, dst)
+        if os.path.exists(t):
+            shutil.rmtree(t)
+        os.makedirs(os.path.dirname(t), exist_ok=True)
+        if copy:
+            shutil.copytree(s, t)
+        else:
+            os.replace(s, t)
+        return
+    from zarr.core.buffer import default_buffer_prototype
+    from zarr.core.sync import collect_aiterator, sync
+
+    st, base = group.store, group.path.rstrip("/")
+    full = lambda p: f"{base}/{p}" if base else p  # noqa: E731
+    remove_node(group, dst)
+    keys = collect_aiterator(st.list_prefix(full(src) + "/"))
+    for key in keys:
+        value = sync(st.get(key, prototype=default_buffer_prototype()))
+        if value is not None:
+            sync(st.set(full(dst) + key[len(full(src)) :], value))
+    if not copy:
+        remove_node(group, src)
+
+
+def remove_node(group: zarr.Group, name: str) -> None:
+    """Delete the array or group ``name`` of ``group`` and everything under it; nothing if absent."""
+    root = _local_root(group)
+    if root is not None:
+        path = os.path.join(root, name)
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        return
+    from zarr.core.sync import collect_aiterator, sync
+
+    base = group.path.rstrip("/")
+    prefix = f"{base}/{name}" if base else name
+    for key in collect_aiterator(group.store.list_prefix(prefix + "/")):
+        sync(group.store.delete(key))
+
+
+def _local_root(group: zarr.Group) -> str | None:
+    """The directory of ``group`` when it lives on a local disk, else None."""
+    from zarr.storage import LocalStore
+
+    if isinstance(group.store, LocalStore):
+        return os.path.join(str(group.store.root), group.path)
+    return None
+
+
+def sketch_bytes(path: str | os.PathLike[str], storage_options: StorageOptions = None) -> int:
+    """Bytes on disk of an appendable store's kept sketches (:data:`SKETCHES`; 0 for a plain store)."""
+    return bytes_on_disk(path, SKETCHES, storage_options)
 
 
 def write_small(group: zarr.Group, name: str, value: np.ndarray) -> None:
