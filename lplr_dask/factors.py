@@ -351,8 +351,12 @@ class Factors:
 
     @property
     def nbytes(self) -> int:
-        """Bytes on disk: the sum of the file sizes under the store, metadata included."""
-        return store.bytes_on_disk(self.path, storage_options=self.storage_options)
+        """Bytes on disk of the factors: the sum of the file sizes under the store, metadata
+        included, less an appendable store's kept sketches (``lplr finalize`` removes those)."""
+        total = store.bytes_on_disk(self.path, storage_options=self.storage_options)
+        if not self.attrs.get("appendable"):
+            return total
+        return total - store.sketch_bytes(self.path, storage_options=self.storage_options)
 
     @property
     def bits_per_entry(self) -> float:

@@ -165,6 +165,8 @@ def test_every_subcommand_has_examples_and_help_for_every_argument(monkeypatch):
         "evaluate",
         "decompress",
         "verify",
+        "append",
+        "finalize",
     }
     for name, sub in commands.items():
         text = sub.format_help()
