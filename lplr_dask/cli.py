@@ -522,9 +522,9 @@ def _summary(factors: Any) -> dict[str, Any]:
     n, d = factors.shape
     from lplr_dask.store import sketch_bytes
 
-    total = factors.nbytes
+    nbytes = factors.nbytes  # the factors: what a finalized store keeps
     kept = sketch_bytes(factors.path, factors.storage_options)
-    nbytes = total - kept  # the factors: what a finalized store keeps
+    total = nbytes + kept
     from lplr_dask.sources import itemsize
 
     src = a["source"]
