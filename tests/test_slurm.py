@@ -26,6 +26,7 @@ from _services import require_service
 
 import lplr_dask
 from lplr_dask.cluster import ClusterError, get_client
+from lplr_dask.cluster.jobqueue import _import_jobqueue
 
 pytestmark = pytest.mark.slurm
 
@@ -46,6 +47,10 @@ def slurm() -> None:
     states = {state.rstrip("*~#!%$@^-") for state in result.stdout.split()}
     if not states & UP_STATES:
         require_service(f"no SLURM node is up (sinfo states: {sorted(states)}); run {START}")
+    # dask-jobqueue's defaults enter dask.config at its import. Imported first inside a test's
+    # dask.config.set({"jobqueue.slurm...."}), they would be removed with the "jobqueue" key
+    # when that block exits, and the next test's cluster fails (KeyError: 'shared-temp-directory').
+    _import_jobqueue()
 
 
 def _squeue(job_ids: list[str]) -> dict[str, tuple[str, str]]:
