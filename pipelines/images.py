@@ -5,7 +5,8 @@ The Shepp–Logan phantom (resized to 1000 × 1000) and the Hubble eXtreme Deep 
 (2, 8)}, B_nq in {1, 2}, every factorization at the fair rank against B_nq-bit naive quantization.
 LPLR runs through :func:`lplr_dask.compress` as the paper's method (its sketch of k columns and its
 quantizer) and with our defaults (k extra sketch columns; per-channel scales, GPTQ rounding of R). The report gives relative Frobenius errors, median
-[min, max] over the seeds for the randomized methods, and a grid of reconstructions per image.
+[min, max] over the seeds for the randomized methods, and a grid of reconstructions per image
+(for the Hubble field with a zoomed crop under each row, where the differences show).
 
 Run ``python -m pipelines.images [--quick] [--out results/images] [cluster options]``.
 """
@@ -33,7 +34,7 @@ from pipelines.common import (
     save_figure,
 )
 
-__all__ = ["main", "load_images", "METHODS"]
+__all__ = ["main", "load_images", "busiest_window", "METHODS"]
 
 #: The columns of the table, in order: the baselines, then LPLR with each quantizer.
 METHODS = ("NQ", "DSVD", "LSVD", *LPLR_METHODS)
@@ -41,6 +42,8 @@ _RANDOMIZED = {"LSVD", *LPLR_METHODS}
 _BITS_FULL = ((8, 4), (4, 8), (2, 8))
 _BITS_QUICK = ((8, 4),)
 _B_NQ = (1, 2)
+#: Images whose figure also shows a zoomed crop (the Hubble field's galaxies are a few pixels wide).
+_ZOOMED = {"hubble"}
 
 
 def load_images(side: int) -> dict[str, np.ndarray]:
@@ -78,34 +81,81 @@ def _reconstructions(
     return out
 
 
+def busiest_window(A: np.ndarray, side: int) -> tuple[int, int]:
+    """The top-left corner of the ``side × side`` window of ``A`` with the largest standard deviation.
+
+    Candidates are on a grid of step ``side // 2``; ties go to the first (top, then left).
+    """
+    step = max(1, side // 2)
+    best, corner = -1.0, (0, 0)
+    for r in range(0, A.shape[0] - side + 1, step):
+        for c in range(0, A.shape[1] - side + 1, step):
+            spread = float(A[r : r + side, c : c + side].std())
+            if spread > best:
+                best, corner = spread, (r, c)
+    return corner
+
+
 def _figure(
-    ctx: Context, name: str, A: np.ndarray, shown: dict[tuple[tuple[int, int], int], dict[str, np.ndarray]]
+    ctx: Context,
+    name: str,
+    A: np.ndarray,
+    shown: dict[tuple[tuple[int, int], int], dict[str, np.ndarray]],
+    *,
+    crop: bool = False,
 ) -> Path:
-    """A grid: one row per setting, the original and each method's reconstruction (seed 0)."""
+    """A grid: one row per setting, the original and each method's reconstruction (seed 0).
+
+    With ``crop``, each row is followed by a row of the same images zoomed into one window (the
+    busiest eighth of the width, framed in red on the original), enlarged without smoothing.
+    """
     plt = pyplot()
     settings = list(shown)
     cols = ("original", *METHODS)
+    side = max(16, A.shape[1] // 8)
+    r0, c0 = busiest_window(A, side)
+    window = (slice(r0, r0 + side), slice(c0, c0 + side))
+    kinds = ("full", "crop") if crop else ("full",)
+    ratios = [A.shape[0] / A.shape[1] if kind == "full" else 1.0 for _ in settings for kind in kinds]
+    panel = 2.0 if crop else 1.7
     fig, axes = plt.subplots(
-        len(settings),
+        len(ratios),
         len(cols),
-        figsize=(1.7 * len(cols), 1.7 * len(settings) * A.shape[0] / A.shape[1]),
+        figsize=(panel * len(cols), panel * sum(ratios) + 0.4),
         squeeze=False,
+        gridspec_kw={"height_ratios": ratios},
     )
     lo, hi = float(A.min()), float(A.max())
     for i, (bits, b_nq) in enumerate(settings):
-        for j, col in enumerate(cols):
-            img = A if col == "original" else shown[(bits, b_nq)][col]
-            ax = axes[i, j]
-            ax.imshow(np.clip(img, lo, hi), cmap="gray", vmin=lo, vmax=hi, interpolation="antialiased")
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if i == 0:
-                ax.set_title(col, fontsize=8)
-            if j == 0:
-                ax.set_ylabel(f"B={bits[0]},{bits[1]}\nB_nq={b_nq}", fontsize=7)
-            elif col != "original":
-                ax.set_xlabel(f"err {relative_error(A, img):.3f}", fontsize=7)
-    fig.suptitle(f"{name} {A.shape[0]}×{A.shape[1]}: reconstructions at the fair rank", fontsize=9)
+        for kind_index, kind in enumerate(kinds):
+            row = i * len(kinds) + kind_index
+            for j, col in enumerate(cols):
+                img = A if col == "original" else shown[(bits, b_nq)][col]
+                ax = axes[row, j]
+                if kind == "full":
+                    ax.imshow(np.clip(img, lo, hi), cmap="gray", vmin=lo, vmax=hi, interpolation="antialiased")
+                else:
+                    part = np.clip(img[window], lo, hi)
+                    ax.imshow(part, cmap="gray", vmin=lo, vmax=hi, interpolation="nearest")
+                ax.set_xticks([])
+                ax.set_yticks([])
+                if row == 0:
+                    ax.set_title(col, fontsize=9)
+                if j == 0:
+                    label = f"B={bits[0]},{bits[1]}\nB_nq={b_nq}"
+                    ax.set_ylabel(label if kind == "full" else f"{label}\nzoom {side}×{side}", fontsize=8)
+                    if kind == "full" and crop:
+                        frame = plt.Rectangle((c0, r0), side, side, fill=False, edgecolor="red", linewidth=1)
+                        ax.add_patch(frame)
+                elif kind == "full":
+                    ax.set_xlabel(f"err {relative_error(A, img):.3f}", fontsize=8)
+                else:
+                    ax.set_xlabel(f"zoom err {relative_error(A[window], img[window]):.3f}", fontsize=8)
+    title = f"{name} {A.shape[0]}×{A.shape[1]}: reconstructions at the fair rank"
+    if crop:
+        title += f"; rows 'zoom': the {side}×{side} window framed in red, enlarged (nearest-neighbour)"
+    fig.tight_layout()
+    fig.suptitle(title, fontsize=10, y=1.0, va="bottom")  # above the column titles (the PNG is cut to fit)
     return save_figure(fig, ctx.out / f"{name}.png", dpi=90, colors=256)
 
 
@@ -139,7 +189,7 @@ def _body(ctx: Context) -> Path:
                     [name, bits[0], bits[1], b_nq, k]
                     + [fmt_spread(errors[m]) if m in _RANDOMIZED else fmt(errors[m][0]) for m in METHODS]
                 )
-        figures.append(_figure(ctx, name, A, shown))
+        figures.append(_figure(ctx, name, A, shown, crop=name in _ZOOMED))
     table = markdown_table(["image", "B1", "B2", "B_nq", "rank k", *METHODS], rows)
     notes = (
         f"Relative Frobenius error ‖A − Â‖_F / ‖A‖_F. Randomized methods: median [min, max] over "

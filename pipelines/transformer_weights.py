@@ -11,13 +11,15 @@ Then the compressed weights are loaded back into the model: the cosine similarit
 embeddings to the original model's, and how many of each token's 10 nearest neighbours in the
 embedding table survive compression.
 
-Run ``python -m pipelines.transformer_weights [--quick] [--out results/transformer_weights] [cluster options]``.
+Run ``python -m pipelines.transformer_weights [--quick] [--out results/transformer_weights] [cluster options]``;
+``--replot`` only redraws ``errors.png`` from the ``results.json`` in ``--out``.
 """
 
 from __future__ import annotations
 
 import builtins
 import inspect
+import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,6 +29,7 @@ import numpy as np
 
 from lplr_dask.baselines import lsvd, naive_quantize, relative_error
 from lplr_dask.budget import fair_rank
+from lplr_dask.errors import LplrError, LplrValueError
 from pipelines.common import (
     LPLR_METHODS,
     UNCOMPRESSED,
@@ -42,7 +45,16 @@ from pipelines.common import (
     tall,
 )
 
-__all__ = ["main", "weight_matrices", "sentences", "neighbour_overlap", "METHODS"]
+__all__ = [
+    "main",
+    "weight_matrices",
+    "sentences",
+    "neighbour_overlap",
+    "plot_errors",
+    "replot",
+    "short_name",
+    "METHODS",
+]
 
 METHODS = ("NQ", "LSVD", *LPLR_METHODS)
 BITS = (8, 8)
@@ -212,23 +224,90 @@ def _body(ctx: Context) -> Path:
 
 
 def _figure(ctx: Context, per_matrix: dict[str, dict[str, Any]]) -> Path:
+    return plot_errors(per_matrix, ctx.out / "errors.png")
+
+
+def short_name(name: str) -> str:
+    """A parameter name for a figure: ``encoder.layer.3.intermediate.dense.weight`` → ``layer 3 · ffn in``."""
+    label = name.removesuffix(".weight")
+    for long, short in _SHORT_NAMES:
+        label = label.replace(long, short)
+    return label
+
+
+_SHORT_NAMES = (
+    ("encoder.layer.", "layer "),
+    (".attention.self.", " · attn "),
+    (".attention.output.dense", " · attn out"),
+    (".intermediate.dense", " · ffn in"),
+    (".output.dense", " · ffn out"),
+    ("embeddings.", "embeddings · "),
+    ("_embeddings", ""),
+    ("pooler.dense", "pooler"),
+)
+
+
+def plot_errors(per_matrix: dict[str, dict[str, Any]], path: Path) -> Path:
+    """Per-matrix relative error of each method: one row per weight, a marker per method.
+
+    Parameters
+    ----------
+    per_matrix : dict
+        ``results.json``'s ``"matrices"``: parameter name → ``{"shape", "rank", "errors"}``.
+    path : Path
+        The PNG to write.
+
+    Rows follow the model (embeddings, the encoder layers, the pooler), with a line between
+    layers; a matrix left uncompressed (fair rank 0) is marked as such.
+    """
     plt = pyplot()
     names = list(per_matrix)
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.22 * len(names)), 3.6))
-    x = np.arange(len(names))
-    for m in METHODS:
-        y = [np.nan if per_matrix[n]["errors"][m] is None else per_matrix[n]["errors"][m] for n in names]
-        ax.plot(x, y, marker="o", markersize=3, linewidth=1, label=m)
-    ax.set_xticks(x)
-    ax.set_xticklabels(
-        [n.replace("encoder.layer.", "L").replace(".weight", "") for n in names], rotation=90, fontsize=6
-    )
-    ax.set_ylabel("relative Frobenius error")
-    ax.set_yscale("log")
-    ax.set_title(f"all-MiniLM-L6-v2 weights at B1 = B2 = {BITS[0]}, B_nq = {B_NQ}", fontsize=9)
-    ax.legend(fontsize=7)
+    y = np.arange(len(names))
+    fig, ax = plt.subplots(figsize=(7.5, 1.2 + 0.2 * len(names)))
+    markers = ("s", "D", "o", "^")
+    for m, marker in zip(METHODS, markers):
+        x = [np.nan if per_matrix[n]["errors"][m] is None else per_matrix[n]["errors"][m] for n in names]
+        ax.plot(x, y, linestyle="none", marker=marker, markersize=5, alpha=0.85, label=m)
+    labels = []
+    for n in names:
+        rows, cols = per_matrix[n]["shape"]
+        labels.append(f"{short_name(n)}  ({rows}×{cols})")
+    ax.set_yticks(y)
+    ax.set_yticklabels(labels, fontsize=8)
+    ax.set_ylim(len(names) - 0.5, -0.5)  # the model's order, top to bottom
+    ax.set_xscale("log")
+    ax.grid(axis="x", which="both", alpha=0.3)
+    groups = [n.split(".")[2] if n.startswith("encoder.layer.") else n.split(".")[0] for n in names]
+    for i in range(1, len(names)):
+        if groups[i] != groups[i - 1]:
+            ax.axhline(i - 0.5, color="0.6", linewidth=0.6)
+    for i, n in enumerate(names):
+        if per_matrix[n]["rank"] < 1:
+            ax.annotate(
+                "  kept uncompressed (fair rank 0): NQ only",
+                (1.0, i),
+                xycoords=("axes fraction", "data"),
+                ha="right",
+                va="center",
+                fontsize=8,
+                style="italic",
+                color="0.25",
+            )
+    ax.set_xlabel("relative Frobenius error ‖W − Ŵ‖_F / ‖W‖_F (log scale)")
+    ax.set_title(f"all-MiniLM-L6-v2 weights at B1 = B2 = {BITS[0]}, B_nq = {B_NQ}, fair rank", fontsize=9)
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.6 / (1.2 + 0.2 * len(names))), ncol=4)
     fig.tight_layout()
-    return save_figure(fig, ctx.out / "errors.png")
+    return save_figure(fig, path, dpi=120)
+
+
+def replot(out: Path) -> Path:
+    """Redraw ``out/errors.png`` from the ``out/results.json`` an earlier run wrote; its path."""
+    results = out / "results.json"
+    if not results.is_file():
+        raise LplrValueError(
+            f"Expected {results}, written by an earlier run of this pipeline. Got none: run it without --replot first."
+        )
+    return plot_errors(json.loads(results.read_text())["matrices"], out / "errors.png")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -240,6 +319,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=0,
         help="tokens sampled for the nearest-neighbour check (default: all; 500 with --quick)",
     )
+    parser.add_argument(
+        "--replot",
+        action="store_true",
+        help="only redraw errors.png from the results.json in --out (no model, no compression)",
+    )
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--replot" in argv:
+        try:
+            args = parser.parse_args(argv)
+            print(replot(args.out))
+        except LplrError as e:
+            print(f"error: {e}".replace("\n", " "), file=sys.stderr)
+            return 2
+        except SystemExit as e:  # --help
+            return int(e.code or 0)
+        return 0
     return run_pipeline("transformer_weights", parser, _body, argv)
 
 

@@ -3,11 +3,16 @@
 Skipped with the reason when SLURM is not installed or its node is not up; with
 ``LPLR_REQUIRE_SERVICES=1`` (CI) the same condition fails instead (see tests/_services.py).
 Everything talks over 127.0.0.1 only: the jobqueue scheduler and workers use interface ``lo``.
+
+The PBS tests use the PBS commands of Debian's slurm-wlm-torque (``qsub``, ``qstat``, ``qdel`` as
+wrappers over SLURM; the start script installs them): they exercise the PBS command interface
+and the ``#PBS`` directives as SLURM's sbatch reads them, not a PBS server.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -21,6 +26,7 @@ from _services import require_service
 
 import lplr_dask
 from lplr_dask.cluster import ClusterError, get_client
+from lplr_dask.cluster.jobqueue import _import_jobqueue
 
 pytestmark = pytest.mark.slurm
 
@@ -41,6 +47,10 @@ def slurm() -> None:
     states = {state.rstrip("*~#!%$@^-") for state in result.stdout.split()}
     if not states & UP_STATES:
         require_service(f"no SLURM node is up (sinfo states: {sorted(states)}); run {START}")
+    # dask-jobqueue's defaults enter dask.config at its import. Imported first inside a test's
+    # dask.config.set({"jobqueue.slurm...."}), they would be removed with the "jobqueue" key
+    # when that block exits, and the next test's cluster fails (KeyError: 'shared-temp-directory').
+    _import_jobqueue()
 
 
 def _squeue(job_ids: list[str]) -> dict[str, tuple[str, str]]:
@@ -146,8 +156,8 @@ def _sbatch(tmp_path: Path, **env: str) -> tuple[int, str]:
     return result.returncode, f"{result.stderr}\n{text}"
 
 
-def test_sbatch_compress(tmp_path: Path) -> None:
-    source, out = tmp_path / "A.zarr", tmp_path / "A.lplr.zarr"
+def _generate(source: Path) -> None:
+    """A 2000 × 1000 matrix of rank 10 plus 0.1 % noise, in 500 × 500 chunks."""
     subprocess.run(
         [
             *(str(Path(sys.executable).parent / "lplr"), "generate", str(source)),
@@ -157,6 +167,11 @@ def test_sbatch_compress(tmp_path: Path) -> None:
         check=True,
         timeout=300,
     )
+
+
+def test_sbatch_compress(tmp_path: Path) -> None:
+    source, out = tmp_path / "A.zarr", tmp_path / "A.lplr.zarr"
+    _generate(source)
     status, log = _sbatch(
         tmp_path,
         IN=str(source),
@@ -180,3 +195,137 @@ def test_sbatch_without_input_fails_clearly(tmp_path: Path, monkeypatch: pytest.
     status, log = _sbatch(tmp_path, OUT=str(tmp_path / "x.lplr.zarr"))
     assert status != 0
     assert "set IN to the input Zarr array" in log
+
+
+# --------------------------------------------------------------------------------------------
+# PBS through slurm-wlm-torque's wrappers
+
+
+@pytest.fixture()
+def pbs_commands() -> None:
+    """Skip (or fail with LPLR_REQUIRE_SERVICES=1) unless slurm-wlm-torque's PBS commands are here."""
+    for command in ("qsub", "qstat", "qdel", "generate_pbs_nodefile"):
+        if shutil.which(command) is None:
+            require_service(f"`{command}` not found: slurm-wlm-torque is not installed; run {START}")
+
+
+def _qstat_state(job_id: str) -> str | None:
+    """The job's PBS state letter (Q, R, C, ...) in `qstat JOB`; None once SLURM forgot the job."""
+    result = subprocess.run(["qstat", job_id], capture_output=True, text=True, timeout=30)
+    for line in result.stdout.splitlines():
+        fields = line.split()
+        if fields and fields[0] == job_id:
+            return fields[4]
+    return None
+
+
+def _wait_for_pbs_job(job_id: str, timeout: float) -> int:
+    """Poll ``qstat`` until the job is complete (C); its exit status (from ``scontrol show job``).
+
+    The wrapper's ``qstat -f`` has no exit status, so it is read from SLURM, which keeps a
+    finished job for MinJobAge (60 s on the test node): polled every 0.5 s, the job is still there.
+    """
+    deadline = time.monotonic() + timeout
+    while (state := _qstat_state(job_id)) not in ("C", None):
+        if time.monotonic() > deadline:
+            subprocess.run(["qdel", job_id], timeout=30, check=False)
+            pytest.fail(f"PBS job {job_id} still in state {state} after {timeout:g} s; deleted it with qdel")
+        time.sleep(0.5)
+    shown = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True, timeout=30)
+    match = re.search(r"\bExitCode=(\d+):(\d+)", shown.stdout)
+    assert match, f"no ExitCode for job {job_id} in scontrol's output: {shown.stdout!r} {shown.stderr!r}"
+    return int(match.group(1))
+
+
+def test_qsub_compress_pbs(tmp_path: Path, pbs_commands: None) -> None:
+    source, out = tmp_path / "A.zarr", tmp_path / "A.lplr.zarr"
+    _generate(source)
+    log = tmp_path / "qsub.out"
+    # -V exports this environment (the wrapper's -v NAME=VALUE list would go through a shell
+    # unquoted, so LPLR_ARGS with spaces could not pass that way). -l replaces the script's
+    # #PBS -l select=2:ncpus=8:mem=32gb, too big for the test node.
+    env = {
+        **os.environ,
+        "IN": str(source),
+        "OUT": str(out),
+        "LPLR_ARGS": "--rank 20 --quiet",
+        "VENV": sys.prefix,
+        "JOB_DIR": str(tmp_path / "job"),
+        "SCHEDULER_HOST": "127.0.0.1",
+        "DASHBOARD_ADDRESS": "127.0.0.1:0",
+        "WORKER_MEMORY": "1.5GiB",
+        "START_TIMEOUT": "120",
+    }
+    submitted = subprocess.run(
+        [
+            *("qsub", "-V", "-j", "oe", "-o", str(log)),
+            *("-l", "select=1:ncpus=2:mem=2gb,walltime=00:10:00"),
+            "cluster/pbs/compress.pbs",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    job_id = submitted.stdout.strip()
+    assert submitted.returncode == 0 and job_id.isdigit(), submitted.stdout + submitted.stderr
+    status = _wait_for_pbs_job(job_id, timeout=600)
+    text = log.read_text() if log.exists() else ""
+    assert status == 0, text
+    assert f"compress.pbs: job {job_id} (lplr-compress) started" in text  # PBS_JOBID, #PBS -N
+    assert "nodes vm: 1 node(s) x 2 thread(s)" in text.replace(os.uname().nodename, "vm")  # ncpus=2
+    assert "1 Dask worker(s) up" in text
+    assert "compress.pbs: done (exit status 0)" in text
+    assert not (tmp_path / "job" / "scheduler.json").exists()  # cleaned up by the trap
+    factors = lplr_dask.open_factors(out)
+    assert factors.shape == (2000, 1000) and factors.rank == 20
+    assert lplr_dask.evaluate(source, factors) < 0.05
+
+
+def test_cluster_pbs_compresses_through_qsub(tmp_path: Path, pbs_commands: None) -> None:
+    # `lplr compress --cluster pbs`: dask-jobqueue's PBSCluster writes a job script of #PBS
+    # lines (-N, -l select=1:ncpus=..:mem=..MB, -l walltime) and submits it with qsub; the
+    # wrapper's sbatch reads those lines. Its -o/-e default to files in the current directory,
+    # so the command runs in the worker log directory.
+    source, out = tmp_path / "A.zarr", tmp_path / "A.lplr.zarr"
+    _generate(source)
+    logs = tmp_path / "worker-logs"
+    logs.mkdir()
+    env = {
+        **os.environ,
+        "DASK_JOBQUEUE__PBS__CORES": "1",
+        "DASK_JOBQUEUE__PBS__PROCESSES": "1",
+        "DASK_JOBQUEUE__PBS__MEMORY": "1.5GiB",
+        "DASK_JOBQUEUE__PBS__WALLTIME": "00:10:00",
+        "DASK_JOBQUEUE__PBS__INTERFACE": "lo",
+        "DASK_JOBQUEUE__PBS__LOG_DIRECTORY": str(logs),
+        "DASK_JOBQUEUE__PBS__SCHEDULER_OPTIONS": "{'dashboard_address': '127.0.0.1:0'}",
+        "DASK_LPLR__CLUSTER__WORKER_TIMEOUT": "120s",
+    }
+    result = subprocess.run(
+        [
+            *(str(Path(sys.executable).parent / "lplr"), "compress", str(source), str(out)),
+            *("--rank", "20", "--cluster", "pbs", "--jobs", "2"),
+        ],
+        cwd=logs,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Submitted 2 PBS job(s)" in result.stderr
+    factors = lplr_dask.open_factors(out)
+    assert factors.shape == (2000, 1000) and factors.rank == 20
+    assert lplr_dask.evaluate(source, factors) < 0.05
+    # The wrapper's -e: one stderr log per worker job, named after the job id, where the worker logs.
+    worker_logs = sorted(logs.glob("*.e*"))
+    assert len(worker_logs) == 2, sorted(logs.iterdir())
+    job_ids = [path.name.rsplit(".e", 1)[1] for path in worker_logs]
+    assert all("Registered to" in path.read_text() for path in worker_logs), [p.read_text() for p in worker_logs]
+    # Closing the cluster deleted the jobs (qdel).
+    deadline = time.monotonic() + 30
+    while _squeue(job_ids) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert _squeue(job_ids) == {}

@@ -6,8 +6,10 @@
 #   cluster/slurm/stop-single-node.sh             # stop the daemons
 #
 # What it does
-#   1. installs the Debian packages slurmctld slurmd slurm-client munge if any is missing
-#      (apt-get update first);
+#   1. installs the Debian packages slurmctld slurmd slurm-client munge slurm-wlm-torque if any
+#      is missing (apt-get update first); slurm-wlm-torque provides the PBS/Torque commands
+#      qsub, qstat, qdel (and pbsnodes) as wrappers over SLURM, so that cluster/pbs/compress.pbs
+#      and dask-jobqueue's PBSCluster can be run here (the PBS command interface, not a PBS server);
 #   2. writes /etc/slurm/slurm.conf for one node named after this host, with this machine's cores
 #      and memory, reachable at 127.0.0.1 only, without cgroups (proctrack/linuxproc, task/none),
 #      so that it also works inside containers and small VMs;
@@ -42,7 +44,7 @@ running() { pgrep -x "$1" >/dev/null 2>&1; }
 
 # 1. packages --------------------------------------------------------------------------------
 missing=()
-for pkg in slurmctld slurmd slurm-client munge; do
+for pkg in slurmctld slurmd slurm-client munge slurm-wlm-torque; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'install ok installed' || missing+=("$pkg")
 done
 if (( ${#missing[@]} )); then
