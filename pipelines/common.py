@@ -57,13 +57,13 @@ __all__ = [
 UNCOMPRESSED = "uncompressed (fair rank 0)"
 
 #: The LPLR columns of the tables and the options each passes to :func:`lplr_dask.compress`.
-#: ``LPLR (paper)`` is the paper's method: its sketch of exactly k columns (``oversample=0``) and
-#: its quantizer (one min–max range per factor, nearest rounding). ``LPLR (default)`` keeps the
+#: ``LPLR (paper)`` is the paper's method: its Gaussian sketch (``sketch="gaussian"``) of exactly
+#: k columns (``oversample=0``) and its quantizer (one min–max range per factor, nearest rounding). ``LPLR (default)`` keeps the
 #: library's defaults: k extra sketch columns (L from their top k directions) and
 #: ``channel:channel-gptq`` (per-channel scales, nearest rounding of L, GPTQ rounding of R).
 LPLR_METHODS: dict[str, dict[str, Any]] = {
-    "LPLR (paper)": {"quantizer": "paper", "oversample": 0},
-    "LPLR (default)": {"quantizer": "default", "oversample": None},
+    "LPLR (paper)": {"quantizer": "paper", "oversample": 0, "sketch": "gaussian"},
+    "LPLR (default)": {"quantizer": "default", "oversample": None, "sketch": None},
 }
 
 
@@ -231,6 +231,7 @@ def lplr_factors(
     quantizer: str,
     oversample: int | None,
     seed: int,
+    sketch: str | None = None,
     verbose: bool = False,
 ) -> lplr_dask.Factors:
     """Compress the Zarr array ``source`` at the fair rank against ``match_nq``-bit NQ."""
@@ -242,6 +243,7 @@ def lplr_factors(
         quantizer=quantizer,
         oversample=oversample,
         seed=seed,
+        sketch=sketch,
         overwrite=True,
         log=_stderr if verbose else _silent,
     )
@@ -258,12 +260,14 @@ def lplr_reconstruct(
     quantizer: str = "paper",
     oversample: int | None = 0,
     seed: int = 0,
+    sketch: str | None = "gaussian",
     verbose: bool = False,
 ) -> np.ndarray | None:
     """LPLR of an in-memory matrix through Zarr: write, compress, read back ``L·R``.
 
-    The defaults are the paper's method: its quantizer and its sketch of exactly k columns
-    (``oversample=0``; None is the library's default, k extra columns). Returns None when the fair
+    The defaults are the paper's method: its quantizer and its Gaussian sketch of exactly k columns
+    (``oversample=0``; None is the library's default, k extra columns; ``sketch=None`` the
+    library's default sketch). Returns None when the fair
     rank is 0 (the matrix is too small to gain from factorizing; it stays uncompressed). The input
     is written once per ``name`` and reused across calls.
     """
@@ -274,7 +278,7 @@ def lplr_reconstruct(
     if not source.exists():
         write_matrix(source, A)
     p = "k" if oversample is None else oversample
-    tag = f"{name}-b{bits[0]}-{bits[1]}-nq{match_nq:g}-{quantizer}-p{p}-s{seed}"
+    tag = f"{name}-b{bits[0]}-{bits[1]}-nq{match_nq:g}-{quantizer}-p{p}-{sketch or 'default'}-s{seed}"
     factors = lplr_factors(
         os.fspath(source),
         work / f"{tag}.lplr.zarr",
@@ -283,6 +287,7 @@ def lplr_reconstruct(
         quantizer=quantizer,
         oversample=oversample,
         seed=seed,
+        sketch=sketch,
         verbose=verbose,
     )
     return factors.to_dask(dtype=A.dtype).compute()
