@@ -8,7 +8,7 @@ from lplr_dask.api import compress, evaluate
 from lplr_dask.append import append, finalize
 from lplr_dask.baselines import dsvd, lplr_reference, lsvd, naive_quantize, relative_error
 from lplr_dask.budget import fair_rank
-from lplr_dask.convert import convert
+from lplr_dask.convert import convert, convert_group
 from lplr_dask.datasets import generate
 from lplr_dask.errors import (
     LplrError,
@@ -20,6 +20,7 @@ from lplr_dask.errors import (
     SourceNotFoundError,
     StoreFormatError,
 )
+from lplr_dask.export import export_safetensors
 from lplr_dask.factors import Factors, open_dataarray, open_factors
 from lplr_dask.group import compress_group
 from lplr_dask.job import package_version
@@ -36,6 +37,8 @@ __all__ = [
     "finalize",
     "compress_group",
     "convert",
+    "convert_group",
+    "export_safetensors",
     "evaluate",
     "open_factors",
     "open_dataarray",

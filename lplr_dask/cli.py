@@ -1,4 +1,5 @@
-"""The ``lplr`` command: generate, convert, compress, compress-group, append, finalize, info, evaluate, decompress.
+"""The ``lplr`` command: generate, convert, compress, compress-group, append, finalize, info, evaluate,
+decompress, export, verify.
 
 Exit status: 0 success; 2 bad input or usage (one line on stderr, no traceback, found before a
 cluster starts); 1 anything else; 130 after Ctrl-C (SIGINT) and 143 after SIGTERM, with one line
@@ -290,13 +291,19 @@ def _add_convert(sub: Any) -> None:
     v = _command(
         sub,
         "convert",
-        "stream a .npy, HDF5 dataset or safetensors tensor into chunked Zarr",
+        "stream a .npy, HDF5 dataset or safetensors tensor into chunked Zarr (a whole file or "
+        "sharded checkpoint into a Zarr group)",
         "lplr convert W.npy W.zarr",
         "lplr convert model.safetensors:lm_head.weight W.zarr --chunks 2048x2048",
+        "lplr convert model.safetensors.index.json model.zarr    # every tensor of a sharded checkpoint",
         'lplr convert data.h5:/matrix s3://bucket/A.zarr --storage-options \'{"endpoint_url": "http://host:9000"}\'',
     )
-    v.add_argument("input", help="W.npy, FILE.h5:/dataset, FILE.safetensors:name, or a Zarr array")
-    v.add_argument("out", help="output Zarr array (path or URL)")
+    v.add_argument(
+        "input",
+        help="W.npy, FILE.h5:/dataset, FILE.safetensors:name, model.safetensors.index.json:name or a Zarr "
+        "array; a whole FILE.h5, FILE.safetensors, model.safetensors.index.json or Zarr group for a group",
+    )
+    v.add_argument("out", help="output Zarr array, or group for a group input (path or URL)")
     v.add_argument(
         "--chunks",
         type=_chunks,
@@ -390,12 +397,15 @@ def _add_compress_group(sub: Any) -> None:
     cg = _command(
         sub,
         "compress-group",
-        "compress every matrix of a Zarr group, HDF5 or safetensors file",
+        "compress every matrix of a Zarr group, HDF5 or safetensors file, or sharded checkpoint",
         "lplr compress-group model.safetensors model.lplr.zarr --match-nq 4",
+        "lplr compress-group model.safetensors.index.json model.lplr.zarr --bits-per-entry 3",
         "lplr compress-group weights.zarr weights.lplr.zarr --bits-per-entry 2 --bits 4 4",
         "lplr compress-group layers.h5 layers.lplr.zarr --rank 128 --resume",
     )
-    cg.add_argument("input", help="a Zarr group (path or URL), FILE.h5 or FILE.safetensors")
+    cg.add_argument(
+        "input", help="a Zarr group (path or URL), FILE.h5, FILE.safetensors or model.safetensors.index.json"
+    )
     cg.add_argument("out", help="output group: one *.lplr.zarr subgroup per compressed matrix")
     rule = cg.add_argument_group("rule for each matrix (exactly one)").add_mutually_exclusive_group(required=True)
     rule.add_argument("--rank", type=_count(1), metavar="K", help="rank k (capped at min(n, d))")
@@ -453,6 +463,45 @@ def _add_decompress(sub: Any) -> None:
     _common(d)
 
 
+def _add_export(sub: Any) -> None:
+    """The ``export`` command's parser."""
+    ex = _command(
+        sub,
+        "export",
+        "write a store's tensors to safetensors for PyTorch: reconstructed, or as factors NAME.L and NAME.R",
+        "lplr export model.lplr.zarr model.safetensors            # every tensor, in its source dtype",
+        "lplr export model.lplr.zarr model-lr.safetensors --factorized --factor-dtype float16",
+        "lplr export A.lplr.zarr A.safetensors --name lm_head.weight --max-shard-size 2GB",
+    )
+    ex.add_argument("store", help="a *.lplr.zarr store or a compress-group output (path or URL)")
+    ex.add_argument(
+        "out",
+        help="OUT.safetensors (local); beyond --max-shard-size, OUT-0000i-of-0000N.safetensors and "
+        "OUT.safetensors.index.json instead",
+    )
+    ex.add_argument(
+        "--factorized",
+        action="store_true",
+        help="write each compressed matrix NAME as NAME.L (n x k) and NAME.R (k x d), dequantized, "
+        "instead of L·R (lplr_dask.nn.load_factorized swaps them into a torch model)",
+    )
+    ex.add_argument(
+        "--factor-dtype",
+        default="source",
+        choices=["source", "float16", "bfloat16", "float32", "float64"],
+        help="dtype of the factors with --factorized (default: the source's; float32 for integer sources)",
+    )
+    ex.add_argument(
+        "--max-shard-size",
+        default="5GB",
+        metavar="SIZE",
+        help="most bytes of tensors per file, e.g. 5GB, 500MB, 2GiB (default: 5GB, as Hugging Face)",
+    )
+    ex.add_argument("--name", help="tensor name of a single store (default: its safetensors source name, else weight)")
+    ex.add_argument("--overwrite", action="store_true", help="replace an earlier export at OUT")
+    _common(ex, cluster=False)
+
+
 def _add_verify(sub: Any) -> None:
     """The ``verify`` command's parser."""
     vf = sub.add_parser(
@@ -501,6 +550,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_info,
         _add_evaluate,
         _add_decompress,
+        _add_export,
         _add_verify,
     ):
         add(sub)
@@ -788,9 +838,29 @@ def _cmd_compress(args: argparse.Namespace, log: Callable[[str], None]) -> dict[
 
 
 def _cmd_convert(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
-    from lplr_dask.convert import convert
-    from lplr_dask.sources import read_source
+    from lplr_dask.convert import convert, convert_group, is_group
+    from lplr_dask.sources import list_arrays, read_source
 
+    if is_group(args.input, storage_options=args.storage_options):
+        arrays = list_arrays(args.input, storage_options=args.storage_options)  # bad input: before a cluster
+        _check_output(args, inputs=[args.input])
+        t0 = time.perf_counter()
+        with _cluster(args, log):
+            convert_group(
+                args.input,
+                args.out,
+                chunks=args.chunks or "auto",
+                overwrite=args.overwrite,
+                storage_options=args.storage_options,
+                log=log,
+            )
+        return {
+            "input": args.input,
+            "out": args.out,
+            "array_count": len(arrays),
+            "names": list(arrays),
+            "seconds": round(time.perf_counter() - t0, 3),
+        }
     read_source(args.input, storage_options=args.storage_options)  # bad input fails before a cluster starts
     _check_output(args, inputs=[args.input])
     t0 = time.perf_counter()
@@ -903,6 +973,7 @@ def _cmd_decompress(args: argparse.Namespace, log: Callable[[str], None]) -> dic
             label="decompress",
             storage_options=opts,
             attrs={"lplr_decompress": {"store": args.store, "dtype": str(dtype)}},
+            dimension_names=factors.attrs["source"].get("dims"),  # a DataArray source's dims, else the default
         )
     return {
         "store": args.store,
@@ -911,6 +982,24 @@ def _cmd_decompress(args: argparse.Namespace, log: Callable[[str], None]) -> dic
         "dtype": str(dtype),
         "seconds": round(time.perf_counter() - t0, 3),
     }
+
+
+def _cmd_export(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
+    from lplr_dask.export import export_safetensors
+
+    t0 = time.perf_counter()
+    result = export_safetensors(
+        args.store,
+        args.out,
+        factorized=args.factorized,
+        factor_dtype=args.factor_dtype,
+        max_shard_size=args.max_shard_size,
+        name=args.name,
+        overwrite=args.overwrite,
+        storage_options=args.storage_options,
+        log=log,
+    )
+    return {**result, "tensors": len(result["tensors"]), "seconds": round(time.perf_counter() - t0, 3)}
 
 
 def _cmd_verify(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
@@ -932,6 +1021,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, Callable[[str], None]], dict[s
     "info": _cmd_info,
     "evaluate": _cmd_evaluate,
     "decompress": _cmd_decompress,
+    "export": _cmd_export,
     "verify": _cmd_verify,
 }
 

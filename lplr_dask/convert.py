@@ -1,4 +1,6 @@
-"""``lplr convert``: stream a ``.npy``, HDF5 dataset, safetensors tensor or Zarr array into Zarr v3.
+"""``lplr convert``: stream a ``.npy``, HDF5 dataset, safetensors tensor or Zarr array into Zarr v3,
+or every array of a group (an HDF5 or safetensors file, a sharded checkpoint's
+``model.safetensors.index.json``, a Zarr group) into a Zarr v3 group.
 
 Each task reads one block of the source (see :class:`lplr_dask.sources.FileArray`) and writes it
 as one whole chunk of the output, so memory holds a few blocks whatever the source's size.
@@ -13,9 +15,9 @@ from typing import Any
 import zarr
 
 from lplr_dask import guard, logs, store
-from lplr_dask.sources import read_source, regular
+from lplr_dask.sources import is_group, list_arrays, member, read_source, regular
 
-__all__ = ["convert"]
+__all__ = ["convert", "convert_group", "is_group"]
 
 
 def convert(
@@ -79,3 +81,63 @@ def convert(
         attrs={"lplr_convert": {"source": src.path, "format": src.format, "source_dtype": src.dtype}},
     )
     return arr
+
+
+def convert_group(
+    source: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    *,
+    chunks: Any = "auto",
+    overwrite: bool = False,
+    storage_options: dict[str, Any] | None = None,
+    log: Callable[[str], None] = logs.info,
+) -> zarr.Group:
+    """Write every array of a group to a Zarr v3 group at ``out``, one array after another.
+
+    Parameters
+    ----------
+    source : str or os.PathLike
+        An HDF5 or safetensors file, the ``*.index.json`` of a sharded safetensors checkpoint
+        (its tensors are read from the shards it names), or a Zarr group.
+    out : str or os.PathLike
+        The output group: ``out/<name>`` for each array (:func:`convert`; ``chunks`` applies to
+        its matrices, other arrays take ``"auto"``).
+    chunks, overwrite, storage_options, log
+        As for :func:`convert`.
+
+    Returns
+    -------
+    zarr.Group
+        The output; its attrs ``lplr_convert`` record the source, ``"format": "group"``, the
+        arrays' names and ``complete`` (true once every array is written).
+
+    Raises
+    ------
+    As :func:`convert`. A failed conversion removes the partial output.
+    """
+    location = os.fspath(source)
+    guard.check_output(out, [location], overwrite=overwrite, storage_options=storage_options)
+    arrays = list_arrays(location, storage_options=storage_options)
+    root = store.create_group(out, overwrite=overwrite, storage_options=storage_options)
+    meta = {"source": location, "format": "group", "arrays": list(arrays), "complete": False}
+    root.attrs["lplr_convert"] = store.jsonable(meta)
+    base = os.fspath(out).rstrip("/")
+    try:
+        for i, (name, (shape, dtype)) in enumerate(arrays.items()):
+            log(f"array {i + 1}/{len(arrays)}: {name} ({'x'.join(map(str, shape))} {dtype})")
+            parent = name.rpartition("/")[0]
+            if parent:
+                root.require_group(parent)
+            convert(
+                member(location, name),
+                f"{base}/{name}",
+                chunks=chunks if len(shape) == 2 else "auto",
+                overwrite=True,
+                storage_options=storage_options,
+                log=log,
+            )
+    except BaseException:
+        store.discard(out, storage_options)
+        raise
+    root.attrs["lplr_convert"] = store.jsonable({**meta, "complete": True})
+    return root

@@ -27,8 +27,8 @@ from typing import Any
 import numpy as np
 
 from lplr_dask import store
-from lplr_dask.errors import LplrValueError, OutputLockedError, StoreFormatError
-from lplr_dask.sources import parse_location, zarr_array_of
+from lplr_dask.errors import LplrError, LplrValueError, OutputLockedError, StoreFormatError
+from lplr_dask.sources import FILE_FORMATS, INDEX_SUFFIX, parse_location, shard_files, zarr_array_of
 
 __all__ = [
     "TOOL_ATTRS",
@@ -106,6 +106,48 @@ def _input_path(source: Any) -> Any:
     return source
 
 
+def _input_paths(source: Any) -> list[Any]:
+    """Every location whose bytes an input occupies: for a sharded checkpoint's index, the index
+    and its shards (those that exist); else :func:`_input_path`."""
+    path = _input_path(source)
+    if isinstance(path, str) and parse_location(path)[0] == "safetensors-index":
+        try:
+            return [path, *shard_files(path)]
+        except LplrError:  # a missing or malformed index: reading it says what is wrong
+            return [path]
+    return [path]
+
+
+#: Output names that are not Zarr stores: the file formats this tool reads, and the index of a
+#: sharded checkpoint.
+NOT_ZARR_SUFFIXES = (*FILE_FORMATS, INDEX_SUFFIX, ".json")
+
+
+def check_zarr_name(out: Any, what: str = "output") -> None:
+    """Refuse a Zarr output named like a file of another format (``up.safetensors``, ``W.npy``).
+
+    Raises
+    ------
+    LplrValueError
+        If ``out`` ends with a suffix of :data:`NOT_ZARR_SUFFIXES`.
+    """
+    if not isinstance(out, (str, os.PathLike)):
+        return
+    name = os.fspath(out).rstrip("/").lower()
+    suffix = next((s for s in NOT_ZARR_SUFFIXES if name.endswith(s)), None)
+    if suffix is None:
+        return
+    hint = (
+        " To write safetensors, run `lplr export STORE.lplr.zarr OUT.safetensors` on a compressed store."
+        if suffix in (".safetensors", INDEX_SUFFIX)
+        else ""
+    )
+    raise LplrValueError(
+        f"The {what} {os.fspath(out)!r} is written as a Zarr store (a directory), but its name ends with "
+        f"{suffix!r}, the name of another format. Name it with .zarr (or no suffix).{hint}"
+    )
+
+
 def _inside(inner: tuple[str, str], outer: tuple[str, str]) -> bool:
     if inner[0] != outer[0]:
         return False
@@ -120,6 +162,7 @@ def check_output(
     overwrite: bool = False,
     storage_options: dict[str, Any] | None = None,
     what: str = "output",
+    zarr: bool = True,
 ) -> None:
     """Refuse an output that would destroy an input, or an ``overwrite`` of a foreign path.
 
@@ -136,18 +179,23 @@ def check_output(
         fsspec options, used to tell remote endpoints apart.
     what : str
         How messages name ``out``.
+    zarr : bool, default=True
+        Whether ``out`` is a Zarr store: then a name of another format is refused
+        (:func:`check_zarr_name`), and ``overwrite`` checks for this tool's Zarr attributes.
+        False for a file the caller checks itself (``lplr export``).
 
     Raises
     ------
     LplrValueError
-        If ``out`` is, contains or lies inside an input, or ``overwrite`` would replace a file
-        or Zarr data that this tool did not write.
+        If ``out`` is, contains or lies inside an input (every shard of a sharded checkpoint
+        counts), is a Zarr store named like another format, or ``overwrite`` would replace a
+        file or Zarr data that this tool did not write.
     """
+    if zarr:
+        check_zarr_name(out, what)
     target = location_key(out, storage_options)
-    for source in inputs:
-        if source is None:
-            continue
-        key = location_key(_input_path(source), storage_options)
+    for source, path in ((s, p) for s in inputs if s is not None for p in _input_paths(s)):
+        key = location_key(path, storage_options)
         if key is None or target is None:
             continue
         name = os.fspath(source) if isinstance(source, (str, os.PathLike)) else key[1]
@@ -163,7 +211,7 @@ def check_output(
             f"The {what} {os.fspath(out)!r} {relation} the input {name!r}: writing it would destroy the "
             "input. Choose an output path outside the input."
         )
-    if overwrite:
+    if overwrite and zarr:
         _check_replaceable(out, storage_options, what)
 
 

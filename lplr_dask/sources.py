@@ -9,6 +9,9 @@ Locations
 - an HDF5 dataset: ``FILE.h5:/path/to/dataset`` (h5py);
 - a safetensors tensor: ``FILE.safetensors:tensor_name`` (bfloat16 is widened to float32 as it
   is read: NumPy has no bfloat16);
+- a tensor of a sharded safetensors checkpoint: ``model.safetensors.index.json:tensor_name``
+  (the index's ``weight_map`` names the shard file that holds it; the location is resolved to
+  ``SHARD.safetensors:tensor_name``). The index alone is a group (:func:`list_arrays`);
 - a ``zarr.Array``, a dask array or a NumPy array.
 
 Files are read block by block by whichever worker runs the task: the dask graph holds a small
@@ -46,6 +49,8 @@ __all__ = [
     "as_matrix",
     "list_arrays",
     "member",
+    "shard_files",
+    "is_group",
     "compute_dtype",
     "output_dtype",
     "cast_to",
@@ -69,6 +74,9 @@ FILE_FORMATS = {
     ".he5": "hdf5",
     ".safetensors": "safetensors",
 }
+
+#: How the index of a sharded safetensors checkpoint is named (``model.safetensors.index.json``).
+INDEX_SUFFIX = ".index.json"
 
 #: safetensors dtype codes and the NumPy dtype their bytes are read as.
 _SAFETENSORS_DTYPES = {
@@ -137,6 +145,16 @@ def read_source(
     if isinstance(source, (str, os.PathLike)):
         text = os.fspath(source)
         fmt, path, key = parse_location(text)
+        if fmt == "safetensors-index":
+            if not key:
+                names = list_arrays(path)
+                raise LplrValueError(
+                    f"{path!r} is the index of a sharded safetensors checkpoint; name the tensor to read as "
+                    f"'{path}:NAME', one of: {', '.join(repr(n) for n in list(names)[:20]) or '(none)'}. To "
+                    "compress every matrix of it, use `lplr compress-group`."
+                )
+            text = _index_member(path, key)
+            fmt, path, key = parse_location(text)
         if fmt == "zarr":
             arr = _open_zarr(path, storage_options)
             return Source(zarr_to_dask(arr, text), str(arr.dtype), text, "zarr")
@@ -365,9 +383,15 @@ def parse_location(text: str) -> tuple[str, str, str | None]:
 
     ``FILE.h5:/dataset`` gives ``("hdf5", "FILE.h5", "/dataset")``;
     ``FILE.safetensors:name`` gives ``("safetensors", "FILE.safetensors", "name")``;
-    ``W.npy`` gives ``("npy", "W.npy", None)``; anything else is Zarr: ``("zarr", text, None)``.
+    ``W.npy`` gives ``("npy", "W.npy", None)``; ``model.safetensors.index.json:name`` gives
+    ``("safetensors-index", "model.safetensors.index.json", "name")``; anything else is Zarr:
+    ``("zarr", text, None)``.
     """
+    if text.lower().endswith(INDEX_SUFFIX):
+        return "safetensors-index", text, None
     head, sep, key = text.rpartition(":")
+    if sep and head.lower().endswith(INDEX_SUFFIX):
+        return "safetensors-index", head, key
     if sep and os.path.splitext(head)[1].lower() in FILE_FORMATS:
         return FILE_FORMATS[os.path.splitext(head)[1].lower()], head, key
     ext = os.path.splitext(text)[1].lower()
@@ -417,7 +441,8 @@ def _zarr_arrays(group: zarr.Group) -> dict[str, tuple[tuple[int, ...], str]]:
 def list_arrays(
     location: str, *, storage_options: dict[str, Any] | None = None
 ) -> dict[str, tuple[tuple[int, ...], str]]:
-    """Every array in a Zarr group, HDF5 file or safetensors file: ``{name: (shape, dtype)}``.
+    """Every array in a Zarr group, HDF5 file, safetensors file or sharded safetensors checkpoint
+    (its ``*.index.json``): ``{name: (shape, dtype)}``.
 
     Names are relative paths (``encoder/layer0/weight``) or tensor names; :func:`member` turns
     one back into a location. The dtype is the source's own (``"bfloat16"`` included).
@@ -443,6 +468,12 @@ def list_arrays(
         if not isinstance(node, zarr.Group):
             raise LplrValueError(f"Expected a Zarr group at {path!r}. Got an array; use `lplr compress` for one array.")
         return _zarr_arrays(node)
+    if fmt == "safetensors-index" and not key:
+        tensors: dict[str, tuple[tuple[int, ...], str]] = {}
+        for shard in shard_files(path):
+            tensors.update(list_arrays(shard))
+        _check_index_covers(path, tensors)
+        return dict(sorted(tensors.items()))
     if fmt == "npy" or key:
         raise LplrValueError(
             f"Expected a group of arrays (a Zarr group, an HDF5 or safetensors file). Got the single array {location!r}."
@@ -474,7 +505,102 @@ def member(location: str, name: str) -> str:
     fmt, path, _ = parse_location(os.fspath(location))
     if fmt == "zarr":
         return f"{path.rstrip('/')}/{name}"
+    if fmt == "safetensors-index":
+        return _index_member(path, name)
     return f"{path}:{name}"
+
+
+def is_group(location: Any, *, storage_options: dict[str, Any] | None = None) -> bool:
+    """Whether ``location`` names a group of arrays (:func:`list_arrays`) rather than one array:
+    an HDF5 or safetensors file with no ``:name``, a sharded checkpoint's index, or a Zarr group.
+    Reads at most a Zarr node's metadata; False for arrays and for what does not exist."""
+    if not isinstance(location, (str, os.PathLike)):
+        return False
+    fmt, path, key = parse_location(os.fspath(location))
+    if fmt in ("hdf5", "safetensors", "safetensors-index"):
+        return not key
+    if fmt != "zarr" or (not is_remote(path) and not os.path.exists(path)):
+        return False
+    try:
+        node = zarr.open(path, mode="r", storage_options=storage_options if is_remote(path) else None)
+    except Exception:  # nothing Zarr here: read_source says what is wrong
+        return False
+    return isinstance(node, zarr.Group)
+
+
+def _weight_map(index: str) -> dict[str, str]:
+    """The ``weight_map`` of a sharded checkpoint's index: tensor name → shard file (as written).
+
+    Raises
+    ------
+    SourceNotFoundError
+        If the index does not exist.
+    LplrValueError
+        If it is not JSON with a ``weight_map`` object of file names.
+    """
+    _check_file(index)
+    try:
+        with open(index, encoding="utf-8") as f:
+            weight_map = json.load(f).get("weight_map")
+    except (ValueError, AttributeError) as e:
+        raise LplrValueError(
+            f"Expected the index of a sharded safetensors checkpoint at {index!r}: JSON with a "
+            f'"weight_map" of tensor names to shard files. It is not a JSON object ({e}).'
+        ) from e
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise LplrValueError(
+            f"Expected the index of a sharded safetensors checkpoint at {index!r}: JSON with a "
+            '"weight_map" of tensor names to shard files. It has no such object.'
+        )
+    return weight_map
+
+
+def shard_files(index: str) -> list[str]:
+    """The shard files a sharded checkpoint's index names, as paths, in order of first mention.
+
+    Raises
+    ------
+    SourceNotFoundError
+        If the index or a shard it names does not exist.
+    LplrValueError
+        If the index is malformed, or names a shard outside its own directory.
+    """
+    base = os.path.dirname(index)
+    shards = []
+    for shard in dict.fromkeys(_weight_map(index).values()):
+        if os.path.isabs(shard) or os.path.normpath(shard).startswith(os.pardir):
+            raise LplrValueError(
+                f"The index {index!r} names the shard {shard!r} outside its own directory; shards must lie "
+                "beside the index."
+            )
+        path = os.path.join(base, shard)
+        if not os.path.isfile(path):
+            raise SourceNotFoundError(
+                f"The index {index!r} names the shard {shard!r}, which does not exist at {path!r}. "
+                "Download every shard of the checkpoint next to its index."
+            )
+        shards.append(path)
+    return shards
+
+
+def _index_member(index: str, name: str) -> str:
+    """``SHARD.safetensors:name``: where the index says tensor ``name`` lies."""
+    weight_map = _weight_map(index)
+    if name not in weight_map:
+        raise SourceNotFoundError(
+            f"{index!r} has no tensor {name!r}. It has: {', '.join(repr(n) for n in list(weight_map)[:20]) or '(none)'}."
+        )
+    return f"{os.path.join(os.path.dirname(index), weight_map[name])}:{name}"
+
+
+def _check_index_covers(index: str, found: dict[str, Any]) -> None:
+    """Raise :class:`LplrValueError` if a tensor of the index is missing from the shard it names."""
+    missing = [n for n in _weight_map(index) if n not in found]
+    if missing:
+        raise LplrValueError(
+            f"The index {index!r} names tensors its shards do not hold: {', '.join(map(repr, missing[:10]))}"
+            f"{' and more' if len(missing) > 10 else ''}. The checkpoint is incomplete or its index is stale."
+        )
 
 
 def _check_file(path: str) -> None:

@@ -227,3 +227,51 @@ def test_cli_convert_json(tmp_path, a, capsys):
     assert out["shape"] == [300, 200] and out["chunks"] == [100, 100] and out["source_dtype"] == "float32"
     assert cli.main(["convert", str(tmp_path / "nope.npy"), str(tmp_path / "x.zarr")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_a_sharded_checkpoint_converts_to_a_zarr_group(tmp_path, a, capsys):
+    import json
+
+    import torch
+
+    from lplr_dask.cli import main
+    from lplr_dask.convert import convert_group
+
+    w = torch.from_numpy(a).to(torch.bfloat16)
+    _write_safetensors(tmp_path / "s1.safetensors", {"enc.w": w})
+    _write_safetensors(tmp_path / "s2.safetensors", {"enc.b": np.arange(5, dtype=np.int32)})
+    index = tmp_path / "model.safetensors.index.json"
+    index.write_text(json.dumps({"weight_map": {"enc.w": "s1.safetensors", "enc.b": "s2.safetensors"}}))
+    group = convert_group(index, tmp_path / "model.zarr", chunks=(128, 128), log=lambda m: None)
+    assert group.attrs["lplr_convert"]["complete"] and group.attrs["lplr_convert"]["arrays"] == ["enc.b", "enc.w"]
+    zw = zarr.open_array(tmp_path / "model.zarr" / "enc.w")
+    assert zw.chunks == (128, 128) and zw.attrs["lplr_convert"]["source_dtype"] == "bfloat16"
+    np.testing.assert_array_equal(zw[...], w.float().numpy())  # bfloat16 widened exactly
+    np.testing.assert_array_equal(zarr.open_array(tmp_path / "model.zarr" / "enc.b")[...], np.arange(5))
+    assert main(["convert", str(index), str(tmp_path / "cli.zarr"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["names"] == ["enc.b", "enc.w"]
+    # the converted group is a group input like any other
+    assert lplr_dask.sources.list_arrays(tmp_path / "cli.zarr")["enc.w"] == ((300, 200), "float32")
+
+
+def test_a_failed_group_conversion_leaves_nothing(tmp_path, a, monkeypatch):
+    import json
+
+    import importlib
+
+    convert_module = importlib.import_module("lplr_dask.convert")  # the name lplr_dask.convert is the function
+
+    _write_safetensors(tmp_path / "s1.safetensors", {"x": a, "y": a.copy()})
+    index = tmp_path / "m.safetensors.index.json"
+    index.write_text(json.dumps({"weight_map": {"x": "s1.safetensors", "y": "s1.safetensors"}}))
+    real = convert_module.convert
+
+    def failing(source, out, **kw):
+        if str(out).endswith("/y"):
+            raise OSError("disk full")
+        return real(source, out, **kw)
+
+    monkeypatch.setattr(convert_module, "convert", failing)
+    with pytest.raises(OSError, match="disk full"):
+        convert_module.convert_group(index, tmp_path / "out.zarr", log=lambda m: None)
+    assert not (tmp_path / "out.zarr").exists()

@@ -115,6 +115,29 @@ def test_cli_refuses_and_leaves_input_byte_identical(source, argv):
     assert tree_digest(source.parent) == before
 
 
+def test_an_output_inside_a_shard_of_a_sharded_checkpoint_is_refused(tmp_path):
+    from safetensors.numpy import save_file
+
+    ckpt, shards = tmp_path / "ckpt", tmp_path / "ckpt" / "shards"
+    shards.mkdir(parents=True)
+    save_file({"w": np.ones((4, 4), np.float32)}, shards / "s1.safetensors")
+    index = ckpt / "model.safetensors.index.json"
+    index.write_text(json.dumps({"weight_map": {"w": "shards/s1.safetensors"}}))
+    guard.check_output(tmp_path / "out.lplr.zarr", [index])  # beside the checkpoint: fine
+    with pytest.raises(LplrValueError, match="contains the input"):
+        guard.check_output(shards, [index], overwrite=True)  # the shard's folder, not the index's
+
+
+@pytest.mark.parametrize("name", ["up.safetensors", "W.npy", "d.h5", "model.safetensors.index.json", "x.json/"])
+def test_zarr_outputs_named_like_other_formats_are_refused(tmp_path, name):
+    with pytest.raises(LplrValueError, match="written as a Zarr store.*Name it with .zarr"):
+        guard.check_output(str(tmp_path / name), [])
+    guard.check_output(str(tmp_path / name), [], zarr=False)  # a file the caller writes itself
+    guard.check_output(tmp_path / "ok.zarr", [])
+    with pytest.raises(LplrValueError, match="ends with '.safetensors'"):
+        lplr_dask.generate(tmp_path / "g.safetensors", (10, 10))
+
+
 def test_overwrite_of_foreign_data_is_refused(source, tmp_path):
     foreign = tmp_path / "notes"
     foreign.mkdir()

@@ -22,7 +22,7 @@ LAYERS: list[set[str]] = [
     {"factors", "options"},
     {"job"},
     {"budget", "target"},
-    {"api", "append", "group", "baselines", "datasets", "convert", "verify"},
+    {"api", "append", "group", "baselines", "datasets", "convert", "verify", "export", "nn"},
     {"cli", "__main__", "dask_cli", "__init__"},
 ]
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import pickle
 
 import dask.array as da
@@ -252,3 +253,55 @@ def test_a_zarr_source_read_in_merged_chunks_is_one_task_per_block_and_names_a_d
 def test_only_zarr_sources_are_reopened_in_other_chunks():
     with pytest.raises(LplrValueError, match="Expected a Zarr source"):
         with_chunks(read_source(da.ones((8, 8), chunks=4)), (8, 8))
+
+
+def _sharded(tmp_path, tensors: dict[str, np.ndarray], shards: dict[str, list[str]], index: dict | None = None):
+    """A sharded safetensors checkpoint: the shard files and ``model.safetensors.index.json``."""
+    from safetensors.numpy import save_file
+
+    for file, names in shards.items():
+        save_file({n: tensors[n] for n in names}, tmp_path / file)
+    path = tmp_path / "model.safetensors.index.json"
+    body = index if index is not None else {"weight_map": {n: f for f, names in shards.items() for n in names}}
+    path.write_text(json.dumps(body))
+    return path
+
+
+def test_sharded_checkpoint_lists_reads_and_resolves_its_tensors(tmp_path):
+    rng = np.random.default_rng(0)
+    tensors = {"a.weight": rng.standard_normal((6, 4)).astype(np.float32), "b.bias": np.arange(3, dtype=np.int64)}
+    index = _sharded(tmp_path, tensors, {"s1.safetensors": ["a.weight"], "s2.safetensors": ["b.bias"]})
+    assert list_arrays(index) == {"a.weight": ((6, 4), "float32"), "b.bias": ((3,), "int64")}
+    assert lplr_dask.sources.member(str(index), "b.bias") == f"{tmp_path / 's2.safetensors'}:b.bias"
+    src = read_source(f"{index}:a.weight")
+    assert src.format == "safetensors" and src.path == f"{tmp_path / 's1.safetensors'}:a.weight"
+    np.testing.assert_array_equal(src.array.compute(), tensors["a.weight"])
+    assert lplr_dask.sources.is_group(index) and not lplr_dask.sources.is_group(f"{index}:a.weight")
+    with pytest.raises(LplrValueError, match="sharded safetensors checkpoint; name the tensor.*'a.weight'"):
+        read_source(index)
+    with pytest.raises(SourceNotFoundError, match="has no tensor 'c'"):
+        read_source(f"{index}:c")
+
+
+def test_broken_sharded_checkpoints_are_named(tmp_path):
+    tensors = {"a": np.zeros((2, 2), np.float32)}
+    index = _sharded(
+        tmp_path,
+        tensors,
+        {"s1.safetensors": ["a"]},
+        index={"weight_map": {"a": "s1.safetensors", "b": "s9.safetensors"}},
+    )
+    with pytest.raises(SourceNotFoundError, match="names the shard 's9.safetensors', which does not exist"):
+        list_arrays(index)
+    index.write_text('{"weight_map": {"a": "s1.safetensors", "b": "s1.safetensors"}}')
+    with pytest.raises(LplrValueError, match="names tensors its shards do not hold: 'b'"):
+        list_arrays(index)
+    index.write_text('{"weight_map": {"a": "../s1.safetensors"}}')
+    with pytest.raises(LplrValueError, match="outside its own directory"):
+        list_arrays(index)
+    index.write_text("[1, 2]")
+    with pytest.raises(LplrValueError, match="weight_map"):
+        list_arrays(index)
+    index.write_text("{not json")
+    with pytest.raises(LplrValueError, match="not a JSON object"):
+        list_arrays(index)
