@@ -51,6 +51,8 @@ __all__ = [
     "member",
     "shard_files",
     "is_group",
+    "FILE_FORMATS",
+    "INDEX_SUFFIX",
     "compute_dtype",
     "output_dtype",
     "cast_to",

@@ -255,9 +255,8 @@ def test_a_sharded_checkpoint_converts_to_a_zarr_group(tmp_path, a, capsys):
 
 
 def test_a_failed_group_conversion_leaves_nothing(tmp_path, a, monkeypatch):
-    import json
-
     import importlib
+    import json
 
     convert_module = importlib.import_module("lplr_dask.convert")  # the name lplr_dask.convert is the function
 
