@@ -225,13 +225,13 @@ def test_interval_comes_from_dask_config():
 
 @pytest.mark.slow
 def test_heartbeats_at_the_default_interval_on_a_long_pass(tmp_path, caplog, lplr_logger):
-    # A pass of about 62 s (two chunks read as slowly as a distant store serves them: 31 s each)
-    # on one worker thread, at the default 30 s interval: a user sees it is alive.
+    # A pass of about 33 s (one chunk read as slowly as a distant store serves it) on one worker
+    # thread, at the default 30 s interval: a user sees it is alive before it ends.
     from distributed import Client, LocalCluster
 
     assert progress.interval() == 30 or "DASK_LPLR__PROGRESS__INTERVAL" in os.environ
-    A = synthetic((256, 512), rank=4, chunks=(256, 256), seed=2)
-    A = A.map_blocks(lambda b: (time.sleep(31), b)[1], meta=A._meta)  # meta given: no call to infer it
+    A = synthetic((256, 256), rank=4, chunks=(256, 256), seed=2)
+    A = A.map_blocks(lambda b: (time.sleep(33), b)[1], meta=A._meta)  # meta given: no call to infer it
     caplog.set_level(logging.INFO, logger="lplr_dask")
     # silence_logs=False: distributed's default would set the level of caplog's handlers to WARNING
     with (
@@ -244,7 +244,7 @@ def test_heartbeats_at_the_default_interval_on_a_long_pass(tmp_path, caplog, lpl
         lplr_dask.compress(A, tmp_path / "o.lplr.zarr", rank=4, passes=1)  # one read of A
     records = [r for r in caplog.records if r.getMessage().startswith("pass 1: sketch")]
     beats = [r for r in records if HEARTBEAT.match(r.getMessage())]
-    assert len(beats) >= 2 and DONE.match(records[-1].getMessage())["total"] == "2"
-    assert records[-1].created - start > 60
+    assert len(beats) >= 1 and DONE.match(records[-1].getMessage())["total"] == "1"
+    assert records[-1].created - start > 30
     times = [start] + [r.created for r in records]
     assert max(b - a for a, b in zip(times, times[1:])) <= 30 + 5  # never silent for longer than the interval
