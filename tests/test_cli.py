@@ -167,6 +167,7 @@ def test_every_subcommand_has_examples_and_help_for_every_argument(monkeypatch):
         "verify",
         "append",
         "finalize",
+        "export",
     }
     for name, sub in commands.items():
         text = sub.format_help()

@@ -98,6 +98,9 @@ def test_every_command_prints_one_json_object(cluster, tmp_path):
     assert [e["action"] for e in grp["arrays"]] == ["copy", "lplr"] and grp["totals"]["arrays"] == 2
     assert "array 2/2" in err  # compress-group's row per array
 
+    exp, err = lplr("export", str(tmp_path / "g.lplr.zarr"), str(tmp_path / "g.safetensors"))
+    assert exp["tensors"] == 2 and exp["files"] == [str(tmp_path / "g.safetensors")] and "export 1/1" in err
+
 
 def test_json_guard_sends_stray_output_to_stderr(monkeypatch, capfd):
     """Whatever a command prints to stdout, by Python or straight to descriptor 1, goes to stderr."""
