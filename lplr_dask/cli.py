@@ -497,7 +497,11 @@ def _add_export(sub: Any) -> None:
         metavar="SIZE",
         help="most bytes of tensors per file, e.g. 5GB, 500MB, 2GiB (default: 5GB, as Hugging Face)",
     )
-    ex.add_argument("--name", help="tensor name of a single store (default: its safetensors source name, else weight)")
+    ex.add_argument(
+        "--name",
+        metavar="TENSOR",
+        help="tensor name of a single store (default: its safetensors source name, else weight)",
+    )
     ex.add_argument("--overwrite", action="store_true", help="replace an earlier export at OUT")
     _common(ex, cluster=False)
 
