@@ -7,7 +7,11 @@ For A (n×d), rank k and bits (B1, B2) [1]_:
 - **LSVD** (the paper's LPLR-SVD): ``Z = U_k Σ_k`` rotated by a k×k Gaussian S,
   ``L = Q_B1(Z·S)``, then ``R = Q_B2(pinv(L)·A)`` as in LPLR;
 - **LPLR reference**: :func:`lplr_reference` computes in memory exactly what
-  :func:`lplr_dask.compress` computes (the same S, quantizer and least squares), for tests.
+  :func:`lplr_dask.compress` computes (the same S, quantizer and least squares), for tests;
+- **backbone reference**: :func:`backbone_reference`, ``A ≈ Q + L·R`` with a ``B0``-bit
+  quantized backbone ``Q`` and LPLR of the residual, alternated (LQER / CALDERA-like), in
+  memory: the measured study of issue 20 (``benchmarks/bench_backbone.py``) before it runs out
+  of core.
 
 At the fair rank (:func:`lplr_dask.budget.fair_rank`) the factors take as many bits as NQ.
 Every function takes a numpy array; NQ, DSVD and LSVD also take a dask array and then return
@@ -64,6 +68,7 @@ __all__ = [
     "lsvd",
     "lplr_codes",
     "lplr_reference",
+    "backbone_reference",
     "relative_error",
     "Reference",
 ]
@@ -257,6 +262,83 @@ def lplr_reference(
 ) -> tuple[np.ndarray, np.ndarray]:
     """The decoded factors ``(L̂, R̂)`` of :func:`lplr_codes`, float64."""
     return lplr_codes(A, rank, bits, quantizer=quantizer, seed=seed, oversample=oversample).decoded()
+
+
+def backbone_reference(
+    A: np.ndarray,
+    backbone_bits: int,
+    rank: int,
+    bits: tuple[int, int] = (8, 8),
+    *,
+    iters: int = 1,
+    start: str = "backbone",
+    backbone_quantizer: str | QuantizerSpec = "channel",
+    quantizer: str | QuantizerSpec = "default",
+    seed: int = 0,
+    oversample: int | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``A ≈ Q + L̂·R̂`` in memory: a ``backbone_bits``-bit backbone plus low-rank factors.
+
+    Each round quantizes what the factors leave, ``Q = Q_B0(A − L̂·R̂)``, then factors what the
+    backbone leaves, ``(L̂, R̂) = LPLR(A − Q)`` (:func:`lplr_reference`). With ``start="backbone"``
+    the first round starts from no factors, ``Q = Q_B0(A)`` (LQER-like for one round; CALDERA
+    and LoftQ alternate from there); with ``start="factors"`` from ``L̂·R̂ = LPLR(A)``, which
+    suits matrices that are nearly low rank (their quantized A leaves a full-rank residual that
+    no rank fits). Neither order lowers the error every round (the quantizer is not a
+    projection): the round with the lowest ``‖A − Q − L̂·R̂‖_F`` is returned.
+
+    Parameters
+    ----------
+    A : ndarray of shape (n, d)
+    backbone_bits : int
+        ``B0``, 1 to 16.
+    rank, bits, quantizer, seed, oversample
+        Of the factors, as for :func:`lplr_reference`; the seed is the same every round.
+    iters : int, default=1
+        Rounds ``T``.
+    start : {"backbone", "factors"}, default="backbone"
+        What the first round starts from.
+    backbone_quantizer : str or QuantizerSpec, default="channel"
+        Of ``Q`` (channels are A's columns): nearest or stochastic rounding, as for
+        :func:`naive_quantize`.
+
+    Returns
+    -------
+    (Q, L̂, R̂) : ndarrays, float64
+        The decoded backbone (n × d) and factors (n × k, k × d) of the best round.
+
+    Raises
+    ------
+    LplrValueError
+        For ``iters`` below 1, an unknown ``start``, or what :func:`naive_quantize` and
+        :func:`lplr_reference` refuse.
+    """
+    if isinstance(iters, bool) or not isinstance(iters, (int, np.integer)) or iters < 1:
+        raise LplrValueError(f"Expected iters, the rounds of the backbone, an integer >= 1. Got {iters!r}.")
+    if start not in ("backbone", "factors"):
+        raise LplrValueError(f"Expected start 'backbone' or 'factors'. Got {start!r}.")
+    X = _as_matrix(A)
+    if isinstance(X, da.Array):
+        raise LplrTypeError("Expected a numpy array for the in-memory reference. Got a dask array.")
+
+    def factors(B: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return lplr_reference(B, rank, bits, quantizer=quantizer, seed=seed, oversample=oversample)
+
+    if start == "factors":
+        L, R = factors(X)
+        low_rank = L @ R
+    else:
+        low_rank = np.zeros_like(X)
+    best: tuple[float, np.ndarray, np.ndarray, np.ndarray] | None = None
+    for _ in range(int(iters)):
+        Q = naive_quantize(X - low_rank, backbone_bits, quantizer=backbone_quantizer, seed=seed)
+        L, R = factors(X - Q)
+        low_rank = L @ R
+        error = float(np.linalg.norm(X - Q - low_rank))
+        if best is None or error < best[0]:
+            best = (error, Q, L, R)
+    assert best is not None  # iters >= 1
+    return best[1], best[2], best[3]
 
 
 def relative_error(A: Any, approx_or_factors: Any) -> float:

@@ -226,3 +226,72 @@ def test_relative_error_forms_agree(client, small_matrix, tmp_store):
 def test_bad_arguments(call):
     with pytest.raises(LplrValueError):
         call(_lowrank())
+
+
+# ---------------------------------------------------------------------------------------------
+# backbone reference: A ≈ Q + L·R
+
+
+def _backbone_matrices() -> dict[str, np.ndarray]:
+    """A low-rank-plus-sparse-outliers matrix, a heavy-tailed one and a slow spectrum (float64)."""
+    from lplr_dask.datasets import synthetic
+
+    rng = np.random.default_rng(3)
+    low = synthetic((300, 200), rank=8, decay=0.8, noise=0.01, chunks=(300, 200), seed=3).compute().astype(np.float64)
+    outliers = np.where(rng.random(low.shape) < 0.01, 20 * np.abs(low).max(), 0.0)
+    return {
+        "low-rank+outliers": low + outliers,
+        "student-t": synthetic((300, 200), kind="student-t", rank=10, chunks=(300, 200), seed=4).compute(),
+        "poly": synthetic((300, 200), kind="poly", rank=200, decay=0.5, chunks=(300, 200), seed=5).compute(),
+    }
+
+
+def test_one_round_is_nq_of_a_then_lplr_of_the_residual():
+    A = _backbone_matrices()["student-t"].astype(np.float64)
+    Q, L, R = lplr_dask.baselines.backbone_reference(A, 2, 12, (8, 8), seed=1)
+    np.testing.assert_array_equal(Q, naive_quantize(A, 2, quantizer="channel"))
+    L2, R2 = lplr_reference(A - Q, 12, (8, 8), quantizer="default", seed=1)
+    np.testing.assert_array_equal(L, L2)
+    np.testing.assert_array_equal(R, R2)
+
+
+@pytest.mark.parametrize(
+    "name, beats_lplr",
+    [("low-rank+outliers", True), ("poly", True), ("student-t", False)],
+)
+def test_the_backbone_with_the_better_start_beats_its_parts(name, beats_lplr):
+    # Q first suits outliers, the factors first a slow spectrum; on a nearly low-rank matrix the
+    # 2 bits of backbone gain nothing over LPLR alone (a budget search gives them to the factors)
+    A = _backbone_matrices()[name].astype(np.float64)
+    nq = relative_error(A, naive_quantize(A, 2, quantizer="channel"))
+    both = min(
+        relative_error(A, Q + L @ R)
+        for Q, L, R in (
+            lplr_dask.baselines.backbone_reference(A, 2, 16, (8, 8), iters=2, start=start)
+            for start in ("backbone", "factors")
+        )
+    )
+    L0, R0 = lplr_reference(A, 16, (8, 8), quantizer="default")
+    lplr = relative_error(A, L0 @ R0)
+    assert both < nq  # the factors only remove error from the backbone's residual
+    if beats_lplr:
+        assert both < 0.75 * lplr  # and the backbone removes error the rank cannot
+    else:
+        assert both < 1.1 * lplr
+
+
+def test_more_rounds_do_not_raise_the_error():
+    A = _backbone_matrices()["low-rank+outliers"]
+    errors = []
+    for iters in (1, 2, 4):  # the best round is kept: a later round that does worse is dropped
+        Q, L, R = lplr_dask.baselines.backbone_reference(A, 1, 8, (8, 8), iters=iters, start="backbone")
+        errors.append(relative_error(A, Q + L @ R))
+    assert errors[2] <= errors[1] <= errors[0], errors
+
+
+@pytest.mark.parametrize("iters", [0, -1, 1.5, True])
+def test_backbone_refuses_bad_rounds(iters):
+    with pytest.raises(LplrValueError, match="iters"):
+        lplr_dask.baselines.backbone_reference(np.ones((20, 10)), 2, 2, iters=iters)
+    with pytest.raises(LplrValueError, match="start"):
+        lplr_dask.baselines.backbone_reference(np.ones((20, 10)), 2, 2, start="middle")
