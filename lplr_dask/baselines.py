@@ -69,6 +69,7 @@ __all__ = [
     "lplr_codes",
     "lplr_reference",
     "backbone_reference",
+    "clipped_quantize",
     "relative_error",
     "Reference",
 ]
@@ -273,6 +274,7 @@ def backbone_reference(
     iters: int = 1,
     start: str = "backbone",
     backbone_quantizer: str | QuantizerSpec = "channel",
+    clip: bool = False,
     quantizer: str | QuantizerSpec = "default",
     seed: int = 0,
     oversample: int | None = None,
@@ -301,6 +303,10 @@ def backbone_reference(
     backbone_quantizer : str or QuantizerSpec, default="channel"
         Of ``Q`` (channels are A's columns): nearest or stochastic rounding, as for
         :func:`naive_quantize`.
+    clip : bool, default=False
+        Instead, quantize ``Q`` per column with a clipped range (:func:`clipped_quantize`): the
+        min–max range of a heavy-tailed column wastes low-bit levels on its extremes. For this
+        study only: no store quantizer does this yet.
 
     Returns
     -------
@@ -331,7 +337,10 @@ def backbone_reference(
         low_rank = np.zeros_like(X)
     best: tuple[float, np.ndarray, np.ndarray, np.ndarray] | None = None
     for _ in range(int(iters)):
-        Q = naive_quantize(X - low_rank, backbone_bits, quantizer=backbone_quantizer, seed=seed)
+        if clip:
+            Q = clipped_quantize(X - low_rank, backbone_bits)
+        else:
+            Q = naive_quantize(X - low_rank, backbone_bits, quantizer=backbone_quantizer, seed=seed)
         L, R = factors(X - Q)
         low_rank = L @ R
         error = float(np.linalg.norm(X - Q - low_rank))
@@ -339,6 +348,34 @@ def backbone_reference(
             best = (error, Q, L, R)
     assert best is not None  # iters >= 1
     return best[1], best[2], best[3]
+
+
+#: Shrink factors of a column's min–max half-range that :func:`clipped_quantize` tries.
+CLIP_GRID = np.linspace(1.0, 0.2, 17)
+
+
+def clipped_quantize(X: np.ndarray, bits: int) -> np.ndarray:
+    """``X`` quantized per column at ``bits`` bits with the clipped range of least squared error.
+
+    Each column's range is its min–max range shrunk about its centre by the factor of
+    :data:`CLIP_GRID` that gives the column the least squared error; values outside are clipped
+    to the end levels (the range search of AWQ and GPTQ implementations). Two float32 per
+    column, as ``channel``. Decoded, float64.
+    """
+    X = np.asarray(X, dtype=np.float64)
+    levels = (1 << check_bits(bits, "B0")) - 1
+    lo, hi = X.min(axis=0), X.max(axis=0)
+    mid, half = (lo + hi) / 2, (hi - lo) / 2
+    best = np.full(X.shape[1], np.inf)
+    out = np.empty_like(X)
+    for shrink in CLIP_GRID:
+        low = mid - shrink * half
+        step = np.where(half > 0, 2 * shrink * half / levels, 1.0)
+        Y = low + np.clip(np.rint((X - low) / step), 0, levels) * step
+        err = ((X - Y) ** 2).sum(axis=0)
+        better = err < best
+        out[:, better], best[better] = Y[:, better], err[better]
+    return out
 
 
 def relative_error(A: Any, approx_or_factors: Any) -> float:

@@ -295,3 +295,16 @@ def test_backbone_refuses_bad_rounds(iters):
         lplr_dask.baselines.backbone_reference(np.ones((20, 10)), 2, 2, iters=iters)
     with pytest.raises(LplrValueError, match="start"):
         lplr_dask.baselines.backbone_reference(np.ones((20, 10)), 2, 2, start="middle")
+
+
+def test_clipped_ranges_never_do_worse_than_min_max_and_help_heavy_tails():
+    rng = np.random.default_rng(0)
+    gauss = rng.standard_normal((2000, 30))
+    heavy = rng.standard_t(2, (2000, 30))
+    for X, gain in ((gauss, 1.0), (heavy, 0.5)):
+        for bits in (1, 2, 3):
+            clipped = relative_error(X, lplr_dask.baselines.clipped_quantize(X, bits))
+            minmax = relative_error(X, naive_quantize(X, bits, quantizer="channel"))
+            assert clipped <= minmax * (1 + 1e-6) and clipped <= gain * minmax, (bits, clipped, minmax)
+    Y = lplr_dask.baselines.clipped_quantize(gauss, 2)
+    assert all(len(np.unique(Y[:, j])) <= 4 for j in range(Y.shape[1]))  # 2 bits: at most 4 levels per column
