@@ -6,7 +6,8 @@ every chunk is present, but reads no codes; a damaged chunk is found when it is 
 checks of each that it is present, decodes (its crc32c checksum matches, in a store of format
 version 2), holds codes below ``2**bits`` (codes arrays) or finite values (scales and offsets).
 On the output of ``compress-group`` it checks every member: each compressed store, and each
-copied array (present and decodes).
+copied array (present and decodes). An appendable store's kept sketches (``sketches/``) are
+checked too (present, decode, finite): the next ``lplr append`` computes from them.
 """
 
 from __future__ import annotations
@@ -75,6 +76,11 @@ class _Plan:
                 self.array(arr, prefix + name, limit=1 << bits[name[0]])
             else:
                 self.array(arr, prefix + name, finite=True)
+        kept = meta.get("appendable")
+        if isinstance(kept, dict):  # an appendable store: the sketches the next append reads
+            folder = kept.get("sketches", store.SKETCHES)
+            for name in kept.get("arrays", store.KEPT_SKETCHES):
+                self.array(store.open_array(group, f"{folder}/{name}", where), f"{prefix}{folder}/{name}", finite=True)
 
 
 def verify(

@@ -208,3 +208,18 @@ def test_cli_decompress_of_a_damaged_store_is_one_line_exit_2(client, stored, tm
         err
     )
     assert not out.exists()  # nothing half-written left behind
+
+
+def test_verify_checks_an_appendable_stores_kept_sketches(client, tmp_path):
+    A = synthetic((300, 200), rank=6, noise=0.01, chunks=(128, 128), seed=4)
+    path = os.fspath(tmp_path / "a.lplr.zarr")
+    lplr_dask.compress(A, path, rank=6, passes=1, appendable=True, log=lambda m: None)
+    clean = verify(path)
+    names = {f"sketches/{n}" for n in ("Y", "AG", "Z", "sumsq")}
+    assert clean["problems"] == [] and clean["arrays_checked"] >= 6 + len(names)
+    arr = zarr.open_array(os.path.join(path, "sketches", "Y"))
+    key = "c/" + "/".join(["0"] * arr.ndim)
+    bit_flip(os.path.join(path, "sketches", "Y", *key.split("/")))
+    with pytest.raises(StoreFormatError, match="sketches/Y") as e:
+        verify(path)
+    assert [p["array"] for p in e.value.problems] == ["sketches/Y"]
