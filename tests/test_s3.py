@@ -126,3 +126,26 @@ def test_cli_storage_options_on_every_command(client, tmp_path, s3, small_matrix
     assert "generate locally and upload with `lplr convert" in capsys.readouterr().err
     assert cli.main(["info", out, "--storage-options", "not json"]) == 2
     assert "--storage-options: expected a JSON object" in capsys.readouterr().err
+
+
+def test_append_on_s3_commits_by_copying_keys_and_matches_a_local_append(client, tmp_path, s3):
+    """An appendable store on S3 grows by an append whose commit copies keys (no rename there):
+    the same codes as the same append on a local disk, and no staging left behind."""
+    from lplr_dask.datasets import synthetic
+
+    A = synthetic((384, 200), rank=6, noise=0.01, chunks=(128, 100), seed=7).compute()
+    first, new = A[:256], A[256:]
+    kw = dict(rank=6, passes=1, precision="float64", appendable=True, log=lambda m: None)
+    zarr.create_array(tmp_path / "first.zarr", data=first, chunks=(128, 100))
+    zarr.create_array(tmp_path / "new.zarr", data=new, chunks=(128, 100))
+    lplr_dask.compress(tmp_path / "first.zarr", tmp_path / "local.lplr.zarr", **kw)
+    lplr_dask.append(tmp_path / "local.lplr.zarr", tmp_path / "new.zarr", axis="rows", log=lambda m: None)
+    _put("s3://lplr-test/first.zarr", first, s3, chunks=(128, 100))
+    _put("s3://lplr-test/new.zarr", new, s3, chunks=(128, 100))
+    out = "s3://lplr-test/grown.lplr.zarr"
+    lplr_dask.compress("s3://lplr-test/first.zarr", out, storage_options=s3, **kw)
+    f = lplr_dask.append(out, "s3://lplr-test/new.zarr", axis="rows", storage_options=s3, log=lambda m: None)
+    assert f.shape == (384, 200)
+    assert_same_result(tmp_path / "local.lplr.zarr", out, s3)
+    assert not store.exists(f"{out}/_append", s3)
+    assert lplr_dask.verify(out, storage_options=s3)["problems"] == []
