@@ -45,7 +45,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # pipelines.common, for MiniLM
 import lplr_dask  # noqa: E402
-from lplr_dask.baselines import backbone_reference, clipped_quantize, naive_quantize, relative_error
+from lplr_dask.baselines import backbone_reference, clipped_quantize, naive_quantize, relative_error  # noqa: E402
+from pipelines.common import load_minilm, markdown_table, pyplot  # noqa: E402
 
 BUDGETS = (1, 2, 3, 4)
 FACTOR_BITS = ((8, 8), (4, 4))
@@ -73,8 +74,6 @@ def matrices(quick: bool, all_layers: bool) -> dict[str, np.ndarray]:
     except ImportError:
         print("note: scikit-image missing: no phantom", file=sys.stderr)
     try:
-        from pipelines.common import load_minilm
-
         model = load_minilm()
         layers = range(6) if all_layers else ((0,) if quick else (0, 5))
         for name, p in model[0].auto_model.named_parameters():
@@ -166,39 +165,23 @@ def _cell(entry: dict[str, Any]) -> str:
 
 
 def report(rows: list[dict[str, Any]], out: Path, meta: dict[str, Any]) -> str:
-    lines = [
-        "| matrix | X | " + " | ".join(METHODS) + " | backbone's choice |",
-        "|---|---|" + "---|" * len(METHODS) + "---|",
-    ]
-    synthetic_rows = [r for r in rows if not r["matrix"].startswith("minilm:")]
-    for r in synthetic_rows:
-        lines.append(
-            f"| {r['matrix']} {r['shape'][0]}×{r['shape'][1]} | {r['budget']} | "
-            + " | ".join(_cell(r[m]) for m in METHODS)
-            + f" | {r['backbone']['config']} |"
-        )
+    table = markdown_table(
+        ["matrix", "X", *METHODS, "backbone's choice"],
+        [
+            [f"{r['matrix']} {r['shape'][0]}×{r['shape'][1]}", r["budget"], *(_cell(r[m]) for m in METHODS)]
+            + [r["backbone"]["config"]]
+            for r in rows
+            if not r["matrix"].startswith("minilm:")
+        ],
+    )
     minilm = [r for r in rows if r["matrix"].startswith("minilm:")]
     if minilm:
         names = sorted({r["matrix"] for r in minilm})
-        lines += [
-            "",
-            f"MiniLM: mean ± std of the relative error over {len(names)} weight matrices (bits per entry: the mean)",
-            "",
-            "| X | " + " | ".join(METHODS) + " |",
-            "|---|" + "---|" * len(METHODS),
-        ]
-        for x in BUDGETS:
-            cells = []
-            for m in METHODS:
-                errs = np.array([r[m]["error"] for r in minilm if r["budget"] == x], dtype=float)
-                bpe = np.array([r[m]["bits_per_entry"] for r in minilm if r["budget"] == x], dtype=float)
-                cells.append(
-                    "–"
-                    if not np.isfinite(errs).any()
-                    else f"{np.nanmean(errs):.4f} ± {np.nanstd(errs):.4f} ({np.nanmean(bpe):.2f})"
-                )
-            lines.append(f"| {x} | " + " | ".join(cells) + " |")
-    table = "\n".join(lines)
+        table += (
+            f"\n\nMiniLM: mean ± std of the relative error over {len(names)} weight matrices "
+            "(bits per entry: the mean)\n\n"
+            + markdown_table(["X", *METHODS], [[x, *(_mean_cell(minilm, m, x) for m in METHODS)] for x in BUDGETS])
+        )
     (out / "report.md").write_text(
         "# Backbone (Q + L·R) against NQ, LPLR and ZFP at equal bits per entry\n\n"
         f"Command: `{meta['command']}`; {meta['when']}, {meta['machine']}.\n\n"
@@ -207,21 +190,25 @@ def report(rows: list[dict[str, Any]], out: Path, meta: dict[str, Any]) -> str:
     return table
 
 
+def _mean_cell(rows: list[dict[str, Any]], method: str, budget: int) -> str:
+    """Mean ± std of ``method``'s error over ``rows`` at ``budget``, and its mean bits per entry."""
+    errs = np.array([r[method]["error"] for r in rows if r["budget"] == budget], dtype=float)
+    bpe = np.array([r[method]["bits_per_entry"] for r in rows if r["budget"] == budget], dtype=float)
+    if not np.isfinite(errs).any():
+        return "–"
+    return f"{np.nanmean(errs):.4f} ± {np.nanstd(errs):.4f} ({np.nanmean(bpe):.2f})"
+
+
 def figure(rows: list[dict[str, Any]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     groups: dict[str, list[dict[str, Any]]] = {}
     for r in rows:
         groups.setdefault("MiniLM (mean)" if r["matrix"].startswith("minilm:") else r["matrix"], []).append(r)
     fig, axes = plt.subplots(1, len(groups), figsize=(4.2 * len(groups), 3.8), squeeze=False)
     for ax, (name, rs) in zip(axes[0], groups.items()):
         for m, marker in zip(METHODS, "osvD^"):
-            xs = [x for x in BUDGETS]
             ys = [np.nanmean([r[m]["error"] for r in rs if r["budget"] == x]) for x in BUDGETS]
-            ax.plot(xs, ys, marker=marker, label=m)
+            ax.plot(list(BUDGETS), ys, marker=marker, label=m)
         ax.set_title(name, fontsize=10)
         ax.set_xlabel("bits per entry")
         ax.set_xticks(list(BUDGETS))

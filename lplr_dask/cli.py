@@ -842,34 +842,16 @@ def _cmd_compress(args: argparse.Namespace, log: Callable[[str], None]) -> dict[
 
 
 def _cmd_convert(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
-    from lplr_dask.convert import convert, convert_group, is_group
-    from lplr_dask.sources import list_arrays, read_source
+    from lplr_dask.convert import convert, convert_group
+    from lplr_dask.sources import is_group, list_arrays, read_source
 
-    if is_group(args.input, storage_options=args.storage_options):
-        arrays = list_arrays(args.input, storage_options=args.storage_options)  # bad input: before a cluster
-        _check_output(args, inputs=[args.input])
-        t0 = time.perf_counter()
-        with _cluster(args, log):
-            convert_group(
-                args.input,
-                args.out,
-                chunks=args.chunks or "auto",
-                overwrite=args.overwrite,
-                storage_options=args.storage_options,
-                log=log,
-            )
-        return {
-            "input": args.input,
-            "out": args.out,
-            "array_count": len(arrays),
-            "names": list(arrays),
-            "seconds": round(time.perf_counter() - t0, 3),
-        }
-    read_source(args.input, storage_options=args.storage_options)  # bad input fails before a cluster starts
+    group = is_group(args.input, storage_options=args.storage_options)
+    # bad input fails before a cluster starts
+    (list_arrays if group else read_source)(args.input, storage_options=args.storage_options)
     _check_output(args, inputs=[args.input])
     t0 = time.perf_counter()
     with _cluster(args, log):
-        arr = convert(
+        written: Any = (convert_group if group else convert)(
             args.input,
             args.out,
             chunks=args.chunks or "auto",
@@ -877,15 +859,17 @@ def _cmd_convert(args: argparse.Namespace, log: Callable[[str], None]) -> dict[s
             storage_options=args.storage_options,
             log=log,
         )
-    return {
-        "input": args.input,
-        "out": args.out,
-        "shape": list(arr.shape),
-        "dtype": str(arr.dtype),
-        "source_dtype": cast(dict[str, Any], arr.attrs["lplr_convert"])["source_dtype"],
-        "chunks": list(arr.chunks),
-        "seconds": round(time.perf_counter() - t0, 3),
-    }
+    meta = cast(dict[str, Any], written.attrs["lplr_convert"])
+    if group:
+        found = {"array_count": len(meta["arrays"]), "names": list(meta["arrays"])}
+    else:
+        found = {
+            "shape": list(written.shape),
+            "dtype": str(written.dtype),
+            "source_dtype": meta["source_dtype"],
+            "chunks": list(written.chunks),
+        }
+    return {"input": args.input, "out": args.out, **found, "seconds": round(time.perf_counter() - t0, 3)}
 
 
 def _cmd_compress_group(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:

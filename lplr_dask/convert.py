@@ -15,9 +15,9 @@ from typing import Any
 import zarr
 
 from lplr_dask import guard, logs, store
-from lplr_dask.sources import is_group, list_arrays, member, read_source, regular
+from lplr_dask.sources import list_arrays, member, read_source, regular
 
-__all__ = ["convert", "convert_group", "is_group"]
+__all__ = ["convert", "convert_group"]
 
 
 def convert(

@@ -134,9 +134,9 @@ def _members(
     """
     root = store.open_group(path, storage_options=storage_options)
     meta: Any = root.attrs.get("lplr_group")
-    if meta is None:  # one *.lplr.zarr store
-        open_factors(path, storage_options=storage_options)  # refuses what is not a complete store
-        return root, [(name or _tensor_name(path, storage_options), "lplr", path)]
+    if meta is None:  # one *.lplr.zarr store (open_factors refuses what is not a complete one)
+        source = open_factors(path, storage_options=storage_options).attrs["source"].get("path")
+        return root, [(name or _tensor_name(source), "lplr", path)]
     if not meta.get("complete"):
         raise StoreFormatError(
             f"{path!r} is an incomplete compress-group output. Finish it with `lplr compress-group ... --resume`."
@@ -147,10 +147,10 @@ def _members(
     return root, [(e["name"], e["action"], f"{base}/{e['name']}") for e in meta["arrays"]]
 
 
-def _tensor_name(path: str, storage_options: dict[str, Any] | None) -> str:
-    """A single store's tensor name: the safetensors tensor it came from, else ``"weight"``."""
-    source = open_factors(path, storage_options=storage_options).attrs["source"].get("path") or ""
-    fmt, _, key = parse_location(source)
+def _tensor_name(source: str | None) -> str:
+    """A single store's tensor name: the safetensors tensor it came from (its attrs'
+    ``source.path``), else ``"weight"``."""
+    fmt, _, key = parse_location(source or "")
     return key if fmt == "safetensors" and key else "weight"
 
 
@@ -223,8 +223,7 @@ def _check_out(out: str, store_path: str, overwrite: bool, storage_options: dict
         )
     guard.check_output(out, [store_path], storage_options=storage_options, what="output of lplr export", zarr=False)
     stem = out[: -len(".safetensors")]
-    index = stem + ".safetensors" + INDEX_SUFFIX
-    for existing in (out, index):
+    for existing in (out, _index_of(stem)):
         if not os.path.exists(existing):
             continue
         if not overwrite:
@@ -237,9 +236,14 @@ def _check_out(out: str, store_path: str, overwrite: bool, storage_options: dict
     return stem
 
 
+def _index_of(stem: str) -> str:
+    """The index of a sharded export ``stem.safetensors``: ``stem.safetensors.index.json``."""
+    return stem + ".safetensors" + INDEX_SUFFIX
+
+
 def _previous_files(out: str, stem: str) -> list[str]:
     """The files of an earlier export at ``out`` (checked by :func:`_check_out` as ours)."""
-    index = stem + ".safetensors" + INDEX_SUFFIX
+    index = _index_of(stem)
     found = [p for p in (out, index) if os.path.exists(p)]
     if os.path.exists(index):
         with contextlib.suppress(Exception):  # a damaged old index: its shards stay, the index is replaced
@@ -249,14 +253,15 @@ def _previous_files(out: str, stem: str) -> list[str]:
 
 def _is_export(path: str) -> bool:
     """Whether ``path`` (a .safetensors file or its index) was written by :func:`export_safetensors`."""
+    import safetensors
+
     try:
         if path.endswith(INDEX_SUFFIX):
             with open(path, encoding="utf-8") as f:
                 return EXPORT_FORMAT in json.load(f).get("metadata", {})
-        with open(path, "rb") as f:
-            size = int.from_bytes(f.read(8), "little")
-            return EXPORT_FORMAT in json.loads(f.read(size)).get("__metadata__", {})
-    except (OSError, ValueError, AttributeError):
+        with safetensors.safe_open(path, framework="np") as f:  # reads the header only
+            return EXPORT_FORMAT in (f.metadata() or {})
+    except (OSError, ValueError, AttributeError, safetensors.SafetensorError):
         return False
 
 
@@ -332,7 +337,7 @@ def export_safetensors(
         if len(shards) == 1
         else [f"{stem}-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
     )
-    index = None if len(shards) == 1 else stem + ".safetensors" + INDEX_SUFFIX
+    index = None if len(shards) == 1 else _index_of(stem)
     metadata = {"format": "pt", EXPORT_FORMAT: json.dumps({"store": store_path, "factorized": factorized})}
     written: list[str] = []
     try:

@@ -471,10 +471,11 @@ def list_arrays(
             raise LplrValueError(f"Expected a Zarr group at {path!r}. Got an array; use `lplr compress` for one array.")
         return _zarr_arrays(node)
     if fmt == "safetensors-index" and not key:
+        weight_map = _weight_map(path)
         tensors: dict[str, tuple[tuple[int, ...], str]] = {}
-        for shard in shard_files(path):
+        for shard in _shard_paths(path, weight_map):
             tensors.update(list_arrays(shard))
-        _check_index_covers(path, tensors)
+        _check_index_covers(path, weight_map, tensors)
         return dict(sorted(tensors.items()))
     if fmt == "npy" or key:
         raise LplrValueError(
@@ -567,9 +568,14 @@ def shard_files(index: str) -> list[str]:
     LplrValueError
         If the index is malformed, or names a shard outside its own directory.
     """
+    return _shard_paths(index, _weight_map(index))
+
+
+def _shard_paths(index: str, weight_map: dict[str, str]) -> list[str]:
+    """:func:`shard_files` of an index whose ``weight_map`` is already read."""
     base = os.path.dirname(index)
     shards = []
-    for shard in dict.fromkeys(_weight_map(index).values()):
+    for shard in dict.fromkeys(weight_map.values()):
         if os.path.isabs(shard) or os.path.normpath(shard).startswith(os.pardir):
             raise LplrValueError(
                 f"The index {index!r} names the shard {shard!r} outside its own directory; shards must lie "
@@ -595,9 +601,9 @@ def _index_member(index: str, name: str) -> str:
     return f"{os.path.join(os.path.dirname(index), weight_map[name])}:{name}"
 
 
-def _check_index_covers(index: str, found: dict[str, Any]) -> None:
+def _check_index_covers(index: str, weight_map: dict[str, str], found: dict[str, Any]) -> None:
     """Raise :class:`LplrValueError` if a tensor of the index is missing from the shard it names."""
-    missing = [n for n in _weight_map(index) if n not in found]
+    missing = [n for n in weight_map if n not in found]
     if missing:
         raise LplrValueError(
             f"The index {index!r} names tensors its shards do not hold: {', '.join(map(repr, missing[:10]))}"

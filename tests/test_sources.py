@@ -293,15 +293,12 @@ def test_broken_sharded_checkpoints_are_named(tmp_path):
     )
     with pytest.raises(SourceNotFoundError, match="names the shard 's9.safetensors', which does not exist"):
         list_arrays(index)
-    index.write_text('{"weight_map": {"a": "s1.safetensors", "b": "s1.safetensors"}}')
-    with pytest.raises(LplrValueError, match="names tensors its shards do not hold: 'b'"):
-        list_arrays(index)
-    index.write_text('{"weight_map": {"a": "../s1.safetensors"}}')
-    with pytest.raises(LplrValueError, match="outside its own directory"):
-        list_arrays(index)
-    index.write_text("[1, 2]")
-    with pytest.raises(LplrValueError, match="weight_map"):
-        list_arrays(index)
-    index.write_text("{not json")
-    with pytest.raises(LplrValueError, match="not a JSON object"):
-        list_arrays(index)
+    for text, match in [
+        ('{"weight_map": {"a": "s1.safetensors", "b": "s1.safetensors"}}', "names tensors its shards do not hold: 'b'"),
+        ('{"weight_map": {"a": "../s1.safetensors"}}', "outside its own directory"),
+        ("[1, 2]", "weight_map"),
+        ("{not json", "not a JSON object"),
+    ]:
+        index.write_text(text)
+        with pytest.raises(LplrValueError, match=match):
+            list_arrays(index)
