@@ -53,6 +53,8 @@ LOCK_NAME = ".lplr-lock.json"
 FINGERPRINT_CHUNKS = 8
 #: Bytes hashed at each of a few places of a file input (``.npy``, HDF5, safetensors).
 FINGERPRINT_WINDOW = 2**16
+#: Windows of a sampled Zarr chunk's stored bytes the fingerprint hashes (with the chunk's size).
+FINGERPRINT_CHUNK_WINDOWS = 8
 
 
 # --------------------------------------------------------------------------------------------
@@ -375,7 +377,9 @@ class StoreLock:
 # The input's fingerprint
 
 
-def fingerprint(source: Any, A: Any, *, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
+def fingerprint(
+    source: Any, A: Any, *, storage_options: dict[str, Any] | None = None, like: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """Shape, dtype and a hash of an input's metadata and a sample of its stored bytes.
 
     Parameters
@@ -386,13 +390,21 @@ def fingerprint(source: Any, A: Any, *, storage_options: dict[str, Any] | None =
         The matrix as computed (its shape and dtype are recorded).
     storage_options : dict, optional
         fsspec options for a remote input.
+    like : dict, optional
+        A recorded fingerprint to compare with: a Zarr input is hashed by its method when that is
+        the older ``zarr-chunks``, so a store started by an earlier version still resumes checked.
 
     Returns
     -------
     dict
-        ``{"shape", "dtype", "method", "sha256"}``. ``method`` is ``zarr-chunks`` (the array's
-        metadata without its attributes, and the stored bytes of up to
-        :data:`FINGERPRINT_CHUNKS` chunks spread over the grid), ``file-sample`` (size and a few
+        ``{"shape", "dtype", "method", "sha256"}``. ``method`` is ``zarr-chunk-windows`` (the
+        array's metadata without its attributes, and for up to :data:`FINGERPRINT_CHUNKS` chunks
+        spread over the grid the stored size and :data:`FINGERPRINT_CHUNK_WINDOWS` windows of
+        :data:`FINGERPRINT_WINDOW` bytes spread over the stored bytes: a regenerated input
+        differs in all of them, while hashing whole 64 MiB chunks took 0.9 s of a 13 s job and
+        downloaded 0.5 GB from a remote store), ``zarr-chunks`` (the same with the
+        whole stored bytes of those chunks: what earlier versions recorded, computed only
+        ``like`` such a record), ``file-sample`` (size and a few
         windows of the file), ``numpy-sample`` (a strided sample of an in-memory array), or
         ``shape-dtype`` (a dask array, whose graph says nothing reliable about its values: the
         hash covers nothing more). Reads no more than a few chunks' stored bytes; decodes nothing.
@@ -400,8 +412,8 @@ def fingerprint(source: Any, A: Any, *, storage_options: dict[str, Any] | None =
     h = hashlib.sha256()
     array = source.array
     if source.format == "zarr":
-        method = "zarr-chunks"
-        _hash_zarr(h, zarr_array_of(source, storage_options))
+        method = "zarr-chunks" if (like or {}).get("method") == "zarr-chunks" else "zarr-chunk-windows"
+        _hash_zarr(h, zarr_array_of(source, storage_options), windows=method == "zarr-chunk-windows")
     elif source.format in ("npy", "hdf5", "safetensors") and source.path is not None:
         method = "file-sample"
         _hash_file(h, _input_path(source.path))
@@ -422,7 +434,7 @@ def _sample_coords(grid: tuple[int, ...], count: int) -> list[tuple[int, ...]]:
     return [tuple(int(c) for c in np.unravel_index(i, grid)) for i in picks]
 
 
-def _hash_zarr(h: Any, arr: Any) -> None:
+def _hash_zarr(h: Any, arr: Any, *, windows: bool = True) -> None:
     from zarr.core.buffer import default_buffer_prototype
     from zarr.core.sync import sync
 
@@ -433,9 +445,44 @@ def _hash_zarr(h: Any, arr: Any) -> None:
     prefix = f"{arr.path}/" if arr.path else ""
     for coords in _sample_coords(grid, FINGERPRINT_CHUNKS):
         key = prefix + arr.metadata.encode_chunk_key(coords)
-        buf = sync(arr.store.get(key, prototype=default_buffer_prototype()))
         h.update(key.encode())
+        if windows:
+            h.update(_stored_windows(arr.store, key))
+            continue
+        buf = sync(arr.store.get(key, prototype=default_buffer_prototype()))
         h.update(b"<missing>" if buf is None else hashlib.sha256(buf.to_bytes()).digest())
+
+
+def _stored_windows(store: Any, key: str) -> bytes:
+    """A digest of a stored object's size and :data:`FINGERPRINT_CHUNK_WINDOWS` windows of
+    :data:`FINGERPRINT_WINDOW` bytes evenly spread over it (first and last included; the whole
+    object when it is shorter), read as concurrent byte ranges: about 0.5 MiB of a chunk leaves
+    the store, local or remote."""
+    import asyncio
+
+    from zarr.abc.store import RangeByteRequest
+    from zarr.core.buffer import default_buffer_prototype
+    from zarr.core.sync import sync
+
+    proto = default_buffer_prototype()
+
+    async def read() -> list[Any]:
+        if not await store.exists(key):
+            return []
+        size = await store.getsize(key)
+        starts = np.unique(
+            np.linspace(0, max(size - FINGERPRINT_WINDOW, 0), FINGERPRINT_CHUNK_WINDOWS).astype(np.int64)
+        )
+        parts = await asyncio.gather(
+            *(
+                store.get(key, prototype=proto, byte_range=RangeByteRequest(int(a), int(a) + FINGERPRINT_WINDOW))
+                for a in starts
+            )
+        )
+        return [str(size).encode(), *(b"" if p is None else p.to_bytes() for p in parts)]
+
+    parts = sync(read())
+    return hashlib.sha256(b"".join(parts)).digest() if parts else b"<missing>"
 
 
 def _hash_file(h: Any, path: str) -> None:

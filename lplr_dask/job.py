@@ -214,19 +214,21 @@ def _start(
         If ``resume`` finds a store started with other parameters, or of an input that changed.
     """
     storage_options = options.storage_options
-    current = guard.fingerprint(src, A, storage_options=storage_options)
     if resume and store.exists(path, storage_options):
         group = store.open_group(path, mode="r+", storage_options=storage_options)
         meta = store.read_meta(group, require_complete=False, path=path)
+        recorded = meta.get("source", {}).get("fingerprint")
+        current = guard.fingerprint(src, A, storage_options=storage_options, like=recorded)
         changed = store.changed_params(meta, params.as_attrs(), A.shape)
         if changed:
             raise StoreFormatError(
                 f"Cannot resume {path!r}: it was started with different {', '.join(changed)}. "
                 "Rerun with the same arguments, or with --overwrite to start over."
             )
-        guard.check_fingerprint(meta.get("source", {}).get("fingerprint"), current, out=path, source=src.path)
+        guard.check_fingerprint(recorded, current, out=path, source=src.path)
         lock.acquire()
         return meta
+    current = guard.fingerprint(src, A, storage_options=storage_options)
     if store.exists(path, storage_options):
         lock.check_free()  # a running job's output is not replaced under it
     group = store.create_group(path, overwrite=overwrite, storage_options=storage_options)

@@ -225,7 +225,7 @@ def test_resume_refuses_a_regenerated_input(tmp_path, client, monkeypatch):
     out = tmp_path / "o.lplr.zarr"
     _fail_in_pass2(monkeypatch, src, out)
     recorded = zarr.open_group(str(out)).attrs["lplr"]["source"]["fingerprint"]
-    assert recorded["method"] == "zarr-chunks" and recorded["shape"] == [300, 200]
+    assert recorded["method"] == "zarr-chunk-windows" and recorded["shape"] == [300, 200]
     lplr_dask.compress(src, out, rank=4, resume=True)  # the same input resumes
 
     _fail_in_pass2(monkeypatch, src, out)
@@ -247,6 +247,44 @@ def test_fingerprint_ignores_attributes_and_sees_one_chunk(tmp_path):
     assert guard.fingerprint(read_source(src), read_source(src).array) == first
     arr[63, 63] = -1.0  # the last chunk is always sampled
     assert guard.fingerprint(read_source(src), read_source(src).array) != first
+
+
+@pytest.mark.parametrize("where", [(0, 0), (511, 511), "all"])
+def test_fingerprint_of_a_chunk_larger_than_its_windows_sees_its_ends_and_a_regeneration(tmp_path, where):
+    """A chunk stored in more bytes than the windows hashed (incompressible values): an edit of
+    its first or last value, or new values throughout, still changes the fingerprint."""
+    from lplr_dask.sources import read_source
+
+    src = tmp_path / "a.zarr"
+    arr = zarr.create_array(str(src), shape=(512, 512), chunks=(512, 512), dtype="f4")
+    arr[...] = np.random.default_rng(0).standard_normal((512, 512), dtype=np.float32)
+    assert arr.nbytes_stored() > guard.FINGERPRINT_CHUNK_WINDOWS * guard.FINGERPRINT_WINDOW
+    first = guard.fingerprint(read_source(src), read_source(src).array)
+    assert first["method"] == "zarr-chunk-windows"
+    if where == "all":
+        arr[...] = np.random.default_rng(1).standard_normal((512, 512), dtype=np.float32)
+    else:
+        arr[where] = 7.0
+    assert guard.fingerprint(read_source(src), read_source(src).array) != first
+
+
+def test_fingerprint_recorded_the_earlier_way_is_computed_that_way(tmp_path):
+    """A store started by an earlier version recorded ``zarr-chunks`` (whole chunks hashed):
+    ``like`` it, the input is hashed that way again, so its resume is still checked."""
+    from lplr_dask.sources import read_source
+
+    src = tmp_path / "a.zarr"
+    lplr_dask.generate(src, (300, 200), rank=6, chunks=(128, 128), seed=1)
+    old = guard.fingerprint(read_source(src), read_source(src).array, like={"method": "zarr-chunks"})
+    assert old["method"] == "zarr-chunks"
+    assert old != guard.fingerprint(read_source(src), read_source(src).array)
+    again = guard.fingerprint(read_source(src), read_source(src).array, like=old)
+    assert again == old
+    guard.check_fingerprint(old, again, out="o.lplr.zarr", source=str(src))
+    lplr_dask.generate(src, (300, 200), rank=6, chunks=(128, 128), seed=2, overwrite=True)
+    changed = guard.fingerprint(read_source(src), read_source(src).array, like=old)
+    with pytest.raises(StoreFormatError, match="changed since the job started"):
+        guard.check_fingerprint(old, changed, out="o.lplr.zarr", source=str(src))
 
 
 # --------------------------------------------------------------------------------------------

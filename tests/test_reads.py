@@ -20,7 +20,8 @@ from lplr_dask import guard
 
 
 class CountingStore(WrapperStore[Any]):
-    """Records every chunk read (``get`` of a ``c/…`` key) as a line in ``log_path``."""
+    """Records every chunk read (``get`` of a ``c/…`` key) as a line in ``log_path``; a read of
+    a byte range (what the input's fingerprint samples) as the key followed by ``~range``."""
 
     def __init__(self, store: Any, log_path: str):
         super().__init__(store)
@@ -32,8 +33,11 @@ class CountingStore(WrapperStore[Any]):
     async def get(self, key: str, prototype: Any, byte_range: Any = None) -> Any:
         if key.startswith("c/"):
             with open(self.log_path, "a") as f:  # O_APPEND: whole short lines from any process
-                f.write(key + "\n")
+                f.write(key + ("~range" if byte_range is not None else "") + "\n")
         return await self._store.get(key, prototype, byte_range)
+
+    async def getsize(self, key: str) -> int:  # zarr's WrapperStore leaves it to Store's, a whole get
+        return await self._store.getsize(key)
 
 
 @pytest.fixture
@@ -53,6 +57,21 @@ def counted(tmp_path):
     return array, reads
 
 
+def whole(counts: collections.Counter[str]) -> collections.Counter[str]:
+    """The reads of whole chunks among ``counts`` (the decoded reads of the passes)."""
+    return collections.Counter({k: n for k, n in counts.items() if not k.endswith("~range")})
+
+
+def assert_fingerprint_windows_only(counts: collections.Counter[str], jobs: int = 1) -> None:
+    """The byte-range reads among ``counts`` are the fingerprint's: windows of the sampled
+    chunks only, at most :data:`guard.FINGERPRINT_CHUNK_WINDOWS` each per job."""
+    sampled = {"c/" + "/".join(map(str, c)) for c in guard._sample_coords((5, 4), guard.FINGERPRINT_CHUNKS)}
+    assert len(sampled) == guard.FINGERPRINT_CHUNKS
+    ranged = {k.removesuffix("~range"): n for k, n in counts.items() if k.endswith("~range")}
+    assert set(ranged) == sampled, ranged
+    assert all(jobs <= n <= jobs * guard.FINGERPRINT_CHUNK_WINDOWS for n in ranged.values()), ranged
+
+
 def test_counting_store_counts(counted):
     array, reads = counted
     array[:130, :10]  # two chunks of the first column
@@ -64,12 +83,10 @@ def test_compress_reads_each_chunk_exactly(client, counted, tmp_store, passes, p
     array, reads = counted
     lplr_dask.compress(array, tmp_store, rank=8, passes=passes, power_iters=power_iters, log=lambda _: None)
     counts = reads()
-    assert len(counts) == 5 * 4  # every chunk read ...
-    # ... exactly this often, plus once for the stored bytes of the chunks the input's
-    # fingerprint samples (lplr_dask.guard.fingerprint: raw bytes, not decoded, once per job)
-    sampled = {"c/" + "/".join(map(str, c)) for c in guard._sample_coords((5, 4), guard.FINGERPRINT_CHUNKS)}
-    assert len(sampled) == guard.FINGERPRINT_CHUNKS
-    assert {key: n - (key in sampled) for key, n in counts.items()} == dict.fromkeys(counts, expected), counts
+    # every chunk read whole exactly this often; besides, a few byte ranges of the chunks the
+    # input's fingerprint samples (lplr_dask.guard.fingerprint: stored bytes, not decoded)
+    assert whole(counts) == dict.fromkeys((f"c/{i}/{j}" for i in range(5) for j in range(4)), expected), counts
+    assert_fingerprint_windows_only(counts)
 
 
 @pytest.mark.parametrize("power_iters", [0, 1])
@@ -84,9 +101,8 @@ def test_cache_input_reads_each_chunk_once_and_gives_the_same_codes(client, coun
         array, tmp_path / "cached.lplr.zarr", rank=8, power_iters=power_iters, cache_input=True, log=lines.append
     )
     counts = reads() - before
-    sampled = {"c/" + "/".join(map(str, c)) for c in guard._sample_coords((5, 4), guard.FINGERPRINT_CHUNKS)}
-    assert len(counts) == 5 * 4
-    assert {key: n - (key in sampled) for key, n in counts.items()} == dict.fromkeys(counts, 1), counts
+    assert whole(counts) == dict.fromkeys((f"c/{i}/{j}" for i in range(5) for j in range(4)), 1), counts
+    assert_fingerprint_windows_only(counts)
     assert "cache input" in cached.attrs["timings"]
     assert not any("does not fit" in line for line in lines)
     for name in ("L/codes", "R/codes"):
@@ -101,9 +117,9 @@ def test_cache_input_that_does_not_fit_reads_the_source_in_each_pass(client, cou
     factors = lplr_dask.compress(array, tmp_store, rank=8, cache_input=True, log=lines.append)
     assert any("--cache-input" in line and "does not fit" in line for line in lines), lines
     assert "cache input" not in factors.attrs["timings"]
-    sampled = {"c/" + "/".join(map(str, c)) for c in guard._sample_coords((5, 4), guard.FINGERPRINT_CHUNKS)}
     counts = reads()
-    assert {key: n - (key in sampled) for key, n in counts.items()} == dict.fromkeys(counts, 2), counts
+    assert whole(counts) == dict.fromkeys((f"c/{i}/{j}" for i in range(5) for j in range(4)), 2), counts
+    assert_fingerprint_windows_only(counts)
 
 
 def test_cache_input_with_one_pass_is_refused(counted, tmp_store):
