@@ -128,7 +128,9 @@ def append(
     """
     plan = check_append(store_path, new, axis=axis, resume=resume, storage_options=storage_options)
     group, path, part, params, entry = plan.group, plan.path, plan.part, plan.params, plan.entry
-    entry["fingerprint"] = guard.fingerprint(plan.source, part, storage_options=storage_options)
+    entry["fingerprint"] = guard.fingerprint(
+        plan.source, part, storage_options=storage_options, like=_recorded_fingerprint(group, plan.meta)
+    )
     options = stored_options(plan.meta, storage_options)
     lock = guard.StoreLock(path, storage_options)
     lock.acquire()
@@ -363,6 +365,16 @@ def _append(
         staged["timings"]["total"] = round(time.perf_counter() - t0 + staged["timings"].get("total", 0.0), 3)
         store.write_meta(staging, staged)
     _commit(group, path, log)
+
+
+def _recorded_fingerprint(group: zarr.Group, root: dict[str, Any]) -> dict[str, Any] | None:
+    """The block fingerprint an append's resume compares with: the interrupted append's, else
+    the last append's (hashed like it, a block recorded by an earlier version is still known)."""
+    if store.STAGING in group:
+        staged = store.read_meta(_staging(group), require_complete=False)
+        return cast(dict[str, Any] | None, (staged.get("append") or {}).get("fingerprint"))
+    last = (root.get("history") or [None])[-1]
+    return last.get("fingerprint") if last and last.get("op") == "append" else None
 
 
 def _staging(group: zarr.Group) -> zarr.Group:

@@ -15,11 +15,12 @@ import pytest
 import zarr
 
 import lplr_dask
-from lplr_dask import factorize, store
+from lplr_dask import factorize, guard, store
 from lplr_dask.cli import main
 from lplr_dask.datasets import synthetic
 from lplr_dask.errors import LplrValueError, StoreFormatError
 from lplr_dask.options import Options
+from lplr_dask.sources import read_source
 
 CHUNK = 64
 #: float64 products: the codes of an append equal those of compressing the whole (any chunking).
@@ -185,6 +186,25 @@ def test_an_interrupted_append_leaves_the_previous_factors_and_resumes_to_the_sa
     assert any("discarding an interrupted append" in line for line in lines)
     clean = lplr_dask.append(str(want_dir), cols, axis="columns", log=_quiet)
     _assert_same_codes(again.path, clean.path)
+
+
+def test_a_block_appended_by_an_earlier_version_is_known_on_resume(client, tmp_path):
+    """The last append's fingerprint recorded the earlier way (``zarr-chunks``): ``--resume``
+    of the same block hashes it that way too, so it is still seen as already appended."""
+    A = _matrix()
+    first, new = _parts(A, "rows", [192])
+    out, _ = _compress_first(tmp_path, first)
+    block = _save(tmp_path / "new.zarr", new)
+    lplr_dask.append(out, block, axis="rows", log=_quiet)
+    g = zarr.open_group(out, mode="r+")
+    meta = dict(g.attrs["lplr"])
+    src = read_source(block)
+    meta["history"][-1]["fingerprint"] = guard.fingerprint(src, src.array, like={"method": "zarr-chunks"})
+    g.attrs["lplr"] = meta
+    lines: list[str] = []
+    lplr_dask.append(out, block, axis="rows", resume=True, log=lines.append)
+    assert any("already appended" in line for line in lines), lines
+    assert lplr_dask.open_factors(out).shape == A.shape
 
 
 def test_an_append_stopped_in_its_commit_is_refused_until_resumed(client, tmp_path, monkeypatch):
