@@ -141,7 +141,7 @@ def _body(ctx: Context) -> Path:
         f"Mean time per append {mean_a:.2f} s against {mean_r:.2f} s to recompress ({mean_r / mean_a:.2f}×); "
         f"an append reads only its {block} snapshots but rewrites the sketches and refactors from them, so its "
         f"time grows with the sketches (n·(k + p + t) + ℓ·d floats), far slower than the data. Final store: "
-        f"{info.shape[0]}×{info.shape[1]}, {info.nbytes:,} bytes on disk of which {sketches:,} are the kept "
+        f"{info.shape[0]}×{info.shape[1]}, {info.nbytes:,} bytes of factors on disk, and {sketches:,} more of kept "
         f"sketches (`lplr finalize` removes them)."
     )
     return ctx.write_report(

@@ -22,7 +22,7 @@ pytest.importorskip("matplotlib")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lplr_dask.budget import fair_rank  # noqa: E402
-from pipelines import common, embeddings_knn, huge_matrix, images  # noqa: E402
+from pipelines import common, embeddings_knn, huge_matrix, images, streaming  # noqa: E402
 
 
 def _run(module, tmp_path, *extra):
@@ -223,3 +223,34 @@ def test_huge_matrix_quick(client, tmp_path):
     assert 0.5 < results["error_estimate"] / exact < 2
     assert {"compress: pass 1: sketch", "compress: pass 2: project", "generate"} <= set(results["timings"])
     assert f"{exact:.5f}" in report
+
+
+# --------------------------------------------------------------------------------------------
+# streaming
+
+
+def test_streaming_quick(client, tmp_path):
+    """5 appends of 8 snapshots to a 1024-row field: each appended store's exact error equals the
+    recompression's (float32 products in the same chunks: sums in another order), and the store
+    records the shape history of every step."""
+    work = tmp_path / "work"
+    out, report, results = _run(streaming, tmp_path, "--work", str(work), "--keep-work")
+    _png(out / "streaming.png")
+    steps = results["steps"]
+    assert [s["snapshots"] for s in steps] == [40, 48, 56, 64, 72]
+    for s in steps:
+        assert s["error_append"] == pytest.approx(s["error_recompress"], rel=1e-5)
+        assert 0 < s["error_append"] < 0.5
+    from lplr_dask import open_factors
+
+    factors = open_factors(work / "stream.lplr.zarr")
+    assert factors.shape == (1024, 72)
+    history = factors.attrs["history"]
+    assert [h["op"] for h in history] == ["compress"] + ["append"] * 5
+    assert [h["shape"] for h in history][-1] == [1024, 72]
+    from lplr_dask.store import bytes_on_disk
+
+    assert results["bytes_on_disk"] == factors.nbytes > 0 and results["bytes_sketches"] > 0
+    assert factors.nbytes + results["bytes_sketches"] == bytes_on_disk(str(work / "stream.lplr.zarr"))
+    assert f"{factors.nbytes:,} bytes of factors on disk, and {results['bytes_sketches']:,} more" in report
+    assert f"{steps[-1]['error_append']:.5f}" in report
