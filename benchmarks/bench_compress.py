@@ -184,7 +184,8 @@ def chunk_costs(path: str, rank: int, test_columns: int = 10) -> dict[str, float
 
         limit = threadpool_limits(1)  # as on a worker with one thread
     with limit:
-        a = da.from_array(z[:r, :c], chunks=(r, c))
+        chunk = z[:r, :c]
+        a = da.from_array(chunk, chunks=(r, c))
         pt = da.from_array(np.ones((r, rank)), chunks=(r, rank))
         costs = {"read": best(lambda: z[r : 2 * r, :c])}
         for precision in ("float32", "float64"):
@@ -230,7 +231,7 @@ def chunk_costs(path: str, rank: int, test_columns: int = 10) -> dict[str, float
         # k + 10 columns, then Qᵀ·A with k + 10 rows (its TSQR and small SVD come on top)
         omega = np.ones((c, rank + 10), dtype=np.float32)
         qt = np.ones((rank + 10, r), dtype=np.float32)
-        a32 = np.asarray(z[:r, :c], dtype=np.float32)
+        a32 = np.asarray(chunk, dtype=np.float32)
         costs["svd q=0 A·Ω"] = best(lambda: a32 @ omega)
         costs["svd q=0 Qᵀ·A"] = best(lambda: qt @ a32)
         return costs

@@ -471,23 +471,15 @@ def _add64(x: Any, axis: Any = None, keepdims: bool = False) -> Any:
     """The float64 sum over axis 0 of the parts ``x`` (a list of (1, …) blocks, or one block),
     added pairwise into one float64 result rather than concatenated first (2–3× less time on
     the one-pass co-range parts, 8 against 19 ms for two 1025 × 4096 float32 parts)."""
-    parts = list(_flat(x))
+    parts = x if isinstance(x, list) else [x]  # one reduced axis: a flat list
     xp = array_namespace(parts[0])
     if len(parts) == 1:
-        total = parts[0].astype(np.float64)
+        total = parts[0].astype(np.float64, copy=False)
     else:
         total = xp.add(parts[0], parts[1], dtype=np.float64)
         for part in parts[2:]:
             total += part
     return total if keepdims else total[0]
-
-
-def _flat(x: Any) -> Iterator[Any]:
-    if isinstance(x, (list, tuple)):
-        for item in x:
-            yield from _flat(item)
-    else:
-        yield x
 
 
 def _first(pair: tuple[Any, Any]) -> Any:

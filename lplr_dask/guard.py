@@ -470,9 +470,7 @@ def _stored_windows(store: Any, key: str) -> bytes:
         if not await store.exists(key):
             return []
         size = await store.getsize(key)
-        starts = np.unique(
-            np.linspace(0, max(size - FINGERPRINT_WINDOW, 0), FINGERPRINT_CHUNK_WINDOWS).astype(np.int64)
-        )
+        starts = np.unique(_window_starts(size, FINGERPRINT_CHUNK_WINDOWS))  # a short chunk: one window
         parts = await asyncio.gather(
             *(
                 store.get(key, prototype=proto, byte_range=RangeByteRequest(int(a), int(a) + FINGERPRINT_WINDOW))
@@ -485,11 +483,17 @@ def _stored_windows(store: Any, key: str) -> bytes:
     return hashlib.sha256(b"".join(parts)).digest() if parts else b"<missing>"
 
 
+def _window_starts(size: int, count: int) -> np.ndarray:
+    """Offsets of ``count`` windows of :data:`FINGERPRINT_WINDOW` bytes evenly spread over
+    ``size`` bytes, the first at 0 and the last ending at the end (repeated when it is short)."""
+    return np.linspace(0, max(size - FINGERPRINT_WINDOW, 0), count).astype(np.int64)
+
+
 def _hash_file(h: Any, path: str) -> None:
     size = os.path.getsize(path)
     h.update(str(size).encode())
     with open(path, "rb") as f:
-        for start in np.linspace(0, max(size - FINGERPRINT_WINDOW, 0), 5).astype(np.int64):
+        for start in _window_starts(size, 5):
             f.seek(int(start))
             h.update(f.read(FINGERPRINT_WINDOW))
 
