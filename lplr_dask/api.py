@@ -73,6 +73,8 @@ def compress(
     cache_input: bool = False,
     log: Callable[[str], None] = logs.info,
     appendable: bool = False,
+    backbone_bits: int = 0,
+    backbone_iters: int = 1,
 ) -> Factors:
     """Compress a matrix into a low-rank, low-precision factorization ``A ≈ L·R`` [1]_.
 
@@ -157,6 +159,14 @@ def compress(
         Keep the one-pass sketches in the store (``passes=1`` only), so that
         :func:`lplr_dask.append` can add rows or columns later without reading A again
         (docs/FORMAT.md, "Appendable stores"); :func:`lplr_dask.finalize` removes them.
+    backbone_bits : int, default=0
+        ``B0``: compress ``A ≈ Q + L·R`` with a ``B0``-bit backbone Q in A's chunking (a range
+        per column of each row chunk, :mod:`lplr_dask.backbone`) and the factors of ``A − Q̂``,
+        for matrices that are not low rank (weights, heavy tails; benchmarks/RESULTS.md,
+        "Beyond low rank"). 0: no backbone. The store is format version 3.
+    backbone_iters : int, default=1
+        Rounds T: each codes ``Q = Q_B0(A − L̂·R̂)`` (``Q_B0(A)`` first), then the factors of
+        ``A − Q̂`` again; one more read of A and the passes again per round.
 
     Returns
     -------
@@ -186,6 +196,8 @@ def compress(
         device=device,
         storage_options=storage_options,
         appendable=appendable,
+        backbone_bits=backbone_bits,
+        backbone_iters=backbone_iters,
     )
     check_job(overwrite, resume)
     source, recorded = _as_input(source, log)

@@ -70,6 +70,7 @@ __all__ = [
     "lplr_reference",
     "backbone_reference",
     "clipped_quantize",
+    "chunk_backbone",
     "relative_error",
     "Reference",
 ]
@@ -278,6 +279,8 @@ def backbone_reference(
     quantizer: str | QuantizerSpec = "default",
     seed: int = 0,
     oversample: int | None = None,
+    row_chunk: int | None = None,
+    keep: str = "best",
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``A ≈ Q + L̂·R̂`` in memory: a ``backbone_bits``-bit backbone plus low-rank factors.
 
@@ -307,6 +310,13 @@ def backbone_reference(
         Instead, quantize ``Q`` per column with a clipped range (:func:`clipped_quantize`): the
         min–max range of a heavy-tailed column wastes low-bit levels on its extremes. For this
         study only: no store quantizer does this yet.
+    row_chunk : int, optional
+        Instead, quantize ``Q`` as ``compress(..., backbone_bits=B0)`` stores it: a min–max range
+        per column of each block of ``row_chunk`` rows (A's row chunks), scales rounded to
+        float32, nearest rounding (:func:`chunk_backbone`).
+    keep : {"best", "last"}, default="best"
+        Return the round of lowest error, or the last round (as ``compress`` does: it keeps
+        only one round's arrays).
 
     Returns
     -------
@@ -323,6 +333,8 @@ def backbone_reference(
         raise LplrValueError(f"Expected iters, the rounds of the backbone, an integer >= 1. Got {iters!r}.")
     if start not in ("backbone", "factors"):
         raise LplrValueError(f"Expected start 'backbone' or 'factors'. Got {start!r}.")
+    if keep not in ("best", "last"):
+        raise LplrValueError(f"Expected keep 'best' or 'last'. Got {keep!r}.")
     X = _as_matrix(A)
     if isinstance(X, da.Array):
         raise LplrTypeError("Expected a numpy array for the in-memory reference. Got a dask array.")
@@ -337,17 +349,38 @@ def backbone_reference(
         low_rank = np.zeros_like(X)
     best: tuple[float, np.ndarray, np.ndarray, np.ndarray] | None = None
     for _ in range(int(iters)):
-        if clip:
+        if row_chunk is not None:
+            Q = chunk_backbone(X - low_rank, backbone_bits, row_chunk)
+        elif clip:
             Q = clipped_quantize(X - low_rank, backbone_bits)
         else:
             Q = naive_quantize(X - low_rank, backbone_bits, quantizer=backbone_quantizer, seed=seed)
         L, R = factors(X - Q)
         low_rank = L @ R
         error = float(np.linalg.norm(X - Q - low_rank))
-        if best is None or error < best[0]:
+        if best is None or error < best[0] or keep == "last":
             best = (error, Q, L, R)
     assert best is not None  # iters >= 1
     return best[1], best[2], best[3]
+
+
+def chunk_backbone(X: np.ndarray, bits: int, row_chunk: int) -> np.ndarray:
+    """``X`` quantized as a store's backbone: per column of each block of ``row_chunk`` rows, a
+    min–max range of ``2**bits`` levels, its step and minimum rounded to float32, nearest rounding.
+
+    Written out here apart from :mod:`lplr_dask.backbone` (the reference a test holds it to).
+    """
+    out = np.empty(X.shape, dtype=np.float64)
+    levels = (1 << bits) - 1
+    for r0 in range(0, X.shape[0], row_chunk):
+        x = np.asarray(X[r0 : r0 + row_chunk], dtype=np.float64)
+        lo, hi = x.min(axis=0), x.max(axis=0)
+        step = ((hi - lo) / levels).astype(np.float32).astype(np.float64)
+        step[step == 0] = 1.0
+        lo = lo.astype(np.float32).astype(np.float64)
+        codes = np.clip(np.rint((x - lo) / step), 0, levels)
+        out[r0 : r0 + row_chunk] = codes * step + lo
+    return out
 
 
 #: Shrink factors of a column's min–max half-range that :func:`clipped_quantize` tries.

@@ -245,6 +245,23 @@ def _compression(sp: argparse.ArgumentParser) -> None:
         help="two-pass: decode A once and keep its chunks in the workers' memory for pass 2, when they fit "
         "(else a note, and each pass reads the source); the codes are the same",
     )
+    sp.add_argument(
+        "--backbone",
+        dest="backbone_bits",
+        type=_count(0),
+        default=0,
+        metavar="B0",
+        help="A ≈ Q + L·R: a B0-bit quantized backbone Q (one range per column of each row chunk) plus the "
+        "factors of A − Q, for matrices that are not low rank (one more read of A; default 0: none)",
+    )
+    sp.add_argument(
+        "--backbone-iters",
+        dest="backbone_iters",
+        type=_count(1),
+        default=1,
+        metavar="T",
+        help="rounds of the backbone: Q = Q_B0(A − L·R), then the factors again (default 1)",
+    )
     sp.add_argument("--evaluate", action="store_true", help="also measure the exact error (one more read of A)")
     mode = sp.add_mutually_exclusive_group()
     mode.add_argument("--overwrite", action="store_true", help="replace an existing output")
@@ -596,6 +613,7 @@ def _summary(factors: Any) -> dict[str, Any]:
         "quantizer": a["quantizer"]["name"],
         "passes": a["passes"],
         "power_iters": a["power_iters"],
+        "backbone": a.get("backbone"),
         "oversample": a.get("sketch", {}).get("range_oversample", 0),
         "seed": a["seed"],
         "bytes_on_disk": total,
@@ -694,6 +712,8 @@ _SHARED = (
     "cache_input",
     "device",
     "storage_options",
+    "backbone_bits",
+    "backbone_iters",
 )
 
 

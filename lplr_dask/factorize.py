@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 import time
 from collections.abc import Callable
@@ -55,7 +56,7 @@ import numpy as np
 import zarr
 from zarr.abc.store import Store
 
-from lplr_dask import blocks, store
+from lplr_dask import backbone, blocks, store
 from lplr_dask.backend import array_namespace, device_of, like, to_host, to_host_blocks
 from lplr_dask.errors import LplrValueError
 from lplr_dask.lanes import LANES
@@ -130,6 +131,11 @@ class Params:
     with :attr:`zeta` non-zeros per row, :mod:`lplr_dask.lanes`)."""
     zeta: int = 0
     """Non-zeros per row of a sparse S (0 for a Gaussian one)."""
+    backbone_bits: int = 0
+    """B0 of a quantized backbone ``A ≈ Q + L·R`` (:mod:`lplr_dask.backbone`); 0: none."""
+    backbone_iters: int = 1
+    """Rounds T of the backbone: each codes ``Q = Q_B0(A − L̂·R̂)`` (from no factors the first
+    time), then the factors of ``A − Q̂``."""
 
     @property
     def sketch_columns(self) -> int:
@@ -168,6 +174,11 @@ class Params:
                 "oversample": self.oversample if self.passes == 1 else None,
                 "co_range": {"kind": "sparse-sign", "nnz": SPARSE_NNZ} if self.passes == 1 else None,
             },
+            "backbone": (
+                {"bits": self.backbone_bits, "iters": self.backbone_iters, "ranges": "column-per-row-chunk"}
+                if self.backbone_bits
+                else None
+            ),
         }
 
 
@@ -818,9 +829,46 @@ def estimate_and_finish(job: StageContext) -> dict[str, Any]:
     rg = blocks.sketch_right(job.stored_factor("R"), p.seed, [(STREAM_G, p.test_columns, 1.0)], check=False)
     resid = da.from_zarr(job.scratch("AG")) - job.stored_factor("L") @ rg
     (num,) = job.runner("error estimate", (resid**2).sum(), persist=False)
-    estimate = error_estimate(float(num), job.meta["norm_fro"], p.test_columns)
+    # with a backbone the sketches are of A − Q̂: AG − L̂·R̂·G is (A − Q̂ − L̂·R̂)·G, over ‖A‖_F
+    norms = (
+        {"norm_fro": job.meta["input_norm_fro"], "residual_norm_fro": job.meta["norm_fro"]} if p.backbone_bits else {}
+    )
+    estimate = error_estimate(float(num), norms.get("norm_fro", job.meta["norm_fro"]), p.test_columns)
     store.remove_scratch(job.group, keep_sketches=bool(job.meta.get("appendable")))
-    return {"error_estimate": estimate, "complete": True}
+    return {**norms, "error_estimate": estimate, "complete": True}
+
+
+def code_backbone(job: StageContext, round: int = 1) -> dict[str, Any]:
+    """Round ``round`` of the backbone: ``Q = Q_B0(A − L̂·R̂)`` (``Q_B0(A)`` in round 1), one read of A.
+
+    Each task codes one chunk of A (less, after round 1, the rows of the stored L̂ and columns of
+    R̂ that cover it) and writes its chunk of ``Q/codes``, ``Q/scale`` and ``Q/offset`` whole
+    (:class:`lplr_dask.backbone.ChunkWriter`). Removes the previous round's scratch first: the
+    passes after it sketch the new residual ``A − Q̂``. An interrupted round is redone whole (it
+    reads only A and the factors it leaves unchanged).
+
+    Returns
+    -------
+    dict
+        ``input_norm_fro``: ‖A‖_F, from the same read (the error's denominator).
+    """
+    A, p = job.A, job.params
+    store.remove_scratch(job.group)
+    X = A
+    if round > 1:
+        L = like(job.stored_factor("L"), A).rechunk({0: A.chunks[0], 1: -1})
+        R = like(job.stored_factor("R"), A).rechunk({0: -1, 1: A.chunks[1]})
+        X = da.blockwise(_minus_product, "ij", A, "ij", L, "ik", R, "kj", dtype=np.float64, concatenate=True)
+    backbone.create_arrays(job.group, A.shape, (job.row_chunk, job.col_chunk), p.backbone_bits)
+    parts = da.map_blocks(
+        backbone.ChunkWriter(job.root, p.backbone_bits), X, A, chunks=(1, 1), dtype=np.float64, meta=np.empty((0, 0))
+    )
+    (total,) = job.runner(f"backbone (round {round}: code Q)", parts.sum(), persist=False, chunks_of=A)
+    return {"input_norm_fro": math.sqrt(float(total))}
+
+
+def _minus_product(a: Any, lb: Any, rb: Any) -> Any:
+    return a.astype(np.float64) - lb @ rb
 
 
 @dataclasses.dataclass(frozen=True)
@@ -831,6 +879,8 @@ class Stage:
     name: str
     step: Callable[[StageContext], dict[str, Any]]
     central: bool = False
+    reads_input: bool = False
+    """The step reads A itself, not the residual ``A − Q̂`` of a backbone (:func:`code_backbone`)."""
 
 
 #: The stages of a job, in order. A store's ``stage`` attr names the last one done.
@@ -844,9 +894,27 @@ STAGES = (
 STAGE_NAMES = ("started", *(s.name for s in STAGES))
 
 
-def stages_after(stage: str) -> tuple[Stage, ...]:
-    """The stages still to run for a store whose ``stage`` attr is ``stage`` (one of :data:`STAGE_NAMES`)."""
-    return STAGES[STAGE_NAMES.index(stage) :]
+def stages_of(p: Params) -> tuple[Stage, ...]:
+    """The stages of a job with parameters ``p``: :data:`STAGES`, or with a backbone its T rounds
+    (``backbone``, ``basis``, ``projected``, ``coded``; the names of rounds after the first end in
+    " 2", " 3", …) and then ``complete``."""
+    if not p.backbone_bits:
+        return STAGES
+    rounds: list[Stage] = []
+    for t in range(1, p.backbone_iters + 1):
+        suffix = "" if t == 1 else f" {t}"
+        step = functools.partial(code_backbone, round=t)
+        rounds.append(Stage(f"backbone{suffix}", step, reads_input=True))
+        rounds.extend(dataclasses.replace(s, name=s.name + suffix) for s in STAGES[:-1])
+    return (*rounds, STAGES[-1])
+
+
+def stages_after(stage: str, p: Params | None = None) -> tuple[Stage, ...]:
+    """The stages still to run for a store whose ``stage`` attr is ``stage``: "started" or the name
+    of one of :func:`stages_of` ``p`` (:data:`STAGES` without ``p``)."""
+    stages = STAGES if p is None else stages_of(p)
+    names = ("started", *(s.name for s in stages))
+    return stages[names.index(stage) :]
 
 
 def run(
@@ -865,7 +933,10 @@ def run(
     far are added to ``meta`` and written to the store.
     """
     job = StageContext.open(A, root, p, meta, log=log, strips=strips)
-    for stage in stages_after(meta.get("stage", "started")):
+    for stage in stages_after(meta.get("stage", "started"), p):
+        if p.backbone_bits:  # the passes factor A − Q̂, a task per chunk (the strips read A's source)
+            job.A = A if stage.reads_input else backbone.residual(A, backbone.stored(job.group))
+            job.strips = None
         with job.central() if stage.central else contextlib.nullcontext():
             meta.update(stage.step(job))
         meta["stage"] = stage.name

@@ -11,7 +11,7 @@ import dask.array as da
 import numpy as np
 from dask.utils import format_bytes, parse_bytes
 
-from lplr_dask import schema, store
+from lplr_dask import backbone, schema, store
 from lplr_dask.backend import like
 from lplr_dask.errors import LplrTypeError, LplrValueError, StoreFormatError
 from lplr_dask.factorize import decode_factor
@@ -104,12 +104,26 @@ class Factors:
         self._small = {
             name: store.read_small(self._group, name, where=self.path, version=self._version)
             for name in self._arrays
-            if not name.endswith("/codes")
+            if not name.endswith("/codes") and not name.startswith("Q/")
         }
+        b = self.attrs.get("backbone")
+        #: B0 of the quantized backbone ``Q`` (``A ≈ Q + L·R``); 0 without one.
+        self.backbone_bits: int = int(b["bits"]) if b else 0
 
     def __repr__(self) -> str:
         n, d = self.shape
-        return f"Factors({self.path!r}, shape=({n}, {d}), rank={self.rank}, bits={self.bits})"
+        extra = f", backbone_bits={self.backbone_bits}" if self.backbone_bits else ""
+        return f"Factors({self.path!r}, shape=({n}, {d}), rank={self.rank}, bits={self.bits}{extra})"
+
+    def Q(self, dtype: Any = np.float64) -> da.Array | None:
+        """The decoded backbone (n × d) of ``A ≈ Q + L·R``, lazily, in A's chunking; None without one."""
+        if not self.backbone_bits:
+            return None
+        arrays = {
+            name: store.read_chunks(self._arrays[name], name, self.path, version=self._version)
+            for name in schema.BACKBONE_ARRAYS
+        }
+        return backbone.decoded(arrays["Q/codes"], arrays["Q/scale"], arrays["Q/offset"], dtype)
 
     def _factor(self, name: str, dtype: Any) -> da.Array:
         codes = f"{name}/codes"
@@ -141,7 +155,11 @@ class Factors:
         ``dtype`` defaults to the source's (:attr:`dtype`); the product is formed in float64
         and then cast (integers rounded and clipped).
         """
-        return cast_to(self.L() @ self.R(), self.dtype if dtype is None else dtype)
+        product = self.L() @ self.R()
+        Q = self.Q()
+        if Q is not None:
+            product = product.rechunk(Q.chunks) + Q
+        return cast_to(product, self.dtype if dtype is None else dtype)
 
     def block(self, rows: Any = slice(None), cols: Any = slice(None)) -> da.Array:
         """A block of the reconstruction, ``L[rows]·R[:, cols]``, as a lazy dask array.
@@ -159,7 +177,10 @@ class Factors:
         """
         _check_index(rows, "rows")
         _check_index(cols, "cols")
-        return cast_to(self.L()[rows, :] @ self.R()[:, cols], self.dtype)
+        Q = self.Q()
+        if Q is None:
+            return cast_to(self.L()[rows, :] @ self.R()[:, cols], self.dtype)
+        return cast_to(self.L()[rows, :] @ self.R()[:, cols] + Q[rows, :][..., cols], self.dtype)
 
     def __getitem__(self, key: Any) -> np.ndarray:
         """``factors[rows, cols]``: that block of the reconstruction in memory, as NumPy.
@@ -249,7 +270,9 @@ class Factors:
         -------
         ndarray of shape (n, m) or (n,)
         """
-        return _chain(self.R(), self.L(), X, "x")
+        out = _chain(self.R(), self.L(), X, "x")
+        Q = self.Q()
+        return out if Q is None else out + (Q @ np.asarray(X, dtype=np.float64)).compute()
 
     def matvec(self, x: Any) -> np.ndarray:
         """``L·(R·x)`` for a vector x of length d."""
@@ -266,7 +289,9 @@ class Factors:
         -------
         ndarray of shape (d, m) or (d,)
         """
-        return _chain(self.L().T, self.R().T, Y, "y")
+        out = _chain(self.L().T, self.R().T, Y, "y")
+        Q = self.Q()
+        return out if Q is None else out + (Q.T @ np.asarray(Y, dtype=np.float64)).compute()
 
     def rmatvec(self, y: Any) -> np.ndarray:
         """``Rᵀ·(Lᵀ·y)`` for a vector y of length n."""
@@ -331,6 +356,8 @@ class Factors:
             raise LplrValueError(f"Expected k from 1 to the number of rows ({n}). Got {k!r} instead.")
         if metric not in ("cosine", "euclidean"):
             raise LplrValueError(f"Expected metric 'cosine' or 'euclidean'. Got {metric!r} instead.")
+        if self.backbone_bits:
+            return self._nearest_reconstructed(Q, k, metric, batch_size)
         L, R = self.L(), self.R()
         RQ, G = dask.compute(R @ Q.T, R @ R.T)  # one read of R
         norms2 = da.maximum(((L @ G) * L).sum(axis=1), 0.0)[:, None]
@@ -344,6 +371,28 @@ class Factors:
                 score = da.where(denom > 0, dots / da.where(denom > 0, denom, 1.0), 0.0)
             else:
                 score = -(norms2 - 2 * dots + qn2)  # larger is nearer
+            idx, top = dask.compute(da.argtopk(score, k, axis=0), da.topk(score, k, axis=0))
+            indices.append(idx.T.astype(np.int64))
+            scores.append(top.T if metric == "cosine" else np.sqrt(np.maximum(-top.T, 0.0)))
+        return np.concatenate(indices), np.concatenate(scores)
+
+    def _nearest_reconstructed(
+        self, Q: np.ndarray, k: int, metric: str, batch_size: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`nearest_rows` of a store with a backbone: scores from the reconstruction, a row
+        chunk at a time (the backbone has no thin form)."""
+        X = self.to_dask(np.float64)
+        norms2 = (X * X).sum(axis=1)[:, None]
+        indices, scores = [], []
+        for start in range(0, Q.shape[0], batch_size):
+            q = Q[start : start + batch_size]
+            dots = X @ q.T
+            qn2 = (q * q).sum(axis=1)[None, :]
+            if metric == "cosine":
+                denom = da.sqrt(norms2) * np.sqrt(qn2)
+                score = da.where(denom > 0, dots / da.where(denom > 0, denom, 1.0), 0.0)
+            else:
+                score = -(norms2 - 2 * dots + qn2)
             idx, top = dask.compute(da.argtopk(score, k, axis=0), da.topk(score, k, axis=0))
             indices.append(idx.T.astype(np.int64))
             scores.append(top.T if metric == "cosine" else np.sqrt(np.maximum(-top.T, 0.0)))
@@ -366,9 +415,9 @@ class Factors:
 
     @property
     def theoretical_bits_per_entry(self) -> float:
-        """``k·(n·B1 + d·B2) / (n·d)``, scales not counted."""
+        """``k·(n·B1 + d·B2) / (n·d)`` (plus ``B0`` with a backbone), scales not counted."""
         n, d = self.shape
-        return self.rank * (n * self.bits[0] + d * self.bits[1]) / (n * d)
+        return self.rank * (n * self.bits[0] + d * self.bits[1]) / (n * d) + self.backbone_bits
 
 
 class _Block(np.ndarray):
@@ -454,21 +503,25 @@ def relative_error(A: da.Array, factors: Factors) -> float:
     """
     if tuple(A.shape) != factors.shape:
         raise LplrValueError(f"Expected a matrix of shape {factors.shape}. Got {A.shape} instead.")
-    return product_error(A, factors.L(), factors.R())
+    return product_error(A, factors.L(), factors.R(), Q=factors.Q())
 
 
-def product_error(A: da.Array, L: da.Array, R: da.Array, *, label: str = "evaluate (one read of A)") -> float:
-    """``‖A − L·R‖_F / ‖A‖_F`` for lazy factors L (n×k) and R (k×d), streamed in one read of A.
+def product_error(
+    A: da.Array, L: da.Array, R: da.Array, *, Q: da.Array | None = None, label: str = "evaluate (one read of A)"
+) -> float:
+    """``‖A − L·R‖_F / ‖A‖_F`` for lazy factors L (n×k) and R (k×d), streamed in one read of A;
+    ``‖A − Q − L·R‖_F / ‖A‖_F`` with a lazy backbone ``Q`` (n×d).
 
-    Each task holds one chunk of A and the rows of L and columns of R that cover it; sums of
-    squares are accumulated in float64. A zero A gives ``‖L·R‖_F``.
+    Each task holds one chunk of A (and of Q) and the rows of L and columns of R that cover it;
+    sums of squares are accumulated in float64. A zero A gives ``‖L·R‖_F``.
     """
     Lh = like(L, A).rechunk({0: A.chunks[0], 1: -1})
     Rh = like(R, A).rechunk({0: -1, 1: A.chunks[1]})
+    extra = () if Q is None else (like(Q, A).rechunk(A.chunks), "ij")
 
-    def block(a: Any, lb: Any, rb: Any) -> Any:
+    def block(a: Any, lb: Any, rb: Any, *q: Any) -> Any:
         a64 = a.astype(np.float64)
-        diff = a64 - lb @ rb
+        diff = a64 - lb @ rb - (q[0] if q else 0.0)
         return np.array([[[float((diff * diff).sum()), float((a64 * a64).sum())]]])
 
     parts = da.blockwise(
@@ -480,6 +533,7 @@ def product_error(A: da.Array, L: da.Array, R: da.Array, *, label: str = "evalua
         "ik",
         Rh,
         "kj",
+        *extra,
         new_axes={"t": 2},
         adjust_chunks={"i": 1, "j": 1},
         concatenate=True,

@@ -142,6 +142,8 @@ def compress_group(
     sketch: str | None = None,
     cache_input: bool = False,
     log: Callable[[str], None] = logs.info,
+    backbone_bits: int = 0,
+    backbone_iters: int = 1,
 ) -> dict[str, Any]:
     """Compress every matrix of a group into one output group (layout in the module docstring).
 
@@ -158,6 +160,7 @@ def compress_group(
         disk as :func:`lplr_dask.compress` does: each store's metadata (about 16 KiB) would
         leave a small matrix of a model no rank at all.
     bits, passes, power_iters, oversample, quantizer, seed, device, precision, sketch, cache_input
+    backbone_bits, backbone_iters
         As for :func:`lplr_dask.compress`, the same for every matrix.
     overwrite, resume : bool
         Replace an existing output; or finish an interrupted one (arrays already complete are
@@ -199,6 +202,8 @@ def compress_group(
         cache_input=cache_input,
         device=device,
         storage_options=storage_options,
+        backbone_bits=backbone_bits,
+        backbone_iters=backbone_iters,
     )
     check_job(overwrite, resume)
     location = os.fspath(source)

@@ -96,6 +96,10 @@ class Options:
     appendable : bool, default=False
         Keep the one-pass sketches in the store, so that rows or columns can be appended later
         without reading A again (:func:`lplr_dask.append`); one-pass mode only. It changes no code.
+    backbone_bits : int, default=0
+        B0 of a quantized backbone, ``A ≈ Q + L·R`` (:mod:`lplr_dask.backbone`), 1 to 16; 0: none.
+    backbone_iters : int, default=1
+        Rounds of the backbone (each one more read of A and the passes of the factors again).
 
     See :func:`lplr_dask.compress` for what each means. A bad value raises
     :class:`~lplr_dask.errors.LplrValueError` (or :class:`~lplr_dask.errors.LplrTypeError`)
@@ -115,6 +119,8 @@ class Options:
     cache_input: bool = False
     storage_options: dict[str, Any] | None = dataclasses.field(default=None, compare=False)
     appendable: bool = False
+    backbone_bits: int = 0
+    backbone_iters: int = 1
 
     def __post_init__(self) -> None:
         bits = self.bits
@@ -157,6 +163,23 @@ class Options:
                 f"the one-pass sketches. Got passes={self.passes} instead. Add --passes 1."
             )
 
+        object.__setattr__(
+            self,
+            "backbone_bits",
+            parse_int(
+                self.backbone_bits, "backbone_bits (--backbone)", minimum=0, maximum=16, hint="0 is no backbone."
+            ),
+        )
+        object.__setattr__(
+            self, "backbone_iters", parse_int(self.backbone_iters, "backbone_iters (--backbone-iters)", minimum=1)
+        )
+        if self.backbone_bits and self.appendable:
+            raise LplrValueError(
+                "Expected appendable=True (--appendable) without a backbone: an append updates the one-pass "
+                f"sketches of A, and with backbone_bits={self.backbone_bits} (--backbone) they are of A − Q. "
+                "Drop one of them."
+            )
+
     @property
     def specs(self) -> tuple[QuantizerSpec, QuantizerSpec]:
         """The quantizers of L and R."""
@@ -188,6 +211,8 @@ class Options:
             precision=compute_dtype(dtype, self.precision).name,
             range_oversample=oversample,
             **sketch_params(self.sketch, rank + oversample),
+            backbone_bits=self.backbone_bits,
+            backbone_iters=self.backbone_iters if self.backbone_bits else 1,
         )
 
 

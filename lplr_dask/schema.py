@@ -14,10 +14,18 @@ from typing import Any, TypeGuard
 from lplr_dask.errors import StoreFormatError
 from lplr_dask.quantize import ROUNDINGS, QuantizerSpec
 
-__all__ = ["parse_meta", "parse_quantizer_spec", "array_shapes", "ARRAYS"]
+__all__ = ["parse_meta", "parse_quantizer_spec", "array_shapes", "arrays_of", "ARRAYS", "BACKBONE_ARRAYS"]
 
 #: The arrays of a complete store, in the order readers check them.
 ARRAYS = ("L/codes", "L/scale", "L/offset", "R/codes", "R/scale", "R/offset")
+#: The arrays a store with a backbone (format version 3, attrs ``backbone``) has besides.
+BACKBONE_ARRAYS = ("Q/codes", "Q/scale", "Q/offset")
+
+
+def arrays_of(meta: dict[str, Any]) -> tuple[str, ...]:
+    """The arrays a complete store with the (parsed) attrs ``meta`` has."""
+    return ARRAYS + (BACKBONE_ARRAYS if meta.get("backbone") else ())
+
 
 _GRANULARITIES = ("tensor", "channel", "group")
 _FIX = "The store is damaged or was not written by lplr-dask; recompress or restore it."
@@ -127,6 +135,12 @@ def parse_meta(meta: dict[str, Any], where: str, *, newest: int) -> dict[str, An
         raise _fail(where, "quantizer.name", "a string", q.get("name"))
     for side in ("L", "R"):
         parse_quantizer_spec(q.get(side), where, f"quantizer.{side}")
+    if meta.get("backbone") is not None:
+        b = _dict(meta["backbone"], where, "backbone")
+        if version < 3:
+            raise _fail(where, "backbone", "absent below format version 3", b)
+        _int(b, "bits", where, low=1, high=16, path="backbone.bits")
+        _int(b, "iters", where, low=1, path="backbone.iters")
     source = _dict(meta.get("source"), where, "source")
     _int_pair(source.get("shape"), where, "source.shape", low=1)
     if not isinstance(source.get("dtype"), str):
@@ -162,4 +176,8 @@ def array_shapes(meta: dict[str, Any], where: str = "") -> dict[str, tuple[int, 
         across = 1 if spec.granularity == "tensor" else k
         shape = (along, across) if side == "L" else (across, along)
         shapes[f"{side}/scale"] = shapes[f"{side}/offset"] = shape
+    if meta.get("backbone"):
+        rows = meta["source"].get("chunks", [n, d])[0]
+        shapes["Q/codes"] = (n, d)
+        shapes["Q/scale"] = shapes["Q/offset"] = (-(-n // rows), d)
     return shapes

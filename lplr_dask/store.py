@@ -67,6 +67,7 @@ from lplr_dask.validation import parse_choice
 __all__ = [
     "FORMAT_NAME",
     "FORMAT_VERSION",
+    "PLAIN_FORMAT_VERSION",
     "is_remote",
     "locate",
     "filesystem",
@@ -125,7 +126,11 @@ __all__ = [
 
 FORMAT_NAME = "lplr-zarr"
 #: 1: the first format. 2: every chunk stored (fill values too) and crc32c-checksummed.
-FORMAT_VERSION = 2
+#: 3: a quantized backbone ``Q/`` (``A ≈ Q + L·R``, attrs ``backbone``); a store without one is
+#: still written as version 2, which older readers open.
+FORMAT_VERSION = 3
+#: The version of a store without a backbone.
+PLAIN_FORMAT_VERSION = 2
 
 #: The bytes-to-bytes codec that ends every array's codec chain: a crc32c of each stored chunk
 #: (4 bytes), checked on every read, so a truncated or bit-flipped chunk fails loudly.
@@ -380,7 +385,7 @@ def new_meta(source: dict[str, Any], params: dict[str, Any], *, device: str, ver
     """
     return {
         "format": FORMAT_NAME,
-        "version": FORMAT_VERSION,
+        "version": FORMAT_VERSION if params.get("backbone") else PLAIN_FORMAT_VERSION,
         "source": source,
         **params,
         "device": device,
@@ -397,6 +402,7 @@ def with_old_defaults(meta: dict[str, Any]) -> dict[str, Any]:
     float64 block products and the paper's sketch of exactly k columns (no range oversampling)."""
     out = dict(meta)
     out.setdefault("precision", "float64")
+    out.setdefault("backbone", None)
     if isinstance(out.get("sketch"), dict):
         out["sketch"] = {"range_oversample": 0, **out["sketch"]}
     return out
@@ -746,12 +752,13 @@ def bytes_on_disk(path: str | os.PathLike[str], prefix: str = "", storage_option
 
 
 def codes_bytes(path: str | os.PathLike[str], storage_options: StorageOptions = None) -> int:
-    """Bytes on disk of the chunks of ``L/codes`` and ``R/codes``: the codes alone.
+    """Bytes on disk of the chunks of ``L/codes`` and ``R/codes`` (and a backbone's ``Q/codes``):
+    the codes alone.
 
     What is left of :func:`bytes_on_disk` is scales, offsets and metadata (Zarr's ``zarr.json``
     documents, the attrs).
     """
-    return sum(bytes_on_disk(path, f"{name}/codes/c", storage_options) for name in ("L", "R"))
+    return sum(bytes_on_disk(path, f"{name}/codes/c", storage_options) for name in ("L", "R", "Q"))
 
 
 def write_array(
@@ -875,10 +882,13 @@ def open_arrays(group: zarr.Group, meta: dict[str, Any], where: str) -> dict[str
     """
     shapes = schema.array_shapes(meta, where)
     bits = dict(zip("LR", meta["bits"]))
+    if meta.get("backbone"):
+        bits["Q"] = meta["backbone"]["bits"]
     arrays = {}
-    for name in schema.ARRAYS:
+    for name in schema.arrays_of(meta):
         arr = open_array(group, name, where)
-        dtype = code_dtype(bits[name[0]]) if name.endswith("/codes") else np.dtype(np.float64)
+        floats = np.dtype(np.float32) if name.startswith("Q/") else np.dtype(np.float64)
+        dtype = code_dtype(bits[name[0]]) if name.endswith("/codes") else floats
         if tuple(arr.shape) != shapes[name] or arr.dtype != dtype:
             raise StoreFormatError(
                 f"Expected array {name} of {where!r} of shape {shapes[name]} and dtype {dtype} (from its "

@@ -52,8 +52,8 @@ def test_todays_reader_opens_every_fixture(path, client):
 
 @pytest.mark.parametrize("path", FIXTURES, ids=os.path.basename)
 def test_the_documented_reader_decodes_every_fixture(path, read_lplr):
-    L, R = read_lplr(path)
-    np.testing.assert_allclose(L @ R, np.load(path.replace(".lplr.zarr", ".expected.npy")), rtol=1e-12, atol=1e-12)
+    L, R, Q = read_lplr(path)
+    np.testing.assert_allclose(L @ R + Q, np.load(path.replace(".lplr.zarr", ".expected.npy")), rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize(
@@ -64,18 +64,30 @@ def test_the_documented_reader_matches_factors_on_fresh_stores(
     client, tmp_store, small_matrix, read_lplr, quantizer, bits
 ):
     f = lplr_dask.compress(small_matrix, tmp_store, rank=9, bits=bits, quantizer=quantizer)
-    L, R = read_lplr(tmp_store)
+    L, R, Q = read_lplr(tmp_store)
     np.testing.assert_allclose(L, f.L().compute(), rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(R, f.R().compute(), rtol=1e-12, atol=1e-12)
+    assert Q == 0.0
 
 
-def test_every_attr_of_a_store_is_documented(client, tmp_store, small_matrix):
-    f = lplr_dask.compress(small_matrix, tmp_store, target_error=0.2)
+def test_the_documented_reader_decodes_a_backbone(client, tmp_store, small_matrix, read_lplr):
+    f = lplr_dask.compress(small_matrix, tmp_store, rank=5, backbone_bits=3)
+    L, R, Q = read_lplr(tmp_store)
+    np.testing.assert_allclose(Q, f.Q().compute(), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(L @ R + Q, f.to_dask(np.float64).compute(), rtol=1e-12, atol=1e-10)
+
+
+def test_every_attr_of_a_store_is_documented(client, tmp_path, small_matrix):
+    f = lplr_dask.compress(small_matrix, tmp_path / "t.lplr.zarr", target_error=0.2)
     lplr_dask.evaluate(small_matrix, f)
-    attrs = zarr.open_group(tmp_store, mode="r").attrs["lplr"]
+    attrs = zarr.open_group(tmp_path / "t.lplr.zarr", mode="r").attrs["lplr"]
+    lplr_dask.compress(small_matrix, tmp_path / "b.lplr.zarr", rank=4, backbone_bits=2, backbone_iters=2)
+    with_backbone = zarr.open_group(tmp_path / "b.lplr.zarr", mode="r").attrs["lplr"]
     doc = _doc()
     keys = set(attrs) | {f"{k}.{sub}" for k in ("source", "sketch", "target_error") for sub in attrs[k]}
     keys |= {f"quantizer.L.{sub}" for sub in attrs["quantizer"]["L"]} | set(attrs["timings"])
+    keys |= set(with_backbone) | {f"backbone.{sub}" for sub in with_backbone["backbone"]}
+    keys |= set(with_backbone["timings"])
     missing = sorted(k for k in keys if f"`{k.rsplit('.', 1)[-1]}`" not in doc)
     assert not missing, f"docs/FORMAT.md does not describe {missing}"
     assert f"# The `*.lplr.zarr` format, version {FORMAT_VERSION}" in doc

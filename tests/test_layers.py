@@ -17,7 +17,7 @@ LAYERS: list[set[str]] = [
     {"backend", "progress"},
     {"sketch", "lanes", "quantize", "cluster", "gpu_cluster"},
     {"blocks", "schema"},
-    {"store", "sources", "chunking"},
+    {"store", "sources", "chunking", "backbone"},
     {"factorize", "guard"},
     {"factors", "options"},
     {"job"},

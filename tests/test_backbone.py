@@ -1,0 +1,285 @@
+"""The quantized backbone out of core, ``compress(..., backbone_bits=B0)``: A ≈ Q + L·R (issue 20)."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import dask
+import dask.array as da
+import numpy as np
+import pytest
+import zarr
+
+import lplr_dask
+from lplr_dask import backbone, factorize, store
+from lplr_dask.baselines import backbone_reference, chunk_backbone, relative_error
+from lplr_dask.errors import LplrValueError, StoreFormatError
+
+CHUNKS = (64, 80)
+
+
+def _quiet(_: str) -> None:
+    pass
+
+
+def _matrices() -> dict[str, np.ndarray]:
+    """Three matrices a rank alone fits badly (float64, 192 × 160): low rank plus sparse
+    outliers, low rank plus heavy-tailed noise, and a slowly decaying spectrum."""
+    from lplr_dask.datasets import synthetic
+
+    rng = np.random.default_rng(3)
+    low = synthetic((192, 160), rank=8, decay=0.8, noise=0.01, chunks=(192, 160), seed=3).compute()
+    low = low.astype(np.float64)
+    return {
+        "low-rank+outliers": low + np.where(rng.random(low.shape) < 0.01, 20 * np.abs(low).max(), 0.0),
+        "low-rank+student-t": low + 0.05 * np.abs(low).max() * rng.standard_t(2, low.shape),
+        "poly": synthetic((192, 160), kind="poly", rank=160, decay=0.5, chunks=(192, 160), seed=5)
+        .compute()
+        .astype(np.float64),
+    }
+
+
+def _zarr(path: Any, A: np.ndarray, chunks: tuple[int, int] = CHUNKS) -> str:
+    z = zarr.create_array(os.fspath(path), shape=A.shape, chunks=chunks, dtype=A.dtype)
+    z[...] = A
+    return os.fspath(path)
+
+
+@pytest.fixture
+def outliers(tmp_path) -> tuple[str, np.ndarray]:
+    A = _matrices()["low-rank+outliers"]
+    return _zarr(tmp_path / "A.zarr", A), A
+
+
+@pytest.mark.parametrize("iters", [1, 2])
+def test_compress_with_a_backbone_equals_the_in_memory_reference(client, outliers, tmp_path, iters):
+    src, A = outliers
+    f = lplr_dask.compress(
+        src,
+        tmp_path / "o.lplr.zarr",
+        rank=8,
+        bits=(6, 6),
+        quantizer="paper",
+        backbone_bits=2,
+        backbone_iters=iters,
+        precision="float64",
+        seed=4,
+        log=_quiet,
+    )
+    Q, L, R = backbone_reference(
+        A, 2, 8, (6, 6), iters=iters, quantizer="paper", seed=4, row_chunk=CHUNKS[0], keep="last"
+    )
+    # float64 products as the reference: the same codes, so the same decoded values
+    np.testing.assert_allclose(f.Q().compute(), Q, rtol=0, atol=1e-12 * np.abs(A).max())
+    np.testing.assert_allclose(f.L().compute(), L, rtol=0, atol=1e-9 * np.abs(L).max())
+    np.testing.assert_allclose(f.R().compute(), R, rtol=0, atol=1e-6 * np.abs(R).max())
+    group = zarr.open_group(os.fspath(tmp_path / "o.lplr.zarr"), mode="r")
+    assert group["Q/codes"].shape == A.shape and group["Q/codes"].chunks == CHUNKS
+    assert group["Q/codes"][...].max() <= 3  # 2-bit codes
+    assert group["Q/scale"].shape == (3, 160) and group["Q/scale"].dtype == np.float32
+    meta = group.attrs["lplr"]
+    assert meta["version"] == 3 and meta["backbone"] == {"bits": 2, "iters": iters, "ranges": "column-per-row-chunk"}
+    assert meta["stage"] == "complete" and store.SCRATCH not in group
+    # the attrs' norm is ‖A‖ (the error's denominator), and the estimate is of A ≈ Q + L·R
+    assert meta["norm_fro"] == pytest.approx(np.linalg.norm(A), rel=1e-12)
+    exact = relative_error(A, Q + L @ R)
+    assert lplr_dask.evaluate(src, f) == pytest.approx(exact, rel=1e-9)
+    assert meta["error_estimate"] == pytest.approx(exact, rel=0.5)
+
+
+def test_a_store_with_a_backbone_reconstructs_and_multiplies_through_q(client, outliers, tmp_path):
+    src, A = outliers
+    f = lplr_dask.compress(src, tmp_path / "o.lplr.zarr", rank=6, backbone_bits=3, log=_quiet)
+    assert f.backbone_bits == 3 and "backbone_bits=3" in repr(f)
+    L, R, Q = f.L().compute(), f.R().compute(), f.Q().compute()
+    X = Q + L @ R
+    np.testing.assert_allclose(np.asarray(f), X, rtol=1e-12, atol=1e-9)
+    np.testing.assert_allclose(f.to_dask().compute(), X, rtol=1e-12, atol=1e-9)
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal(160), rng.standard_normal((192, 3))
+    np.testing.assert_allclose(f @ x, X @ x, rtol=1e-10, atol=1e-8)
+    np.testing.assert_allclose(y.T @ f, y.T @ X, rtol=1e-10, atol=1e-8)
+    op = f.as_linear_operator()
+    np.testing.assert_allclose(op.rmatvec(y[:, 0]), X.T @ y[:, 0], rtol=1e-10, atol=1e-8)
+    for rows, cols in [
+        (slice(3, 70), slice(None)),
+        (5, slice(10, 90)),
+        ([1, 100, 7], 3),
+        (7, 9),
+        (np.arange(192) % 3 == 0, [0, 159]),
+    ]:
+        want = X[rows][..., cols] if not isinstance(rows, int) else X[rows][cols]
+        np.testing.assert_allclose(f[rows, cols], want, rtol=1e-12, atol=1e-9)
+    queries = X[[4, 50]] + 0.01 * rng.standard_normal((2, 160))
+    idx, _ = f.nearest_rows(queries, k=3)
+    norms = np.linalg.norm(X, axis=1)
+    want = np.argsort(-(queries @ X.T) / (norms * np.linalg.norm(queries, axis=1)[:, None]), axis=1)[:, :3]
+    np.testing.assert_array_equal(idx, want)
+    assert f.theoretical_bits_per_entry == pytest.approx(3 + 6 * (192 * 8 + 160 * 8) / (192 * 160))
+
+
+def test_decompress_and_info_with_a_backbone(client, outliers, tmp_path, capsys):
+    from lplr_dask.cli import main
+
+    src, A = outliers
+    out = os.fspath(tmp_path / "o.lplr.zarr")
+    assert main(["compress", src, out, "--rank", "6", "--backbone", "2", "--quiet"]) == 0
+    f = lplr_dask.open_factors(out)
+    assert f.backbone_bits == 2
+    dec = os.fspath(tmp_path / "d.zarr")
+    assert main(["decompress", out, dec, "--quiet"]) == 0
+    np.testing.assert_allclose(zarr.open_array(dec, mode="r")[...], np.asarray(f), rtol=1e-6, atol=1e-5)
+    capsys.readouterr()
+    assert main(["info", out, "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["backbone"] == {"bits": 2, "iters": 1, "ranges": "column-per-row-chunk"}
+
+
+@pytest.mark.parametrize("name", list(_matrices()))
+def test_the_backbone_never_raises_the_error_above_its_backbone_alone(client, tmp_path, name):
+    """The factors only remove error from what the backbone leaves; and at the bytes on disk of
+    the backbone store, LPLR alone does worse on these three matrices (none is low rank alone)."""
+    A = _matrices()[name]
+    src = _zarr(tmp_path / "A.zarr", A)
+    f = lplr_dask.compress(src, tmp_path / "b.lplr.zarr", rank=8, bits=(8, 8), backbone_bits=2, log=_quiet)
+    both = lplr_dask.evaluate(src, f)
+    alone = relative_error(A, chunk_backbone(A, 2, CHUNKS[0]))
+    assert both < alone
+    plain = lplr_dask.compress(src, tmp_path / "p.lplr.zarr", bits_per_entry=f.bits_per_entry, log=_quiet)
+    assert plain.nbytes <= f.nbytes
+    assert both < lplr_dask.evaluate(src, plain)
+
+
+def _started(path: Any, A: da.Array, p: factorize.Params) -> dict[str, Any]:
+    group = store.create_group(os.fspath(path))
+    meta = store.new_meta(
+        {"shape": list(A.shape), "dtype": str(A.dtype), "chunks": list(A.chunksize)},
+        p.as_attrs(),
+        device="cpu",
+        version="test",
+    )
+    store.write_meta(group, meta)
+    return meta
+
+
+def test_the_stages_of_a_backbone_run_in_rounds():
+    p = factorize.Params(
+        rank=4, bits=(8, 8), quantizer="paper", spec_l=None, spec_r=None, backbone_bits=2, backbone_iters=2
+    )  # type: ignore[arg-type]
+    names = [s.name for s in factorize.stages_of(p)]
+    assert names == [
+        "backbone", "basis", "projected", "coded",
+        "backbone 2", "basis 2", "projected 2", "coded 2",
+        "complete",
+    ]  # fmt: skip
+    assert [s.reads_input for s in factorize.stages_of(p)] == [True, False, False, False] * 2 + [False]
+    assert [s.name for s in factorize.stages_after("coded", p)][0] == "backbone 2"
+    assert factorize.stages_of(factorize.Params(4, (8, 8), "paper", None, None)) == factorize.STAGES  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("stage", ["backbone", "basis", "projected", "coded", "backbone 2", "projected 2", "coded 2"])
+def test_a_backbone_run_resumes_after_each_stage(tmp_path, stage):
+    """Stopped after any stage (each pass of each round), the run resumes from the next and gives
+    the codes of an uninterrupted run."""
+    from lplr_dask.quantize import quantizer_pair
+
+    A = da.from_array(_matrices()["low-rank+outliers"], chunks=CHUNKS)
+    spec_l, spec_r = quantizer_pair("default")
+    p = factorize.Params(6, (6, 6), "default", spec_l, spec_r, precision="float64", backbone_bits=2, backbone_iters=2)
+    with dask.config.set(scheduler="sync"):
+        ref = tmp_path / "ref.lplr.zarr"
+        factorize.run(A, os.fspath(ref), p, _started(ref, A, p), log=_quiet)
+        out = tmp_path / "o.lplr.zarr"
+        meta = _started(out, A, p)
+        stages = factorize.stages_of(p)
+        stop = [s.name for s in stages].index(stage)
+
+        def halt(job: Any) -> dict[str, Any]:
+            raise KeyboardInterrupt
+
+        cut = (*stages[: stop + 1], factorize.Stage(stages[stop + 1].name, halt))
+        original = factorize.stages_of
+        try:
+            factorize.stages_of = lambda _p: cut  # type: ignore[assignment]
+            with pytest.raises(KeyboardInterrupt):
+                factorize.run(A, os.fspath(out), p, meta, log=_quiet)
+        finally:
+            factorize.stages_of = original  # type: ignore[assignment]
+        meta = dict(zarr.open_group(os.fspath(out), mode="r").attrs["lplr"])
+        assert meta["stage"] == stage
+        final = factorize.run(A, os.fspath(out), p, meta, log=_quiet)
+    assert final["complete"]
+    got, want = zarr.open_group(os.fspath(out), mode="r"), zarr.open_group(os.fspath(ref), mode="r")
+    for name in ("Q/codes", "Q/scale", "L/codes", "L/scale", "R/codes", "R/scale"):
+        np.testing.assert_array_equal(got[name][...], want[name][...], err_msg=name)
+    assert final["error_estimate"] == pytest.approx(want.attrs["lplr"]["error_estimate"], rel=1e-12)
+
+
+def test_resume_with_another_backbone_is_refused(client, outliers, tmp_path):
+    src, _ = outliers
+    out = tmp_path / "o.lplr.zarr"
+    lplr_dask.compress(src, out, rank=4, backbone_bits=2, log=_quiet)
+    group = zarr.open_group(os.fspath(out), mode="r+")
+    meta = dict(group.attrs["lplr"])
+    group.attrs["lplr"] = {**meta, "complete": False, "stage": "started"}
+    with pytest.raises(StoreFormatError, match="backbone"):
+        lplr_dask.compress(src, out, rank=4, resume=True, log=_quiet)
+    with pytest.raises(StoreFormatError, match="backbone"):
+        lplr_dask.compress(src, out, rank=4, backbone_bits=3, resume=True, log=_quiet)
+    f = lplr_dask.compress(src, out, rank=4, backbone_bits=2, resume=True, log=_quiet)
+    assert f.attrs["complete"]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"backbone_bits": 17}, "backbone_bits"),
+        ({"backbone_bits": -1}, "backbone_bits"),
+        ({"backbone_bits": 2.0}, "backbone_bits"),
+        ({"backbone_bits": 2, "backbone_iters": 0}, "backbone_iters"),
+        ({"backbone_bits": 2, "passes": 1, "appendable": True}, "appendable"),
+    ],
+)
+def test_bad_backbone_arguments_are_refused_before_anything_is_written(tmp_path, outliers, kwargs, match):
+    src, _ = outliers
+    with pytest.raises(LplrValueError, match=match):
+        lplr_dask.compress(src, tmp_path / "o.lplr.zarr", rank=4, log=_quiet, **kwargs)
+    assert not (tmp_path / "o.lplr.zarr").exists()
+
+
+def test_a_version_3_store_is_refused_by_a_reader_of_version_2(client, outliers, tmp_path, monkeypatch):
+    src, _ = outliers
+    out = tmp_path / "o.lplr.zarr"
+    lplr_dask.compress(src, out, rank=4, backbone_bits=2, log=_quiet)
+    monkeypatch.setattr(store, "FORMAT_VERSION", 2)
+    with pytest.raises(StoreFormatError, match="version 3"):
+        lplr_dask.open_factors(out)
+
+
+def test_a_store_without_a_backbone_is_still_version_2(client, outliers, tmp_path):
+    src, _ = outliers
+    f = lplr_dask.compress(src, tmp_path / "o.lplr.zarr", rank=4, log=_quiet)
+    assert f.attrs["version"] == store.PLAIN_FORMAT_VERSION == 2
+    assert f.attrs["backbone"] is None and f.Q() is None and f.backbone_bits == 0
+
+
+def test_a_missing_backbone_chunk_is_named(client, outliers, tmp_path):
+    import shutil
+
+    src, _ = outliers
+    out = tmp_path / "o.lplr.zarr"
+    lplr_dask.compress(src, out, rank=4, backbone_bits=2, log=_quiet)
+    shutil.rmtree(out / "Q" / "codes" / "c" / "1")
+    with pytest.raises(StoreFormatError, match="Q/codes"):
+        lplr_dask.open_factors(out)
+
+
+def test_encode_chunk_codes_each_column_in_its_own_range():
+    x = np.array([[0.0, 10.0], [1.0, 10.0], [3.0, 10.0]])
+    codes, step, lo = backbone.encode_chunk(x, 2)
+    np.testing.assert_array_equal(codes[:, 0], [0, 1, 3])
+    np.testing.assert_array_equal(codes[:, 1], [0, 0, 0])  # a constant column: step 1, exact
+    assert step.dtype == np.float32 and step.shape == (1, 2)
+    np.testing.assert_allclose(backbone.decode_chunk(codes, step, lo), [[0, 10], [1, 10], [3, 10]])
