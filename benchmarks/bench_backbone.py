@@ -15,6 +15,9 @@ theoretical size; Zstd on the codes changes every method alike and is left out):
   factors at (8, 8) or (4, 4) bits and the largest rank the rest of X allows, both starts
   (backbone first, factors first), 2 rounds; the best of that grid by measured error (an
   oracle choice: a search on the free estimate, issue 20 item 2, can at best match it);
+- backbone (compress): the out-of-core store, ``compress(A, bits_per_entry=X, backbone_bits="auto")``:
+  its own search over B0 ∈ {0, …, 4}, rank and bits, held to bytes on disk (like LPLR (default));
+  at X = 2 and 3 also its choice recompressed with T = 1, 2, 3 rounds (``--backbone-iters``);
 - ZFP: ``zfpy.compress_numpy(A32, rate=X)``; its bits are the compressed stream's.
 
 Matrices: a low-rank-plus-sparse-outliers matrix, the Student-t and polynomial-decay matrices of
@@ -50,7 +53,9 @@ from pipelines.common import load_minilm, markdown_table, pyplot  # noqa: E402
 
 BUDGETS = (1, 2, 3, 4)
 FACTOR_BITS = ((8, 8), (4, 4))
-METHODS = ("NQ", "NQ (clipped)", "LPLR (default)", "backbone", "ZFP")
+METHODS = ("NQ", "NQ (clipped)", "LPLR (default)", "backbone", "backbone (compress)", "ZFP")
+#: Rounds T measured for the default of ``--backbone-iters``, at the budget search's choice.
+ROUNDS = (1, 2, 3)
 
 
 def matrices(quick: bool, all_layers: bool) -> dict[str, np.ndarray]:
@@ -105,6 +110,40 @@ def lplr_default(A: np.ndarray, x: int, tmp: Path) -> tuple[float, float, str]:
     return relative_error(A, recon), f.theoretical_bits_per_entry, f"k={f.rank} B={f.bits[0]},{f.bits[1]}"
 
 
+def backbone_compress(A: np.ndarray, x: int, tmp: Path) -> tuple[float, float, str]:
+    """The out-of-core backbone as a user gets it: ``compress(A, bits_per_entry=X,
+    backbone_bits="auto")`` (its search over B0 ∈ {0..4}, rank and bits, held to bytes on disk)."""
+    path = tmp / f"b-{time.monotonic_ns()}.lplr.zarr"
+    try:
+        f = lplr_dask.compress(A, path, bits_per_entry=float(x), backbone_bits="auto", log=lambda m: None)
+    except lplr_dask.LplrError as e:
+        return math.nan, math.nan, f"refused: {e}"[:60]
+    recon = f.to_dask(np.float64).compute()
+    how = f"B0={f.backbone_bits} k={f.rank} B={f.bits[0]},{f.bits[1]} disk {f.bits_per_entry:.2f}"
+    return relative_error(A, recon), f.theoretical_bits_per_entry, how
+
+
+def rounds(A: np.ndarray, config: str, tmp: Path) -> dict[int, float]:
+    """Errors of ``compress`` at the search's (B0, k, bits) of ``config`` for each of :data:`ROUNDS`."""
+    parts = dict(item.split("=") for item in config.split() if "=" in item and not item.startswith("disk"))
+    if "B0" not in parts or parts["B0"] == "0":
+        return {}
+    b1, b2 = (int(b) for b in parts["B"].split(","))
+    out = {}
+    for t in ROUNDS:
+        f = lplr_dask.compress(
+            A,
+            tmp / f"r-{time.monotonic_ns()}.lplr.zarr",
+            rank=int(parts["k"]),
+            bits=(b1, b2),
+            backbone_bits=int(parts["B0"]),
+            backbone_iters=t,
+            log=lambda m: None,
+        )
+        out[t] = relative_error(A, f.to_dask(np.float64).compute())
+    return out
+
+
 def backbone(A: np.ndarray, x: int) -> tuple[float, float, str]:
     n, d = A.shape
     best = (math.inf, math.nan, "none fits")
@@ -145,9 +184,12 @@ def run(found: dict[str, np.ndarray], zfpy: Any) -> list[dict[str, Any]]:
                     "NQ (clipped)": nq_clipped(A, x),
                     "LPLR (default)": lplr_default(A, x, Path(tmp)),
                     "backbone": backbone(A, x),
+                    "backbone (compress)": backbone_compress(A, x, Path(tmp)),
                     "ZFP": zfp(A, x, zfpy),
                 }.items():
                     row[method] = {"error": err, "bits_per_entry": bpe, "config": how}
+                if x in (2, 3):
+                    row["rounds"] = rounds(A, row["backbone (compress)"]["config"], Path(tmp))
                 rows.append(row)
                 print(
                     f"[{time.perf_counter() - t0:6.1f}s] {name} X={x}: "
@@ -174,6 +216,18 @@ def report(rows: list[dict[str, Any]], out: Path, meta: dict[str, Any]) -> str:
             if not r["matrix"].startswith("minilm:")
         ],
     )
+    table += "\n\nbackbone (compress): the search's choice (bits per entry on disk)\n\n" + markdown_table(
+        ["matrix", "X", "choice"], [[r["matrix"], r["budget"], r["backbone (compress)"]["config"]] for r in rows]
+    )
+    with_rounds = [r for r in rows if r.get("rounds")]
+    if with_rounds:
+        table += (
+            "\n\nRounds T of the backbone at the search's (B0, k, bits), `--backbone-iters T`: relative error\n\n"
+            + markdown_table(
+                ["matrix", "X", *(f"T={t}" for t in ROUNDS)],
+                [[r["matrix"], r["budget"], *(f"{r['rounds'][t]:.4f}" for t in ROUNDS)] for r in with_rounds],
+            )
+        )
     minilm = [r for r in rows if r["matrix"].startswith("minilm:")]
     if minilm:
         names = sorted({r["matrix"] for r in minilm})
@@ -206,7 +260,7 @@ def figure(rows: list[dict[str, Any]], path: Path) -> None:
         groups.setdefault("MiniLM (mean)" if r["matrix"].startswith("minilm:") else r["matrix"], []).append(r)
     fig, axes = plt.subplots(1, len(groups), figsize=(4.2 * len(groups), 3.8), squeeze=False)
     for ax, (name, rs) in zip(axes[0], groups.items()):
-        for m, marker in zip(METHODS, "osvD^"):
+        for m, marker in zip(METHODS, "osvD*^"):
             ys = [np.nanmean([r[m]["error"] for r in rs if r["budget"] == x]) for x in BUDGETS]
             ax.plot(list(BUDGETS), ys, marker=marker, label=m)
         ax.set_title(name, fontsize=10)

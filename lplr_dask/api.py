@@ -73,7 +73,7 @@ def compress(
     cache_input: bool = False,
     log: Callable[[str], None] = logs.info,
     appendable: bool = False,
-    backbone_bits: int = 0,
+    backbone_bits: int | str = 0,
     backbone_iters: int = 1,
 ) -> Factors:
     """Compress a matrix into a low-rank, low-precision factorization ``A ≈ L·R`` [1]_.
@@ -163,7 +163,10 @@ def compress(
         ``B0``: compress ``A ≈ Q + L·R`` with a ``B0``-bit backbone Q in A's chunking (a range
         per column of each row chunk, :mod:`lplr_dask.backbone`) and the factors of ``A − Q̂``,
         for matrices that are not low rank (weights, heavy tails; benchmarks/RESULTS.md,
-        "Beyond low rank"). 0: no backbone. The store is format version 3.
+        "Beyond low rank"). 0: no backbone. The store is format version 3. ``"auto"`` with
+        ``bits_per_entry`` and no ``bits``: the budget search chooses B0 from
+        :data:`lplr_dask.budget.BACKBONE_GRID` (0 included) with the rank and bits, one read of A
+        per B0 (:func:`lplr_dask.budget.choose_backbone`).
     backbone_iters : int, default=1
         Rounds T: each codes ``Q = Q_B0(A − L̂·R̂)`` (``Q_B0(A)`` first), then the factors of
         ``A − Q̂`` again; one more read of A and the passes again per round.
@@ -182,6 +185,12 @@ def compress(
     .. [1] R. Saha, V. Srivastava, M. Pilanci. NeurIPS 2023.
     """
     size = SizeRule.from_args(rank=rank, bits_per_entry=bits_per_entry, match_nq=match_nq, target_error=target_error)
+    search_backbone = isinstance(backbone_bits, str) and backbone_bits == "auto"
+    if search_backbone and (size.kind != "bits_per_entry" or bits is not None):
+        raise LplrValueError(
+            "Expected backbone_bits='auto' (--backbone auto) with bits_per_entry (--bits-per-entry) and no bits "
+            "(--bits): the budget search chooses the backbone with the rank and bits. Give a number of bits instead."
+        )
     options = Options(
         bits=DEFAULT_BITS if bits is None else bits,
         passes=passes,
@@ -196,7 +205,7 @@ def compress(
         device=device,
         storage_options=storage_options,
         appendable=appendable,
-        backbone_bits=backbone_bits,
+        backbone_bits=0 if search_backbone else backbone_bits,
         backbone_iters=backbone_iters,
     )
     check_job(overwrite, resume)
@@ -209,6 +218,7 @@ def compress(
             size,
             options,
             choose_bits=bits is None,
+            search_backbone=search_backbone,
             client=client,
             overwrite=overwrite,
             resume=resume,
@@ -315,10 +325,12 @@ def _compress(
     overwrite: bool,
     resume: bool,
     log: Callable[[str], None],
+    search_backbone: bool = False,
 ) -> Factors:
     """:func:`compress`'s body, for validated arguments: the rank from ``size``, then the worker.
 
-    ``choose_bits``: no bits were given, so a bits-per-entry budget chooses them with the rank.
+    ``choose_bits``: no bits were given, so a bits-per-entry budget chooses them with the rank;
+    ``search_backbone``: and the backbone's bits too (:func:`lplr_dask.budget.choose_backbone`).
     """
     if size.kind == "target_error":
         return target.meet_target(
@@ -327,7 +339,7 @@ def _compress(
     matrix = job.open_matrix(source, options, log=log)
     A = matrix[1]
     if size.kind == "bits_per_entry" and choose_bits:
-        choice = budget.choose(
+        choice = (budget.choose_backbone if search_backbone else budget.choose)(
             A,
             size.value,
             specs=options.specs,
@@ -339,7 +351,8 @@ def _compress(
             log=log,
             strips=chunking.strips(A, matrix[0]),
         )
-        k, options, cap = choice.rank, options.replace(bits=choice.bits), None
+        k, cap = choice.rank, None
+        options = options.replace(bits=choice.bits, backbone_bits=choice.backbone_bits or options.backbone_bits)
     else:
         chunks = (int(A.chunks[0][0]), int(A.chunks[1][0]))
         k, cap = budget.capped_rank(A.shape, options.bits, size, specs=options.specs, chunks=chunks, log=log)

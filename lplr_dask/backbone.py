@@ -33,6 +33,7 @@ __all__ = [
     "ChunkWriter",
     "decoded",
     "residual",
+    "quantized",
     "scale_shape",
     "stored",
 ]
@@ -123,6 +124,17 @@ def stored(group: zarr.Group, dtype: Any = np.float64) -> da.Array:
     return decoded(
         da.from_zarr(group["Q/codes"]), da.from_zarr(group["Q/scale"]), da.from_zarr(group["Q/offset"]), dtype
     )
+
+
+def quantized(A: da.Array, bits: int) -> da.Array:
+    """``Q̂ = Q_bits(A)`` as a store would code it in A's chunks, lazily and without writing
+    anything (float64): for planning a backbone (:func:`lplr_dask.budget.choose_backbone`)."""
+
+    def block(a: Any) -> Any:
+        codes, step, lo = encode_chunk(a, bits)
+        return decode_chunk(codes, step, lo)
+
+    return da.map_blocks(block, A, dtype=np.float64)
 
 
 def residual(A: da.Array, Q_hat: da.Array) -> da.Array:

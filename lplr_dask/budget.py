@@ -31,9 +31,9 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
-from lplr_dask import logs
+from lplr_dask import backbone, logs
 from lplr_dask.blocks import Strips
 from lplr_dask.errors import LplrValueError
 from lplr_dask.options import MAX_RANK_KEY, SizeRule, configured_max_rank
@@ -45,7 +45,10 @@ if TYPE_CHECKING:
     import dask.array as da
 
 __all__ = [
+    "BACKBONE_GRID",
     "BITS_GRID",
+    "backbone_bytes",
+    "choose_backbone",
     "CENTRAL_STEPS",
     "PAPER_SPECS",
     "Choice",
@@ -87,6 +90,9 @@ BITS_GRID: tuple[tuple[int, int], ...] = (
     (3, 3),
     (2, 2),
 )
+#: The backbone bits :func:`choose_backbone` considers (0: none), the issue's range: above 4 bits
+#: a backbone alone is already near float16's error for most weights.
+BACKBONE_GRID: tuple[int, ...] = (0, 1, 2, 3, 4)
 #: Ranks tried per pair, as fractions of the largest that fits: more rank lowers the tail but can
 #: raise the rounding noise (a worse-conditioned basis), so the best may be below the largest.
 RANK_STEPS = (1.0, 0.5, 0.25, 0.125)
@@ -298,6 +304,10 @@ class Choice(NamedTuple):
     predicted: float
     #: (rank, bits, predicted error) of every candidate scored.
     candidates: list[tuple[int, tuple[int, int], float]]
+    #: ‖A‖²_F of the matrix chosen for, as the plan measured it.
+    norm2: float = 0.0
+    #: B0 of the backbone chosen with them (:func:`choose_backbone`); 0: none.
+    backbone_bits: int = 0
 
 
 def choose(
@@ -381,4 +391,62 @@ def choose(
         candidates += [(k, bits, scored.estimate(k)) for k in ranks]
     k, bits, predicted = min(candidates, key=lambda c: c[2])
     log(f"bits per entry {budget}: rank {k}, bits {bits} (predicted error {predicted:.4g})")
-    return Choice(k, bits, predicted, candidates)
+    return Choice(k, bits, predicted, candidates, plan.norm2)
+
+
+def backbone_bytes(n: int, d: int, bits: int, chunks: tuple[int, int] | None = None) -> float:
+    """An upper bound of the bytes on disk of a ``bits``-bit backbone of an n × d matrix in
+    ``chunks`` (:mod:`lplr_dask.backbone`): its codes as :func:`storage_bytes` bounds them, and a
+    float32 scale and offset per column of each row chunk, with the headers of every chunk."""
+    r, c = chunks or (n, d)
+    blocks_ = -(-n // r) * -(-d // c)
+    return SLACK * n * d * bits / 8 + 3 * CHUNK_OVERHEAD * blocks_ + 2 * 4 * -(-n // r) * d
+
+
+def choose_backbone(
+    A: da.Array,
+    budget: float,
+    *,
+    grid: Sequence[int] = BACKBONE_GRID,
+    log: Callable[[str], None] = logs.info,
+    strips: Strips | None = None,
+    **kwargs: Any,
+) -> Choice:
+    """:func:`choose` over backbones too: the B0 of ``grid`` (0: none), rank and bits of the lowest
+    predicted error of ``A ≈ Q + L·R`` within ``budget`` bits per entry on disk.
+
+    Each B0 that leaves the factors at least rank 1 of the budget costs one read of A: its plan
+    is measured on the residual ``A − Q̂_B0(A)`` (formed chunk by chunk, nothing written), and its
+    predicted error ``ε·‖A − Q̂‖ / ‖A‖``. ``kwargs`` go to :func:`choose` (the quantizers, seed, …).
+
+    Raises
+    ------
+    LplrValueError
+        If not even B0 = 0 fits rank 1 into the budget.
+    """
+    n, d = A.shape
+    chunks = (int(A.chunks[0][0]), int(A.chunks[1][0]))
+    plain = choose(A, budget, log=log, strips=strips, **kwargs)
+    best = plain
+    for b0 in sorted(b for b in grid if b > 0):
+        rest = budget - backbone_bytes(n, d, b0, chunks) * 8 / (n * d)
+        if rest <= 0:
+            continue
+        try:
+            choice = choose(backbone.residual(A, backbone.quantized(A, b0)), rest, log=log, **kwargs)
+        except LplrValueError:  # the backbone leaves the factors not even rank 1
+            continue
+        scale = math.sqrt(choice.norm2 / plain.norm2) if plain.norm2 > 0 else 1.0
+        predicted = choice.predicted * scale
+        log(
+            f"bits per entry {budget}: backbone {b0} bits, rank {choice.rank}, bits {choice.bits} (predicted error {predicted:.4g})"
+        )
+        if predicted < best.predicted:
+            best = choice._replace(predicted=predicted, backbone_bits=b0, norm2=plain.norm2)
+    if best.backbone_bits:
+        log(
+            f"bits per entry {budget}: chose a {best.backbone_bits}-bit backbone with rank {best.rank}, bits {best.bits}"
+        )
+    else:
+        log(f"bits per entry {budget}: chose no backbone (rank {best.rank}, bits {best.bits})")
+    return best

@@ -134,6 +134,14 @@ def _count(minimum: int) -> Callable[[str], int]:
     return parse
 
 
+def _backbone(text: str) -> int | str:
+    """``--backbone``: a number of bits >= 0, or "auto"."""
+    return "auto" if text == "auto" else _count(0)(text)
+
+
+_backbone.__name__ = "integer >= 0 or 'auto'"
+
+
 def _examples(*lines: str) -> str:
     return "Examples:\n" + "\n".join(f"  {line}" for line in lines)
 
@@ -248,11 +256,12 @@ def _compression(sp: argparse.ArgumentParser) -> None:
     sp.add_argument(
         "--backbone",
         dest="backbone_bits",
-        type=_count(0),
+        type=_backbone,
         default=0,
         metavar="B0",
         help="A ≈ Q + L·R: a B0-bit quantized backbone Q (one range per column of each row chunk) plus the "
-        "factors of A − Q, for matrices that are not low rank (one more read of A; default 0: none)",
+        "factors of A − Q, for matrices that are not low rank (one more read of A; default 0: none); "
+        "'auto' with --bits-per-entry: chosen from 0-4 bits with the rank and bits (one read of A per B0)",
     )
     sp.add_argument(
         "--backbone-iters",
@@ -727,7 +736,10 @@ def _options(args: argparse.Namespace) -> Options:
     (:class:`lplr_dask.options.Options`)."""
     from lplr_dask.options import DEFAULT_BITS, Options
 
-    return Options(bits=tuple(args.bits) if args.bits else DEFAULT_BITS, **{key: getattr(args, key) for key in _SHARED})
+    shared = {key: getattr(args, key) for key in _SHARED}
+    if shared["backbone_bits"] == "auto":  # chosen by the budget search (lplr_dask.compress checks when)
+        shared["backbone_bits"] = 0
+    return Options(bits=tuple(args.bits) if args.bits else DEFAULT_BITS, **shared)
 
 
 @contextlib.contextmanager

@@ -283,3 +283,30 @@ def test_encode_chunk_codes_each_column_in_its_own_range():
     np.testing.assert_array_equal(codes[:, 1], [0, 0, 0])  # a constant column: step 1, exact
     assert step.dtype == np.float32 and step.shape == (1, 2)
     np.testing.assert_allclose(backbone.decode_chunk(codes, step, lo), [[0, 10], [1, 10], [3, 10]])
+
+
+def test_a_budget_search_may_choose_a_backbone(client, tmp_path):
+    """``backbone_bits="auto"``: on the outliers matrix the search takes a backbone, within the
+    budget on disk, and its error is below the search without one; invalid without a budget."""
+    A = _matrices()["low-rank+outliers"]
+    src = _zarr(tmp_path / "A.zarr", np.vstack([A] * 4), chunks=(128, 160))  # 768 × 160: room for scales
+    lines: list[str] = []
+    f = lplr_dask.compress(src, tmp_path / "b.lplr.zarr", bits_per_entry=4.0, backbone_bits="auto", log=lines.append)
+    plain = lplr_dask.compress(src, tmp_path / "p.lplr.zarr", bits_per_entry=4.0, log=_quiet)
+    assert f.backbone_bits in (1, 2, 3), lines
+    assert f.bits_per_entry <= 4.0
+    assert lplr_dask.evaluate(src, f) < lplr_dask.evaluate(src, plain)
+    assert any("backbone 1 bits" in line for line in lines) and any("chose a" in line for line in lines)
+    with pytest.raises(LplrValueError, match="auto"):
+        lplr_dask.compress(src, tmp_path / "x.lplr.zarr", rank=4, backbone_bits="auto", log=_quiet)
+    with pytest.raises(LplrValueError, match="auto"):
+        lplr_dask.compress(src, tmp_path / "x.lplr.zarr", bits_per_entry=3, bits=(8, 8), backbone_bits="auto")
+
+
+def test_the_budget_search_keeps_no_backbone_where_a_rank_fits(client, tmp_path):
+    from lplr_dask.datasets import synthetic
+
+    A = synthetic((768, 160), rank=6, decay=0.7, noise=0.001, chunks=(128, 160), seed=2).compute()
+    src = _zarr(tmp_path / "A.zarr", np.asarray(A, dtype=np.float64), chunks=(128, 160))
+    f = lplr_dask.compress(src, tmp_path / "b.lplr.zarr", bits_per_entry=2.0, backbone_bits="auto", log=_quiet)
+    assert f.backbone_bits == 0 and f.attrs["version"] == 2
