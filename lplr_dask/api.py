@@ -205,7 +205,7 @@ def compress(
         device=device,
         storage_options=storage_options,
         appendable=appendable,
-        backbone_bits=0 if search_backbone else backbone_bits,
+        backbone_bits=0 if search_backbone else backbone_bits,  # type: ignore[arg-type]  # a str fails there
         backbone_iters=backbone_iters,
     )
     check_job(overwrite, resume)
