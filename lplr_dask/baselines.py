@@ -365,8 +365,9 @@ def backbone_reference(
 
 
 def chunk_backbone(X: np.ndarray, bits: int, row_chunk: int) -> np.ndarray:
-    """``X`` quantized as a store's backbone: per column of each block of ``row_chunk`` rows, a
-    min–max range of ``2**bits`` levels, its step and minimum rounded to float32, nearest rounding.
+    """``X`` quantized as a store's backbone: per column of each block of ``row_chunk`` rows, the
+    clipped range of least squared error (:data:`CLIP_GRID`, as :func:`clipped_quantize`) with
+    its step and low end rounded to float32 before the codes are chosen, nearest rounding.
 
     Written out here apart from :mod:`lplr_dask.backbone` (the reference a test holds it to).
     """
@@ -374,12 +375,18 @@ def chunk_backbone(X: np.ndarray, bits: int, row_chunk: int) -> np.ndarray:
     levels = (1 << bits) - 1
     for r0 in range(0, X.shape[0], row_chunk):
         x = np.asarray(X[r0 : r0 + row_chunk], dtype=np.float64)
-        lo, hi = x.min(axis=0), x.max(axis=0)
-        step = ((hi - lo) / levels).astype(np.float32).astype(np.float64)
-        step[step == 0] = 1.0
-        lo = lo.astype(np.float32).astype(np.float64)
-        codes = np.clip(np.rint((x - lo) / step), 0, levels)
-        out[r0 : r0 + row_chunk] = codes * step + lo
+        lo, hi = x.min(axis=0, keepdims=True), x.max(axis=0, keepdims=True)
+        mid, half = (lo + hi) / 2, (hi - lo) / 2
+        best = np.full(lo.shape, np.inf)
+        for shrink in CLIP_GRID:
+            low = (mid - shrink * half).astype(np.float32).astype(np.float64)
+            step = np.where(half > 0, 2 * shrink * half / levels, 1.0).astype(np.float32).astype(np.float64)
+            step[step == 0] = 1.0
+            y = low + np.clip(np.rint((x - low) / step), 0, levels) * step
+            err = ((x - y) ** 2).sum(axis=0, keepdims=True)
+            better = (err < best)[0]
+            out[r0 : r0 + row_chunk][:, better] = y[:, better]
+            best = np.where(err < best, err, best)
     return out
 
 

@@ -175,7 +175,7 @@ class Params:
                 "co_range": {"kind": "sparse-sign", "nnz": SPARSE_NNZ} if self.passes == 1 else None,
             },
             "backbone": (
-                {"bits": self.backbone_bits, "iters": self.backbone_iters, "ranges": "column-per-row-chunk"}
+                {"bits": self.backbone_bits, "iters": self.backbone_iters, "ranges": "clipped-column-per-row-chunk"}
                 if self.backbone_bits
                 else None
             ),

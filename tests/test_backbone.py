@@ -80,7 +80,7 @@ def test_compress_with_a_backbone_equals_the_in_memory_reference(client, outlier
     assert group["Q/codes"][...].max() <= 3  # 2-bit codes
     assert group["Q/scale"].shape == (3, 160) and group["Q/scale"].dtype == np.float32
     meta = group.attrs["lplr"]
-    assert meta["version"] == 3 and meta["backbone"] == {"bits": 2, "iters": iters, "ranges": "column-per-row-chunk"}
+    assert meta["version"] == 3 and meta["backbone"] == {"bits": 2, "iters": iters, "ranges": "clipped-column-per-row-chunk"}
     assert meta["stage"] == "complete" and store.SCRATCH not in group
     # the attrs' norm is ‖A‖ (the error's denominator), and the estimate is of A ≈ Q + L·R
     assert meta["norm_fro"] == pytest.approx(np.linalg.norm(A), rel=1e-12)
@@ -134,7 +134,7 @@ def test_decompress_and_info_with_a_backbone(client, outliers, tmp_path, capsys)
     capsys.readouterr()
     assert main(["info", out, "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
-    assert info["backbone"] == {"bits": 2, "iters": 1, "ranges": "column-per-row-chunk"}
+    assert info["backbone"] == {"bits": 2, "iters": 1, "ranges": "clipped-column-per-row-chunk"}
 
 
 @pytest.mark.parametrize("name", list(_matrices()))
