@@ -80,7 +80,11 @@ def test_compress_with_a_backbone_equals_the_in_memory_reference(client, outlier
     assert group["Q/codes"][...].max() <= 3  # 2-bit codes
     assert group["Q/scale"].shape == (3, 160) and group["Q/scale"].dtype == np.float32
     meta = group.attrs["lplr"]
-    assert meta["version"] == 3 and meta["backbone"] == {"bits": 2, "iters": iters, "ranges": "clipped-column-per-row-chunk"}
+    assert meta["version"] == 3 and meta["backbone"] == {
+        "bits": 2,
+        "iters": iters,
+        "ranges": "clipped-column-per-row-chunk",
+    }
     assert meta["stage"] == "complete" and store.SCRATCH not in group
     # the attrs' norm is ‖A‖ (the error's denominator), and the estimate is of A ≈ Q + L·R
     assert meta["norm_fro"] == pytest.approx(np.linalg.norm(A), rel=1e-12)
