@@ -314,3 +314,29 @@ def test_the_budget_search_keeps_no_backbone_where_a_rank_fits(client, tmp_path)
     src = _zarr(tmp_path / "A.zarr", np.asarray(A, dtype=np.float64), chunks=(128, 160))
     f = lplr_dask.compress(src, tmp_path / "b.lplr.zarr", bits_per_entry=2.0, backbone_bits="auto", log=_quiet)
     assert f.backbone_bits == 0 and f.attrs["version"] == 2
+
+
+def test_compress_group_gives_each_matrix_a_backbone(client, tmp_path):
+    A = _matrices()["low-rank+outliers"]
+    root = zarr.open_group(os.fspath(tmp_path / "g.zarr"), mode="w")
+    for name, M in (("a", A), ("b", A[:, :96].copy())):
+        root.create_array(name, shape=M.shape, chunks=CHUNKS, dtype=M.dtype)[...] = M
+    result = lplr_dask.compress_group(
+        tmp_path / "g.zarr", tmp_path / "o.zarr", rank=4, backbone_bits=2, log=_quiet, evaluate=True
+    )
+    for entry in result["arrays"]:
+        f = lplr_dask.open_factors(tmp_path / "o.zarr" / entry["name"])
+        assert f.backbone_bits == 2
+        M = A if entry["name"] == "a" else A[:, :96]
+        assert entry["error_exact"] == pytest.approx(relative_error(M, np.asarray(f, dtype=np.float64)), rel=1e-6)
+
+
+def test_the_cli_takes_backbone_auto_only_with_a_budget(tmp_path, outliers, capsys):
+    from lplr_dask.cli import main
+
+    src, _ = outliers
+    assert main(["compress", src, os.fspath(tmp_path / "o.lplr.zarr"), "--rank", "4", "--backbone", "auto"]) == 2
+    assert "--bits-per-entry" in capsys.readouterr().err
+    assert not (tmp_path / "o.lplr.zarr").exists()
+    assert main(["compress", src, os.fspath(tmp_path / "o.lplr.zarr"), "--rank", "4", "--backbone", "two"]) == 2
+    assert "--backbone" in capsys.readouterr().err
