@@ -176,6 +176,12 @@ def _tensors(
             compute = "float32" if source_dtype in ("bfloat16", "float16") else None
             yield _Tensor(name, source_dtype, f.shape, partial(_dense, f, compute))
             continue
+        if f.backbone_bits:
+            raise LplrValueError(
+                f"Expected stores of L·R alone for a factorized export. Got {location!r}, which has a "
+                f"{f.backbone_bits}-bit backbone (A ≈ Q + L·R): a module of the two factors would drop Q. "
+                "Export it dense (without --factorized / factorized=False)."
+            )
         dtype = factor_dtype
         if factor_dtype == "source":
             dtype = source_dtype if source_dtype in FACTOR_DTYPES else "float32"
@@ -313,7 +319,8 @@ def export_safetensors(
     ------
     LplrValueError
         For an output not named ``*.safetensors``, one that is or lies in the store, a foreign
-        file to overwrite, a bad ``factor_dtype`` or ``max_shard_size``.
+        file to overwrite, a bad ``factor_dtype`` or ``max_shard_size``; ``factorized`` for a
+        store with a backbone (its Q is not a factor).
     OutputExistsError
         If the output exists and ``overwrite`` is false.
     StoreFormatError

@@ -340,3 +340,15 @@ def test_the_cli_takes_backbone_auto_only_with_a_budget(tmp_path, outliers, caps
     assert not (tmp_path / "o.lplr.zarr").exists()
     assert main(["compress", src, os.fspath(tmp_path / "o.lplr.zarr"), "--rank", "4", "--backbone", "two"]) == 2
     assert "--backbone" in capsys.readouterr().err
+
+
+def test_export_writes_a_backbone_store_dense_and_refuses_it_factorized(client, outliers, tmp_path):
+    safetensors = pytest.importorskip("safetensors.numpy")
+    src, _ = outliers
+    f = lplr_dask.compress(src, tmp_path / "o.lplr.zarr", rank=4, backbone_bits=2, log=_quiet)
+    lplr_dask.export_safetensors(tmp_path / "o.lplr.zarr", tmp_path / "w.safetensors", log=_quiet)
+    got = safetensors.load_file(os.fspath(tmp_path / "w.safetensors"))["weight"]
+    np.testing.assert_allclose(got, np.asarray(f), rtol=1e-6, atol=1e-6)
+    with pytest.raises(LplrValueError, match="backbone"):
+        lplr_dask.export_safetensors(tmp_path / "o.lplr.zarr", tmp_path / "f.safetensors", factorized=True, log=_quiet)
+    assert not (tmp_path / "f.safetensors").exists()
