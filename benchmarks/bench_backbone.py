@@ -17,9 +17,9 @@ theoretical size; Zstd on the codes changes every method alike and is left out):
   oracle choice: a search on the free estimate, issue 20 item 2, can at best match it);
 - backbone (compress): the out-of-core store, ``compress(A, bits_per_entry=X, backbone_bits="auto")``:
   its own search over B0 ∈ {0, …, 4}, rank and bits, held to bytes on disk (like LPLR (default));
-- backbone (compress, study's B0 k B): the out-of-core store at the study's choice of (B0, k, bits),
-  two rounds from the backbone (the store has no "factors first" start); at X = 2 and 3 also
-  recompressed with T = 1, 2, 3 rounds (``--backbone-iters``);
+- backbone (compress, study's B0 k B): the out-of-core store at the study's choice of (B0, k, bits,
+  start), two rounds (``--backbone-start``, ``--backbone-iters 2``); at X = 2 and 3 also
+  recompressed with T = 1, 2, 3 rounds;
 - ZFP: ``zfpy.compress_numpy(A32, rate=X)``; its bits are the compressed stream's.
 
 Matrices: a low-rank-plus-sparse-outliers matrix, the Student-t and polynomial-decay matrices of
@@ -134,10 +134,10 @@ def backbone_compress(A: np.ndarray, x: int, tmp: Path) -> tuple[float, float, s
 
 
 def backbone_at(A: np.ndarray, config: str, tmp: Path) -> tuple[float, float, str]:
-    """The out-of-core store at the in-memory study's (B0, k, bits) (``config`` of :func:`backbone`),
-    two rounds from the backbone: what ``compress --backbone B0 --rank k --bits B1 B2
-    --backbone-iters 2`` gives at the study's theoretical bits (its clipped ranges; never the
-    study's "factors first" start, which the store does not have)."""
+    """The out-of-core store at the in-memory study's (B0, k, bits, start) (``config`` of
+    :func:`backbone`), two rounds: what ``compress --backbone B0 --rank k --bits B1 B2
+    --backbone-iters 2 --backbone-start S`` gives at the study's theoretical bits (the store's
+    clipped ranges per column of a row chunk, the study's choice min–max or clipped)."""
     parts = dict(item.split("=") for item in config.split() if "=" in item)
     if "B0" not in parts:
         return math.nan, math.nan, "none fits"
@@ -149,10 +149,12 @@ def backbone_at(A: np.ndarray, config: str, tmp: Path) -> tuple[float, float, st
         bits=(b1, b2),
         backbone_bits=int(parts["B0"]),
         backbone_iters=2,
+        backbone_start="factors" if "factors first" in config else "backbone",
         log=lambda m: None,
     )
     recon = f.to_dask(np.float64).compute()
-    how = f"B0={f.backbone_bits} k={f.rank} B={b1},{b2} T=2 disk {f.bits_per_entry:.2f}"
+    start = "factors" if "factors first" in config else "backbone"
+    how = f"B0={f.backbone_bits} k={f.rank} B={b1},{b2} T=2 start={start} disk {f.bits_per_entry:.2f}"
     return relative_error(A, recon), f.theoretical_bits_per_entry + 64 / A.shape[0], how
 
 
@@ -162,6 +164,7 @@ def rounds(A: np.ndarray, config: str, tmp: Path) -> dict[int, float]:
     if "B0" not in parts or parts["B0"] == "0":
         return {}
     parts.pop("T", None)
+    start = parts.pop("start", "backbone")
     b1, b2 = (int(b) for b in parts["B"].split(","))
     out = {}
     for t in ROUNDS:
@@ -172,6 +175,7 @@ def rounds(A: np.ndarray, config: str, tmp: Path) -> dict[int, float]:
             bits=(b1, b2),
             backbone_bits=int(parts["B0"]),
             backbone_iters=t,
+            backbone_start=start,
             log=lambda m: None,
         )
         out[t] = relative_error(A, f.to_dask(np.float64).compute())

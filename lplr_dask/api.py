@@ -75,6 +75,7 @@ def compress(
     appendable: bool = False,
     backbone_bits: int | str = 0,
     backbone_iters: int = 1,
+    backbone_start: str = "backbone",
 ) -> Factors:
     """Compress a matrix into a low-rank, low-precision factorization ``A ≈ L·R`` [1]_.
 
@@ -170,6 +171,10 @@ def compress(
     backbone_iters : int, default=1
         Rounds T: each codes ``Q = Q_B0(A − L̂·R̂)`` (``Q_B0(A)`` first), then the factors of
         ``A − Q̂`` again; one more read of A and the passes again per round.
+    backbone_start : {"backbone", "factors"}, default="backbone"
+        The first round from ``Q = Q_B0(A)``, or from the factors of A (the passes of A itself
+        first, then ``Q = Q_B0(A − L̂·R̂)``): better on matrices close to low rank, and on low
+        rank plus outliers (benchmarks/RESULTS.md, "Beyond low rank").
 
     Returns
     -------
@@ -207,6 +212,7 @@ def compress(
         appendable=appendable,
         backbone_bits=0 if search_backbone else backbone_bits,  # type: ignore[arg-type]  # a str fails there
         backbone_iters=backbone_iters,
+        backbone_start=backbone_start,
     )
     check_job(overwrite, resume)
     source, recorded = _as_input(source, log)

@@ -271,6 +271,14 @@ def _compression(sp: argparse.ArgumentParser) -> None:
         metavar="T",
         help="rounds of the backbone: Q = Q_B0(A − L·R), then the factors again (default 1)",
     )
+    sp.add_argument(
+        "--backbone-start",
+        dest="backbone_start",
+        default="backbone",
+        choices=["backbone", "factors"],
+        help="the backbone's first round from Q = Q_B0(A) (default), or from the factors of A (two more "
+        "reads: better near low rank and for low rank plus outliers)",
+    )
     sp.add_argument("--evaluate", action="store_true", help="also measure the exact error (one more read of A)")
     mode = sp.add_mutually_exclusive_group()
     mode.add_argument("--overwrite", action="store_true", help="replace an existing output")
@@ -723,6 +731,7 @@ _SHARED = (
     "storage_options",
     "backbone_bits",
     "backbone_iters",
+    "backbone_start",
 )
 
 

@@ -136,6 +136,9 @@ class Params:
     backbone_iters: int = 1
     """Rounds T of the backbone: each codes ``Q = Q_B0(A − L̂·R̂)`` (from no factors the first
     time), then the factors of ``A − Q̂``."""
+    backbone_start: str = "backbone"
+    """What the first round starts from: "backbone" (``Q = Q_B0(A)``) or "factors" (the factors
+    of A first, as without a backbone: for matrices close to low rank)."""
 
     @property
     def sketch_columns(self) -> int:
@@ -175,7 +178,12 @@ class Params:
                 "co_range": {"kind": "sparse-sign", "nnz": SPARSE_NNZ} if self.passes == 1 else None,
             },
             "backbone": (
-                {"bits": self.backbone_bits, "iters": self.backbone_iters, "ranges": "clipped-column-per-row-chunk"}
+                {
+                    "bits": self.backbone_bits,
+                    "iters": self.backbone_iters,
+                    "ranges": "clipped-column-per-row-chunk",
+                    **({"start": "factors"} if self.backbone_start == "factors" else {}),
+                }
                 if self.backbone_bits
                 else None
             ),
@@ -838,8 +846,9 @@ def estimate_and_finish(job: StageContext) -> dict[str, Any]:
     return {**norms, "error_estimate": estimate, "complete": True}
 
 
-def code_backbone(job: StageContext, round: int = 1) -> dict[str, Any]:
-    """Round ``round`` of the backbone: ``Q = Q_B0(A − L̂·R̂)`` (``Q_B0(A)`` in round 1), one read of A.
+def code_backbone(job: StageContext, round: int = 1, *, from_factors: bool = False) -> dict[str, Any]:
+    """Round ``round`` of the backbone: ``Q = Q_B0(A − L̂·R̂)`` (``Q_B0(A)`` in round 1 unless
+    ``from_factors``: the stored factors of A itself), one read of A.
 
     Each task codes one chunk of A (less, after round 1, the rows of the stored L̂ and columns of
     R̂ that cover it) and writes its chunk of ``Q/codes``, ``Q/scale`` and ``Q/offset`` whole
@@ -855,7 +864,7 @@ def code_backbone(job: StageContext, round: int = 1) -> dict[str, Any]:
     A, p = job.A, job.params
     store.remove_scratch(job.group)
     X = A
-    if round > 1:
+    if round > 1 or from_factors:
         L = like(job.stored_factor("L"), A).rechunk({0: A.chunks[0], 1: -1})
         R = like(job.stored_factor("R"), A).rechunk({0: -1, 1: A.chunks[1]})
         X = da.blockwise(_minus_product, "ij", A, "ij", L, "ik", R, "kj", dtype=np.float64, concatenate=True)
@@ -901,9 +910,11 @@ def stages_of(p: Params) -> tuple[Stage, ...]:
     if not p.backbone_bits:
         return STAGES
     rounds: list[Stage] = []
+    if p.backbone_start == "factors":  # first the factors of A itself, as without a backbone
+        rounds.extend(dataclasses.replace(s, name=s.name + " 0", reads_input=True) for s in STAGES[:-1])
     for t in range(1, p.backbone_iters + 1):
         suffix = "" if t == 1 else f" {t}"
-        step = functools.partial(code_backbone, round=t)
+        step = functools.partial(code_backbone, round=t, from_factors=p.backbone_start == "factors")
         rounds.append(Stage(f"backbone{suffix}", step, reads_input=True))
         rounds.extend(dataclasses.replace(s, name=s.name + suffix) for s in STAGES[:-1])
     return (*rounds, STAGES[-1])
@@ -936,7 +947,7 @@ def run(
     for stage in stages_after(meta.get("stage", "started"), p):
         if p.backbone_bits:  # the passes factor A − Q̂, a task per chunk (the strips read A's source)
             job.A = A if stage.reads_input else backbone.residual(A, backbone.stored(job.group))
-            job.strips = None
+            job.strips = strips if stage.reads_input else None
         with job.central() if stage.central else contextlib.nullcontext():
             meta.update(stage.step(job))
         meta["stage"] = stage.name

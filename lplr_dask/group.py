@@ -144,6 +144,7 @@ def compress_group(
     log: Callable[[str], None] = logs.info,
     backbone_bits: int = 0,
     backbone_iters: int = 1,
+    backbone_start: str = "backbone",
 ) -> dict[str, Any]:
     """Compress every matrix of a group into one output group (layout in the module docstring).
 
@@ -160,7 +161,7 @@ def compress_group(
         disk as :func:`lplr_dask.compress` does: each store's metadata (about 16 KiB) would
         leave a small matrix of a model no rank at all.
     bits, passes, power_iters, oversample, quantizer, seed, device, precision, sketch, cache_input
-    backbone_bits, backbone_iters
+    backbone_bits, backbone_iters, backbone_start
         As for :func:`lplr_dask.compress`, the same for every matrix.
     overwrite, resume : bool
         Replace an existing output; or finish an interrupted one (arrays already complete are
@@ -204,6 +205,7 @@ def compress_group(
         storage_options=storage_options,
         backbone_bits=backbone_bits,
         backbone_iters=backbone_iters,
+        backbone_start=backbone_start,
     )
     check_job(overwrite, resume)
     location = os.fspath(source)

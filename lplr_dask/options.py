@@ -24,6 +24,7 @@ from lplr_dask.quantize import QuantizerSpec, check_bits, quantizer_pair
 from lplr_dask.validation import at_most_one, parse_bool, parse_choice, parse_float, parse_int
 
 __all__ = [
+    "BACKBONE_STARTS",
     "SKETCHES",
     "DEFAULT_SKETCH",
     "MIN_ZETA",
@@ -53,6 +54,10 @@ DEFAULT_SKETCH = "sparse"
 #: is Gaussian, whose GEMM is cheap at that width anyway.
 MIN_ZETA = 2
 
+#: What the backbone's first round starts from: ``Q = Q_B0(A)`` ("backbone", LQER-like), or the
+#: factors of A first and Q from what they leave ("factors": better on matrices close to low rank
+#: and on low rank plus outliers, benchmarks/RESULTS.md "Beyond low rank").
+BACKBONE_STARTS = ("backbone", "factors")
 #: The size keywords and their CLI flags, in the order messages name them.
 SIZE_FLAGS = {
     "rank": "--rank",
@@ -100,6 +105,8 @@ class Options:
         B0 of a quantized backbone, ``A ≈ Q + L·R`` (:mod:`lplr_dask.backbone`), 1 to 16; 0: none.
     backbone_iters : int, default=1
         Rounds of the backbone (each one more read of A and the passes of the factors again).
+    backbone_start : {"backbone", "factors"}, default="backbone"
+        What the backbone's first round starts from (:data:`BACKBONE_STARTS`).
 
     See :func:`lplr_dask.compress` for what each means. A bad value raises
     :class:`~lplr_dask.errors.LplrValueError` (or :class:`~lplr_dask.errors.LplrTypeError`)
@@ -121,6 +128,7 @@ class Options:
     appendable: bool = False
     backbone_bits: int = 0
     backbone_iters: int = 1
+    backbone_start: str = "backbone"
 
     def __post_init__(self) -> None:
         bits = self.bits
@@ -173,6 +181,7 @@ class Options:
         object.__setattr__(
             self, "backbone_iters", parse_int(self.backbone_iters, "backbone_iters (--backbone-iters)", minimum=1)
         )
+        parse_choice(self.backbone_start, "backbone_start (--backbone-start)", BACKBONE_STARTS)
         if self.backbone_bits and self.appendable:
             raise LplrValueError(
                 "Expected appendable=True (--appendable) without a backbone: an append updates the one-pass "
@@ -213,6 +222,7 @@ class Options:
             **sketch_params(self.sketch, rank + oversample),
             backbone_bits=self.backbone_bits,
             backbone_iters=self.backbone_iters if self.backbone_bits else 1,
+            backbone_start=self.backbone_start if self.backbone_bits else "backbone",
         )
 
 

@@ -53,8 +53,8 @@ def outliers(tmp_path) -> tuple[str, np.ndarray]:
     return _zarr(tmp_path / "A.zarr", A), A
 
 
-@pytest.mark.parametrize("iters", [1, 2])
-def test_compress_with_a_backbone_equals_the_in_memory_reference(client, outliers, tmp_path, iters):
+@pytest.mark.parametrize(("iters", "start"), [(1, "backbone"), (2, "backbone"), (1, "factors")])
+def test_compress_with_a_backbone_equals_the_in_memory_reference(client, outliers, tmp_path, iters, start):
     src, A = outliers
     f = lplr_dask.compress(
         src,
@@ -64,12 +64,13 @@ def test_compress_with_a_backbone_equals_the_in_memory_reference(client, outlier
         quantizer="paper",
         backbone_bits=2,
         backbone_iters=iters,
+        backbone_start=start,
         precision="float64",
         seed=4,
         log=_quiet,
     )
     Q, L, R = backbone_reference(
-        A, 2, 8, (6, 6), iters=iters, quantizer="paper", seed=4, row_chunk=CHUNKS[0], keep="last"
+        A, 2, 8, (6, 6), iters=iters, start=start, quantizer="paper", seed=4, row_chunk=CHUNKS[0], keep="last"
     )
     # float64 products as the reference: the same codes, so the same decoded values
     np.testing.assert_allclose(f.Q().compute(), Q, rtol=0, atol=1e-12 * np.abs(A).max())
@@ -84,6 +85,7 @@ def test_compress_with_a_backbone_equals_the_in_memory_reference(client, outlier
         "bits": 2,
         "iters": iters,
         "ranges": "clipped-column-per-row-chunk",
+        **({"start": "factors"} if start == "factors" else {}),
     }
     assert meta["stage"] == "complete" and store.SCRATCH not in group
     # the attrs' norm is ‖A‖ (the error's denominator), and the estimate is of A ≈ Q + L·R
@@ -181,6 +183,12 @@ def test_the_stages_of_a_backbone_run_in_rounds():
     assert [s.reads_input for s in factorize.stages_of(p)] == [True, False, False, False] * 2 + [False]
     assert [s.name for s in factorize.stages_after("coded", p)][0] == "backbone 2"
     assert factorize.stages_of(factorize.Params(4, (8, 8), "paper", None, None)) == factorize.STAGES  # type: ignore[arg-type]
+    q = factorize.Params(4, (8, 8), "paper", None, None, backbone_bits=2, backbone_start="factors")  # type: ignore[arg-type]
+    assert [(s.name, s.reads_input) for s in factorize.stages_of(q)] == [
+        ("basis 0", True), ("projected 0", True), ("coded 0", True),
+        ("backbone", True), ("basis", False), ("projected", False), ("coded", False),
+        ("complete", False),
+    ]  # fmt: skip
 
 
 @pytest.mark.parametrize("stage", ["backbone", "basis", "projected", "coded", "backbone 2", "projected 2", "coded 2"])
