@@ -192,9 +192,11 @@ def test_transformer_weights_quick(client, tmp_path):
         behaviour = results["behaviour"][m]
         # the compressed weights really are in the model: its embeddings and neighbours move
         assert behaviour["cosine_mean"] < 0.9999
-        assert 0.0 < behaviour["neighbours_kept"] < 1.0
+        # --quick leaves the token table out of the backbone methods (tw.QUICK_BACKBONE_ENTRIES)
+        backbone = m in tw.BACKBONE_METHODS
+        assert 0.0 < behaviour["neighbours_kept"] <= 1.0 if backbone else 0.0 < behaviour["neighbours_kept"] < 1.0
         s = results["summary"][m]
-        assert s["matrices"] == len(matrices) - (m != "NQ")
+        assert s["matrices"] == len(matrices) - (m != "NQ") - backbone
         errors = [e["errors"][m] for e in matrices.values() if e["errors"][m] is not None]
         assert s["mean"] == pytest.approx(np.mean(errors)) and s["std"] == pytest.approx(np.std(errors))
     # with only the embeddings and layer 0's attention compressed (--quick), LPLR keeps the
