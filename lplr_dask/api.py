@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from collections.abc import Callable
@@ -12,7 +13,7 @@ import numpy as np
 from lplr_dask import budget, chunking, guard, job, logs, store, target
 from lplr_dask.errors import LplrValueError
 from lplr_dask.factors import Factors, open_factors, relative_error
-from lplr_dask.options import DEFAULT_BITS, Options, SizeRule, check_job
+from lplr_dask.options import BACKBONE_STARTS, DEFAULT_BITS, Options, SizeRule, check_job
 from lplr_dask.quantize import QuantizerSpec
 from lplr_dask.sources import open_source
 
@@ -75,7 +76,7 @@ def compress(
     appendable: bool = False,
     backbone_bits: int | str = 0,
     backbone_iters: int = 1,
-    backbone_start: str = "backbone",
+    backbone_start: str | None = None,
 ) -> Factors:
     """Compress a matrix into a low-rank, low-precision factorization ``A ≈ L·R`` [1]_.
 
@@ -171,10 +172,11 @@ def compress(
     backbone_iters : int, default=1
         Rounds T: each codes ``Q = Q_B0(A − L̂·R̂)`` (``Q_B0(A)`` first), then the factors of
         ``A − Q̂`` again; one more read of A and the passes again per round.
-    backbone_start : {"backbone", "factors"}, default="backbone"
-        The first round from ``Q = Q_B0(A)``, or from the factors of A (the passes of A itself
-        first, then ``Q = Q_B0(A − L̂·R̂)``): better on matrices close to low rank, and on low
-        rank plus outliers (benchmarks/RESULTS.md, "Beyond low rank").
+    backbone_start : {"backbone", "factors"}, optional
+        The first round from ``Q = Q_B0(A)`` (the default), or from the factors of A (the passes
+        of A itself first, then ``Q = Q_B0(A − L̂·R̂)``): better on matrices close to low rank,
+        and on low rank plus outliers (benchmarks/RESULTS.md, "Beyond low rank"). With
+        ``backbone_bits="auto"`` and no start, the search predicts both and takes the better.
 
     Returns
     -------
@@ -345,7 +347,11 @@ def _compress(
     matrix = job.open_matrix(source, options, log=log)
     A = matrix[1]
     if size.kind == "bits_per_entry" and choose_bits:
-        choice = (budget.choose_backbone if search_backbone else budget.choose)(
+        search: Callable[..., budget.Choice] = budget.choose
+        if search_backbone:
+            starts = (options.backbone_start,) if options.backbone_start else BACKBONE_STARTS
+            search = functools.partial(budget.choose_backbone, starts=starts)
+        choice = search(
             A,
             size.value,
             specs=options.specs,
@@ -358,7 +364,11 @@ def _compress(
             strips=chunking.strips(A, matrix[0]),
         )
         k, cap = choice.rank, None
-        options = options.replace(bits=choice.bits, backbone_bits=choice.backbone_bits or options.backbone_bits)
+        options = options.replace(
+            bits=choice.bits,
+            backbone_bits=choice.backbone_bits or options.backbone_bits,
+            backbone_start=choice.backbone_start if choice.backbone_bits else options.backbone_start,
+        )
     else:
         chunks = (int(A.chunks[0][0]), int(A.chunks[1][0]))
         k, cap = budget.capped_rank(A.shape, options.bits, size, specs=options.specs, chunks=chunks, log=log)

@@ -29,20 +29,24 @@ and a TSQR of an n × k basis per candidate, and nothing is written.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any, NamedTuple
+
+import dask
+import dask.array as da
+import numpy as np
 
 from lplr_dask import backbone, logs
+from lplr_dask.backend import to_host_blocks
 from lplr_dask.blocks import Strips
 from lplr_dask.errors import LplrValueError
-from lplr_dask.options import MAX_RANK_KEY, SizeRule, configured_max_rank
+from lplr_dask.options import BACKBONE_STARTS, MAX_RANK_KEY, SizeRule, configured_max_rank
+from lplr_dask.progress import compute
 from lplr_dask.quantize import QuantizerSpec, parse_quantizer
 from lplr_dask.store import CHECKSUM_BYTES
 from lplr_dask.target import DEFAULT_MAX_RANK, ErrorPlan
-
-if TYPE_CHECKING:
-    import dask.array as da
 
 __all__ = [
     "BACKBONE_GRID",
@@ -56,6 +60,7 @@ __all__ = [
     "capped_rank",
     "choose",
     "fair_rank",
+    "gaussian_ratio",
     "rank_for_bits_per_entry",
     "resolve_rank",
     "storage_bytes",
@@ -308,6 +313,8 @@ class Choice(NamedTuple):
     norm2: float = 0.0
     #: B0 of the backbone chosen with them (:func:`choose_backbone`); 0: none.
     backbone_bits: int = 0
+    #: The backbone's first round (:data:`lplr_dask.options.BACKBONE_STARTS`) chosen with it.
+    backbone_start: str = "backbone"
 
 
 def choose(
@@ -357,14 +364,68 @@ def choose(
     LplrValueError
         If no pair of the grid fits rank 1 into the budget.
     """
-    n, d = A.shape
-    chunks = (int(A.chunks[0][0]), int(A.chunks[1][0]))
+    return _choose(
+        A,
+        budget,
+        specs=specs,
+        grid=grid,
+        seed=seed,
+        passes=passes,
+        power_iters=power_iters,
+        oversample=oversample,
+        test_columns=test_columns,
+        max_rank=max_rank,
+        log=log,
+        strips=strips,
+    )[0]
+
+
+def _fits(
+    shape: tuple[int, int],
+    budget: float,
+    grid: Sequence[tuple[int, int]],
+    specs: tuple[QuantizerSpec, QuantizerSpec],
+    chunks: tuple[int, int],
+) -> dict[tuple[int, int], int]:
+    """The largest rank each pair of ``grid`` fits into ``budget``, for the pairs that fit rank 1."""
     fits: dict[tuple[int, int], int] = {}
     for bits in grid:
         try:
-            fits[tuple(bits)] = rank_for_bits_per_entry(n, d, bits, budget, specs=specs, chunks=chunks)  # type: ignore[index]
+            fits[(bits[0], bits[1])] = rank_for_bits_per_entry(*shape, bits, budget, specs=specs, chunks=chunks)
         except LplrValueError:
             continue
+    return fits
+
+
+def _scored(plan: ErrorPlan, fits: dict[tuple[int, int], int]) -> list[tuple[int, tuple[int, int], float]]:
+    """(rank, bits, predicted error) of the ranks :data:`RANK_STEPS` takes of each pair's fit."""
+    candidates = []
+    for bits, k_fit in fits.items():
+        scored = plan.with_bits(bits)
+        ranks = sorted({max(1, math.floor(min(k_fit, plan.max_rank) * f)) for f in RANK_STEPS})
+        candidates += [(k, bits, scored.estimate(k)) for k in ranks]
+    return candidates
+
+
+def _choose(
+    A: da.Array,
+    budget: float,
+    *,
+    specs: tuple[QuantizerSpec, QuantizerSpec] = PAPER_SPECS,
+    grid: Sequence[tuple[int, int]] = BITS_GRID,
+    seed: int = 0,
+    passes: int = 2,
+    power_iters: int = 0,
+    oversample: int | None = None,
+    test_columns: int = 10,
+    max_rank: int | None = None,
+    log: Callable[[str], None] = logs.info,
+    strips: Strips | None = None,
+) -> tuple[Choice, ErrorPlan]:
+    """:func:`choose`, and the plan it measured."""
+    n, d = A.shape
+    chunks = (int(A.chunks[0][0]), int(A.chunks[1][0]))
+    fits = _fits((n, d), budget, grid, specs, chunks)
     if not fits:
         # the smallest pair's message says what rank 1 needs
         smallest = min(grid, key=lambda b: n * b[0] + d * b[1])
@@ -384,14 +445,10 @@ def choose(
         oversample=oversample,
         strips=strips,
     )
-    candidates = []
-    for bits, k_fit in fits.items():
-        scored = plan.with_bits(bits)
-        ranks = sorted({max(1, math.floor(min(k_fit, plan.max_rank) * f)) for f in RANK_STEPS})
-        candidates += [(k, bits, scored.estimate(k)) for k in ranks]
+    candidates = _scored(plan, fits)
     k, bits, predicted = min(candidates, key=lambda c: c[2])
     log(f"bits per entry {budget}: rank {k}, bits {bits} (predicted error {predicted:.4g})")
-    return Choice(k, bits, predicted, candidates, plan.norm2)
+    return Choice(k, bits, predicted, candidates, plan.norm2), plan
 
 
 def backbone_bytes(n: int, d: int, bits: int, chunks: tuple[int, int] | None = None) -> float:
@@ -408,16 +465,21 @@ def choose_backbone(
     budget: float,
     *,
     grid: Sequence[int] = BACKBONE_GRID,
+    starts: Sequence[str] = BACKBONE_STARTS,
     log: Callable[[str], None] = logs.info,
     strips: Strips | None = None,
     **kwargs: Any,
 ) -> Choice:
-    """:func:`choose` over backbones too: the B0 of ``grid`` (0: none), rank and bits of the lowest
-    predicted error of ``A ≈ Q + L·R`` within ``budget`` bits per entry on disk.
+    """:func:`choose` over backbones too: the B0 of ``grid`` (0: none), the start of ``starts``,
+    rank and bits of the lowest predicted error of ``A ≈ Q + L·R`` within ``budget`` bits per
+    entry on disk.
 
-    Each B0 that leaves the factors at least rank 1 of the budget costs one read of A: its plan
-    is measured on the residual ``A − Q̂_B0(A)`` (formed chunk by chunk, nothing written), and its
-    predicted error ``ε·‖A − Q̂‖ / ‖A‖``. ``kwargs`` go to :func:`choose` (the quantizers, seed, …).
+    The backbone-first start (``Q = Q_B0(A)``, then the factors of ``A − Q̂``) costs one read of A
+    per B0 that leaves the factors at least rank 1: its plan is measured on the residual
+    ``A − Q̂_B0(A)`` (formed chunk by chunk, nothing written), and its predicted error
+    ``ε·‖A − Q̂‖ / ‖A‖``. The factors-first start (the factors of A, then ``Q = Q_B0(A − L̂·R̂)``)
+    costs one read of A for all B0 together (:func:`_factors_first`). ``kwargs`` go to
+    :func:`choose` (the quantizers, seed, …).
 
     Raises
     ------
@@ -426,27 +488,122 @@ def choose_backbone(
     """
     n, d = A.shape
     chunks = (int(A.chunks[0][0]), int(A.chunks[1][0]))
-    plain = choose(A, budget, log=log, strips=strips, **kwargs)
+    plain, plan = _choose(A, budget, log=log, strips=strips, **kwargs)
     best = plain
+    rests = {}
     for b0 in sorted(b for b in grid if b > 0):
         rest = budget - backbone_bytes(n, d, b0, chunks) * 8 / (n * d)
-        if rest <= 0:
-            continue
-        try:
-            choice = choose(backbone.residual(A, backbone.quantized(A, b0)), rest, log=log, **kwargs)
-        except LplrValueError:  # the backbone leaves the factors not even rank 1
-            continue
-        scale = math.sqrt(choice.norm2 / plain.norm2) if plain.norm2 > 0 else 1.0
-        predicted = choice.predicted * scale
-        log(
-            f"bits per entry {budget}: backbone {b0} bits, rank {choice.rank}, bits {choice.bits} (predicted error {predicted:.4g})"
-        )
-        if predicted < best.predicted:
-            best = choice._replace(predicted=predicted, backbone_bits=b0, norm2=plain.norm2)
+        if rest > 0:
+            rests[b0] = rest
+    options: list[Choice] = []
+    if "backbone" in starts:
+        for b0, rest in rests.items():
+            try:
+                choice = choose(backbone.residual(A, backbone.quantized(A, b0)), rest, log=log, **kwargs)
+            except LplrValueError:  # the backbone leaves the factors not even rank 1
+                continue
+            scale = math.sqrt(choice.norm2 / plain.norm2) if plain.norm2 > 0 else 1.0
+            predicted = choice.predicted * scale
+            log(
+                f"bits per entry {budget}: backbone {b0} bits, rank {choice.rank}, bits {choice.bits} "
+                f"(predicted error {predicted:.4g})"
+            )
+            options.append(choice._replace(predicted=predicted, backbone_bits=b0, norm2=plain.norm2))
+    if "factors" in starts:
+        options += _factors_first(A, plan, budget, rests, log=log, **kwargs)
+    for choice in options:
+        if choice.predicted < best.predicted:
+            best = choice
     if best.backbone_bits:
+        start = " from the factors" if best.backbone_start == "factors" else ""
         log(
-            f"bits per entry {budget}: chose a {best.backbone_bits}-bit backbone with rank {best.rank}, bits {best.bits}"
+            f"bits per entry {budget}: chose a {best.backbone_bits}-bit backbone{start} with rank {best.rank}, "
+            f"bits {best.bits}"
         )
     else:
         log(f"bits per entry {budget}: chose no backbone (rank {best.rank}, bits {best.bits})")
     return best
+
+
+#: Columns of A that :func:`_factors_first` codes to predict the backbone of the factors' residual.
+SAMPLE_COLUMNS = 64
+
+
+def _factors_first(
+    A: da.Array,
+    plan: ErrorPlan,
+    budget: float,
+    rests: dict[int, float],
+    *,
+    specs: tuple[QuantizerSpec, QuantizerSpec] = PAPER_SPECS,
+    grid: Sequence[tuple[int, int]] = BITS_GRID,
+    seed: int = 0,
+    log: Callable[[str], None] = logs.info,
+    **_: Any,
+) -> list[Choice]:
+    """The factors-first choice of each B0 of ``rests`` (B0 → bits per entry left to the factors).
+
+    The factors are chosen as without a backbone, from A's own ``plan`` (no read), within the
+    bits B0 leaves. Their predicted squared error has two parts (:meth:`ErrorPlan.parts`): what
+    the span of L̂ leaves of A, and R's rounding noise. Q then codes that residual: the first part
+    shrinks by the ratio ``‖E − Q̂_B0(E)‖ / ‖E‖`` measured on :data:`SAMPLE_COLUMNS` columns of A
+    (E: their residual after projecting on L̂; Q's ranges are per column of each row chunk, so
+    the sampled columns are coded exactly as the store would code them; one read of A), the
+    second by that ratio of Gaussian noise (:func:`gaussian_ratio`). The factors fitted again
+    to ``A − Q̂`` can only do better than this prediction assumes.
+    """
+    n, d = A.shape
+    chunks = (int(A.chunks[0][0]), int(A.chunks[1][0]))
+    firsts: dict[int, tuple[int, tuple[int, int], list[tuple[int, tuple[int, int], float]]]] = {}
+    for b0, rest in rests.items():
+        fits = _fits((n, d), rest, grid, specs, chunks)
+        if fits:
+            candidates = _scored(plan, fits)
+            k, bits, _predicted = min(candidates, key=lambda c: c[2])
+            firsts[b0] = (k, bits, candidates)
+    if not firsts or plan.norm2 == 0.0:
+        return []
+    columns = min(d, SAMPLE_COLUMNS)
+    log(f"bits per entry {budget}: the backbone from the factors, on {columns} columns of A (one more read of A)")
+    ratios = _residual_ratios(A, plan, {b0: k for b0, (k, _, _) in firsts.items()}, columns, seed)
+    out = []
+    for b0, (k, bits, candidates) in firsts.items():
+        spanned, noise = plan.with_bits(bits).parts(k)
+        predicted = math.sqrt(ratios[b0] ** 2 * spanned + gaussian_ratio(b0) ** 2 * noise)
+        log(
+            f"bits per entry {budget}: backbone {b0} bits from the factors, rank {k}, bits {bits} "
+            f"(predicted error {predicted:.4g})"
+        )
+        out.append(Choice(k, bits, predicted, candidates, plan.norm2, b0, "factors"))
+    return out
+
+
+def _residual_ratios(A: da.Array, plan: ErrorPlan, ranks: dict[int, int], columns: int, seed: int) -> dict[int, float]:
+    """B0 → ``‖E − Q̂_B0(E)‖ / ‖E‖`` on ``columns`` columns of A drawn with ``seed``, E their
+    residual after projecting on the plan's L̂ at rank ``ranks[B0]``."""
+    n, d = A.shape
+    picked = np.sort(np.random.default_rng(seed).choice(d, columns, replace=False))
+    (S,) = compute(
+        "budget: columns for the backbone from the factors",
+        to_host_blocks(A[:, picked]).astype(np.float64).rechunk({1: -1}),
+        persist=True,
+    )
+    sums = {}
+    for k in sorted(set(ranks.values())):
+        Q, _ = da.linalg.tsqr(plan.quantized_basis(k))
+        Sq = S.rechunk({0: Q.chunks[0]})
+        E = (Sq - Q @ (Q.T @ Sq)).rechunk({0: A.chunks[0]})  # Q's ranges are per row chunk of A
+        for b0, rank in ranks.items():
+            if rank == k:
+                sums[b0] = (((E - backbone.quantized(E, b0)) ** 2).sum(), (E**2).sum())
+    (done,) = dask.compute(sums)
+    return {b0: math.sqrt(err / total) if total > 0 else 0.0 for b0, (err, total) in done.items()}
+
+
+@functools.cache
+def gaussian_ratio(bits: int) -> float:
+    """``‖X − Q̂_bits(X)‖ / ‖X‖`` for standard normal X coded as a backbone codes it
+    (:func:`lplr_dask.backbone.encode_chunk`, measured on 4096 × 16 draws of seed 0)."""
+    X = np.random.default_rng(0).standard_normal((4096, 16))
+    codes, step, low = backbone.encode_chunk(X, bits)
+    return float(np.linalg.norm(X - backbone.decode_chunk(codes, step, low)) / np.linalg.norm(X))

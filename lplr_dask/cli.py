@@ -275,10 +275,11 @@ def _compression(sp: argparse.ArgumentParser) -> None:
     sp.add_argument(
         "--backbone-start",
         dest="backbone_start",
-        default="backbone",
+        default=None,
         choices=["backbone", "factors"],
         help="the backbone's first round from Q = Q_B0(A) (default), or from the factors of A (two more "
-        "reads: better near low rank and for low rank plus outliers)",
+        "reads: better near low rank and for low rank plus outliers); with --backbone auto and no start, "
+        "the search predicts both and takes the better",
     )
     sp.add_argument("--evaluate", action="store_true", help="also measure the exact error (one more read of A)")
     mode = sp.add_mutually_exclusive_group()

@@ -144,7 +144,7 @@ def compress_group(
     log: Callable[[str], None] = logs.info,
     backbone_bits: int = 0,
     backbone_iters: int = 1,
-    backbone_start: str = "backbone",
+    backbone_start: str | None = None,
 ) -> dict[str, Any]:
     """Compress every matrix of a group into one output group (layout in the module docstring).
 

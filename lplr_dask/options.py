@@ -105,8 +105,9 @@ class Options:
         B0 of a quantized backbone, ``A ≈ Q + L·R`` (:mod:`lplr_dask.backbone`), 1 to 16; 0: none.
     backbone_iters : int, default=1
         Rounds of the backbone (each one more read of A and the passes of the factors again).
-    backbone_start : {"backbone", "factors"}, default="backbone"
-        What the backbone's first round starts from (:data:`BACKBONE_STARTS`).
+    backbone_start : {"backbone", "factors"}, optional
+        What the backbone's first round starts from (:data:`BACKBONE_STARTS`). Default: "backbone",
+        or with ``backbone_bits="auto"`` the start the budget search predicts best.
 
     See :func:`lplr_dask.compress` for what each means. A bad value raises
     :class:`~lplr_dask.errors.LplrValueError` (or :class:`~lplr_dask.errors.LplrTypeError`)
@@ -128,7 +129,7 @@ class Options:
     appendable: bool = False
     backbone_bits: int = 0
     backbone_iters: int = 1
-    backbone_start: str = "backbone"
+    backbone_start: str | None = None
 
     def __post_init__(self) -> None:
         bits = self.bits
@@ -181,7 +182,8 @@ class Options:
         object.__setattr__(
             self, "backbone_iters", parse_int(self.backbone_iters, "backbone_iters (--backbone-iters)", minimum=1)
         )
-        parse_choice(self.backbone_start, "backbone_start (--backbone-start)", BACKBONE_STARTS)
+        if self.backbone_start is not None:
+            parse_choice(self.backbone_start, "backbone_start (--backbone-start)", BACKBONE_STARTS)
         if self.backbone_bits and self.appendable:
             raise LplrValueError(
                 "Expected appendable=True (--appendable) without a backbone: an append updates the one-pass "
@@ -222,7 +224,7 @@ class Options:
             **sketch_params(self.sketch, rank + oversample),
             backbone_bits=self.backbone_bits,
             backbone_iters=self.backbone_iters if self.backbone_bits else 1,
-            backbone_start=self.backbone_start if self.backbone_bits else "backbone",
+            backbone_start=(self.backbone_start or "backbone") if self.backbone_bits else "backbone",
         )
 
 

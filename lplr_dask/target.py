@@ -132,7 +132,7 @@ class ErrorPlan:
             params.seed,
             shape[1],
         )
-        self._cache: dict[int, float] = {}
+        self._cache: dict[int, tuple[float, float]] = {}
 
     @classmethod
     def measure(
@@ -243,15 +243,23 @@ class ErrorPlan:
     def _low_rank_factor(self) -> float:
         return ONE_PASS_FACTOR if self.passes == 1 else 1.0
 
+    def quantized_basis(self, k: int) -> da.Array:
+        """L̂ at rank k: :meth:`basis` rounded as the compression rounds it, decoded (n × k)."""
+        q = quantize_basis(self.basis(k), dataclasses.replace(self._params, rank=k))
+        return decode_factor(q.codes, q.scale, q.offset, self.spec, channel_axis=1)
+
     def estimate(self, k: int) -> float:
         """The predicted relative error of LPLR at rank k (see the module docstring, step 2)."""
+        return math.sqrt(sum(self.parts(k)))
+
+    def parts(self, k: int) -> tuple[float, float]:
+        """The squared relative error :meth:`estimate` predicts at rank k, in its two parts: what
+        the span of L̂ leaves of A, and R's rounding noise."""
         if k in self._cache:
             return self._cache[k]
         if self.norm2 == 0.0:
-            return 0.0
-        q = quantize_basis(self.basis(k), dataclasses.replace(self._params, rank=k))
-        L = decode_factor(q.codes, q.scale, q.offset, self.spec, channel_axis=1)
-        Q, T = da.linalg.tsqr(L)
+            return (0.0, 0.0)
+        Q, T = da.linalg.tsqr(self.quantized_basis(k))
         c, T = dask.compute(Q.T @ self.AG, T)
         resid2 = max(self.ag2 - float((c**2).sum()), 0.0) * self._low_rank_factor() ** 2
         l2 = (T**2).sum(axis=0)  # ‖L̂_c‖²
@@ -271,7 +279,7 @@ class ErrorPlan:
         else:
             noise = float(l2 @ w2)
         noise *= variance * (spread / levels) ** 2
-        self._cache[k] = float(math.sqrt((resid2 + noise) / self.norm2))
+        self._cache[k] = (resid2 / self.norm2, noise / self.norm2)
         return self._cache[k]
 
     def first(self, target: float) -> int | None:
