@@ -112,9 +112,12 @@ class ChunkWriter:
         i = block_info[0]["chunk-location"][0]
         codes, step, lo = encode_chunk(x, self.bits)
         group = zarr.open_group(self.root, mode="r+")
-        cast(zarr.Array, group["Q/codes"])[r0:r1, c0:c1] = to_host(codes)
-        cast(zarr.Array, group["Q/scale"])[i : i + 1, c0:c1] = to_host(step)
-        cast(zarr.Array, group["Q/offset"])[i : i + 1, c0:c1] = to_host(lo)
+        # every chunk is stored, zeros too (the setting is not kept in the arrays' metadata, and a
+        # missing chunk reads as damage): an all-zero block of A codes to all-zero codes
+        with zarr.config.set({"array.write_empty_chunks": True}):
+            cast(zarr.Array, group["Q/codes"])[r0:r1, c0:c1] = to_host(codes)
+            cast(zarr.Array, group["Q/scale"])[i : i + 1, c0:c1] = to_host(step)
+            cast(zarr.Array, group["Q/offset"])[i : i + 1, c0:c1] = to_host(lo)
         a64 = a.astype(np.float64)
         return np.array([[float((a64 * a64).sum())]])
 

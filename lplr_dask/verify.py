@@ -71,6 +71,8 @@ class _Plan:
         meta = store.read_meta(group, path=where)
         self.version = min(self.version, int(meta["version"]))
         bits = dict(zip("LR", meta["bits"]))
+        if meta.get("backbone"):  # format version 3: Q's codes
+            bits["Q"] = int(meta["backbone"]["bits"])
         for name, arr in store.open_arrays(group, meta, where).items():
             if name.endswith("/codes"):
                 self.array(arr, prefix + name, limit=1 << bits[name[0]])

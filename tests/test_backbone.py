@@ -360,3 +360,42 @@ def test_export_writes_a_backbone_store_dense_and_refuses_it_factorized(client, 
     with pytest.raises(LplrValueError, match="backbone"):
         lplr_dask.export_safetensors(tmp_path / "o.lplr.zarr", tmp_path / "f.safetensors", factorized=True, log=_quiet)
     assert not (tmp_path / "f.safetensors").exists()
+
+
+def test_an_all_zero_block_keeps_its_backbone_chunks_and_verifies(client, tmp_path):
+    """Zero codes and zero offsets are stored too (zarr skips empty chunks unless told), and
+    ``verify`` checks Q's codes against B0's range."""
+    from lplr_dask.verify import verify
+
+    A = np.random.default_rng(3).standard_normal((64, 64))
+    A[:32, :32] = 0.0
+    src = _zarr(tmp_path / "A.zarr", A, chunks=(32, 32))
+    f = lplr_dask.compress(src, tmp_path / "o.lplr.zarr", rank=2, bits=(8, 8), backbone_bits=2, log=_quiet)
+    assert f.attrs["complete"] is True
+    assert relative_error(A, np.asarray(f, dtype=np.float64)) < 1.0
+    report = verify(tmp_path / "o.lplr.zarr")
+    assert not report["problems"], report
+
+
+def test_the_budget_search_predicts_the_backbone_from_the_factors(client, tmp_path):
+    """On low rank plus outliers the factors-first start is predicted, logged and, where chosen,
+    compressed from the factors within the budget; without it (start given) it is not weighed."""
+    A = _matrices()["low-rank+outliers"]
+    src = _zarr(tmp_path / "A.zarr", np.vstack([A] * 4), chunks=(128, 160))
+    lines: list[str] = []
+    f = lplr_dask.compress(src, tmp_path / "b.lplr.zarr", bits_per_entry=4.0, backbone_bits="auto", log=lines.append)
+    assert any("from the factors, rank" in line for line in lines), lines
+    assert f.bits_per_entry <= 4.0
+    chosen = [line for line in lines if "chose a" in line]
+    if chosen and "from the factors" in chosen[0]:
+        assert f.attrs["backbone"]["start"] == "factors"
+    lines.clear()
+    lplr_dask.compress(
+        src,
+        tmp_path / "c.lplr.zarr",
+        bits_per_entry=4.0,
+        backbone_bits="auto",
+        backbone_start="backbone",
+        log=lines.append,
+    )
+    assert not any("from the factors" in line for line in lines), lines
