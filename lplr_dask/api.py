@@ -346,6 +346,8 @@ def _compress(
         )
     matrix = job.open_matrix(source, options, log=log)
     A = matrix[1]
+    chunks = (int(A.chunks[0][0]), int(A.chunks[1][0]))
+    size = budget.without_backbone(size, A.shape, options.backbone_bits, chunks)  # Q's bytes count too
     if size.kind == "bits_per_entry" and choose_bits:
         search: Callable[..., budget.Choice] = budget.choose
         if search_backbone:
@@ -370,7 +372,6 @@ def _compress(
             backbone_start=choice.backbone_start if choice.backbone_bits else options.backbone_start,
         )
     else:
-        chunks = (int(A.chunks[0][0]), int(A.chunks[1][0]))
         k, cap = budget.capped_rank(A.shape, options.bits, size, specs=options.specs, chunks=chunks, log=log)
     return job.compress_at_rank(
         source,

@@ -29,6 +29,7 @@ and a TSQR of an n × k basis per candidate, and nothing is written.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from collections.abc import Callable, Sequence
@@ -61,6 +62,7 @@ __all__ = [
     "choose",
     "fair_rank",
     "gaussian_ratio",
+    "without_backbone",
     "rank_for_bits_per_entry",
     "resolve_rank",
     "storage_bytes",
@@ -458,6 +460,28 @@ def backbone_bytes(n: int, d: int, bits: int, chunks: tuple[int, int] | None = N
     r, c = chunks or (n, d)
     blocks_ = -(-n // r) * -(-d // c)
     return SLACK * n * d * bits / 8 + 3 * CHUNK_OVERHEAD * blocks_ + 2 * 4 * -(-n // r) * d
+
+
+def without_backbone(size: SizeRule, shape: tuple[int, int], backbone_bits: int, chunks: tuple[int, int]) -> SizeRule:
+    """``size`` for the factors beside a fixed ``backbone_bits``-bit backbone: a bits-per-entry
+    budget less what the backbone takes on disk (:func:`backbone_bytes`); other rules unchanged.
+
+    Raises
+    ------
+    LplrValueError
+        If the backbone alone takes the whole budget.
+    """
+    if not backbone_bits or size.kind != "bits_per_entry":
+        return size
+    n, d = shape
+    taken = backbone_bytes(n, d, backbone_bits, chunks) * 8 / (n * d)
+    if taken >= size.value:
+        raise LplrValueError(
+            f"Expected a budget above what a {backbone_bits}-bit backbone takes of a {n}x{d} matrix "
+            f"({taken:.3g} bits per entry on disk). Got --bits-per-entry {size.value:g}. Raise the budget, "
+            "lower --backbone, or give --backbone auto."
+        )
+    return dataclasses.replace(size, value=size.value - taken)
 
 
 def choose_backbone(

@@ -862,7 +862,8 @@ def _cmd_compress(args: argparse.Namespace, log: Callable[[str], None]) -> dict[
     if size.kind in ("rank", "match_nq") or (size.kind == "bits_per_entry" and args.bits):
         # the rank compress will take, capped as it caps it (lplr.max-rank): one out of range fails here
         chunks = (int(A.chunks[0][0]), int(A.chunks[1][0]))
-        budget.resolve_rank(A.shape, options.bits, size, specs=options.specs, chunks=chunks, log=said.append)
+        factors_size = budget.without_backbone(size, A.shape, options.backbone_bits, chunks)
+        budget.resolve_rank(A.shape, options.bits, factors_size, specs=options.specs, chunks=chunks, log=said.append)
         for line in said:
             logs.warning(line)  # shown under --quiet too
     _check_output(args, inputs=[args.input], resume_store=True)

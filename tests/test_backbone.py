@@ -399,3 +399,17 @@ def test_the_budget_search_predicts_the_backbone_from_the_factors(client, tmp_pa
         log=lines.append,
     )
     assert not any("from the factors" in line for line in lines), lines
+
+
+@pytest.mark.parametrize("bits", [None, (4, 4)])
+def test_a_fixed_backbone_counts_against_the_budget(client, tmp_path, bits):
+    """``bits_per_entry`` with a fixed B0: the factors get what Q leaves, so the store on disk
+    keeps the budget; a budget Q alone exceeds is refused with what it takes."""
+    A = np.random.default_rng(4).standard_normal((512, 512))
+    src = _zarr(tmp_path / "A.zarr", A, chunks=(128, 512))
+    kwargs = {} if bits is None else {"bits": bits}
+    f = lplr_dask.compress(src, tmp_path / "o.lplr.zarr", bits_per_entry=3.5, backbone_bits=2, log=_quiet, **kwargs)
+    assert f.backbone_bits == 2 and f.rank >= 1
+    assert f.bits_per_entry <= 3.5
+    with pytest.raises(LplrValueError, match="what a 2-bit backbone takes"):
+        lplr_dask.compress(src, tmp_path / "x.lplr.zarr", bits_per_entry=2.0, backbone_bits=2, log=_quiet, **kwargs)
