@@ -13,7 +13,7 @@ import numpy as np
 from lplr_dask import budget, chunking, guard, job, logs, store, target
 from lplr_dask.errors import LplrValueError
 from lplr_dask.factors import Factors, open_factors, relative_error
-from lplr_dask.options import BACKBONE_STARTS, DEFAULT_BITS, Options, SizeRule, check_job
+from lplr_dask.options import BACKBONE_STARTS, DEFAULT_BITS, Options, SizeRule, check_backbone_rounds, check_job
 from lplr_dask.quantize import QuantizerSpec
 from lplr_dask.sources import open_source
 
@@ -192,12 +192,9 @@ def compress(
     .. [1] R. Saha, V. Srivastava, M. Pilanci. NeurIPS 2023.
     """
     size = SizeRule.from_args(rank=rank, bits_per_entry=bits_per_entry, match_nq=match_nq, target_error=target_error)
-    search_backbone = isinstance(backbone_bits, str) and backbone_bits == "auto"
-    if search_backbone and (size.kind != "bits_per_entry" or bits is not None):
-        raise LplrValueError(
-            "Expected backbone_bits='auto' (--backbone auto) with bits_per_entry (--bits-per-entry) and no bits "
-            "(--bits): the budget search chooses the backbone with the rank and bits. Give a number of bits instead."
-        )
+    search_backbone = check_backbone_args(
+        size, bits, appendable=appendable, backbone_bits=backbone_bits, iters=backbone_iters, start=backbone_start
+    )
     options = Options(
         bits=DEFAULT_BITS if bits is None else bits,
         passes=passes,
@@ -233,6 +230,33 @@ def compress(
             log=log,
         )
     return _record_source(factors, recorded) if recorded else factors
+
+
+def check_backbone_args(
+    size: SizeRule, bits: Any, *, appendable: bool, backbone_bits: Any, iters: Any, start: Any
+) -> bool:
+    """Whether the budget search chooses the backbone (``backbone_bits="auto"``), after refusing
+    what cannot go with it or without one (the CLI checks this before a cluster starts).
+
+    Raises
+    ------
+    LplrValueError
+        For ``"auto"`` without a bits-per-entry budget, with ``bits`` or with ``appendable``; for
+        rounds or a start without a backbone (:func:`lplr_dask.options.check_backbone_rounds`).
+    """
+    search = isinstance(backbone_bits, str) and backbone_bits == "auto"
+    if search and (size.kind != "bits_per_entry" or bits is not None):
+        raise LplrValueError(
+            "Expected backbone_bits='auto' (--backbone auto) with bits_per_entry (--bits-per-entry) and no bits "
+            "(--bits): the budget search chooses the backbone with the rank and bits. Give a number of bits instead."
+        )
+    if search and appendable:
+        raise LplrValueError(
+            "Expected appendable=True (--appendable) without a backbone: an append updates the one-pass sketches "
+            "of A, and a backbone the search may choose would make them sketches of A − Q. Drop --backbone auto."
+        )
+    check_backbone_rounds(backbone_bits, iters, start)
+    return search
 
 
 def _is_instance(x: Any, module: str, name: str) -> bool:

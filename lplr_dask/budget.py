@@ -317,6 +317,8 @@ class Choice(NamedTuple):
     backbone_bits: int = 0
     #: The backbone's first round (:data:`lplr_dask.options.BACKBONE_STARTS`) chosen with it.
     backbone_start: str = "backbone"
+    #: The plan the prediction came from (its spectrum serves the factors-first prediction).
+    plan: ErrorPlan | None = None
 
 
 def choose(
@@ -366,20 +368,32 @@ def choose(
     LplrValueError
         If no pair of the grid fits rank 1 into the budget.
     """
-    return _choose(
+    n, d = A.shape
+    chunks = (int(A.chunks[0][0]), int(A.chunks[1][0]))
+    fits = _fits((n, d), budget, grid, specs, chunks)
+    if not fits:
+        # the smallest pair's message says what rank 1 needs
+        smallest = min(grid, key=lambda b: n * b[0] + d * b[1])
+        rank_for_bits_per_entry(n, d, smallest, budget, specs=specs, chunks=chunks)
+    top = min(max(fits.values()), max_rank or DEFAULT_MAX_RANK, configured_max_rank())
+    log(f"bits per entry {budget}: sketch spectrum up to rank {top} (one extra read of A)")
+    plan = ErrorPlan.measure(
         A,
-        budget,
-        specs=specs,
-        grid=grid,
+        bits=next(iter(fits)),
+        spec=specs[0],
+        spec_r=specs[1],
         seed=seed,
-        passes=passes,
+        test_columns=max(test_columns, PLAN_TEST_COLUMNS),
         power_iters=power_iters,
+        passes=passes,
+        max_rank=top,
         oversample=oversample,
-        test_columns=test_columns,
-        max_rank=max_rank,
-        log=log,
         strips=strips,
-    )[0]
+    )
+    candidates = _scored(plan, fits)
+    k, bits, predicted = min(candidates, key=lambda c: c[2])
+    log(f"bits per entry {budget}: rank {k}, bits {bits} (predicted error {predicted:.4g})")
+    return Choice(k, bits, predicted, candidates, plan.norm2, plan=plan)
 
 
 def _fits(
@@ -409,50 +423,6 @@ def _scored(plan: ErrorPlan, fits: dict[tuple[int, int], int]) -> list[tuple[int
     return candidates
 
 
-def _choose(
-    A: da.Array,
-    budget: float,
-    *,
-    specs: tuple[QuantizerSpec, QuantizerSpec] = PAPER_SPECS,
-    grid: Sequence[tuple[int, int]] = BITS_GRID,
-    seed: int = 0,
-    passes: int = 2,
-    power_iters: int = 0,
-    oversample: int | None = None,
-    test_columns: int = 10,
-    max_rank: int | None = None,
-    log: Callable[[str], None] = logs.info,
-    strips: Strips | None = None,
-) -> tuple[Choice, ErrorPlan]:
-    """:func:`choose`, and the plan it measured."""
-    n, d = A.shape
-    chunks = (int(A.chunks[0][0]), int(A.chunks[1][0]))
-    fits = _fits((n, d), budget, grid, specs, chunks)
-    if not fits:
-        # the smallest pair's message says what rank 1 needs
-        smallest = min(grid, key=lambda b: n * b[0] + d * b[1])
-        rank_for_bits_per_entry(n, d, smallest, budget, specs=specs, chunks=chunks)
-    top = min(max(fits.values()), max_rank or DEFAULT_MAX_RANK, configured_max_rank())
-    log(f"bits per entry {budget}: sketch spectrum up to rank {top} (one extra read of A)")
-    plan = ErrorPlan.measure(
-        A,
-        bits=next(iter(fits)),
-        spec=specs[0],
-        spec_r=specs[1],
-        seed=seed,
-        test_columns=max(test_columns, PLAN_TEST_COLUMNS),
-        power_iters=power_iters,
-        passes=passes,
-        max_rank=top,
-        oversample=oversample,
-        strips=strips,
-    )
-    candidates = _scored(plan, fits)
-    k, bits, predicted = min(candidates, key=lambda c: c[2])
-    log(f"bits per entry {budget}: rank {k}, bits {bits} (predicted error {predicted:.4g})")
-    return Choice(k, bits, predicted, candidates, plan.norm2), plan
-
-
 def backbone_bytes(n: int, d: int, bits: int, chunks: tuple[int, int] | None = None) -> float:
     """An upper bound of the bytes on disk of a ``bits``-bit backbone of an n × d matrix in
     ``chunks`` (:mod:`lplr_dask.backbone`): its codes as :func:`storage_bytes` bounds them, and a
@@ -464,22 +434,30 @@ def backbone_bytes(n: int, d: int, bits: int, chunks: tuple[int, int] | None = N
 
 def without_backbone(size: SizeRule, shape: tuple[int, int], backbone_bits: int, chunks: tuple[int, int]) -> SizeRule:
     """``size`` for the factors beside a fixed ``backbone_bits``-bit backbone: a bits-per-entry
-    budget less what the backbone takes on disk (:func:`backbone_bytes`); other rules unchanged.
+    budget less what the backbone takes on disk (:func:`backbone_bytes`); a match-nq rule's
+    ``B_nq`` less ``B0`` (the fair rank counts codes only, and Q's are B0 bits per entry); a rank
+    unchanged.
 
     Raises
     ------
     LplrValueError
         If the backbone alone takes the whole budget.
     """
-    if not backbone_bits or size.kind != "bits_per_entry":
+    if not backbone_bits or size.kind not in ("bits_per_entry", "match_nq"):
         return size
     n, d = shape
-    taken = backbone_bytes(n, d, backbone_bits, chunks) * 8 / (n * d)
+    if size.kind == "match_nq":
+        taken = float(backbone_bits)
+        flag = f"--match-nq {size.value:g}"
+        what = f"{backbone_bits} bits per entry of codes"
+    else:
+        taken = backbone_bytes(n, d, backbone_bits, chunks) * 8 / (n * d)
+        flag = f"--bits-per-entry {size.value:g}"
+        what = f"{taken:.3g} bits per entry on disk"
     if taken >= size.value:
         raise LplrValueError(
             f"Expected a budget above what a {backbone_bits}-bit backbone takes of a {n}x{d} matrix "
-            f"({taken:.3g} bits per entry on disk). Got --bits-per-entry {size.value:g}. Raise the budget, "
-            "lower --backbone, or give --backbone auto."
+            f"({what}). Got {flag}. Raise the budget, lower --backbone, or give --backbone auto."
         )
     return dataclasses.replace(size, value=size.value - taken)
 
@@ -512,7 +490,8 @@ def choose_backbone(
     """
     n, d = A.shape
     chunks = (int(A.chunks[0][0]), int(A.chunks[1][0]))
-    plain, plan = _choose(A, budget, log=log, strips=strips, **kwargs)
+    plain = choose(A, budget, log=log, strips=strips, **kwargs)
+    assert plain.plan is not None
     best = plain
     rests = {}
     for b0 in sorted(b for b in grid if b > 0):
@@ -534,7 +513,7 @@ def choose_backbone(
             )
             options.append(choice._replace(predicted=predicted, backbone_bits=b0, norm2=plain.norm2))
     if "factors" in starts:
-        options += _factors_first(A, plan, budget, rests, log=log, **kwargs)
+        options += _factors_first(A, plain.plan, budget, rests, log=log, **kwargs)
     for choice in options:
         if choice.predicted < best.predicted:
             best = choice
@@ -598,7 +577,7 @@ def _factors_first(
             f"bits per entry {budget}: backbone {b0} bits from the factors, rank {k}, bits {bits} "
             f"(predicted error {predicted:.4g})"
         )
-        out.append(Choice(k, bits, predicted, candidates, plan.norm2, b0, "factors"))
+        out.append(Choice(k, bits, predicted, candidates, plan.norm2, b0, "factors", plan))
     return out
 
 

@@ -848,12 +848,20 @@ def _cmd_generate(args: argparse.Namespace, log: Callable[[str], None]) -> dict[
 
 def _cmd_compress(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
     from lplr_dask import budget
-    from lplr_dask.api import compress, evaluate
+    from lplr_dask.api import check_backbone_args, compress, evaluate
     from lplr_dask.options import SizeRule
     from lplr_dask.sources import open_source
 
     size = SizeRule.from_args(
         rank=args.rank, bits_per_entry=args.bits_per_entry, match_nq=args.match_nq, target_error=args.target_error
+    )
+    check_backbone_args(
+        size,
+        args.bits,
+        appendable=args.appendable,
+        backbone_bits=args.backbone_bits,
+        iters=args.backbone_iters,
+        start=args.backbone_start,
     )
     options = _options(args).replace(appendable=args.appendable)
     opts = args.storage_options
@@ -917,9 +925,10 @@ def _cmd_convert(args: argparse.Namespace, log: Callable[[str], None]) -> dict[s
 
 
 def _cmd_compress_group(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
-    from lplr_dask.group import compress_group
+    from lplr_dask.group import check_backbone, compress_group
     from lplr_dask.sources import list_arrays
 
+    check_backbone(args.backbone_bits, args.backbone_iters, args.backbone_start)
     options = _options(args)
     list_arrays(args.input, storage_options=args.storage_options)  # bad input fails before a cluster starts
     _check_output(args, inputs=[args.input])

@@ -31,7 +31,7 @@ from lplr_dask.cluster import get_client
 from lplr_dask.errors import LplrValueError
 from lplr_dask.guard import check_output
 from lplr_dask.job import compress_at_rank
-from lplr_dask.options import MAX_RANK_KEY, Options, check_job, configured_max_rank
+from lplr_dask.options import MAX_RANK_KEY, Options, check_backbone_rounds, check_job, configured_max_rank
 from lplr_dask.sources import itemsize, list_arrays, member, read_source, regular
 
 __all__ = ["GROUP_FORMAT_NAME", "GROUP_FORMAT_VERSION", "compress_group", "plan_rank", "format_table"]
@@ -48,8 +48,13 @@ def plan_rank(
     rank: int | None = None,
     bits_per_entry: float | None = None,
     match_nq: float | None = None,
+    backbone_bits: int = 0,
 ) -> tuple[int, str]:
     """The rank for one array of a group under the rule, or 0 and why it is copied instead.
+
+    A budget rule counts a ``backbone_bits``-bit backbone's codes too: the factors get the
+    budget less B0 bits per entry, and an array is copied where Q and the factors together take
+    as many bits as its dtype.
 
     Parameters
     ----------
@@ -57,6 +62,8 @@ def plan_rank(
         The array's shape and its source dtype name.
     bits : (int, int)
     rank, bits_per_entry, match_nq : exactly one (validated by :func:`compress_group`)
+    backbone_bits : int, default=0
+        B0 of every member's backbone (0: none).
 
     Returns
     -------
@@ -71,18 +78,42 @@ def plan_rank(
     if rank is not None:
         k = min(rank, n, d)
     else:
-        k = budget.fair_rank(n, d, bits, float(bits_per_entry if bits_per_entry is not None else match_nq))  # type: ignore[arg-type]
+        b_nq = float(bits_per_entry if bits_per_entry is not None else match_nq)  # type: ignore[arg-type]
+        if b_nq <= backbone_bits:
+            return 0, f"too small to gain (a {backbone_bits}-bit backbone takes the budget of {b_nq:g} bits)"
+        k = budget.fair_rank(n, d, bits, b_nq - backbone_bits)
     if k < 1:
         return 0, "too small to gain (fair rank 0)"
     if k >= min(n, d):
         return 0, f"too small to gain (rank {k} is full rank)"
-    factor_bits = budget.theoretical_bits_per_entry(n, d, k, bits)
+    factor_bits = budget.theoretical_bits_per_entry(n, d, k, bits) + backbone_bits
     if factor_bits >= 8 * itemsize(dtype):
+        with_q = f" with a {backbone_bits}-bit backbone" if backbone_bits else ""
         return (
             0,
-            f"too small to gain (rank {k} needs {factor_bits:.3g} bits per entry, the array {8 * itemsize(dtype)})",
+            f"too small to gain (rank {k}{with_q} needs {factor_bits:.3g} bits per entry, "
+            f"the array {8 * itemsize(dtype)})",
         )
     return k, ""
+
+
+def check_backbone(backbone_bits: Any, backbone_iters: Any = 1, backbone_start: Any = None) -> None:
+    """Refuse ``backbone_bits="auto"`` (``--backbone auto``) for a group, and rounds or a start
+    without a backbone, before anything starts.
+
+    Raises
+    ------
+    LplrValueError
+        For ``"auto"``: a group sizes each member by the fair rank, with no budget search to
+        choose a backbone; as :func:`lplr_dask.options.check_backbone_rounds`.
+    """
+    check_backbone_rounds(backbone_bits, backbone_iters, backbone_start)
+    if isinstance(backbone_bits, str) and backbone_bits == "auto":
+        raise LplrValueError(
+            "Expected a number of bits for a group's backbone (--backbone B0): compress-group sizes each matrix "
+            "by the fair rank, with no budget search to choose one. Give --backbone 2 (or 0 for none), or run "
+            "lplr compress --bits-per-entry X --backbone auto on one matrix."
+        )
 
 
 def _check_rule(rank: int | None, bits_per_entry: float | None, match_nq: float | None) -> dict[str, float]:
@@ -157,12 +188,13 @@ def compress_group(
     rank, bits_per_entry, match_nq : exactly one
         The rule applied to each matrix: a rank (capped at ``min(n, d)``), a budget in bits per
         entry, or the fair rank against naive ``match_nq``-bit quantization. Here the budget
-        counts the codes, ``k·(n·B1 + d·B2) / (n·d)`` (the paper's fair rank), not the bytes on
-        disk as :func:`lplr_dask.compress` does: each store's metadata (about 16 KiB) would
-        leave a small matrix of a model no rank at all.
+        counts the codes, ``k·(n·B1 + d·B2) / (n·d)`` (the paper's fair rank) plus a backbone's
+        B0, not the bytes on disk as :func:`lplr_dask.compress` does: each store's metadata
+        (about 16 KiB) would leave a small matrix of a model no rank at all.
     bits, passes, power_iters, oversample, quantizer, seed, device, precision, sketch, cache_input
     backbone_bits, backbone_iters, backbone_start
-        As for :func:`lplr_dask.compress`, the same for every matrix.
+        As for :func:`lplr_dask.compress`, the same for every matrix; ``backbone_bits`` a number
+        (``"auto"`` is refused: no budget search runs here).
     overwrite, resume : bool
         Replace an existing output; or finish an interrupted one (arrays already complete are
         kept, the others are resumed or redone).
@@ -191,6 +223,7 @@ def compress_group(
         If ``out`` exists and neither ``overwrite`` nor ``resume`` is given.
     """
     rule = _check_rule(rank, bits_per_entry, match_nq)
+    check_backbone(backbone_bits, backbone_iters, backbone_start)
     options = Options(
         bits=bits,
         passes=passes,
@@ -222,7 +255,7 @@ def compress_group(
     widths = (max(map(len, arrays)), max(len("x".join(map(str, shape))) for shape, _ in arrays.values()))
     with get_client(log=log) as client:
         for i, (name, (shape, dtype)) in enumerate(arrays.items()):
-            k, reason = plan_rank(shape, dtype, bits, **rule)  # type: ignore[arg-type]
+            k, reason = plan_rank(shape, dtype, bits, **rule, backbone_bits=options.backbone_bits)  # type: ignore[arg-type]
             k, cap = _capped(name, k, rule, log)
             log(
                 f"array {i + 1}/{len(arrays)}: {name} ({'x'.join(map(str, shape))} {dtype}): "

@@ -346,3 +346,22 @@ def configured_max_rank() -> int:
 def check_job(overwrite: bool, resume: bool) -> None:
     """Refuse both ``overwrite`` and ``resume``."""
     at_most_one("overwrite (--overwrite) and resume (--resume)", overwrite=overwrite, resume=resume)
+
+
+def check_backbone_rounds(backbone_bits: Any, backbone_iters: Any, backbone_start: Any) -> None:
+    """Refuse rounds (``backbone_iters``) or a start (``backbone_start``) without a backbone: they
+    would change nothing. ``backbone_bits="auto"`` takes them for the backbone it may choose."""
+    if backbone_bits or (backbone_iters == 1 and backbone_start is None):
+        return
+    given = ", ".join(
+        f"{name}={value!r} ({flag})"
+        for name, value, flag, unset in (
+            ("backbone_iters", backbone_iters, "--backbone-iters", 1),
+            ("backbone_start", backbone_start, "--backbone-start", None),
+        )
+        if value != unset
+    )
+    raise LplrValueError(
+        f"Expected {given} with a backbone: without one (backbone_bits=0) it changes nothing. "
+        "Give --backbone B0 (or auto with --bits-per-entry), or drop it."
+    )

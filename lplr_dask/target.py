@@ -48,7 +48,7 @@ import dask
 import dask.array as da
 import numpy as np
 
-from lplr_dask import blocks, chunking, guard, logs, store
+from lplr_dask import backbone, blocks, chunking, guard, logs, store
 from lplr_dask.backend import to_host, to_host_blocks
 from lplr_dask.errors import LplrValueError
 from lplr_dask.factorize import Params, pass1, power_iterate, quantize_basis, resolve_oversample, truncate_sketch
@@ -441,8 +441,12 @@ def meet_target(
     options = options.replace(test_columns=max(options.test_columns, MIN_TEST_COLUMNS))
     src, A = open_matrix(source, options, log=log)
     spec, spec_r = options.specs
+    planned, scale, strips = A, 1.0, chunking.strips(A, src)
+    if options.backbone_bits and options.backbone_start != "factors":
+        planned, scale = _backbone_residual(A, options.backbone_bits, log)
+        strips = None
     p = ErrorPlan.measure(
-        A,
+        planned,
         bits=options.bits,
         spec=spec,
         spec_r=spec_r,
@@ -452,15 +456,16 @@ def meet_target(
         passes=options.passes,
         max_rank=max_rank,
         oversample=options.oversample,
-        strips=chunking.strips(A, src),
+        strips=strips,
     )
     aim, above = target * MARGIN, 0
     attempts: list[dict[str, Any]] = []
     for _ in range(MAX_ATTEMPTS):
-        k, kbest, ebest = p.search(aim, above)
+        k, kbest, ebest = p.search(aim / scale, above)
+        ebest *= scale
         if k is None:
             break
-        predicted = p.estimate(k)
+        predicted = p.estimate(k) * scale
         log(f"target error {target}: trying rank {k} (predicted error {predicted:.4g})")
         factors = compress_at_rank(
             source, path, k, options, client=client, overwrite=overwrite or bool(attempts), log=log
@@ -482,6 +487,17 @@ def meet_target(
         f"the best {how} error estimate is {ebest:.4g} (rank {kbest}). Raise --bits (quantization "
         "limits the error), allow a larger target, or use --rank directly."
     )
+
+
+def _backbone_residual(A: da.Array, bits: int, log: Callable[[str], None]) -> tuple[da.Array, float]:
+    """What the factors of a backbone-first compression see, ``A − Q̂_B0(A)`` (formed chunk by
+    chunk, nothing written), and ``‖A − Q̂‖ / ‖A‖``: the plan of the residual predicts errors
+    relative to its own norm, the target is relative to A's. One read of A."""
+    R = backbone.residual(A, backbone.quantized(A, bits))
+    a2, r2 = compute("target: backbone residual", (A**2).sum(), (R**2).sum(), chunks_of=A)
+    scale = math.sqrt(float(to_host(r2)) / float(to_host(a2))) if float(to_host(a2)) > 0 else 1.0
+    log(f"target error: a {bits}-bit backbone leaves {scale:.4g} of A's norm to the factors")
+    return R, scale
 
 
 def _record(

@@ -13,7 +13,7 @@ import pytest
 import zarr
 
 import lplr_dask
-from lplr_dask import backbone, factorize, store
+from lplr_dask import backbone, budget, factorize, store
 from lplr_dask.baselines import backbone_reference, chunk_backbone, relative_error
 from lplr_dask.errors import LplrValueError, StoreFormatError
 
@@ -413,3 +413,80 @@ def test_a_fixed_backbone_counts_against_the_budget(client, tmp_path, bits):
     assert f.bits_per_entry <= 3.5
     with pytest.raises(LplrValueError, match="what a 2-bit backbone takes"):
         lplr_dask.compress(src, tmp_path / "x.lplr.zarr", bits_per_entry=2.0, backbone_bits=2, log=_quiet, **kwargs)
+
+
+def test_a_fixed_backbone_counts_against_match_nq(client, tmp_path):
+    """``match_nq`` with a fixed B0: the factors match ``B_nq − B0`` bits, so the codes of Q, L
+    and R together take no more than naive B_nq-bit quantization; ``B_nq <= B0`` is refused."""
+    A = np.random.default_rng(5).standard_normal((384, 256))
+    src = _zarr(tmp_path / "A.zarr", A, chunks=(128, 256))
+    f = lplr_dask.compress(src, tmp_path / "o.lplr.zarr", match_nq=4, bits=(4, 4), backbone_bits=2, log=_quiet)
+    assert f.rank == budget.fair_rank(384, 256, (4, 4), 2.0)
+    assert budget.theoretical_bits_per_entry(384, 256, f.rank, (4, 4)) + 2 <= 4
+    with pytest.raises(LplrValueError, match="2 bits per entry of codes"):
+        lplr_dask.compress(src, tmp_path / "x.lplr.zarr", match_nq=2, bits=(4, 4), backbone_bits=2, log=_quiet)
+
+
+def test_a_group_sizes_its_members_with_the_backbone():
+    """compress-group's fair rank counts B0 in the budget, and copies a member whose Q and factors
+    would take as many bits as its dtype."""
+    from lplr_dask.group import plan_rank
+
+    assert plan_rank((384, 256), "float32", (4, 4), bits_per_entry=4, backbone_bits=2) == (
+        budget.fair_rank(384, 256, (4, 4), 2.0),
+        "",
+    )
+    k, reason = plan_rank((384, 256), "float32", (4, 4), bits_per_entry=2, backbone_bits=2)
+    assert k == 0 and "2-bit backbone takes the budget" in reason
+    k, reason = plan_rank((384, 256), "float16", (8, 8), rank=160, backbone_bits=8)
+    assert k == 0 and "with a 8-bit backbone" in reason
+    assert plan_rank((384, 256), "float16", (8, 8), rank=160) == (160, "")
+
+
+@pytest.mark.parametrize(
+    "argv, says",
+    [
+        (["compress-group", "G", "--rank", "4", "--backbone", "auto"], "compress-group sizes each matrix"),
+        (["compress", "A", "--bits-per-entry", "3", "--backbone", "auto", "--appendable", "--passes", "1"], "append"),
+        (["compress", "A", "--rank", "4", "--backbone-iters", "2"], "backbone_iters=2 (--backbone-iters)"),
+        (["compress-group", "G", "--rank", "4", "--backbone-start", "factors"], "--backbone-start"),
+    ],
+)
+def test_the_cli_refuses_backbone_flags_that_cannot_apply_before_a_cluster(
+    tmp_path, outliers, capsys, monkeypatch, argv, says
+):
+    from lplr_dask import cluster
+    from lplr_dask.cli import main
+
+    def no_cluster(*args, **kwargs):
+        raise AssertionError("a cluster started")
+
+    monkeypatch.setattr(cluster, "client_from_args", no_cluster)
+    src, _ = outliers
+    group = tmp_path / "g.zarr"
+    zarr.open_group(os.fspath(group), mode="w").create_array("a", shape=(64, 64), dtype="f4")[...] = 1.0
+    inputs = {"A": src, "G": os.fspath(group)}
+    assert main([argv[0], inputs[argv[1]], os.fspath(tmp_path / "o.zarr"), *argv[2:]]) == 2
+    assert says in capsys.readouterr().err
+    assert not (tmp_path / "o.zarr").exists()
+
+
+def test_rounds_without_a_backbone_are_refused(tmp_path, outliers):
+    src, _ = outliers
+    with pytest.raises(LplrValueError, match="with a backbone"):
+        lplr_dask.compress(src, tmp_path / "o.lplr.zarr", rank=4, backbone_start="factors", log=_quiet)
+    with pytest.raises(LplrValueError, match="with a backbone"):
+        lplr_dask.compress_group(src, tmp_path / "g.zarr", rank=4, backbone_iters=3, log=_quiet)
+    assert not (tmp_path / "o.lplr.zarr").exists() and not (tmp_path / "g.zarr").exists()
+
+
+def test_a_target_error_with_a_backbone_plans_on_what_q_leaves(client, tmp_path):
+    """``target_error`` with a fixed B0 plans the factors' rank on ``A − Q̂`` (scaled to A's norm):
+    the target is met at a lower rank than without a backbone, where Q takes most of the error."""
+    A = _matrices()["low-rank+student-t"]
+    src = _zarr(tmp_path / "A.zarr", A)
+    plain = lplr_dask.compress(src, tmp_path / "p.lplr.zarr", target_error=0.3, log=_quiet)
+    f = lplr_dask.compress(src, tmp_path / "b.lplr.zarr", target_error=0.3, backbone_bits=2, log=_quiet)
+    assert f.backbone_bits == 2 and f.attrs["error_estimate"] <= 0.3
+    assert relative_error(A, np.asarray(f, dtype=np.float64)) <= 0.3
+    assert f.rank < plain.rank / 2
