@@ -62,7 +62,13 @@ __all__ = [
 BACKBONE_METHODS = {"backbone (3 bits)": 3.0, "backbone (4 bits)": 4.0}
 #: With --quick, the backbone methods skip matrices of more entries (the 30522 × 384 token table).
 QUICK_BACKBONE_ENTRIES = 1_000_000
-METHODS = ("NQ", "LSVD", *LPLR_METHODS, *BACKBONE_METHODS)
+#: A ≈ Q + L·R at the codes of 4-bit NQ, as the fair rank counts them (``match_nq=4``, a fixed
+#: B0 = 3 leaves the factors 1 bit per entry; the scales and each store's metadata come on top):
+#: the settings that kept the best sentence cosine in a sweep (benchmarks/RESULTS.md, "The compressed model").
+EQUAL_CODES_METHODS = {
+    "backbone 3 + factors (4-bit codes)": {"bits": (4, 4), "backbone_bits": 3, "backbone_iters": 2},
+}
+METHODS = ("NQ", "LSVD", *LPLR_METHODS, *BACKBONE_METHODS, *EQUAL_CODES_METHODS)
 BITS = (8, 8)
 B_NQ = 4
 NEIGHBOURS = 10
@@ -114,8 +120,11 @@ def neighbour_overlap(E: np.ndarray, E_hat: np.ndarray, tokens: np.ndarray, k: i
     return float(np.mean([len(np.intersect1d(x, y)) / k for x, y in zip(a, b)]))
 
 
-def _compress(ctx: Context, name: str, W: np.ndarray) -> tuple[int, dict[str, np.ndarray | None]]:
-    """Each method's reconstruction of W (in W's own orientation); None when the rank is 0."""
+def _compress(
+    ctx: Context, name: str, W: np.ndarray, disk: dict[str, float]
+) -> tuple[int, dict[str, np.ndarray | None]]:
+    """Each method's reconstruction of W (in W's own orientation); None when the rank is 0. The
+    backbone methods put their stores' bits per entry on disk into ``disk``."""
     M, transposed = tall(W)
     k = fair_rank(*M.shape, BITS, B_NQ)
     recon: dict[str, np.ndarray | None] = {"NQ": naive_quantize(M, B_NQ, quantizer="paper")}
@@ -131,11 +140,15 @@ def _compress(ctx: Context, name: str, W: np.ndarray) -> tuple[int, dict[str, np
         for method, budget in BACKBONE_METHODS.items():
             # --quick leaves the token table's backbone out: its search (five reads) took most of the suite's time
             skip = ctx.args.quick and M.size > QUICK_BACKBONE_ENTRIES
-            recon[method] = None if skip else _backbone_reconstruct(ctx, name, M, budget)
+            recon[method] = None if skip else _backbone_reconstruct(ctx, name, M, budget, disk, method)
+        for method, options in EQUAL_CODES_METHODS.items():
+            recon[method] = _equal_codes_reconstruct(ctx, name, M, options, disk, method)
     return k, {m: None if r is None else (r.T if transposed else r).astype(np.float32) for m, r in recon.items()}
 
 
-def _backbone_reconstruct(ctx: Context, name: str, M: np.ndarray, budget: float) -> np.ndarray | None:
+def _backbone_reconstruct(
+    ctx: Context, name: str, M: np.ndarray, budget: float, disk: dict[str, float], method: str
+) -> np.ndarray | None:
     """``Q + L·R`` of M from ``compress(bits_per_entry=budget, backbone_bits="auto")``; None when
     the budget is refused (a matrix too small for the store's fixed bytes)."""
     import lplr_dask
@@ -154,6 +167,27 @@ def _backbone_reconstruct(ctx: Context, name: str, M: np.ndarray, budget: float)
         f"{name} X={budget:g}: backbone {f.backbone_bits} bits, rank {f.rank}, bits {f.bits}, "
         f"{f.bits_per_entry:.2f} bits per entry on disk"
     )
+    disk[method] = f.bits_per_entry
+    return np.asarray(f.to_dask(np.float64).compute())
+
+
+def _equal_codes_reconstruct(
+    ctx: Context, name: str, M: np.ndarray, options: dict[str, Any], disk: dict[str, float], method: str
+) -> np.ndarray:
+    """``Q + L·R`` of M from ``compress(match_nq=B_NQ, **options)``: Q's codes and the factors'
+    together take as many bits as B_NQ-bit NQ's (:func:`lplr_dask.budget.without_backbone`)."""
+    import lplr_dask
+
+    source = ctx.work / f"{name}.zarr"
+    if not source.exists():
+        write_matrix(source, M)
+    out = ctx.work / f"{name}-backbone-codes.lplr.zarr"
+    f = lplr_dask.compress(str(source), out, match_nq=B_NQ, overwrite=True, log=lambda _: None, **options)
+    ctx.log(
+        f"{name} match-nq {B_NQ}: backbone {f.backbone_bits} bits, rank {f.rank}, bits {f.bits}, "
+        f"{f.bits_per_entry:.2f} bits per entry on disk"
+    )
+    disk[method] = f.bits_per_entry
     return np.asarray(f.to_dask(np.float64).compute())
 
 
@@ -176,9 +210,10 @@ def _body(ctx: Context) -> Path:
     per_matrix: dict[str, dict[str, Any]] = {}
     compressed: dict[str, dict[str, np.ndarray]] = {m: {} for m in METHODS}
     for name, W in originals.items():
-        k, recon = _compress(ctx, name, W)
+        disk: dict[str, float] = {}
+        k, recon = _compress(ctx, name, W, disk)
         errs = {m: None if r is None else relative_error(W, r) for m, r in recon.items()}
-        per_matrix[name] = {"shape": list(W.shape), "rank": k, "errors": errs}
+        per_matrix[name] = {"shape": list(W.shape), "rank": k, "errors": errs, "bits_on_disk": disk}
         for m, r in recon.items():
             compressed[m][name] = W if r is None else r
         shape = f"{W.shape[0]}×{W.shape[1]}" + (" (transposed)" if W.shape[0] < W.shape[1] else "")
@@ -188,6 +223,8 @@ def _body(ctx: Context) -> Path:
     for m in METHODS:
         v = np.array([e["errors"][m] for e in per_matrix.values() if e["errors"][m] is not None])
         summary[m] = {"mean": float(v.mean()), "std": float(v.std()), "matrices": int(v.size)}
+        on_disk = [e["bits_on_disk"][m] for e in per_matrix.values() if m in e.get("bits_on_disk", {})]
+        summary[m]["bits_on_disk"] = float(np.mean(on_disk)) if on_disk else None
     left = [n for n, e in per_matrix.items() if e["rank"] < 1]
 
     # -- the compressed model ------------------------------------------------------------------
@@ -213,6 +250,7 @@ def _body(ctx: Context) -> Path:
             "paper, LLaMA-7b",
             "sentence cosine (mean, min)",
             f"{NEIGHBOURS}-NN kept",
+            "bits per entry on disk (mean)",
         ],
         [
             [
@@ -222,6 +260,7 @@ def _body(ctx: Context) -> Path:
                 PAPER_LLAMA.get(m, "—"),
                 f"{behaviour[m]['cosine_mean']:.4f}, {behaviour[m]['cosine_min']:.4f}",
                 f"{100 * behaviour[m]['neighbours_kept']:.1f}%",
+                "—" if summary[m]["bits_on_disk"] is None else f"{summary[m]['bits_on_disk']:.2f}",
             ]
             for m in METHODS
         ],
@@ -239,6 +278,9 @@ def _body(ctx: Context) -> Path:
         "backbone (X bits): A ≈ Q + L·R out of core, compress(W, bits_per_entry=X, backbone_bits='auto'), "
         "its search over the backbone's bits (0–4), the rank and the bits, held to bytes on disk "
         "(NQ at B_nq = 4 is the 4-bit reference). "
+        "backbone 3 + factors (4-bit codes): compress(W, match_nq=4, backbone_bits=3, bits=(4, 4), "
+        "backbone_iters=2), Q's 3-bit codes and the factors' at the fair rank of the remaining bit: the codes "
+        "of 4-bit NQ, as the fair rank counts them (scales and metadata on top, as for NQ and LPLR). "
         + (
             f"Left uncompressed (fair rank 0, too small to gain from a factorization): {', '.join(left)}; "
             "they are excluded from the means (NQ still quantizes them). "
@@ -299,9 +341,12 @@ def plot_errors(per_matrix: dict[str, dict[str, Any]], path: Path) -> Path:
     names = list(per_matrix)
     y = np.arange(len(names))
     fig, ax = plt.subplots(figsize=(7.5, 1.2 + 0.2 * len(names)))
-    markers = ("s", "D", "o", "^", "v", "*")
+    markers = ("s", "D", "o", "^", "v", "*", "P")
+    assert len(markers) >= len(METHODS), "give each method a marker"
     for m, marker in zip(METHODS, markers):
-        x = [np.nan if per_matrix[n]["errors"][m] is None else per_matrix[n]["errors"][m] for n in names]
+        if not any(m in per_matrix[n]["errors"] for n in names):
+            continue  # a results.json of a run before the method existed
+        x = [np.nan if per_matrix[n]["errors"].get(m) is None else per_matrix[n]["errors"][m] for n in names]
         ax.plot(x, y, linestyle="none", marker=marker, markersize=5, alpha=0.85, label=m)
     labels = []
     for n in names:
