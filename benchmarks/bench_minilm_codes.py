@@ -8,7 +8,8 @@ codes and the factors' codes at the fair rank of the remaining ``NQ − B0`` bit
 as NQ-bit quantization of W (:func:`lplr_dask.budget.without_backbone`; the paper's convention,
 scales and metadata on top). The NQ rows quantize each column at 4 bits: one min–max range
 (``channel``) or a clipped range of least squared error
-(:func:`lplr_dask.baselines.clipped_quantize`); their scales take 64/n bits per entry more.
+(:func:`lplr_dask.baselines.clipped_quantize`); their scales take 64/n bits per entry more. The
+settings named ``match_nq X`` hold the backbone to the codes of X-bit NQ instead.
 
 Per setting: the mean ± std of the per-matrix relative error, the cosine of the compressed model's
 sentence embeddings (64 sentences, as ``pipelines.transformer_weights``) to the original's (mean,
@@ -68,6 +69,8 @@ SETTINGS: dict[str, dict[str, Any] | str] = {
     "B0=3, (4,4), T=2": {"backbone_bits": 3, "bits": (4, 4), "backbone_iters": 2},
     "B0=3, (4,4), T=3": {"backbone_bits": 3, "bits": (4, 4), "backbone_iters": 3},
     "B0=3, (4,4), T=2, match_nq 3.5": {"backbone_bits": 3, "bits": (4, 4), "backbone_iters": 2, "match_nq": 3.5},
+    "B0=2, (4,4), T=2, match_nq 3": {"backbone_bits": 2, "bits": (4, 4), "backbone_iters": 2, "match_nq": 3},
+    "B0=1, (4,4), T=2, match_nq 2": {"backbone_bits": 1, "bits": (4, 4), "backbone_iters": 2, "match_nq": 2},
 }
 
 
@@ -156,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=Path("benchmarks/minilm_codes"))
     p.add_argument("--settings", nargs="+", choices=list(SETTINGS), default=list(SETTINGS), metavar="NAME")
+    p.add_argument("--merge", action="store_true", help="keep the other rows of an earlier results.json in --out")
     args = p.parse_args(argv)
     from dask.distributed import Client, LocalCluster
 
@@ -163,6 +167,9 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp, LocalCluster(n_workers=1, threads_per_worker=2, processes=False) as c:
         with Client(c):
             results = measure(args.settings, Path(tmp))
+    earlier = args.out / "results.json"
+    if args.merge and earlier.exists():
+        results = {**json.loads(earlier.read_text()), **results}
     (args.out / "results.json").write_text(json.dumps(results, indent=1))
     (args.out / "report.md").write_text(report(results))
     print(args.out / "report.md")
