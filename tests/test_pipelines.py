@@ -203,6 +203,10 @@ def test_transformer_weights_quick(client, tmp_path):
     # sentence embeddings pointing the same way (the full model, 40 matrices, drops to ~0.19)
     assert results["behaviour"]["LPLR (paper)"]["cosine_mean"] > 0.3
     assert results["tokens"] == 500
+    for m in tw.EQUAL_CODES_METHODS:  # Q's codes and the factors' at the codes of 4-bit NQ
+        disk = [e["bits_on_disk"][m] for e in matrices.values() if m in e["bits_on_disk"]]
+        assert len(disk) == len(matrices) - 1 and results["summary"][m]["bits_on_disk"] == pytest.approx(np.mean(disk))
+        assert all(3.5 < x < 6 for x in disk)  # 4 bits of codes (Blosc may shrink them), scales and metadata on top
 
 
 # --------------------------------------------------------------------------------------------
