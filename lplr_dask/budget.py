@@ -450,14 +450,16 @@ def without_backbone(size: SizeRule, shape: tuple[int, int], backbone_bits: int,
         taken = float(backbone_bits)
         flag = f"--match-nq {size.value:g}"
         what = f"{backbone_bits} bits per entry of codes"
+        fix = "Raise --match-nq or lower --backbone."
     else:
         taken = backbone_bytes(n, d, backbone_bits, chunks) * 8 / (n * d)
         flag = f"--bits-per-entry {size.value:g}"
         what = f"{taken:.3g} bits per entry on disk"
+        fix = "Raise the budget, lower --backbone, or give --backbone auto."
     if taken >= size.value:
         raise LplrValueError(
             f"Expected a budget above what a {backbone_bits}-bit backbone takes of a {n}x{d} matrix "
-            f"({what}). Got {flag}. Raise the budget, lower --backbone, or give --backbone auto."
+            f"({what}). Got {flag}. {fix}"
         )
     return dataclasses.replace(size, value=size.value - taken)
 
