@@ -324,7 +324,8 @@ def _assert_reader_opens(path: str) -> None:
     )
     scope: dict[str, Any] = {}
     exec(code, scope)  # noqa: S102 - the documented reader
-    L, R, _ = scope["read_lplr"](path)
+    L, R = scope["read_lplr"](path)
+    assert scope["read_backbone"](path) == 0.0
     assert L.shape[0] == 384 and R.shape[1] == 320
 
 
