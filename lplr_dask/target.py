@@ -494,8 +494,8 @@ def _backbone_residual(A: da.Array, bits: int, log: Callable[[str], None]) -> tu
     chunk, nothing written), and ``‖A − Q̂‖ / ‖A‖``: the plan of the residual predicts errors
     relative to its own norm, the target is relative to A's. One read of A."""
     R = backbone.residual(A, backbone.quantized(A, bits))
-    a2, r2 = compute("target: backbone residual", (A**2).sum(), (R**2).sum(), chunks_of=A)
-    scale = math.sqrt(float(to_host(r2)) / float(to_host(a2))) if float(to_host(a2)) > 0 else 1.0
+    a2, r2 = (float(to_host(x)) for x in compute("target: backbone residual", (A**2).sum(), (R**2).sum(), chunks_of=A))
+    scale = math.sqrt(r2 / a2) if a2 > 0 else 1.0
     log(f"target error: a {bits}-bit backbone leaves {scale:.4g} of A's norm to the factors")
     return R, scale
 
