@@ -13,11 +13,19 @@ import numpy as np
 from lplr_dask import budget, chunking, guard, job, logs, store, target
 from lplr_dask.errors import LplrValueError
 from lplr_dask.factors import Factors, open_factors, relative_error
-from lplr_dask.options import BACKBONE_STARTS, DEFAULT_BITS, Options, SizeRule, check_backbone_rounds, check_job
+from lplr_dask.options import (
+    BACKBONE_STARTS,
+    DEFAULT_BITS,
+    Options,
+    SizeRule,
+    check_backbone_rounds,
+    check_job,
+    is_backbone_search,
+)
 from lplr_dask.quantize import QuantizerSpec
 from lplr_dask.sources import open_source
 
-__all__ = ["compress", "evaluate", "resolve_rank", "DEFAULT_BITS", "MAX_COORD_ENTRIES"]
+__all__ = ["compress", "evaluate", "resolve_rank", "check_backbone_args", "DEFAULT_BITS", "MAX_COORD_ENTRIES"]
 
 #: The largest coordinate (entries) of an xarray input that the attrs record; larger ones are
 #: left out, with a note (the attrs are one JSON document that every open reads whole).
@@ -244,7 +252,7 @@ def check_backbone_args(
         For ``"auto"`` without a bits-per-entry budget, with ``bits`` or with ``appendable``; for
         rounds or a start without a backbone (:func:`lplr_dask.options.check_backbone_rounds`).
     """
-    search = isinstance(backbone_bits, str) and backbone_bits == "auto"
+    search = is_backbone_search(backbone_bits)
     if search and (size.kind != "bits_per_entry" or bits is not None):
         raise LplrValueError(
             "Expected backbone_bits='auto' (--backbone auto) with bits_per_entry (--bits-per-entry) and no bits "

@@ -745,10 +745,10 @@ def _shared(args: argparse.Namespace) -> dict[str, Any]:
 def _options(args: argparse.Namespace) -> Options:
     """The flags that compress and compress-group share, as the API validates them
     (:class:`lplr_dask.options.Options`)."""
-    from lplr_dask.options import DEFAULT_BITS, Options
+    from lplr_dask.options import DEFAULT_BITS, Options, is_backbone_search
 
     shared = {key: getattr(args, key) for key in _SHARED}
-    if shared["backbone_bits"] == "auto":  # chosen by the budget search (lplr_dask.compress checks when)
+    if is_backbone_search(shared["backbone_bits"]):  # chosen by the budget search (lplr_dask.compress checks when)
         shared["backbone_bits"] = 0
     return Options(bits=tuple(args.bits) if args.bits else DEFAULT_BITS, **shared)
 

@@ -31,10 +31,17 @@ from lplr_dask.cluster import get_client
 from lplr_dask.errors import LplrValueError
 from lplr_dask.guard import check_output
 from lplr_dask.job import compress_at_rank
-from lplr_dask.options import MAX_RANK_KEY, Options, check_backbone_rounds, check_job, configured_max_rank
+from lplr_dask.options import (
+    MAX_RANK_KEY,
+    Options,
+    check_backbone_rounds,
+    check_job,
+    configured_max_rank,
+    is_backbone_search,
+)
 from lplr_dask.sources import itemsize, list_arrays, member, read_source, regular
 
-__all__ = ["GROUP_FORMAT_NAME", "GROUP_FORMAT_VERSION", "compress_group", "plan_rank", "format_table"]
+__all__ = ["GROUP_FORMAT_NAME", "GROUP_FORMAT_VERSION", "compress_group", "plan_rank", "check_backbone", "format_table"]
 
 GROUP_FORMAT_NAME = "lplr-zarr-group"
 GROUP_FORMAT_VERSION = 1
@@ -108,7 +115,7 @@ def check_backbone(backbone_bits: Any, backbone_iters: Any = 1, backbone_start: 
         choose a backbone; as :func:`lplr_dask.options.check_backbone_rounds`.
     """
     check_backbone_rounds(backbone_bits, backbone_iters, backbone_start)
-    if isinstance(backbone_bits, str) and backbone_bits == "auto":
+    if is_backbone_search(backbone_bits):
         raise LplrValueError(
             "Expected a number of bits for a group's backbone (--backbone B0): compress-group sizes each matrix "
             "by the fair rank, with no budget search to choose one. Give --backbone 2 (or 0 for none), or run "

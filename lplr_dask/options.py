@@ -36,6 +36,8 @@ __all__ = [
     "SIZE_FLAGS",
     "check_job",
     "configured_max_rank",
+    "check_backbone_rounds",
+    "is_backbone_search",
 ]
 
 #: (B1, B2) unless given, or chosen for a bits-per-entry budget.
@@ -346,6 +348,11 @@ def configured_max_rank() -> int:
 def check_job(overwrite: bool, resume: bool) -> None:
     """Refuse both ``overwrite`` and ``resume``."""
     at_most_one("overwrite (--overwrite) and resume (--resume)", overwrite=overwrite, resume=resume)
+
+
+def is_backbone_search(backbone_bits: Any) -> bool:
+    """Whether ``backbone_bits`` asks the budget search to choose the backbone (``"auto"``)."""
+    return isinstance(backbone_bits, str) and backbone_bits == "auto"
 
 
 def check_backbone_rounds(backbone_bits: Any, backbone_iters: Any, backbone_start: Any) -> None:
