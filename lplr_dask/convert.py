@@ -120,7 +120,7 @@ def convert_group(
     arrays = list_arrays(location, storage_options=storage_options)
     root = store.create_group(out, overwrite=overwrite, storage_options=storage_options)
     meta = {"source": location, "format": "group", "arrays": list(arrays), "complete": False}
-    root.attrs["lplr_convert"] = store.jsonable(meta)
+    store.write_meta(root, meta, "lplr_convert")
     base = os.fspath(out).rstrip("/")
     try:
         for i, (name, (shape, dtype)) in enumerate(arrays.items()):
@@ -139,5 +139,5 @@ def convert_group(
     except BaseException:
         store.discard(out, storage_options)
         raise
-    root.attrs["lplr_convert"] = store.jsonable({**meta, "complete": True})
+    store.write_meta(root, {**meta, "complete": True}, "lplr_convert")
     return root

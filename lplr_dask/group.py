@@ -282,7 +282,7 @@ def compress_group(
             log(_row(i + 1, len(arrays), entry, widths))
     meta.update(arrays=entries, totals=_totals(entries, root_path, time.perf_counter() - t_start, storage_options))
     meta["complete"] = True
-    root.attrs["lplr_group"] = store.jsonable(meta)
+    store.write_meta(root, meta, "lplr_group")
     return {"store": root_path, **meta}
 
 
@@ -310,7 +310,7 @@ def _start_output(
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "complete": False,
     }
-    root.attrs["lplr_group"] = store.jsonable(meta)
+    store.write_meta(root, meta, "lplr_group")
     return root, meta
 
 

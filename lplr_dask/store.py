@@ -44,11 +44,13 @@ array or group inside a store (a rename on a local disk), as an append's commit 
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import itertools
 import os
 import shutil
 import time
+from collections.abc import Iterator
 from typing import Any, Literal, Union
 
 import dask.array as da
@@ -73,6 +75,7 @@ __all__ = [
     "filesystem",
     "exists",
     "clear",
+    "compact_json",
     "create_group",
     "open_group",
     "read_meta",
@@ -149,6 +152,16 @@ NAMED_DAMAGE = 5
 CODES_ZSTD_LEVEL = 3
 #: Contiguous runs a codes sample is cut into (see :func:`codes_sample`).
 SAMPLE_RUNS = 8
+
+
+@contextlib.contextmanager
+def compact_json() -> Iterator[None]:
+    """Write zarr's JSON documents without indentation (zarr's ``json_indent``, 2 by default) while
+    in the block; also a decorator. A store's dozen ``zarr.json`` files take ~6.0 KB instead of
+    ~8.7 KB: 0.15 bits per entry of a 384 × 384 matrix (a transformer's weights are this small).
+    Readers see the same JSON."""
+    with zarr.config.set({"json_indent": None}):
+        yield
 
 
 def codes_compressor(bits: int, sample: np.ndarray | None = None) -> Any:
@@ -326,6 +339,7 @@ def clear(
         remove(path, storage_options)
 
 
+@compact_json()
 def create_group(
     path: str | os.PathLike[str], *, overwrite: bool = False, storage_options: StorageOptions = None
 ) -> zarr.Group:
@@ -364,9 +378,10 @@ def open_group(path: Location, mode: Literal["r", "r+"] = "r", *, storage_option
         raise _damaged(os.fspath(where), f"its zarr.json is unreadable ({error_text(e)})") from e
 
 
-def write_meta(group: zarr.Group, meta: dict[str, Any]) -> None:
-    """Write the ``lplr`` attrs dict (JSON only)."""
-    group.attrs["lplr"] = jsonable(meta)
+@compact_json()
+def write_meta(group: zarr.Group, meta: dict[str, Any], key: str = "lplr") -> None:
+    """Write the attrs dict ``key`` (``lplr``; ``lplr_group``, ``lplr_convert``), JSON only."""
+    group.attrs[key] = jsonable(meta)
 
 
 def new_meta(source: dict[str, Any], params: dict[str, Any], *, device: str, version: str) -> dict[str, Any]:
@@ -454,6 +469,7 @@ def read_meta(group: zarr.Group, *, require_complete: bool = True, path: str = "
     return meta
 
 
+@compact_json()
 def create_codes(
     group: zarr.Group,
     name: str,
@@ -485,6 +501,7 @@ def create_codes(
     )
 
 
+@compact_json()
 def create_float(
     group: zarr.Group,
     name: str,
@@ -590,6 +607,7 @@ def create_scratch(
     return create_float(group, scratch_name(name), shape, chunks, compress=False, dtype=dtype)
 
 
+@compact_json()
 def create_scratch_marks(group: zarr.Group, name: str, count: int) -> zarr.Array:
     """Create the scratch array ``name`` of ``count`` completion marks (uint8, one per chunk), all 0.
 
@@ -637,6 +655,7 @@ def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
+@compact_json()
 def save_sketches(group: zarr.Group) -> None:
     """Move the one-pass sketches from the scratch to :data:`SKETCHES` (what is still there).
 
@@ -761,6 +780,7 @@ def codes_bytes(path: str | os.PathLike[str], storage_options: StorageOptions = 
     return sum(bytes_on_disk(path, f"{name}/codes/c", storage_options) for name in ("L", "R", "Q"))
 
 
+@compact_json()
 def write_array(
     A: Any,
     out: str | os.PathLike[str],

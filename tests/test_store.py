@@ -119,6 +119,29 @@ def test_info_splits_codes_from_scales_and_metadata(client, tmp_store, small_mat
     assert s["bytes_scales_and_metadata"] >= store.bytes_on_disk(tmp_store, "zarr.json")
 
 
+def test_a_store_writes_its_json_documents_compact_and_leaves_zarrs_setting(client, tmp_store, small_matrix):
+    """Every zarr.json of a store (a backbone's too) is one line; the caller's zarr keeps its indent."""
+    import glob
+    import json
+    import os
+
+    import lplr_dask
+
+    before = zarr.config.get("json_indent")
+    lplr_dask.compress(small_matrix, tmp_store, rank=8, bits=(4, 4), backbone_bits=2, log=lambda m: None)
+    documents = glob.glob(os.path.join(tmp_store, "**", "zarr.json"), recursive=True)
+    assert len(documents) >= 13  # the root, L, R, Q and their codes, scales and offsets
+    for path in documents:
+        text = open(path).read()
+        assert "\n" not in text.strip(), path
+        assert text == json.dumps(json.loads(text)), path  # json's compact form, nothing lost
+    assert zarr.config.get("json_indent") == before
+    with zarr.config.set({"json_indent": 2}):
+        store.write_meta(store.open_group(tmp_store, mode="r+"), {"x": 1}, "other")
+        assert zarr.config.get("json_indent") == 2
+    assert "\n" not in open(os.path.join(tmp_store, "zarr.json")).read().strip()
+
+
 # ---------------------------------------------------------------------------------------------
 # Integrity (format version 2): every chunk stored, each with a crc32c; missing chunks named
 # ---------------------------------------------------------------------------------------------
